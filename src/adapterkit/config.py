@@ -1,0 +1,176 @@
+"""One dataclass per method: what an adapter is, independent of where it is attached.
+
+Configs are written into `adapter.json` and read back by newer or older versions of adapterkit,
+so readers ignore keys they do not know (with a warning) instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import AdapterConfigError
+
+FORMAT_VERSION = 1
+
+Targets = list[str] | str | None
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. `targets` picks the sites (see `targets.py`)."""
+
+    method: ClassVar[str] = ""
+    targets: Targets = None
+    #: regexes of module names to leave out even when `targets` matches them
+    exclude: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def validate(self) -> None:
+        """Raise AdapterConfigError for values that cannot work."""
+
+
+@dataclass
+class Bottleneck(MethodConfig):
+    """Bottleneck adapter: h + s·up(act(down(h))) (serial) or f(x) + s·up(act(down(x))) (parallel).
+
+    `placement`: "pfeiffer" (after the FFN output), "houlsby" (after attention output and FFN
+    output), "parallel" (beside the FFN output module, reading its input) or "custom" (use `targets`).
+    Give either `reduction` (features / bottleneck) or `bottleneck_size`.
+    """
+
+    method: ClassVar[str] = "bottleneck"
+    placement: str = "pfeiffer"
+    reduction: float | None = 16
+    bottleneck_size: int | None = None
+    activation: str = "relu"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    parallel: bool | None = None  # derived from placement when None
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.parallel if self.parallel is not None else self.placement == "parallel"
+
+    def validate(self) -> None:
+        if self.placement not in ("pfeiffer", "houlsby", "parallel", "custom"):
+            raise AdapterConfigError(
+                f"Bottleneck placement {self.placement!r} is unknown; use pfeiffer, houlsby, parallel or custom"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise AdapterConfigError(
+                f"Bottleneck activation {self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
+            )
+        if self.bottleneck_size is None and (self.reduction is None or self.reduction <= 0):
+            raise AdapterConfigError("Bottleneck needs reduction > 0 or bottleneck_size >= 1")
+        if self.bottleneck_size is not None and self.bottleneck_size < 1:
+            raise AdapterConfigError("Bottleneck bottleneck_size must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise AdapterConfigError("Bottleneck dropout must be in [0, 1)")
+
+    def size_for(self, features: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(features // self.reduction))
+
+
+@dataclass
+class LoRA(MethodConfig):
+    """LoRA: f(x) + s·B(A(x)) with s = alpha / r (or alpha / sqrt(r) with `rslora`)."""
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise AdapterConfigError("LoRA r must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise AdapterConfigError("LoRA dropout must be in [0, 1)")
+
+
+@dataclass
+class IA3(MethodConfig):
+    """IA³: l ⊙ f(x) (on="output") or f(l ⊙ x) (on="input"); l starts at ones.
+
+    With the default targets, keys and values are scaled on their output and the FFN's
+    down-projection on its input, as in Liu et al. 2022.
+    """
+
+    method: ClassVar[str] = "ia3"
+    #: module-name patterns whose *input* is scaled (the rest of `targets` scale their output)
+    input_targets: Targets = None
+
+
+@dataclass
+class BitFit(MethodConfig):
+    """BitFit as a per-adapter bias delta: f(x) + Δb, Δb starts at zero."""
+
+    method: ClassVar[str] = "bitfit"
+
+
+@dataclass
+class PromptTuning(MethodConfig):
+    """Prompt tuning: k learned vectors prepended to the input embeddings (transformers models)."""
+
+    method: ClassVar[str] = "prompt"
+    num_virtual_tokens: int = 20
+    #: initialise the prompt from the embeddings of this text (repeated), else random vocab rows
+    init_text: str | None = None
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise AdapterConfigError("PromptTuning num_virtual_tokens must be >= 1")
+
+
+@dataclass
+class PrefixTuning(MethodConfig):
+    """Prefix tuning: k learned key/value vectors per attention layer (through the model's cache).
+
+    The prefix is produced by a small MLP during training (`projection`), as in Li & Liang 2021.
+    """
+
+    method: ClassVar[str] = "prefix"
+    num_virtual_tokens: int = 20
+    projection: bool = True
+    projection_hidden: int = 128
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise AdapterConfigError("PrefixTuning num_virtual_tokens must be >= 1")
+
+
+ACTIVATIONS = {"relu", "gelu", "silu", "tanh"}
+
+CONFIGS: dict[str, type[MethodConfig]] = {
+    c.method: c for c in (Bottleneck, LoRA, IA3, BitFit, PromptTuning, PrefixTuning)
+}
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Build a config from `adapter.json`; unknown keys from newer versions are dropped with a warning."""
+    data = dict(data)
+    method = data.pop("method", None)
+    if method not in CONFIGS:
+        raise AdapterConfigError(f"unknown adapter method {method!r}; known methods: {sorted(CONFIGS)}")
+    cls = CONFIGS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(
+            f"{cls.__name__} config: ignoring unknown keys {unknown} (written by a newer adapterkit?)",
+            stacklevel=2,
+        )
+    config = cls(**{k: v for k, v in data.items() if k in known})
+    config.validate()
+    return config

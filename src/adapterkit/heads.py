@@ -1,0 +1,92 @@
+"""Task heads that belong to adapters: a classifier with its own labels travels with its adapter.
+
+The frozen model's own head module stays in place; a forward hook swaps in the active adapter's
+head output (or, when routing, each row's head output).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .composition import names_in
+from .site import ActiveState
+
+#: attribute names of classification / LM heads in transformers and torchvision models
+HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs", "head", "fc")
+
+
+def find_head(model: nn.Module) -> str | None:
+    names = dict(model.named_modules())
+    for candidate in HEAD_NAMES:
+        if candidate in names and any(p.numel() for p in names[candidate].parameters()):
+            return candidate
+    return None
+
+
+def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
+    """A trainable copy of the base head, its last Linear resized to `num_labels` outputs."""
+    head = copy.deepcopy(template)
+    if num_labels is None:
+        return head
+    parent, attr, last = None, None, None
+    for name, module in head.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"cannot resize a head without a Linear layer ({type(template).__name__})")
+    old = head.get_submodule(last)
+    fresh = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
+    nn.init.normal_(fresh.weight, std=0.02)
+    if fresh.bias is not None:
+        nn.init.zeros_(fresh.bias)
+    fresh.to(old.weight.device)
+    if last == "":
+        return fresh
+    parent_name, _, attr = last.rpartition(".")
+    parent = head.get_submodule(parent_name) if parent_name else head
+    setattr(parent, attr, fresh)
+    return head
+
+
+class HeadSwitch:
+    """Replaces the base head's output with the active adapter's head (per row when routing)."""
+
+    def __init__(self, module: nn.Module, heads: nn.ModuleDict, state: ActiveState) -> None:
+        self.heads, self.state = heads, state
+        self.handle = module.register_forward_hook(self._after)
+
+    def _after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.state.route is not None:
+            return self._routed(args[0], output)
+        owner = self.owner(self.state.setup)
+        return None if owner is None else self.heads[owner](args[0])
+
+    def owner(self, setup) -> str | None:
+        """The adapter whose head answers for a setup: the last one in it that has a head."""
+        for name in reversed(names_in(setup)):
+            if name in self.heads:
+                return name
+        return None
+
+    def _routed(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+        names = self.state.route.names
+        used = sorted({n for n in names if n in self.heads})
+        if not used:
+            return None
+        # Heads are tiny next to the body, so one call per distinct head in the batch is cheap;
+        # label counts may differ, so narrower outputs are zero-padded on the right.
+        parts = {n: self.heads[n](x[[i for i, m in enumerate(names) if m == n]]) for n in used}
+        width = max([p.shape[-1] for p in parts.values()] + [base_out.shape[-1]])
+        out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
+        out[..., : base_out.shape[-1]] = base_out
+        for n, part in parts.items():
+            rows = [i for i, m in enumerate(names) if m == n]
+            out[rows] = 0
+            out[rows, ..., : part.shape[-1]] = part
+        return out
+
+    def remove(self) -> None:
+        self.handle.remove()

@@ -1,0 +1,166 @@
+"""What every per-site method shares: the shape of its site and the row layout used for routing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TargetError
+
+try:  # GPT-2 style transposed linear; optional so that adapterkit works without transformers
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover
+    HFConv1D = ()
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """How a frozen module's input and output are laid out.
+
+    `kind` is one of linear, hf_conv1d (weight stored [in, out]), conv, embedding, recurrent, other.
+    Features sit at `feature_dim` of the output (1 for convolutions, -1 otherwise); rows of the
+    batch at `batch_dim` (1 only for recurrent layers without batch_first).
+    """
+
+    kind: str
+    in_features: int | None
+    out_features: int
+    feature_dim: int = -1
+    batch_dim: int = 0
+
+    @staticmethod
+    def of(module: nn.Module, name: str) -> SiteShape:
+        if isinstance(module, nn.Linear):
+            return SiteShape("linear", module.in_features, module.out_features)
+        if HFConv1D and isinstance(module, HFConv1D):
+            return SiteShape("hf_conv1d", module.weight.shape[0], module.weight.shape[1])
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return SiteShape("conv", module.in_channels, module.out_channels, feature_dim=1)
+        if isinstance(module, nn.Embedding):
+            return SiteShape("embedding", None, module.embedding_dim)
+        if isinstance(module, nn.RNNBase):
+            hidden = module.proj_size or module.hidden_size
+            out = hidden * (2 if module.bidirectional else 1)
+            return SiteShape("recurrent", module.input_size, out, batch_dim=0 if module.batch_first else 1)
+        width = _output_width(module)
+        if width is None:
+            raise TargetError(
+                f"module {name!r} ({type(module).__name__}): cannot tell its output width; "
+                "target a Linear/Conv/Embedding/LSTM/GRU module or a block ending in one"
+            )
+        conv_like = any(isinstance(m, nn.modules.conv._ConvNd | nn.BatchNorm2d) for m in module.modules())
+        return SiteShape("other", _input_width(module), width, feature_dim=1 if conv_like else -1)
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """The feature width a composite block reads, from its first sized submodule."""
+    for sub in module.modules():
+        for attr in ("in_features", "in_channels", "input_size"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def _output_width(module: nn.Module) -> int | None:
+    """The feature width of a composite block, read off its last sized submodule."""
+    for sub in reversed(list(module.modules())):
+        for attr in ("out_features", "out_channels", "num_features", "embedding_dim", "hidden_size"):
+            value = getattr(sub, attr, None)
+            if isinstance(value, int):
+                return value
+        shape = getattr(sub, "normalized_shape", None)
+        if shape:
+            return int(shape[-1])
+    return None
+
+
+def as_rows(t: torch.Tensor, shape: SiteShape) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """View `t` as [rows, positions, features] and return the function that undoes it."""
+    moved = t.movedim(1, -1) if shape.feature_dim == 1 else t
+    if shape.batch_dim != 0:
+        moved = moved.movedim(shape.batch_dim, 0)
+    rows = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+
+    def restore(r: torch.Tensor) -> torch.Tensor:
+        out = r.reshape(moved.shape)
+        if shape.batch_dim != 0:
+            out = out.movedim(0, shape.batch_dim)
+        return out.movedim(-1, 1) if shape.feature_dim == 1 else out
+
+    return rows, restore
+
+
+def features_last(t: torch.Tensor, shape: SiteShape) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Move the feature dim last (a no-op for Linear outputs) and return the inverse."""
+    if shape.feature_dim in (-1, t.dim() - 1):
+        return t, lambda r: r
+    return t.movedim(shape.feature_dim, -1), lambda r: r.movedim(-1, shape.feature_dim)
+
+
+def pad_to(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Zero-pad `t` along `dim` to `size`; zero rank/bottleneck rows change nothing."""
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[dim] = missing
+    return torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
+
+
+def broadcast_rows(vector: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch.Tensor:
+    """Shape a per-row vector [rows, features] so it broadcasts against the site output `h`."""
+    view = [1] * h.dim()
+    view[shape.batch_dim % h.dim()] = vector.shape[0]
+    view[shape.feature_dim % h.dim()] = vector.shape[1]
+    return vector.reshape(view)
+
+
+def broadcast_features(vector: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch.Tensor:
+    """Shape a [features] vector so it broadcasts against `h` at its feature dim."""
+    view = [1] * h.dim()
+    view[shape.feature_dim % h.dim()] = vector.shape[0]
+    return vector.reshape(view)
+
+
+class SiteMethod(nn.Module):
+    """One adapter's delta at one site.
+
+    `side` says which hook applies it: "output" methods map (x, h) -> h', "input" methods map
+    x -> x' before the frozen module runs. Routing is a classmethod pair: `stack` turns the
+    adapters present at a site into batched tensors once, `route` applies them per row.
+    """
+
+    side = "output"
+    mergeable = False
+
+    def __init__(self, shape: SiteShape) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def merge_into(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def unmerge_from(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def route_group(self) -> tuple:
+        """Adapters of one class route together only when these values agree."""
+        return ()
+
+    @classmethod
+    def stack(cls, adapters: list[SiteMethod]) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def route(
+        cls, stacked: dict, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+        shape: SiteShape,
+    ) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,52 @@
+"""BitFit (Ben Zaken et al. 2022) as a per-adapter bias delta, so the frozen biases stay shared.
+
+    h' = f(x) + Δb            merged: b' = b + Δb
+
+Δb starts at zero, so a new adapter is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TargetError
+from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows
+
+
+class BitFitAdapter(SiteMethod):
+    mergeable = True
+
+    def __init__(self, shape: SiteShape) -> None:
+        super().__init__(shape)
+        self.bias_delta = nn.Parameter(torch.zeros(shape.out_features))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + broadcast_features(self.bias_delta, h, self.shape)
+
+    def _bias(self, module: nn.Module) -> torch.Tensor:
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            raise TargetError(
+                f"BitFit cannot merge into a {type(module).__name__} without a bias; keep it unmerged"
+            )
+        return bias
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module) -> None:
+        bias = self._bias(module)
+        bias += self.bias_delta.to(bias.dtype)
+
+    @torch.no_grad()
+    def unmerge_from(self, module: nn.Module) -> None:
+        bias = self._bias(module)
+        bias -= self.bias_delta.to(bias.dtype)
+
+    @classmethod
+    def stack(cls, adapters: list[BitFitAdapter]) -> dict:
+        deltas = [a.bias_delta for a in adapters]
+        return {"b": torch.stack(deltas + [torch.zeros_like(deltas[0])])}
+
+    @classmethod
+    def route(cls, stacked, rows, x, h, shape):
+        return h + broadcast_rows(stacked["b"][rows], h, shape)

@@ -1,0 +1,89 @@
+"""Bottleneck adapter (Houlsby et al. 2019; Pfeiffer et al. 2020; parallel: He et al. 2022).
+
+    serial:    h' = h + s · up(act(down(h)))
+    parallel:  h' = f(x) + s · up(act(down(x)))
+
+`up` starts at zero, so a new adapter is the identity. On convolutional sites the bottleneck
+works over channels: a Linear over the channel dim is exactly a 1×1 convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Bottleneck
+from ..errors import TargetError
+from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to
+
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class BottleneckAdapter(SiteMethod):
+    def __init__(self, config: Bottleneck, shape: SiteShape) -> None:
+        super().__init__(shape)
+        self.parallel = config.is_parallel
+        reads = shape.in_features if self.parallel else shape.out_features
+        if reads is None:
+            raise TargetError(f"a parallel bottleneck needs a site with a known input width, not a {shape.kind}")
+        size = config.size_for(shape.out_features)
+        self.down = nn.Linear(reads, size)
+        self.up = nn.Linear(size, shape.out_features)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.activation = config.activation
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout)
+
+    def delta(self, z: torch.Tensor) -> torch.Tensor:
+        return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        source = x if self.parallel else h
+        if self.parallel and self.shape.kind == "embedding":
+            raise TargetError("a parallel bottleneck cannot read token ids; use a serial placement")
+        z, _ = features_last(source, self.shape)
+        delta = self.delta(z)
+        h_last, restore = features_last(h, self.shape)
+        return restore(h_last + delta)
+
+    def merge_into(self, module: nn.Module) -> None:
+        raise NotImplementedError(
+            "a bottleneck adapter has a nonlinearity between down and up, so it cannot be folded into "
+            "the frozen weights; keep it unmerged (LoRA, IA³ and BitFit can merge)"
+        )
+
+    unmerge_from = merge_into
+
+    def route_group(self) -> tuple:
+        return (self.parallel, self.activation)
+
+    @classmethod
+    def stack(cls, adapters: list[BottleneckAdapter]) -> dict:
+        """Stack N adapters (plus a zero slot for rows without one), padding bottleneck sizes."""
+        size = max(a.down.out_features for a in adapters)
+        first = adapters[0]
+        down = [pad_to(a.down.weight, size, 0) for a in adapters]
+        down_b = [pad_to(a.down.bias, size, 0) for a in adapters]
+        up = [pad_to(a.up.weight * a.scaling, size, 1) for a in adapters]
+        up_b = [a.up.bias * a.scaling for a in adapters]
+        zeros = lambda t: torch.zeros_like(t[0])  # noqa: E731
+        return {
+            "down": torch.stack(down + [zeros(down)]),
+            "down_b": torch.stack(down_b + [zeros(down_b)]).unsqueeze(1),
+            "up": torch.stack(up + [zeros(up)]),
+            "up_b": torch.stack(up_b + [zeros(up_b)]).unsqueeze(1),
+            "parallel": first.parallel,
+            "activation": first.activation,
+        }
+
+    @classmethod
+    def route(cls, stacked, rows, x, h, shape):
+        source = x if stacked["parallel"] else h
+        z, _ = as_rows(source, shape)
+        h_rows, restore = as_rows(h, shape)
+        act = ACTIVATION_FUNCTIONS[stacked["activation"]]
+        hidden = act(torch.baddbmm(stacked["down_b"][rows], z, stacked["down"][rows].transpose(1, 2)))
+        delta = torch.baddbmm(stacked["up_b"][rows], hidden, stacked["up"][rows].transpose(1, 2))
+        return restore(h_rows + delta)

@@ -1,0 +1,71 @@
+"""IA³ (Liu et al. 2022): learned rescaling of a frozen module's output or input.
+
+    on the output:  h' = l ⊙ f(x)          merged: W' = diag(l) W,  b' = l ⊙ b
+    on the input:   h' = f(l ⊙ x)          merged: W' = W diag(l)
+
+l starts at ones, so a new adapter is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TargetError
+from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows, features_last
+
+
+class IA3Adapter(SiteMethod):
+    mergeable = True
+
+    def __init__(self, shape: SiteShape, on_input: bool) -> None:
+        super().__init__(shape)
+        self.side = "input" if on_input else "output"
+        if on_input and shape.in_features is None:
+            raise TargetError(f"IA³ on the input needs a site with a known input width, not a {shape.kind}")
+        self.ia3_l = nn.Parameter(torch.ones(shape.in_features if on_input else shape.out_features))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        if self.side == "input":
+            x_last, restore = features_last(x, self.shape)
+            return restore(x_last * self.ia3_l)
+        return h * broadcast_features(self.ia3_l, h, self.shape)
+
+    def _weight_scale(self, module: nn.Module, scale: torch.Tensor) -> None:
+        kind = self.shape.kind
+        if kind not in ("linear", "hf_conv1d", "conv"):
+            raise TargetError(f"IA³ can merge into Linear, Conv and GPT-2 Conv1D sites, not a {kind}")
+        weight = module.weight
+        # Output scaling touches rows of W (columns for Conv1D, which stores W transposed).
+        out_dim = 1 if kind == "hf_conv1d" else 0
+        dim = (1 - out_dim) if self.side == "input" else out_dim
+        view = [1] * weight.dim()
+        view[dim] = -1
+        weight.mul_(scale.view(view).to(weight.dtype))
+        if self.side == "output" and getattr(module, "bias", None) is not None:
+            module.bias.mul_(scale.to(module.bias.dtype))
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module) -> None:
+        self._weight_scale(module, self.ia3_l)
+
+    @torch.no_grad()
+    def unmerge_from(self, module: nn.Module) -> None:
+        if (self.ia3_l == 0).any():
+            raise TargetError("cannot unmerge an IA³ adapter with a zero scale: merging erased those features")
+        self._weight_scale(module, 1.0 / self.ia3_l)
+
+    def route_group(self) -> tuple:
+        return (self.side,)
+
+    @classmethod
+    def stack(cls, adapters: list[IA3Adapter]) -> dict:
+        vectors = [a.ia3_l for a in adapters]
+        return {"l": torch.stack(vectors + [torch.ones_like(vectors[0])]), "side": adapters[0].side}
+
+    @classmethod
+    def route(cls, stacked, rows, x, h, shape):
+        scale = stacked["l"][rows]
+        if stacked["side"] == "input":
+            return x * broadcast_rows(scale, x, shape)
+        return h * broadcast_rows(scale, h, shape)

@@ -1,0 +1,124 @@
+"""LoRA (Hu et al. 2021): a low-rank update beside a frozen weight.
+
+    h' = f(x) + s · B(A(dropout(x))),   s = alpha / r   (rsLoRA: alpha / √r)
+    merged: W' = W + s · B A
+
+A and B use PEFT's shapes (A: [r, in, *kernel], B: [out, r, 1...]) so that files convert by
+renaming keys. B starts at zero (for embeddings A does, as in PEFT), so a new adapter is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoRA
+from ..errors import TargetError
+from .base import SiteMethod, SiteShape, as_rows, pad_to
+
+
+class LoRAAdapter(SiteMethod):
+    mergeable = True
+
+    def __init__(self, config: LoRA, shape: SiteShape, module: nn.Module) -> None:
+        super().__init__(shape)
+        if shape.kind not in ("linear", "hf_conv1d", "conv", "embedding"):
+            raise TargetError(f"LoRA needs a Linear, Conv1d/2d, Embedding or GPT-2 Conv1D site, not a {shape.kind}")
+        self.r, self.scale = config.r, config.scale
+        self.dropout = nn.Dropout(config.dropout)
+        if shape.kind == "conv":
+            if module.groups != 1:
+                raise TargetError("LoRA on a grouped convolution is not supported")
+            self.conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+            kernel = tuple(module.kernel_size)
+            a_shape = (config.r, shape.in_features, *kernel)
+            b_shape = (shape.out_features, config.r, *([1] * len(kernel)))
+        elif shape.kind == "embedding":
+            a_shape, b_shape = (config.r, module.num_embeddings), (shape.out_features, config.r)
+            self.padding_idx = module.padding_idx
+        else:
+            a_shape, b_shape = (config.r, shape.in_features), (shape.out_features, config.r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape))
+        if shape.kind == "embedding":
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape.kind == "embedding":
+            return F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx) @ self.lora_B.T * self.scale
+        x = self.dropout(x)
+        if self.shape.kind == "conv":
+            conv = _CONV[self.lora_A.dim() - 2]
+            return conv(conv(x, self.lora_A, **self.conv), self.lora_B) * self.scale
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·BA in the layout of the frozen module's weight."""
+        delta = (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scale
+        if self.shape.kind == "conv":
+            return delta.view(self.lora_B.shape[0], *self.lora_A.shape[1:])
+        if self.shape.kind in ("hf_conv1d", "embedding"):
+            return delta.T
+        return delta
+
+    @torch.no_grad()
+    def merge_into(self, module: nn.Module) -> None:
+        module.weight += self.delta_weight().to(module.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge_from(self, module: nn.Module) -> None:
+        module.weight -= self.delta_weight().to(module.weight.dtype)
+
+    def route_group(self) -> tuple:
+        return (self.shape.kind,)
+
+    @classmethod
+    def stack(cls, adapters: list[LoRAAdapter]) -> dict:
+        """A and s·B of N adapters plus a zero slot, ranks zero-padded to the largest."""
+        rank = max(a.r for a in adapters)
+        a_list = [pad_to(a.lora_A, rank, 0) for a in adapters]
+        b_list = [pad_to(a.lora_B * a.scale, rank, 1) for a in adapters]
+        a_list.append(torch.zeros_like(a_list[0]))
+        b_list.append(torch.zeros_like(b_list[0]))
+        first = adapters[0]
+        stacked = {"A": torch.stack(a_list), "B": torch.stack(b_list).flatten(2), "rank": rank}
+        if first.shape.kind in ("conv", "embedding"):
+            # These sites compute every adapter's A at once and pick each row's slice afterwards:
+            # a per-row gather of a conv kernel or an embedding table would copy far more.
+            stacked["A_all"] = torch.cat(a_list)
+            stacked["conv"] = getattr(first, "conv", None)
+            stacked["padding_idx"] = getattr(first, "padding_idx", None)
+        return stacked
+
+    @classmethod
+    def route(cls, stacked, rows, x, h, shape):
+        rank, n_rows = stacked["rank"], rows.shape[0]
+        b_sel = stacked["B"][rows]  # [rows, out, r]
+        if shape.kind == "embedding":
+            low = F.embedding(x, stacked["A_all"].T, padding_idx=stacked["padding_idx"])
+            low = low.view(n_rows, -1, low.shape[-1] // rank, rank)
+            low = low[torch.arange(n_rows, device=rows.device), :, rows]  # [rows, T, r]
+            h_rows, restore = as_rows(h, shape)
+            return restore(h_rows + torch.bmm(low, b_sel.transpose(1, 2)))
+        if shape.kind == "conv":
+            conv = _CONV[x.dim() - 2]
+            low = conv(x, stacked["A_all"], **stacked["conv"])  # [rows, (N+1)·r, *spatial]
+            low = low.view(n_rows, -1, rank, low[0, 0].numel())
+            low = low[torch.arange(n_rows, device=rows.device), rows]  # [rows, r, L]
+            return h + torch.bmm(b_sel, low).view(h.shape)
+        z, _ = as_rows(x, shape)
+        h_rows, restore = as_rows(h, shape)
+        low = torch.bmm(z, stacked["A"][rows].transpose(1, 2))
+        return restore(torch.baddbmm(h_rows, low, b_sel.transpose(1, 2)))
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

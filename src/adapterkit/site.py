@@ -1,0 +1,204 @@
+"""A site: one frozen module of the base model and the named adapters attached to it.
+
+The frozen module is not replaced or wrapped, so the base model keeps its structure and
+state-dict names. Two hooks apply the active setup: a pre-hook for input-side methods (IA³ on
+inputs) and a forward hook for everything that reads the module's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .composition import Average, Fuse, Setup, Stack
+from .errors import CompositionError
+from .methods.base import SiteMethod, SiteShape, features_last
+from .methods.fusion import FusionLayer
+
+
+@dataclass
+class Route:
+    """Per-row routing for one forward: `names[i]` is row i's adapter (None = base model)."""
+
+    names: tuple[str | None, ...]
+    #: row indices into each site's stacks, computed once per route and group
+    rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ActiveState:
+    """Shared by the model and all its sites; the hooks read it on every forward."""
+
+    setup: Setup = None
+    route: Route | None = None
+    merged: set[str] = field(default_factory=set)
+
+
+class Site(nn.Module):
+    def __init__(self, name: str, module: nn.Module, state: ActiveState) -> None:
+        super().__init__()
+        self.module_name = name
+        self.shape = SiteShape.of(module, name)
+        self.adapters = nn.ModuleDict()
+        self.fusions = nn.ModuleDict()
+        # A plain attribute, not a submodule: the frozen module belongs to the base model only.
+        object.__setattr__(self, "frozen", module)
+        object.__setattr__(self, "state", state)
+        self._stacks: dict[tuple, tuple[tuple, dict]] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
+            module.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def detach_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # --- the hooks ---------------------------------------------------------------------------
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not self._input_side or (self.state.setup is None and self.state.route is None):
+            return None
+        args, kwargs, x = _take_input(args, kwargs)
+        if self.state.route is not None:
+            x = self._routed("input", x, None)
+        else:
+            x = self._apply(self.state.setup, "input", x, x)
+        return _put_input(args, kwargs, x)
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.state.setup is None and self.state.route is None:
+            return None
+        h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+        x = _take_input(args, kwargs)[2]
+        if self.state.route is not None:
+            h = self._routed("output", x, h)
+        else:
+            h = self._apply(self.state.setup, "output", x, h)
+        return h if rest is None else (h, *rest)
+
+    @property
+    def _input_side(self) -> bool:
+        return any(a.side == "input" for a in self.adapters.values())
+
+    # --- one setup for the whole batch -------------------------------------------------------
+
+    def _live(self, names: tuple[str, ...], side: str) -> list[tuple[str, SiteMethod]]:
+        return [
+            (n, self.adapters[n])
+            for n in names
+            if n in self.adapters and n not in self.state.merged and self.adapters[n].side == side
+        ]
+
+    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(setup, str):
+            setup = Stack(setup)
+        if isinstance(setup, Stack):
+            for _, adapter in self._live(setup.names, side):
+                h = adapter(x) if side == "input" else adapter(x, h)
+            return h
+        if isinstance(setup, Average):
+            weights = dict(setup.weights)
+            live = self._live(setup.names, side)
+            base = h
+            for name, adapter in live:
+                out = adapter(x) if side == "input" else adapter(x, base)
+                h = h + weights[name] * (out - base)
+            return h
+        if isinstance(setup, Fuse):
+            live = self._live(setup.names, side)
+            if side == "input":
+                if live:
+                    raise CompositionError(f"{self.module_name}: Fuse cannot combine input-side (IA³ input) adapters")
+                return h
+            if setup.key not in self.fusions or not live:
+                return h
+            outs = [features_last(adapter(x, h), self.shape)[0] for _, adapter in live]
+            h_last, restore = features_last(h, self.shape)
+            return restore(self.fusions[setup.key](h_last, outs))
+        return h
+
+    def add_fusion(self, fuse: Fuse) -> bool:
+        """Create this site's fusion layer if at least one fused adapter lives here."""
+        if fuse.key in self.fusions or not any(n in self.adapters for n in fuse.names):
+            return False
+        device = next(self.adapters[n] for n in fuse.names if n in self.adapters).parameters()
+        layer = FusionLayer(self.shape.out_features).to(next(device).device)
+        self.fusions[fuse.key] = layer
+        return True
+
+    # --- per-row routing ---------------------------------------------------------------------
+
+    def _groups(self, side: str) -> dict[tuple, list[str]]:
+        """Adapters that route together: same class, same side, same routing-relevant settings."""
+        groups: dict[tuple, list[str]] = {}
+        for name, adapter in self.adapters.items():
+            if adapter.side == side:
+                groups.setdefault((type(adapter), adapter.route_group()), []).append(name)
+        return groups
+
+    def _stacked(self, key: tuple, names: list[str]) -> dict:
+        adapters = [self.adapters[n] for n in names]
+        if torch.is_grad_enabled():
+            # The stack is part of the autograd graph, so it cannot be reused across steps.
+            return key[0].stack(adapters)
+        versions = tuple(n for n in names) + tuple(p._version for a in adapters for p in a.parameters())
+        cached = self._stacks.get(key)
+        if cached is None or cached[0] != versions:
+            with torch.no_grad():
+                cached = (versions, key[0].stack(adapters))
+            self._stacks[key] = cached
+        return cached[1]
+
+    def _routed(self, side: str, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        route = self.state.route
+        target = x if side == "input" else h
+        batch = target.shape[self.shape.batch_dim % target.dim()]
+        if batch != len(route.names):
+            raise CompositionError(
+                f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
+            )
+        for key, names in self._groups(side).items():
+            if torch.is_grad_enabled():
+                names = [n for n in names if n in route.names]
+            row_key = (self.module_name, key, tuple(names))
+            rows = route.rows.get(row_key)
+            if rows is None:
+                slot = {n: i for i, n in enumerate(names)}
+                idx = [slot.get(n, len(names)) for n in route.names]
+                rows = None if all(i == len(names) for i in idx) else torch.tensor(idx, device=target.device)
+                route.rows[row_key] = rows
+            if rows is None:
+                continue
+            stacked = self._stacked(key, names)
+            result = key[0].route(stacked, rows, x, h, self.shape)
+            if side == "input":
+                x = result
+            else:
+                h = result
+        return x if side == "input" else h
+
+    def forget_stacks(self) -> None:
+        self._stacks.clear()
+
+
+def _take_input(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
+    if args:
+        return args, kwargs, args[0]
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return args, kwargs, value
+    return args, kwargs, None
+
+
+def _put_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (x, *args[1:]), kwargs
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return args, {**kwargs, key: x}
+    return args, kwargs
