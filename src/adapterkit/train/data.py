@@ -336,10 +336,13 @@ def tokenize_causal_lm(
                 flags = enc["special_tokens_mask"][i]
                 lead = next((k for k, flag in enumerate(flags) if not flag), len(flags))
                 n_prompt = lead + len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"])
-                labels = [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:]
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids.append(eos)
-                labels.append(eos)  # learning to stop is part of the completion
+                labels = [IGNORE_INDEX if k < n_prompt or flags[k] else t for k, t in enumerate(ids)]
+            if eos is not None:  # learning to stop is part of the completion
+                if ids and ids[-1] == eos:  # the tokenizer added it itself (and it got masked as special)
+                    labels[-1] = eos
+                else:
+                    ids.append(eos)
+                    labels.append(eos)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
