@@ -19,7 +19,7 @@ from torch import nn
 from . import combine as combining
 from .composition import Average, Fuse, Setup, Stack, names_in
 from .config import MethodConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, CompositionError, TargetError
+from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head, new_head
 from .methods import MODEL_LEVEL, SiteShape, build_model_method, build_site_method
 from .site import ActiveState, Route, Site
@@ -310,6 +310,46 @@ class AdaptedModel(nn.Module):
                 continue
             digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
         return digest.hexdigest()[:16]
+
+    # --- tensors of one adapter, as files hold them --------------------------------------------
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """`sites.<module>.<param>`, `head.<param>` and `model.<param>` tensors of one adapter."""
+        self._require(name)
+        state: dict[str, torch.Tensor] = {}
+        for site in self.sites.values():
+            if name in site.adapters:
+                for pname, p in site.adapters[name].state_dict().items():
+                    state[f"sites.{site.module_name}.{pname}"] = p.detach()
+        for prefix, table in (("head", self.heads), ("model", self.model_level)):
+            if name in table:
+                state.update({f"{prefix}.{k}": v.detach() for k, v in table[name].state_dict().items()})
+        return state
+
+    def site_names(self, name: str) -> dict[str, str]:
+        """Module name -> side ("input"/"output") of every site the adapter is attached to."""
+        return {s.module_name: s.adapters[name].side for s in self.sites.values() if name in s.adapters}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into an adapter after checking that every key and shape matches."""
+        expected = self.adapter_state_dict(name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise AdapterFileError(
+                f"adapter {name!r}: tensors do not match this model; missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for key, target in expected.items():
+            if tuple(tensors[key].shape) != tuple(target.shape):
+                raise AdapterFileError(
+                    f"adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                    f"the module here needs {tuple(target.shape)}"
+                )
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(target.dtype))
+        for site in self.sites.values():
+            site.forget_stacks()
 
     # --- files (the io layer does the work) --------------------------------------------------
 
