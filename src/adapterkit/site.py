@@ -189,7 +189,7 @@ class Site(nn.Module):
 def _take_input(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
     if args:
         return args, kwargs, args[0]
-    for key, value in kwargs.items():
+    for value in kwargs.values():
         if isinstance(value, torch.Tensor):
             return args, kwargs, value
     return args, kwargs, None
