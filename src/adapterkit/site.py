@@ -67,7 +67,7 @@ class Site(nn.Module):
         if self.state.route is not None:
             x = self._routed("input", x, None)
         else:
-            x = self._apply(self.state.setup, "input", x, x)
+            x = self._run_setup(self.state.setup, "input", x, x)
         return _put_input(args, kwargs, x)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -78,7 +78,7 @@ class Site(nn.Module):
         if self.state.route is not None:
             h = self._routed("output", x, h)
         else:
-            h = self._apply(self.state.setup, "output", x, h)
+            h = self._run_setup(self.state.setup, "output", x, h)
         return h if rest is None else (h, *rest)
 
     @property
@@ -94,7 +94,7 @@ class Site(nn.Module):
             if n in self.adapters and n not in self.state.merged and self.adapters[n].side == side
         ]
 
-    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _run_setup(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if isinstance(setup, str):
             setup = Stack(setup)
         if isinstance(setup, Stack):
