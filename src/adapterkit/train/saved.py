@@ -1,0 +1,142 @@
+"""Working with saved adapters: open on their base, evaluate, predict, describe, merge, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AdapterFileError
+from ..io.files import MANIFEST, read_adapter
+from ..model import AdaptedModel, adapt
+from .data import classification_collator, load_table, load_text_classification, tokenize_classification
+from .job import load_base
+from .metrics import accuracy, macro_f1
+
+
+def resolve(path: str | Path) -> Path:
+    """An adapter folder or file; a run folder stands for its adapter/ subfolder."""
+    path = Path(path)
+    if path.is_dir() and not (path / MANIFEST).exists() and (path / "adapter").is_dir():
+        return path / "adapter"
+    if not path.exists():
+        raise AdapterFileError(f"{path}: no such adapter folder or file")
+    return path
+
+
+def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedModel, Any, str, dict]:
+    """(model with the adapter active, tokenizer, adapter name, manifest)."""
+    path = resolve(path)
+    manifest, _ = read_adapter(path)
+    meta = manifest.get("meta") or {}
+    base = base or meta.get("base_path") or manifest["base"]["name"]
+    task = meta.get("task", "classify")
+    labels = manifest.get("labels")
+    model, tokenizer = load_base(base, task, len(labels) if labels else None)
+    run_tokenizer = path.parent / "tokenizer"
+    if run_tokenizer.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run_tokenizer)
+    am = adapt(model)
+    name = am.load(path)
+    am.activate(name)
+    am.eval()
+    return am, tokenizer, name, manifest
+
+
+@torch.no_grad()
+def predict_texts(path: str | Path, texts: list[str], base: str | None = None) -> list[tuple[str, str, dict]]:
+    am, tokenizer, name, manifest = open_adapter(path, base)
+    labels = manifest.get("labels")
+    if not labels:
+        raise AdapterFileError(f"adapter {name!r} has no label names; predict needs a classification adapter")
+    max_length = (manifest.get("meta") or {}).get("max_length", 128)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    probs = am(**batch).logits.softmax(-1)
+    return [(t, labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p, strict=True)})
+            for t, p in zip(texts, probs, strict=True)]
+
+
+@torch.no_grad()
+def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, label_col: str | None,
+                     base: str | None, max_length: int, batch_size: int, max_eval: int | None,
+                     seed: int) -> dict[str, Any]:
+    am, tokenizer, name, manifest = open_adapter(path, base)
+    labels = manifest.get("labels")
+    if not labels:
+        raise AdapterFileError(f"adapter {name!r} has no label names; eval needs a classification adapter")
+    if data is None:
+        ds = load_text_classification(None, seed=seed, max_eval_examples=max_eval).test
+        names = load_text_classification(None, seed=seed).labels
+    else:
+        table = load_table(data, text_col, label_col)
+        text_col = text_col or "text"
+        label_col = label_col or "label"
+        names = [str(v) for v in table[label_col]]
+        unknown = sorted(set(names) - set(labels))
+        if unknown:
+            raise AdapterFileError(f"labels {unknown[:5]} are not among the adapter's labels {labels}")
+        ds = table.map(lambda row: {"text": row[text_col], "label": labels.index(str(row[label_col]))},
+                       remove_columns=table.column_names)
+        if max_eval:
+            ds = ds.select(range(min(max_eval, len(ds))))
+        names = labels
+    if names != labels:
+        raise AdapterFileError(f"the data's labels {names} differ from the adapter's {labels}")
+    ds = tokenize_classification(ds, tokenizer, max_length)
+    collate = classification_collator(tokenizer)
+    truths, preds = [], []
+    for start in range(0, len(ds), batch_size):
+        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        truths += batch.pop("labels").tolist()
+        preds += am(**batch).logits.argmax(-1).tolist()
+    return {"adapter": name, "examples": len(truths), "accuracy": accuracy(truths, preds),
+            "macro_f1": macro_f1(truths, preds, labels=range(len(labels)))}
+
+
+def adapter_facts(path: str | Path) -> dict[str, Any]:
+    path = resolve(path)
+    manifest, tensors = read_adapter(path)
+    files = [path] if path.is_file() else list(path.iterdir())
+    return {
+        "name": manifest.get("name"), "method": manifest["config"].get("method"),
+        "config": {k: v for k, v in manifest["config"].items() if k != "method"},
+        "params": sum(t.numel() for t in tensors.values()),
+        "base": manifest["base"].get("name"), "fingerprint": manifest["base"].get("fingerprint"),
+        "labels": manifest.get("labels"), "sites": len(manifest.get("sites") or {}),
+        "bytes": sum(f.stat().st_size for f in files), "format_version": manifest.get("format_version"),
+    }
+
+
+def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) -> Path:
+    """Fold the adapter into the base weights; the adapter's head replaces the base head."""
+    am, tokenizer, name, manifest = open_adapter(path, base)
+    am.merge(name)
+    model = am.base
+    if name in am.heads and am.head_path:
+        parent, _, attr = am.head_path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, am.heads[name])
+        labels = manifest.get("labels")
+        if labels:
+            model.config.num_labels = len(labels)
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {lab: i for i, lab in enumerate(labels)}
+    for module in model.modules():  # adapterkit's hooks must not travel with a standalone model
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_adapter(path: str | Path, out: str | Path, fmt: str, base: str | None = None) -> Path:
+    if fmt != "peft":
+        raise AdapterFileError(f"unknown export format {fmt!r}; supported: peft")
+    from ..io.peft import export_peft_lora
+
+    am, _, name, manifest = open_adapter(path, base)
+    export_peft_lora(am, name, out)
+    return Path(out)
