@@ -1,0 +1,372 @@
+"""Hugging Face PEFT interop for LoRA: write and read PEFT's `adapter_config.json` + `adapter_model.safetensors`.
+
+Our LoRA tensors already use PEFT's shapes (A: [r, in, *kernel], B: [out, r, 1...]; embeddings
+A: [r, vocab], B: [dim, r]), so conversion is a renaming of keys:
+
+    ours                               PEFT
+    sites.<module>.lora_A              base_model.model.<module>.lora_A.weight      (Linear, Conv, GPT-2 Conv1D)
+    sites.<module>.lora_B              base_model.model.<module>.lora_B.weight
+    sites.<module>.lora_A / lora_B     base_model.model.<module>.lora_embedding_A / _B   (Embedding)
+    head.<param>                       base_model.model.<head>.<param>   (a `modules_to_save` entry)
+
+This module never imports peft: peft is a test-only dependency, and a file format needs no library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from ..config import LoRA
+from ..errors import AdapterFileError, CompositionError
+from .files import PICKLE_SUFFIXES, _atomic_folder, _load_tensors
+
+if TYPE_CHECKING:
+    from ..model import AdaptedModel
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+#: PEFT's task types by the suffix of a transformers model class (the first match wins)
+_TASK_BY_CLASS_SUFFIX = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+
+#: modules that PEFT puts into `modules_to_save` on its own for a task type; LoRA never lands inside them
+_AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                         "QUESTION_ANS": ["qa_outputs"]}
+
+#: LoraConfig fields that change what the forward pass computes in ways plain LoRA cannot express
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "rank_pattern": "per-module ranks (rank_pattern)",
+    "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+}
+
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_PEFT_PARAM = {"lora_A.weight": ("lora_A", False), "lora_B.weight": ("lora_B", False),
+               "lora_embedding_A": ("lora_A", True), "lora_embedding_B": ("lora_B", True)}
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def export_peft_lora(
+    am: AdaptedModel, name: str, path: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write LoRA adapter `name` as a PEFT folder that `peft.PeftModel.from_pretrained` loads.
+
+    The folder is written atomically (built beside the target, then renamed into place).
+    """
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise AdapterFileError(f"{path}: adapterkit writes safetensors only, never pickle")
+    am._require(name)
+    config = am.configs[name]
+    if not isinstance(config, LoRA):
+        raise CompositionError(
+            f"adapter {name!r} is a {config.method} adapter; only LoRA adapters have a Hugging Face PEFT layout "
+            "(use am.save() for adapterkit's own format)"
+        )
+    sites = _lora_sites(am, name)
+    task_type = _task_type(am.base)
+    modules_to_save = [am.head_path] if name in am.heads else None
+    _check_not_inside_saved_modules(sites, (modules_to_save or []) + _AUTO_MODULES_TO_SAVE.get(task_type, []))
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, adapter in sites.items():
+        embedding = adapter.shape.kind == "embedding"
+        _check_peft_computes_the_same(module_name, am.base.get_submodule(module_name), adapter.shape.kind)
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{module_name}.{a_key}"] = adapter.lora_A.detach()
+        tensors[f"{PEFT_PREFIX}{module_name}.{b_key}"] = adapter.lora_B.detach()
+    if modules_to_save:
+        for pname, value in am.heads[name].state_dict().items():
+            tensors[f"{PEFT_PREFIX}{am.head_path}.{pname}"] = value.detach()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    peft_config = {
+        # Only fields every PEFT release since LoRA's introduction reads; older releases refuse unknown keys.
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or _base_identity(am),
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": _plain_number(config.alpha),
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "target_modules": _target_modules(am.base, list(sites)),
+        "bias": "none",
+        # GPT-2's Conv1D stores its weight as [in, out]; PEFT wants this flag set for such layers.
+        "fan_in_fan_out": any(a.shape.kind == "hf_conv1d" for a in sites.values()),
+        "modules_to_save": modules_to_save,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    _atomic_folder(path, {
+        WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),  # transformers checks for format "pt"
+        CONFIG_FILE: json.dumps(peft_config, indent=2).encode(),
+    })
+    return path
+
+
+def _lora_sites(am: AdaptedModel, name: str) -> dict[str, nn.Module]:
+    """Module name -> LoRAAdapter of adapter `name`, in model order."""
+    return {site.module_name: site.adapters[name] for site in am.sites.values() if name in site.adapters}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    class_name = type(model).__name__
+    for suffix, task in _TASK_BY_CLASS_SUFFIX:
+        if class_name.endswith(suffix):
+            return task
+    return None
+
+
+def _base_identity(am: AdaptedModel) -> str | None:
+    """The base's hub id or path, or None when we only know its class name (PEFT would try to fetch it)."""
+    name = am.base_name
+    return None if not name or name == type(am.base).__name__ else name
+
+
+def _plain_number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _target_modules(model: nn.Module, sites: list[str]) -> list[str]:
+    """The shortest name suffixes that make PEFT match exactly our sites, else the full module names.
+
+    Short suffixes ("query", "c_attn") are what PEFT users and servers such as vLLM expect; they are
+    used only when PEFT's rule (name == t or name ends with "." + t) selects no other module.
+    """
+    all_names = [n for n, _ in model.named_modules() if n]
+    wanted = set(sites)
+    for depth in (1, 2, 3):
+        suffixes = sorted({".".join(s.split(".")[-depth:]) for s in sites})
+        matched = {n for n in all_names if any(n == t or n.endswith("." + t) for t in suffixes)}
+        if matched == wanted:
+            return suffixes
+    return list(sites)
+
+
+def _check_not_inside_saved_modules(sites: Iterable[str], modules_to_save: list[str]) -> None:
+    """PEFT never puts LoRA inside a `modules_to_save` module, so such a site would be silently lost."""
+    for site in sites:
+        for m in modules_to_save:
+            if re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", site):
+                raise CompositionError(
+                    f"LoRA site {site!r} lies inside {m!r}, which PEFT trains as a whole module "
+                    "(modules_to_save) and never gives LoRA layers; PEFT would drop this site"
+                )
+
+
+def _check_peft_computes_the_same(module_name: str, module: nn.Module, kind: str) -> None:
+    """PEFT's LoRA conv omits the base layer's dilation, so a dilated conv would compute something else."""
+    if kind == "conv" and any(d != 1 for d in module.dilation):
+        raise CompositionError(
+            f"module {module_name!r}: PEFT's LoRA ignores the dilation {tuple(module.dilation)} of this "
+            "convolution, so a PEFT file would not reproduce this adapter's outputs"
+        )
+
+
+# --- import --------------------------------------------------------------------------------
+
+
+def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str:
+    """Add the PEFT LoRA adapter in folder `path` to `am` as `name` (default: the folder name).
+
+    Every check that can fail runs before or right after `am.add`; on any failure the adapter is
+    deleted again, so nothing is left half-added.
+    """
+    path = Path(path)
+    name = name or path.name
+    peft_config, tensors = _read_peft_folder(path)
+    _check_peft_config(path, peft_config)
+    lora, head = _split_keys(am, path, tensors)
+    _check_lora_modules(am, path, lora, int(peft_config["r"]))
+
+    config = LoRA(
+        r=int(peft_config["r"]),
+        alpha=_plain_number(peft_config.get("lora_alpha", 8)),
+        dropout=float(peft_config.get("lora_dropout") or 0.0),
+        rslora=bool(peft_config.get("use_rslora", False)),
+        targets=list(lora),
+    )
+    num_labels = _head_num_labels(am, path, head) if head else None
+    am.add(name, config, num_labels=num_labels, head=True if head else None)
+    try:
+        found = set(am.site_names(name))
+        if found != set(lora):
+            extra, missing = sorted(found - set(lora)), sorted(set(lora) - found)
+            raise AdapterFileError(
+                f"{path}: adapter {name!r}: this model's sites do not match the file's modules "
+                f"(not in the file: {extra[:4]}, not attached here: {missing[:4]})"
+            )
+        ours = {f"sites.{module}.{param}": t for module, params in lora.items() for param, t in params.items()}
+        ours.update({f"head.{k}": v for k, v in head.items()})
+        try:
+            am.load_adapter_state_dict(name, ours)
+        except AdapterFileError as err:
+            raise AdapterFileError(f"{path}: {err} (is this PEFT adapter for another base model?)") from None
+    except BaseException:
+        am.delete(name)
+        raise
+    am.meta[name]["imported_from"] = {
+        "format": "peft", "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
+        "task_type": peft_config.get("task_type"),
+    }
+    return name
+
+
+def _read_peft_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_dir():
+        raise AdapterFileError(f"{path}: not a folder; a PEFT adapter is a folder with {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_path.exists():
+        raise AdapterFileError(f"{path}: not a PEFT adapter folder, {CONFIG_FILE} is missing")
+    if not weights_path.exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterFileError(
+                f"{path}: holds only pickle weights {pickles}; refusing to unpickle (arbitrary code could run). "
+                f"Re-save it with safetensors (PEFT's default: save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterFileError(f"{path}: {WEIGHTS_FILE} is missing")
+    try:
+        peft_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{config_path}: truncated or not JSON ({err})") from None
+    if not isinstance(peft_config, dict):
+        raise AdapterFileError(f"{config_path}: not a PEFT config (expected a JSON object)")
+    return peft_config, _load_tensors(weights_path)
+
+
+def _check_peft_config(path: Path, cfg: dict[str, Any]) -> None:
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterFileError(
+            f"{path}: a PEFT {cfg.get('peft_type')!r} adapter; adapterkit imports PEFT LoRA adapters only"
+        )
+    unsupported = [label for key, label in _UNSUPPORTED_OPTIONS.items() if cfg.get(key)]
+    if unsupported:
+        raise AdapterFileError(f"{path}: this PEFT LoRA uses {', '.join(unsupported)}, which adapterkit does not support")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterFileError(
+            f"{path}: PEFT bias={cfg.get('bias')!r} trains the base model's biases; adapterkit imports bias='none' only"
+        )
+    if cfg.get("init_lora_weights") == "loftq" or cfg.get("loftq_config"):
+        raise AdapterFileError(f"{path}: a LoftQ adapter needs LoftQ's modified base weights; not supported")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+        raise AdapterFileError(f"{path}: PEFT config has no valid rank r ({cfg.get('r')!r})")
+
+
+def _split_keys(
+    am: AdaptedModel, path: Path, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(module -> {"lora_A", "lora_B", "_embedding"}, head param -> tensor) from PEFT's keys.
+
+    Full base tensors that PEFT sometimes saves alongside (the embedding matrix when an embedding
+    is targeted) are accepted only if they equal this base model's, since our base stays frozen.
+    """
+    lora: dict[str, dict[str, Any]] = {}
+    head: dict[str, torch.Tensor] = {}
+    base_params = dict(am.base.named_parameters(remove_duplicate=False))
+    for key, tensor in tensors.items():
+        rest = key.removeprefix(PEFT_PREFIX)
+        if ".lora_magnitude_vector" in rest:
+            raise AdapterFileError(f"{path}: tensor {key!r} is a DoRA magnitude; DoRA is not supported")
+        match = _LORA_KEY.match(rest)
+        if match:
+            param, embedding = _PEFT_PARAM[match["param"]]
+            entry = lora.setdefault(match["module"], {})
+            entry[param], entry["_embedding"] = tensor, embedding
+            continue
+        if am.head_path and rest.startswith(am.head_path + "."):
+            head[rest[len(am.head_path) + 1 :]] = tensor
+            continue
+        if ".lora_" in rest:
+            raise AdapterFileError(f"{path}: tensor {key!r} is a LoRA variant adapterkit does not support")
+        base_key = rest.replace(".base_layer.", ".")
+        own = base_params.get(base_key)
+        if own is not None and own.shape == tensor.shape and torch.equal(own.detach().cpu(), tensor.to(own.dtype)):
+            continue  # an unchanged copy of a frozen base tensor: nothing to import
+        raise AdapterFileError(
+            f"{path}: tensor {key!r} replaces base weight {base_key!r} (modules_to_save or a resized/trained "
+            f"embedding); adapterkit keeps the base frozen and only carries the task head "
+            f"({am.head_path!r}) as a trainable module"
+        )
+    return lora, head
+
+
+def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, Any]], r: int) -> None:
+    if not lora:
+        raise AdapterFileError(f"{path}: no LoRA tensors (lora_A / lora_B) in {WEIGHTS_FILE}")
+    modules = dict(am.base.named_modules())
+    for module_name, entry in lora.items():
+        for param in ("lora_A", "lora_B"):
+            if param not in entry:
+                raise AdapterFileError(f"{path}: module {module_name!r} has no {param} tensor")
+        module = modules.get(module_name)
+        if module is None:
+            raise AdapterFileError(
+                f"{path}: the adapter has LoRA weights for module {module_name!r}, which this model does not "
+                "have; was it trained on another base model?"
+            )
+        if entry.pop("_embedding") != isinstance(module, nn.Embedding):
+            raise AdapterFileError(
+                f"{path}: module {module_name!r} is a {type(module).__name__} here, but the file's LoRA tensors "
+                "for it are of the other kind (embedding vs. linear)"
+            )
+        rank = entry["lora_A"].shape[0]
+        if rank != r:
+            raise AdapterFileError(f"{path}: module {module_name!r} has rank {rank} but the config says r={r}")
+        _check_peft_computes_the_same(module_name, module, "conv" if isinstance(module, nn.modules.conv._ConvNd)
+                                      else "")
+        if am.head_path and (module_name == am.head_path or module_name.startswith(am.head_path + ".")):
+            raise AdapterFileError(
+                f"{path}: the adapter puts LoRA on {module_name!r}, which adapterkit treats as the task head; "
+                "wrap the model with adapt(model, head=None) to load it"
+            )
+
+
+def _head_num_labels(am: AdaptedModel, path: Path, head: dict[str, torch.Tensor]) -> int | None:
+    """The output width of the saved head, read from the weight of the head's last Linear."""
+    template = am.base.get_submodule(am.head_path)
+    last = [n for n, m in template.named_modules() if isinstance(m, nn.Linear)]
+    if not last:
+        return None
+    key = f"{last[-1]}.weight" if last[-1] else "weight"
+    if key not in head:
+        raise AdapterFileError(f"{path}: the saved task head {am.head_path!r} has no tensor {key!r}")
+    return int(head[key].shape[0])
+
+
+__all__ = ["export_peft_lora", "load_peft_lora"]
