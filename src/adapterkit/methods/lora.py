@@ -39,6 +39,9 @@ class LoRAAdapter(SiteMethod):
         elif shape.kind == "embedding":
             a_shape, b_shape = (config.r, module.num_embeddings), (shape.out_features, config.r)
             self.padding_idx = module.padding_idx
+            # Scaled embeddings (Gemma's `embed_scale`) multiply their lookup inside forward, so the
+            # delta must be scaled too: that keeps merge exact (the scale applies to W + ΔW) and matches PEFT.
+            self.embed_scale = float(getattr(module, "embed_scale", 1.0))
         else:
             a_shape, b_shape = (config.r, shape.in_features), (shape.out_features, config.r)
         self.lora_A = nn.Parameter(torch.empty(a_shape))
@@ -51,7 +54,8 @@ class LoRAAdapter(SiteMethod):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.shape.kind == "embedding":
-            return F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx) @ self.lora_B.T * self.scale
+            low = F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx)
+            return low @ self.lora_B.T * (self.scale * self.embed_scale)
         x = self.dropout(x)
         if self.shape.kind == "conv":
             conv = _CONV[self.lora_A.dim() - 2]
@@ -86,7 +90,7 @@ class LoRAAdapter(SiteMethod):
         """A and s·B of N adapters plus a zero slot, ranks zero-padded to the largest."""
         rank = max(a.r for a in adapters)
         a_list = [pad_to(a.lora_A, rank, 0) for a in adapters]
-        b_list = [pad_to(a.lora_B * a.scale, rank, 1) for a in adapters]
+        b_list = [pad_to(a.lora_B * (a.scale * getattr(a, "embed_scale", 1.0)), rank, 1) for a in adapters]
         a_list.append(torch.zeros_like(a_list[0]))
         b_list.append(torch.zeros_like(b_list[0]))
         first = adapters[0]
