@@ -4,10 +4,12 @@
 
 Works on any transformers model through `inputs_embeds`. Unlike the per-site methods this is not
 the identity at initialisation: any extra token the model attends to changes its outputs.
+Under generate() the prompt goes in at the first step only; later steps find it in the cache.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,12 +18,38 @@ from torch import nn
 from ..config import PromptTuning
 from ..errors import TargetError
 
+#: attribute set on a transformers cache: how many of its entries are prefix-tuning keys/values, not tokens
+VIRTUAL = "adapterkit_virtual_entries"
+
+
+def bind_args(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional forward arguments as keywords, so that a method can edit them by name.
+
+    GPT-2 takes `past_key_values` second and BERT `attention_mask`, so positions mean nothing alone.
+    """
+    if not args:
+        return dict(kwargs)
+    names = [
+        n for n, p in inspect.signature(model.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > len(names):
+        raise TargetError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
 
 def take(args: tuple, kwargs: dict, name: str, position: int) -> Any:
     """A forward argument given by keyword or by position."""
     if name in kwargs:
         return kwargs[name]
     return args[position] if len(args) > position else None
+
+
+def real_past(cache: Any) -> int:
+    """Tokens already in a transformers cache, prefix entries left out: 0 on the first call of a sequence."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return cache.get_seq_length() - getattr(cache, VIRTUAL, 0)
 
 
 class PromptTuningAdapter(nn.Module):
@@ -41,18 +69,26 @@ class PromptTuningAdapter(nn.Module):
         self.prompt = nn.Parameter(init.float())
 
     def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        input_ids = take(args, kwargs, "input_ids", 0)
-        kwargs.pop("input_ids", None)
+        kwargs = bind_args(model, args, kwargs)
+        k = self.prompt.shape[0]
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if real_past(kwargs.get("past_key_values")) > 0:
+            # A later generation step: the prompt already sits in the cache, but the caller's mask and
+            # position ids count only real tokens.
+            if mask is not None:
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], k), mask], dim=1)
+            if positions is not None:
+                kwargs["position_ids"] = positions + k
+            return (), kwargs
+        input_ids = kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             if input_ids is None:
                 raise TargetError("prompt tuning needs input_ids or inputs_embeds")
             embeds = _input_embeddings(model)(input_ids)
-        rows, k = embeds.shape[0], self.prompt.shape[0]
+        rows = embeds.shape[0]
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(rows, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-        mask = take(args, kwargs, "attention_mask", 1)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         kwargs["attention_mask"] = torch.cat([mask.new_ones(rows, k), mask], dim=1)
@@ -60,8 +96,9 @@ class PromptTuningAdapter(nn.Module):
             value = kwargs.get(name)
             if isinstance(value, torch.Tensor) and value.dim() == 2:  # per-token tensors grow with the input
                 kwargs[name] = torch.cat([value.new_full((rows, k), fill), value], dim=1)
-        if kwargs.get("position_ids") is not None:
-            raise TargetError("prompt tuning cannot shift explicit position_ids; leave them out")
+        if positions is not None:  # e.g. from generate(): the prompt takes the first positions
+            front = torch.arange(k, device=positions.device, dtype=positions.dtype).expand(positions.shape[0], -1)
+            kwargs["position_ids"] = torch.cat([front, positions + k], dim=-1)
         return (), kwargs
 
 
