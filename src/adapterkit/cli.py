@@ -21,6 +21,14 @@ LabelCol = Annotated[str | None, typer.Option(help="Column with the label (guess
 Base = Annotated[str | None, typer.Option(help="Base model: a hub id or a local folder; default: the adapter's own base")]
 
 
+@app.callback()
+def quiet() -> None:
+    """Adapter layers on a frozen model: train, inspect, merge, export and serve them."""
+    from .train.job import environment_quiet
+
+    environment_quiet()
+
+
 def clear_errors(command):
     """Turn known failures into one red line and exit code 2, instead of a traceback."""
 
@@ -73,10 +81,9 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
-    from .train.job import JobSpec, MethodOptions, default_base, environment_quiet, report_lines, run_job
+    from .train.job import JobSpec, MethodOptions, default_base, report_lines, run_job
     from .train.trainer import TrainSettings
 
-    environment_quiet()
     spec = JobSpec(
         base=base or default_base(), data=data, text_col=text_col, label_col=label_col, task=task, name=name,
         out=out, max_length=max_length, max_train_examples=max_train or None, max_eval_examples=max_eval or None,

@@ -194,5 +194,6 @@ def environment_quiet() -> None:
 
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass

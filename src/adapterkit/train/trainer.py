@@ -11,6 +11,7 @@ import json
 import random
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,8 +247,10 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         self.best_score = meta["best_score"]
         self.history = History(**meta["history"])
-        for _ in range(self.step):
-            self.scheduler.step()
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate(_tuples(meta["python_rng"]))
         np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v

@@ -1,0 +1,153 @@
+"""The training loop: determinism, resume after a kill, interruption, causal LM, the default job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapterkit.train.job import JobSpec, MethodOptions, run_job
+from adapterkit.train.trainer import TrainingInterrupted, TrainSettings
+
+from .test_cli import invoke, tweets_slice
+
+
+def small_spec(data: Path, out: Path, **train) -> JobSpec:
+    settings = {"epochs": 2, "batch_size": 8, "checkpoint_every": 2, "progress": False, "seed": 3, **train}
+    return JobSpec(data=str(data), text_col="tweet", label_col="mood", out=str(out), name="tiny",
+                   method=MethodOptions(method="bottleneck", dropout=0.1), max_length=16,
+                   max_train_examples=None, max_eval_examples=None, train=TrainSettings(**settings))
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tweets_slice(tmp_path_factory.mktemp("data") / "tweets.csv", rows=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    run_job(small_spec(data, out))
+    return out
+
+
+def test_same_seed_same_adapter(data, uninterrupted, tmp_path):
+    run_job(small_spec(data, tmp_path / "again"))
+    first, second = adapter_tensors(uninterrupted), adapter_tensors(tmp_path / "again")
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=0, rtol=0)
+
+
+def test_killed_run_resumes_to_the_same_adapter(data, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from tests.test_trainer import small_spec
+        from adapterkit.train.job import run_job
+
+        def kill_at(step):
+            if step == 5:  # after the checkpoint of step 4, in the middle of an epoch
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        run_job(small_spec(Path({str(data)!r}), Path({str(out)!r})), on_step=kill_at)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and not (out / "adapter").exists()
+    run_job(small_spec(data, out))  # resumes from the checkpoint
+    resumed, reference = adapter_tensors(out), adapter_tensors(uninterrupted)
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=0, rtol=0)
+
+
+def test_ctrl_c_checkpoints_then_resumes(data, uninterrupted, tmp_path):
+    out = tmp_path / "interrupted"
+
+    def interrupt_at(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run_job(small_spec(data, out), on_step=interrupt_at)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    run_job(small_spec(data, out))
+    resumed, reference = adapter_tensors(out), adapter_tensors(uninterrupted)
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=0, rtol=0)
+
+
+def test_optimizer_holds_only_adapter_parameters(data, tmp_path):
+    from adapterkit.train.trainer import Trainer
+
+    spec = small_spec(data, tmp_path / "opt", epochs=1)
+    metrics = run_job(spec)
+    assert metrics["optimizer_state_bytes"] == 2 * 4 * metrics["trainable_params"]
+    assert metrics["optimizer_state_bytes_saved"] == 2 * 4 * (metrics["base_params"] - metrics["trainable_params"])
+    with pytest.raises(ValueError, match="nothing to train"):
+        Trainer(torch.nn.Linear(2, 2).requires_grad_(False), [1], None, None, TrainSettings())
+
+
+def tiny_causal_lm(folder: Path) -> Path:
+    """A random GPT-2 and a word-level tokenizer, saved like a hub model (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = "the cat dog sat ran on mat log a is what answer question : . yes no".split()
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    # A wide initialiser lets the frozen, tied output layer express confident predictions.
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=64,
+                                       initializer_range=0.3,
+                                       eos_token_id=1, bos_token_id=1))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method, lr", [("lora", "0.01"), ("prompt", "0.3")])
+def test_causal_lm_training_lowers_loss(tmp_path, method, lr):
+    base = tiny_causal_lm(tmp_path / "gpt2")
+    rows = [{"prompt": "question : what sat on the mat ? answer :", "completion": "the cat sat on the mat ."},
+            {"prompt": "question : what ran on the log ? answer :", "completion": "the dog ran on the log ."}] * 16
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    extra = ["--targets", "all-linear"] if method == "lora" else ["--virtual-tokens", "4"]
+    result = invoke("train", "--base", str(base), "--data", str(data), "--task", "causal-lm", "--method", method,
+                    "--epochs", "8", "--lr", lr, "--batch-size", "8", "--max-length", "32",
+                    "--out", str(tmp_path / "run"), "--no-progress", *extra)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["history"]["train_loss"]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert metrics["test_perplexity"] is not None
+
+
+@pytest.mark.slow
+def test_default_train_end_to_end(tmp_path, monkeypatch):
+    """`adapterkit train` with its defaults, on a smaller slice so CI stays fast."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--max-train", "512", "--max-eval", "256", "--epochs", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "runs" / "tweets-sentiment" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.40  # three classes: chance is about a third
+    assert (tmp_path / "runs" / "tweets-sentiment" / "curves.png").stat().st_size > 1000
