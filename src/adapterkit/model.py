@@ -54,6 +54,10 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base(*args, **kwargs)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's `generate` with the active setup (hooks apply at every step)."""
+        return self.base.generate(*args, **kwargs)
+
     def _prepare_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.state.route is not None:  # routing replaces the active setup for its block
             return None
