@@ -1,0 +1,33 @@
+"""`python -m adapterkit.serve --base ... --store ...`: the server without the typer CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = argparse.ArgumentParser(prog="python -m adapterkit.serve", description=__doc__)
+    parser.add_argument("--base", required=True, help="hub id or local path of the base model")
+    parser.add_argument("--store", required=True, help="folder of adapters")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--cache-bytes", type=int, default=512 << 20)
+    parser.add_argument("--keys", default=None, help="keys.json: API key -> tenant")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from . import serve_command
+
+    serve_command(args.base, args.store, port=args.port, host=args.host, max_batch=args.max_batch,
+                  max_wait_ms=args.max_wait_ms, cache_bytes=args.cache_bytes, keys=args.keys)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The base model of a server: loading it by hub id or path, telling its task, padding rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def load_base(base: str) -> tuple[nn.Module, Any]:
+    """A causal LM for decoder checkpoints, a sequence classifier otherwise (its head is the
+    template that adapters' own heads are copies of), and the checkpoint's tokenizer."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from transformers.utils import logging
+
+    config = AutoConfig.from_pretrained(base)
+    causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (config.architectures or []))
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a new classifier head is expected: adapters bring their own
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the base's own (untrained) head, if new, is the same in every process
+            factory = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+            model = factory.from_pretrained(base)
+    finally:
+        logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return model.eval(), tokenizer
+
+
+def task_of(model: nn.Module, head_path: str | None) -> str:
+    """"causal_lm" (generate, embed), "classify" (classify, embed) or "encode" (embed only)."""
+    if type(model).__name__.endswith(CAUSAL_SUFFIXES):
+        return "causal_lm"
+    return "classify" if head_path is not None else "encode"
+
+
+def pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask of token rows padded to one length (on the left for generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -1,0 +1,281 @@
+"""The dynamic batcher and the model thread.
+
+Requests arrive from any thread as rows (one per input text or prompt) naming a resident or
+not-yet-loaded adapter version. One model thread owns the AdaptedModel: it runs queued control
+operations (adapter installs, evictions) between batches, then takes up to `max_batch` rows,
+waiting at most `max_wait` after the oldest one arrived, and runs them as ONE forward with per-row
+routing, whatever adapters they name. Rows for adapters still loading wait aside ("parked") while
+the files are read on an I/O thread, so a cold adapter holds up nobody else for longer than the
+few milliseconds its install takes between two batches.
+Adapter versions with queued or running rows are pinned: eviction passes over them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import AdapterCache, AdapterKey
+from .errors import Overloaded
+from .metrics import ServeMetrics
+
+#: a batch: (request, row index) pairs, all of one kind ("encode" rows or "generate" rows)
+Items = list[tuple["Request", int]]
+
+
+@dataclass(eq=False)
+class Request:
+    kind: str  # "classify", "embed", "generate" or "load" (no rows: resolves once the adapter is resident)
+    key: AdapterKey | None  # None: the base model
+    rows: list[list[int]]
+    options: dict[str, Any] = field(default_factory=dict)
+    on_token: Callable[[int], None] | None = None
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.results: list[Any] = [None] * len(self.rows)
+        self.remaining = len(self.rows)
+
+    @property
+    def queue(self) -> str:
+        return "generate" if self.kind == "generate" else "encode"
+
+
+class Batcher:
+    def __init__(
+        self, cache: AdapterCache, read: Callable[[AdapterKey], tuple[dict, dict]],
+        execute: Callable[[str, Items], list[Any]], metrics: ServeMetrics, *,
+        max_batch: int = 32, max_wait_ms: float = 5.0, max_queue_rows: int = 4096, name: str = "adapterkit-model",
+    ) -> None:
+        self.cache, self.read, self.execute, self.metrics = cache, read, execute, metrics
+        self.max_batch, self.max_wait, self.max_queue_rows = max(1, max_batch), max_wait_ms / 1000.0, max_queue_rows
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[tuple[Request, int]]] = {"encode": deque(), "generate": deque()}
+        self._ops: list[Callable[[], None]] = []
+        self._parked: dict[AdapterKey, list[Request]] = {}
+        self._loading: set[AdapterKey] = set()
+        self._pins: Counter[AdapterKey] = Counter()
+        self._doomed: set[AdapterKey] = set()
+        self._queued_rows = 0
+        self._closed = False
+        self._io = ThreadPoolExecutor(2, thread_name_prefix="adapterkit-load")
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- any thread ---------------------------------------------------------------------------
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def submit(self, req: Request) -> Future:
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the engine is shutting down")
+            if self._queued_rows + len(req.rows) > self.max_queue_rows:
+                raise Overloaded(f"more than {self.max_queue_rows} rows are waiting; retry shortly")
+            if req.key is not None:
+                self._pins[req.key] += 1
+                if self.cache.touch(req.key) is None:
+                    self._parked.setdefault(req.key, []).append(req)
+                    self._queued_rows += len(req.rows)
+                    if req.key not in self._loading:
+                        self._loading.add(req.key)
+                        self._io.submit(self._read_then_install, req.key)
+                    return req.future
+            self._queued_rows += len(req.rows)
+            self._ready(req)
+            self._cond.notify_all()
+        return req.future
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` in the model thread between two batches; its result or error in the future."""
+        future: Future = Future()
+
+        def op() -> None:
+            try:
+                _resolve(future, fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                _reject(future, err)
+
+        self._post(op)
+        return future
+
+    def doom(self, keys: list[AdapterKey]) -> None:
+        """Evict these versions as soon as no queued or running request needs them."""
+        with self._cond:
+            self._doomed.update(keys)
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _post(self, op: Callable[[], None]) -> None:
+        with self._cond:
+            self._ops.append(op)
+            self._cond.notify_all()
+
+    def _read_then_install(self, key: AdapterKey) -> None:
+        start = time.perf_counter()
+        try:
+            manifest, tensors = self.read(key)
+        except BaseException as err:  # noqa: BLE001 - reported to the parked requests
+            self._post(lambda failure=err: self._load_failed(key, failure))
+            return
+        self._post(lambda: self._install(key, manifest, tensors, start))
+
+    def _install(self, key: AdapterKey, manifest: dict, tensors: dict, start: float) -> None:
+        try:
+            self.cache.install(key, manifest, tensors)
+        except BaseException as err:  # noqa: BLE001
+            self._load_failed(key, err)
+            return
+        self.metrics.hot_load.observe(time.perf_counter() - start)
+        with self._cond:
+            self._loading.discard(key)
+            for req in self._parked.pop(key, []):
+                self._ready(req)
+
+    def _load_failed(self, key: AdapterKey, err: BaseException) -> None:
+        with self._cond:
+            self._loading.discard(key)
+            parked = self._parked.pop(key, [])
+            for req in parked:
+                self._queued_rows -= len(req.rows)
+        for req in parked:
+            self._fail(req, err)
+
+    def _ready(self, req: Request) -> None:  # under self._cond
+        if not req.rows:
+            self._finish(req)
+            return
+        self._queues[req.queue].extend((req, i) for i in range(len(req.rows)))
+
+    # --- the model thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._ops or self._queues["encode"] or self._queues["generate"] or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                ops, self._ops = self._ops, []
+            for op in ops:
+                op()
+            kind, items = self._collect()
+            if items:
+                self._run_batch(kind, items)
+            self._maintain()
+        self._shutdown()
+
+    def _collect(self) -> tuple[str, Items]:
+        with self._cond:
+            waiting = [(q[0][0].arrived, kind) for kind, q in self._queues.items() if q]
+            if not waiting:
+                return "", []
+            kind = min(waiting)[1]
+            queue = self._queues[kind]
+            deadline = queue[0][0].arrived + self.max_wait
+            while len(queue) < self.max_batch and not self._ops and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            items: Items = []
+            while queue and len(items) < self.max_batch:
+                req, i = queue.popleft()
+                self._queued_rows -= 1
+                if req.future.done():  # a failed or cancelled request: drop its rows, free its adapter
+                    self._unpin(req)
+                else:
+                    items.append((req, i))
+            return kind, items
+
+    def _run_batch(self, kind: str, items: Items) -> None:
+        self.metrics.batch_rows.labels(kind).observe(len(items))
+        start = time.perf_counter()
+        try:
+            results = self.execute(kind, items)
+            self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
+        except BaseException as err:  # noqa: BLE001 - one bad batch must not stop the server
+            for req in {id(r): r for r, _ in items}.values():
+                self._fail(req, err)
+            return
+        done = []
+        for (req, i), result in zip(items, results, strict=True):
+            req.results[i] = result
+            req.remaining -= 1
+            if req.remaining == 0:
+                done.append(req)
+        if done:
+            with self._cond:
+                for req in done:
+                    self._finish(req)
+
+    def _maintain(self) -> None:
+        with self._cond:
+            pinned = {k for k, n in self._pins.items() if n > 0}
+            victims = [k for k in self._doomed if k not in pinned]
+            self._doomed.difference_update(victims)
+            victims += [k for k in self.cache.over_budget(pinned | self._loading) if k not in victims]
+            for key in victims:  # under the lock, so no request can pin a key while it goes
+                self.cache.evict(key)
+
+    def _finish(self, req: Request) -> None:  # under self._cond
+        self._unpin(req)
+        _resolve(req.future, req.results)
+
+    def _fail(self, req: Request, err: BaseException) -> None:
+        with self._cond:
+            self._unpin(req)
+        _reject(req.future, err)
+
+    def _unpin(self, req: Request) -> None:
+        if req.key is not None and not getattr(req, "_unpinned", False):
+            req._unpinned = True  # type: ignore[attr-defined]
+            self._pins[req.key] -= 1
+            if self._pins[req.key] <= 0:
+                del self._pins[req.key]
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            ops, self._ops = self._ops, []
+        for op in ops:
+            op()
+        with self._cond:
+            pending = [r for q in self._queues.values() for r, _ in q]
+            pending += list(itertools.chain.from_iterable(self._parked.values()))
+            self._queues = {"encode": deque(), "generate": deque()}
+            self._parked.clear()
+        for req in {id(r): r for r in pending}.values():
+            self._fail(req, Overloaded("the engine was closed before this request ran"))
+
+
+def _resolve(future: Future, value: Any) -> None:
+    try:
+        future.set_result(value)
+    except InvalidStateError:  # cancelled by its caller meanwhile
+        pass
+
+
+def _reject(future: Future, err: BaseException) -> None:
+    if not isinstance(err, Exception):
+        err = RuntimeError(repr(err))
+    try:
+        future.set_exception(err)
+    except InvalidStateError:
+        pass

@@ -1,0 +1,351 @@
+"""The serving engine: one base model, an adapter store, the adapter cache and the batcher.
+
+Usable from Python without HTTP:
+
+    engine = Engine("path/or/hub-id", "adapters/")
+    engine.classify(["great film"], adapter="sentiment")      # {"adapter", "version", "results"}
+    await engine.aclassify([...], adapter="sentiment")        # the same from asyncio
+    engine.put("default", "sentiment", archive=Path("sentiment.tar.gz"))   # a new live version
+    engine.close()
+
+Tenants are plain strings here; the HTTP app maps API keys to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterFileError
+from ..io.files import read_adapter
+from ..model import AdaptedModel
+from .base import load_base, max_positions, pad, task_of
+from .batcher import Batcher, Items, Request
+from .cache import AdapterCache, AdapterKey
+from .errors import BadRequest, NotFound, PayloadTooLarge, not_found
+from .generate import GenerationRow, generate_batch
+from .metrics import ServeMetrics
+from .store import AdapterStore
+from .tenants import DEFAULT_TENANT, check_name, valid_name
+
+
+class Engine:
+    def __init__(
+        self, base: str | os.PathLike | nn.Module, store: str | os.PathLike, *, tokenizer: Any = None, max_batch: int = 32,
+        max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, max_inputs: int = 64, max_input_chars: int = 20_000,
+        max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
+        threads: int | None = None, adopt: bool = True,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        if isinstance(base, str | os.PathLike):
+            model, loaded_tokenizer = load_base(str(base))
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            model = base.eval()
+        if tokenizer is None:
+            raise ValueError("pass the base model's tokenizer (tokenizer=...) along with a model object")
+        self.am = AdaptedModel(model)
+        self.am.eval()
+        self.base_name = self.am.base_name
+        self.task = task_of(model, self.am.head_path)
+        self.fingerprint = self.am.fingerprint()
+        self.tokenizer = tokenizer
+        self._tok_lock = threading.Lock()
+        self._encoder = _raw_encoder(tokenizer)
+        self.pad_id = _first_int(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        self.eos_id = tokenizer.eos_token_id if self.task == "causal_lm" else None
+        positions = max_positions(model) or 512
+        self.max_tokens = min(max_tokens or positions, positions)
+        self.max_inputs, self.max_input_chars, self.max_new_tokens = max_inputs, max_input_chars, max_new_tokens
+        config = getattr(model, "config", None)
+        labels = getattr(config, "id2label", None) or {}
+        self.base_labels = [labels[i] for i in sorted(labels)] if self.task == "classify" else None
+        self.store = AdapterStore(store, fingerprint=self.fingerprint)
+        if adopt:
+            self.store.adopt_flat()
+        self.metrics = ServeMetrics()
+        self.cache = AdapterCache(self.am, cache_bytes)
+        self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
+                               max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows)
+        self.metrics.watch(self.stats)
+        self._warm_up()
+
+    # --- inference: sync, future and asyncio flavours -----------------------------------------
+
+    def submit(self, kind: str, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+               **options: Any) -> Future:
+        """Queue a classify/embed request; the future gives its response dict."""
+        if kind not in ("classify", "embed"):
+            raise BadRequest(f"unknown request kind {kind!r}")
+        if kind == "classify" and self.task != "classify":
+            raise BadRequest(f"this base ({self.task}) has no classification head; use /v1/embed or /v1/generate")
+        rows = self._tokenize(inputs)
+        key = self.key(tenant, adapter)
+        field = "results" if kind == "classify" else "vectors"
+        req = Request(kind, key, rows, options)
+        return _then(self.batcher.submit(req), lambda results: self._respond(key, results, field))
+
+    def submit_generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+                        max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                        on_token: Callable[[int], None] | None = None) -> Future:
+        if self.task != "causal_lm":
+            raise BadRequest("generation needs a causal-LM base; this server's base is a " + self.task + " model")
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("prompt: a non-empty string")
+        if not 1 <= int(max_new_tokens) <= self.max_new_tokens:
+            raise PayloadTooLarge(f"max_new_tokens must be between 1 and {self.max_new_tokens}")
+        if temperature < 0:
+            raise BadRequest("temperature must be >= 0 (0: greedy)")
+        ids = self._tokenize([prompt])[0]
+        if len(ids) + max_new_tokens > self.max_tokens:
+            raise PayloadTooLarge(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {self.max_tokens}")
+        key = self.key(tenant, adapter)
+        row = GenerationRow(ids, int(max_new_tokens), float(temperature), seed, on_token)
+        req = Request("generate", key, [ids], {"row": row})
+
+        def respond(results: list) -> dict:
+            out = results[0]
+            return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
+                    "token_ids": out.tokens, "finish_reason": out.finish_reason}
+
+        return _then(self.batcher.submit(req), respond)
+
+    def classify(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT) -> dict:
+        return self.submit("classify", inputs, adapter, tenant).result()
+
+    def embed(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+              normalize: bool = False) -> dict:
+        return self.submit("embed", inputs, adapter, tenant, normalize=normalize).result()
+
+    def generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT, **options: Any) -> dict:
+        return self.submit_generate(prompt, adapter, tenant, **options).result()
+
+    async def aclassify(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT) -> dict:
+        return await asyncio.wrap_future(self.submit("classify", inputs, adapter, tenant))
+
+    async def aembed(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+                     normalize: bool = False) -> dict:
+        return await asyncio.wrap_future(self.submit("embed", inputs, adapter, tenant, normalize=normalize))
+
+    async def agenerate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+                        **options: Any) -> dict:
+        return await asyncio.wrap_future(self.submit_generate(prompt, adapter, tenant, **options))
+
+    def decode(self, tokens: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def key(self, tenant: str, adapter: str | None) -> AdapterKey | None:
+        """The live version of a tenant's adapter (None for the base model)."""
+        if adapter is None:
+            return None
+        if not (valid_name(tenant) and valid_name(adapter)):
+            raise not_found(tenant, str(adapter))
+        return AdapterKey(tenant, adapter, self.store.resolve(tenant, adapter))
+
+    def preload(self, tenant: str, adapter: str) -> Future:
+        """Load an adapter's live version now (if it is not resident); resolves when it serves."""
+        key = self.key(tenant, adapter)
+        return _then(self.batcher.submit(Request("load", key, [])), lambda _: key)
+
+    def unload(self, tenant: str, adapter: str) -> None:
+        """Drop every resident version of an adapter once no request needs it (it stays in the store)."""
+        self.batcher.doom([k for k in self.cache.keys() if (k.tenant, k.name) == (tenant, adapter)])
+
+    def adapters(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The adapters of a tenant (all tenants: None) with live version, method, size, loaded or not."""
+        resident = set(self.cache.keys())
+        records = self.store.list(tenant)
+        for r in records:
+            r["loaded"] = AdapterKey(r["tenant"], r["name"], r["version"]) in resident
+        return records
+
+    def put(self, tenant: str, name: str, *, archive: str | os.PathLike | None = None,
+            source: str | os.PathLike | None = None, source_root: str | os.PathLike | None = None) -> dict[str, Any]:
+        """A new live version from an uploaded archive or an adapter folder (inside `source_root`, if
+        given). It is checked, loaded into the model (the real test that it fits this base) and only
+        then made live; on any failure the previous version stays live and nothing is left behind."""
+        check_name(tenant, "tenant name")
+        check_name(name)
+        with self.store.staging() as staging:
+            if archive is not None:
+                folder = self.store.unpack(Path(archive), staging)
+            elif source is not None:
+                folder = self.store.copy_in(Path(source), staging, Path(source_root) if source_root else None)
+            else:
+                raise BadRequest("give an archive or a source folder")
+            version = self.store.reserve(tenant, name, folder)
+        key = AdapterKey(tenant, name, version)
+        try:
+            manifest, tensors = read_adapter(self.store.path(tenant, name, version))
+            self.batcher.call(lambda: self.cache.install(key, manifest, tensors)).result()
+        except BaseException:
+            self.store.discard(tenant, name, version)
+            raise
+        self.store.publish(tenant, name, version)
+        return {**self.store.record(tenant, name), "loaded": True}
+
+    def rollback(self, tenant: str, name: str) -> dict[str, Any]:
+        previous, live = self.store.rollback(tenant, name)
+        return {**self.store.record(tenant, name), "rolled_back_from": previous}
+
+    def delete(self, tenant: str, name: str) -> dict[str, Any]:
+        versions = self.store.delete(tenant, name)
+        self.batcher.doom([AdapterKey(tenant, name, v) for v in versions])
+        return {"tenant": tenant, "name": name, "deleted_versions": versions}
+
+    # --- facts ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "base": self.base_name, "task": self.task, "fingerprint": self.fingerprint,
+                **self.stats()}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- inside -----------------------------------------------------------------------------------
+
+    def _tokenize(self, inputs: list[str]) -> list[list[int]]:
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise BadRequest("inputs: a non-empty list of strings")
+        if len(inputs) > self.max_inputs:
+            raise PayloadTooLarge(f"{len(inputs)} inputs in one request; at most {self.max_inputs}")
+        for i, text in enumerate(inputs):
+            if len(text) > self.max_input_chars:
+                raise PayloadTooLarge(f"inputs[{i}] has {len(text)} characters; at most {self.max_input_chars}")
+        with self._tok_lock:
+            if self._encoder is not None:
+                rows = [e.ids for e in self._encoder.encode_batch(inputs)]
+            else:
+                rows = self.tokenizer(inputs, truncation=False)["input_ids"]
+        for i, row in enumerate(rows):
+            if not row:
+                raise BadRequest(f"inputs[{i}] is empty after tokenisation")
+            if len(row) > self.max_tokens:
+                raise PayloadTooLarge(f"inputs[{i}] has {len(row)} tokens; this model takes at most {self.max_tokens}")
+        return rows
+
+    def _read(self, key: AdapterKey) -> tuple[dict, dict]:
+        try:
+            return read_adapter(self.store.path(*key))
+        except AdapterFileError:
+            if not self.store.path(*key).is_dir():
+                raise not_found(key.tenant, key.name) from None
+            raise
+
+    def _respond(self, key: AdapterKey | None, results: list, field: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"adapter": key.name if key else None, "version": key.version if key else None}
+        if field is not None:
+            out[field] = results
+        return out
+
+    def _names(self, items: Items) -> list[str | None]:
+        names = []
+        for req, _ in items:
+            entry = self.cache.get(req.key) if req.key is not None else None
+            if req.key is not None and entry is None:  # cannot happen: queued rows pin their adapter
+                raise NotFound(f"adapter {req.key.name!r} is no longer loaded")
+            names.append(entry.internal if entry else None)
+        return names
+
+    def _execute(self, kind: str, items: Items) -> list[Any]:
+        names = self._names(items)
+        if kind == "generate":
+            rows = [req.options["row"] for req, _ in items]
+            return generate_batch(self.am, rows, names, self.pad_id, self.eos_id)
+        input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
+        embed = any(req.kind == "embed" for req, _ in items)
+        extra = {"logits_to_keep": 1} if self.task == "causal_lm" else {}
+        with torch.no_grad(), self.am.route(names):
+            out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
+        if embed:
+            hidden = out.hidden_states[-1].float()
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        results: list[Any] = []
+        for j, (req, _) in enumerate(items):
+            if req.kind == "embed":
+                vector = pooled[j]
+                if req.options.get("normalize"):
+                    vector = torch.nn.functional.normalize(vector, dim=-1)
+                results.append(vector.tolist())
+            else:
+                results.append(self._label(out.logits[j].float(), req.key))
+        return results
+
+    def _label(self, logits: torch.Tensor, key: AdapterKey | None) -> dict[str, Any]:
+        entry = self.cache.get(key) if key is not None else None
+        labels = entry.labels if entry is not None and entry.labels else self.base_labels
+        probs = torch.softmax(logits[: len(labels)], dim=-1).tolist()
+        best = max(range(len(labels)), key=probs.__getitem__)
+        return {"label": labels[best], "scores": dict(zip(labels, probs, strict=True))}
+
+    def _warm_up(self) -> None:
+        ids = self._tokenize(["warm up"])
+        self.batcher.submit(Request("embed", None, ids)).result()
+
+
+def _then(future: Future, fn: Callable[[Any], Any]) -> Future:
+    """A future of fn(result of `future`); cancelling it cancels the original."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(fn(f.result()))
+        except InvalidStateError:  # `out` was cancelled meanwhile
+            pass
+        except Exception as failure:  # noqa: BLE001 - fn failed: hand it to the caller
+            with contextlib.suppress(InvalidStateError):
+                out.set_exception(failure)
+
+    def cancelled(f: Future) -> None:
+        if f.cancelled():
+            future.cancel()
+
+    future.add_done_callback(done)
+    out.add_done_callback(cancelled)
+    return out
+
+
+def _raw_encoder(tokenizer: Any) -> Any:
+    """A private copy of a fast tokenizer's Rust core, without padding or truncation: it encodes
+    a text in tens of microseconds, where the Python wrapper spends most of its time in Python."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    encoder = Tokenizer.from_str(backend.to_str())
+    encoder.no_truncation()
+    encoder.no_padding()
+    return encoder
+
+
+def _first_int(*values: Any) -> int:
+    return next(v for v in values if isinstance(v, int))

@@ -1,0 +1,64 @@
+"""Errors of the serving layer; each carries the HTTP status a client should see."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    """Base class: `status` is the HTTP status, `code` a short machine-readable name."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def as_json(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ServeError):
+    status, code = 400, "bad_request"
+
+
+class BadUpload(BadRequest):
+    """An upload that is not a safe archive of one adapter folder."""
+
+    code = "bad_upload"
+
+
+class Unauthorized(ServeError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ServeError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ServeError):
+    """Unknown adapter, or one that belongs to another tenant (the two read the same)."""
+
+    status, code = 404, "not_found"
+
+
+class Conflict(ServeError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ServeError):
+    status, code = 413, "too_large"
+
+
+class InvalidAdapter(ServeError):
+    """A well-formed upload that is not a valid adapter for this base model."""
+
+    status, code = 422, "invalid_adapter"
+
+
+class Overloaded(ServeError):
+    status, code = 503, "overloaded"
+
+
+def not_found(tenant: str, name: str) -> NotFound:
+    """The one message for 'no such adapter', whether or not another tenant has one by that name."""
+    return NotFound(f"adapter {name!r} not found")

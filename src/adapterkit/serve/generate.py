@@ -1,0 +1,96 @@
+"""Text generation for causal-LM bases: one decoding loop for a batch of prompts, each row routed
+to its own adapter at every step, with a shared KV cache.
+
+Prompts are padded on the left, positions count only real tokens, and each row samples with its
+own seeded generator (temperature 0: greedy), so a row's tokens do not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model import AdaptedModel
+from .base import pad
+
+
+@dataclass
+class GenerationRow:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    on_token: Callable[[int], None] | None = None
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+
+
+@torch.no_grad()
+def generate_batch(
+    am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None
+) -> list[Generated]:
+    n = len(rows)
+    input_ids, mask = pad([r.prompt for r in rows], pad_id, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [_generator(r.seed) for r in rows]
+    tokens: list[list[int]] = [[] for _ in rows]
+    finish = [""] * n
+    extra = {"logits_to_keep": 1} if _accepts(am.base, "logits_to_keep") else {}
+    past = None
+    with am.route(list(names)):
+        for _ in range(max(r.max_new_tokens for r in rows)):
+            out = am(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                     use_cache=True, **extra)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            chosen = []
+            for i, row in enumerate(rows):
+                if finish[i]:
+                    chosen.append(pad_id)
+                    continue
+                token = _sample(logits[i], row.temperature, generators[i])
+                if eos_id is not None and token == eos_id:
+                    finish[i] = "stop"
+                else:
+                    tokens[i].append(token)
+                    if row.on_token is not None:
+                        row.on_token(token)
+                    if len(tokens[i]) >= row.max_new_tokens:
+                        finish[i] = "length"
+                chosen.append(token)
+            if all(finish):
+                break
+            input_ids = torch.tensor(chosen, dtype=torch.long).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+    return [Generated(t, f or "length") for t, f in zip(tokens, finish, strict=True)]
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,283 @@
+"""The adapter store on disk: tenants, names, immutable versions, the live pointer, rollback.
+
+    <store>/<tenant>/<name>/v<N>/adapter.json, adapter.safetensors   one version, never changed
+    <store>/<tenant>/<name>/state.json   {"live": N, "history": [versions that were live before]}
+
+A new version is checked (safe archive, readable safetensors + manifest, this base's fingerprint,
+a method that can be routed per row) in a staging folder, moved to v<N>, and only then made live
+by an atomic rewrite of state.json; readers see the old version or the new, never a half.
+Adapter folders placed directly in the store (`<store>/<name>/adapter.json`) are adopted at start
+as versions of tenant "default".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..config import config_from_dict
+from ..errors import AdapterConfigError, AdapterFileError
+from ..io.files import MANIFEST, PICKLE_SUFFIXES, TENSORS, read_adapter
+from ..methods import MODEL_LEVEL
+from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
+from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, not_found
+from .tenants import DEFAULT_TENANT, valid_name
+
+STATE = "state.json"
+
+
+class AdapterStore:
+    def __init__(self, root: str | os.PathLike, fingerprint: str | None = None, max_bytes: int = MAX_BYTES) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._live: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
+
+    # --- layout and reading ------------------------------------------------------------------
+
+    def folder(self, tenant: str, name: str) -> Path:
+        return self.root / tenant / name
+
+    def path(self, tenant: str, name: str, version: int) -> Path:
+        return self.folder(tenant, name) / f"v{version}"
+
+    def state(self, tenant: str, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.folder(tenant, name) / STATE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def resolve(self, tenant: str, name: str) -> int:
+        """The live version of an adapter; NotFound if the tenant has none by that name.
+
+        Read from disk on every call (so processes sharing a store agree), but parsed again only
+        when state.json was replaced: a stat per request instead of a read and a JSON parse.
+        """
+        try:
+            st = os.stat(self.folder(tenant, name) / STATE)
+        except OSError:
+            raise not_found(tenant, name) from None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._live.get((tenant, name))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        state = self.state(tenant, name)
+        if state is None or not isinstance(state.get("live"), int):
+            raise not_found(tenant, name)
+        self._live[(tenant, name)] = (stamp, state["live"])
+        return state["live"]
+
+    def versions(self, tenant: str, name: str) -> list[int]:
+        folder = self.folder(tenant, name)
+        if not folder.is_dir():
+            return []
+        found = [p.name[1:] for p in folder.iterdir() if p.is_dir() and p.name.startswith("v")]
+        return sorted(int(v) for v in found if v.isdigit())
+
+    def record(self, tenant: str, name: str) -> dict[str, Any]:
+        live = self.resolve(tenant, name)
+        path = self.path(tenant, name, live)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            manifest = {}
+        config = manifest.get("config") or {}
+        return {
+            "tenant": tenant, "name": name, "version": live, "versions": self.versions(tenant, name),
+            "method": config.get("method"), "labels": manifest.get("labels"), "params": manifest.get("params"),
+            "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0,
+        }
+
+    def names(self, tenant: str | None = None) -> list[tuple[str, str]]:
+        tenants = [tenant] if tenant is not None else sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and valid_name(p.name)
+        )
+        out = []
+        for t in tenants:
+            folder = self.root / t
+            if folder.is_dir():
+                out += [(t, p.name) for p in sorted(folder.iterdir()) if valid_name(p.name) and (p / STATE).is_file()]
+        return out
+
+    def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        records = []
+        for t, n in self.names(tenant):
+            with contextlib.suppress(NotFound):
+                records.append(self.record(t, n))
+        return records
+
+    # --- checking -----------------------------------------------------------------------------
+
+    def check(self, folder: Path) -> dict[str, Any]:
+        """The manifest of a valid adapter folder for this base; InvalidAdapter/BadUpload otherwise."""
+        pickles = sorted(p.name for p in folder.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise BadUpload(f"pickle files are refused ({pickles}); adapters are safetensors + JSON")
+        links = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_symlink())
+        if links:
+            raise BadUpload(f"symbolic links are refused ({links})")
+        try:
+            manifest, _ = read_adapter(folder)
+            config = config_from_dict(manifest["config"])
+        except (AdapterFileError, AdapterConfigError) as err:
+            raise InvalidAdapter(f"not a valid adapter: {err}") from None
+        base = manifest.get("base") or {}
+        if self.fingerprint is not None and base.get("fingerprint") != self.fingerprint:
+            raise InvalidAdapter(
+                f"the adapter was trained on base {base.get('name')!r} (fingerprint {base.get('fingerprint')}); "
+                f"this server's base has fingerprint {self.fingerprint}"
+            )
+        if isinstance(config, MODEL_LEVEL):
+            raise InvalidAdapter(
+                f"{config.method} adapters add tokens and cannot be routed per row; serve LoRA, bottleneck, IA3 or BitFit"
+            )
+        return manifest
+
+    # --- staging new versions -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh folder inside the store (same filesystem, so a version moves in by rename)."""
+        folder = self.root / ".staging" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def unpack(self, archive: Path, staging: Path) -> Path:
+        root = extract_adapter_archive(archive, staging / "upload", max_bytes=self.max_bytes)
+        self.check(root)
+        return root
+
+    def copy_in(self, source: Path, staging: Path, allowed: Path | None = None) -> Path:
+        """Copy an adapter folder (inside `allowed`, if given) into staging: regular files only."""
+        src = Path(source)
+        if allowed is not None:
+            resolved = src.resolve()
+            if not resolved.is_relative_to(allowed.resolve()) or not resolved.is_dir():
+                raise NotFound(f"no adapter folder {str(source)!r} in your part of the store")
+            src = resolved
+        try:
+            src = adapter_root(src)
+        except BadUpload:
+            raise InvalidAdapter(f"{source}: no {MANIFEST} in this folder") from None
+        target = staging / "copy"
+        target.mkdir()
+        for item in src.iterdir():
+            if item.is_symlink():
+                raise BadUpload(f"{item.name}: symbolic links are refused")
+            if item.is_file() and item.name in (MANIFEST, TENSORS):
+                shutil.copyfile(item, target / item.name)
+        self.check(target)
+        return target
+
+    # --- versions -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time, across threads and across processes sharing the store."""
+        with self._lock, open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def reserve(self, tenant: str, name: str, folder: Path) -> int:
+        """Move a checked folder in as the next version, not yet live; returns its number."""
+        with self._locked():
+            state = self.state(tenant, name) or {}
+            taken = self.versions(tenant, name) + [state.get("live") or 0] + list(state.get("history", []))
+            version = max(taken, default=0) + 1
+            target = self.path(tenant, name, version)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(folder, target)
+            _fsync_dir(target.parent)
+            return version
+
+    def publish(self, tenant: str, name: str, version: int) -> None:
+        """Make `version` live; the one live before goes on the history for rollback."""
+        with self._locked():
+            state = self.state(tenant, name) or {"live": None, "history": []}
+            if state.get("live") is not None and state["live"] != version:
+                state["history"] = [*state.get("history", []), state["live"]]
+            state["live"] = version
+            self._write_state(tenant, name, state)
+
+    def discard(self, tenant: str, name: str, version: int) -> None:
+        with self._locked():
+            shutil.rmtree(self.path(tenant, name, version), ignore_errors=True)
+            folder = self.folder(tenant, name)
+            if folder.is_dir() and not (folder / STATE).exists() and not self.versions(tenant, name):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def rollback(self, tenant: str, name: str) -> tuple[int, int]:
+        """Make the previously live version live again; returns (from, to)."""
+        with self._locked():
+            current = self.resolve(tenant, name)
+            state = self.state(tenant, name) or {}
+            history = [v for v in state.get("history", []) if self.path(tenant, name, v).is_dir()]
+            if not history:
+                raise Conflict(f"adapter {name!r} has no previous version to roll back to (live: v{current})")
+            self._write_state(tenant, name, {"live": history[-1], "history": history[:-1]})
+            return current, history[-1]
+
+    def delete(self, tenant: str, name: str) -> list[int]:
+        """Remove an adapter with all its versions; returns the versions removed."""
+        with self._locked():
+            self.resolve(tenant, name)
+            versions = self.versions(tenant, name)
+            trash = self.root / ".trash" / uuid.uuid4().hex
+            trash.parent.mkdir(exist_ok=True)
+            os.rename(self.folder(tenant, name), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return versions
+
+    def add(self, tenant: str, name: str, folder: str | os.PathLike) -> int:
+        """Check an adapter folder and make it the live version (no model involved); for scripts."""
+        with self.staging() as staging:
+            copied = self.copy_in(Path(folder), staging)
+            version = self.reserve(tenant, name, copied)
+        self.publish(tenant, name, version)
+        return version
+
+    def adopt_flat(self, tenant: str = DEFAULT_TENANT) -> list[str]:
+        """Adapter folders placed directly in the store become versions of `tenant` (once)."""
+        adopted = []
+        for child in sorted(self.root.iterdir()):
+            if not (child.is_dir() and (child / MANIFEST).is_file() and valid_name(child.name)):
+                continue
+            if child.name == tenant or self.state(tenant, child.name) is not None:
+                continue
+            self.add(tenant, child.name, child)
+            adopted.append(child.name)
+        return adopted
+
+    def _write_state(self, tenant: str, name: str, state: dict[str, Any]) -> None:
+        path = self.folder(tenant, name) / STATE
+        tmp = path.with_name(f".{STATE}.{uuid.uuid4().hex[:8]}")
+        with open(tmp, "w") as handle:
+            json.dump(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

