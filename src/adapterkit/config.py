@@ -28,7 +28,14 @@ class MethodConfig:
     exclude: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        data = {"method": self.method, **dataclasses.asdict(self)}
+        for key in ("targets", "input_targets"):  # module classes are written by name, which matches too
+            value = data.get(key)
+            if isinstance(value, list | tuple):
+                data[key] = [t.__name__ if isinstance(t, type) else t for t in value]
+            elif isinstance(value, type):
+                data[key] = value.__name__
+        return data
 
     def validate(self) -> None:
         """Raise AdapterConfigError for values that cannot work."""

@@ -235,8 +235,10 @@ class AdaptedModel(nn.Module):
         sites = self._mergeable_sites(name)
         if name in self.state.merged:
             raise CompositionError(f"adapter {name!r} is already merged")
-        for site in sites:
-            site.adapters[name].merge_into(site.frozen)
+        if self.state.route is not None:
+            raise CompositionError(f"cannot merge {name!r} inside a route() block: merged weights change every row")
+        _all_or_none(sites, lambda s: s.adapters[name].merge_into(s.frozen),
+                     lambda s: s.adapters[name].unmerge_from(s.frozen))
         self.state.merged.add(name)
 
     def unmerge(self, name: str) -> None:
@@ -244,8 +246,8 @@ class AdaptedModel(nn.Module):
         sites = self._mergeable_sites(name)
         if name not in self.state.merged:
             raise CompositionError(f"adapter {name!r} is not merged")
-        for site in sites:
-            site.adapters[name].unmerge_from(site.frozen)
+        _all_or_none(sites, lambda s: s.adapters[name].unmerge_from(s.frozen),
+                     lambda s: s.adapters[name].merge_into(s.frozen))
         self.state.merged.discard(name)
 
     def _mergeable_sites(self, name: str) -> list[Site]:
@@ -259,6 +261,14 @@ class AdaptedModel(nn.Module):
             )
         for site in sites:
             combining.check_mergeable(site.adapters[name], site.frozen, name, site.module_name)
+            own = {id(p) for p in site.frozen.parameters(recurse=False)}
+            tied = [n for n, m in self.base.named_modules()
+                    if m is not site.frozen and any(id(p) in own for p in m.parameters(recurse=False))]
+            if tied:
+                raise CompositionError(
+                    f"adapter {name!r} cannot be merged: {site.module_name!r} shares its weights with {tied} "
+                    "(tied embeddings), so merging would change those modules too; keep it unmerged"
+                )
         return sites
 
     def combine(self, new_name: str, weights: dict[str, float]) -> None:
@@ -371,6 +381,19 @@ class AdaptedModel(nn.Module):
         from .io.files import load_adapter
 
         return load_adapter(self, path, name=name)
+
+
+def _all_or_none(sites: list[Site], do, undo) -> None:
+    """Apply `do` to every site; if one fails, undo the ones already done and re-raise."""
+    done: list[Site] = []
+    try:
+        for site in sites:
+            do(site)
+            done.append(site)
+    except Exception:
+        for site in reversed(done):
+            undo(site)
+        raise
 
 
 def adapt(model: nn.Module, base_name: str | None = None, head: str | None = "auto") -> AdaptedModel:

@@ -146,7 +146,10 @@ class Site(nn.Module):
         if torch.is_grad_enabled():
             # The stack is part of the autograd graph, so it cannot be reused across steps.
             return key[0].stack(adapters)
-        versions = tuple(n for n in names) + tuple(p._version for a in adapters for p in a.parameters())
+        # data_ptr: `.to(dtype/device)` swaps a parameter's storage without bumping its version.
+        versions = tuple(n for n in names) + tuple(
+            (p._version, p.data_ptr(), p.dtype) for a in adapters for p in a.parameters()
+        )
         cached = self._stacks.get(key)
         if cached is None or cached[0] != versions:
             with torch.no_grad():

@@ -58,6 +58,8 @@ class SiteShape:
 def _input_width(module: nn.Module) -> int | None:
     """The feature width a composite block reads, from its first sized submodule."""
     for sub in module.modules():
+        if HFConv1D and isinstance(sub, HFConv1D):  # GPT-2's Conv1D stores W as [in, out]
+            return int(sub.weight.shape[0])
         for attr in ("in_features", "in_channels", "input_size"):
             value = getattr(sub, attr, None)
             if isinstance(value, int):
@@ -68,6 +70,8 @@ def _input_width(module: nn.Module) -> int | None:
 def _output_width(module: nn.Module) -> int | None:
     """The feature width of a composite block, read off its last sized submodule."""
     for sub in reversed(list(module.modules())):
+        if HFConv1D and isinstance(sub, HFConv1D):
+            return int(sub.weight.shape[1])
         for attr in ("out_features", "out_channels", "num_features", "embedding_dim", "hidden_size"):
             value = getattr(sub, attr, None)
             if isinstance(value, int):

@@ -40,7 +40,7 @@ class BottleneckAdapter(SiteMethod):
         return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        source = x if self.parallel else h
+        source = _on_output_grid(x, h, self.shape) if self.parallel else h
         if self.parallel and self.shape.kind == "embedding":
             raise TargetError("a parallel bottleneck cannot read token ids; use a serial placement")
         z, _ = features_last(source, self.shape)
@@ -80,10 +80,26 @@ class BottleneckAdapter(SiteMethod):
 
     @classmethod
     def route(cls, stacked, rows, x, h, shape):
-        source = x if stacked["parallel"] else h
+        source = _on_output_grid(x, h, shape) if stacked["parallel"] else h
         z, _ = as_rows(source, shape)
         h_rows, restore = as_rows(h, shape)
         act = ACTIVATION_FUNCTIONS[stacked["activation"]]
         hidden = act(torch.baddbmm(stacked["down_b"][rows], z, stacked["down"][rows].transpose(1, 2)))
         delta = torch.baddbmm(stacked["up_b"][rows], hidden, stacked["up"][rows].transpose(1, 2))
         return restore(h_rows + delta)
+
+
+def _on_output_grid(x: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch.Tensor:
+    """A parallel adapter beside a strided conv block reads its input on the output's grid,
+    as a strided 1×1 convolution (ResNet's projection shortcut) does."""
+    if shape.feature_dim != 1 or x.shape[2:] == h.shape[2:]:
+        return x
+    if x.dim() == h.dim():
+        steps = [max(1, round(a / b)) for a, b in zip(x.shape[2:], h.shape[2:], strict=True)]
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in steps))]
+    if x.shape[2:] != h.shape[2:]:
+        raise TargetError(
+            f"a parallel bottleneck cannot map the input grid {tuple(x.shape[2:])} onto the output grid "
+            f"{tuple(h.shape[2:])}; use a serial placement here"
+        )
+    return x

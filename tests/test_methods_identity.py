@@ -1,0 +1,204 @@
+"""Every per-site method is exactly the identity at initialisation: outputs equal the base model's.
+
+Each test also moves the adapter away from its initial values and checks that the output then
+changes, so an adapter that is never applied cannot pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import adapterkit as ak
+
+from .conftest import make_cnn, make_gpt2, make_llama, make_lstm, randomize
+
+
+class One(nn.Module):
+    """A model made of one module, named `m`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.m = module
+
+    def forward(self, x):
+        out = self.m(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _seeded(fn, seed=0):
+    torch.manual_seed(seed)
+    return fn()
+
+
+#: kind -> (module factory, input factory)
+MODULES = {
+    "linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(3, 4, 6)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), lambda: torch.randn(2, 4, 9)),
+    "conv2d": (lambda: nn.Conv2d(3, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 3, 8, 8)),
+    "embedding": (lambda: nn.Embedding(20, 6, padding_idx=0), lambda: torch.randint(0, 20, (3, 5))),
+    "gpt2_conv1d": (lambda: Conv1D(5, 6), lambda: torch.randn(3, 4, 6)),
+    "lstm": (lambda: nn.LSTM(6, 5, batch_first=True), lambda: torch.randn(3, 4, 6)),
+    "gru_seq_first": (lambda: nn.GRU(6, 5), lambda: torch.randn(4, 3, 6)),
+}
+
+
+def _check_identity_then_change(am, model, x, name, exact=True):
+    am.activate(None)
+    with torch.no_grad():
+        base = model(x)
+        am.activate(name)
+        out = model(x)
+    if exact:
+        assert torch.equal(out, base), f"{name}: not the identity at init (max diff {(out - base).abs().max()})"
+    else:
+        torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+    randomize(am, name)
+    with torch.no_grad():
+        moved = model(x)
+    assert not torch.allclose(moved, base, atol=1e-6), f"{name}: randomised adapter does not change the output"
+    am.activate(None)
+    with torch.no_grad():
+        assert torch.equal(model(x), base), "activate(None) must give the base model back"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_identity_on_every_weight_kind(kind, rslora):
+    make_module, make_x = MODULES[kind]
+    model = One(_seeded(make_module)).eval()
+    x = _seeded(make_x, 1)
+    am = ak.adapt(model)
+    am.add("a", ak.LoRA(r=3, alpha=6, rslora=rslora, targets=["m"]))
+    _check_identity_then_change(am, model, x, "a")
+
+
+def test_rslora_scale():
+    assert ak.LoRA(r=4, alpha=8).scale == 2
+    assert ak.LoRA(r=4, alpha=8, rslora=True).scale == 4
+
+
+def test_lora_with_dropout_is_identity_in_training_mode():
+    model = One(_seeded(lambda: nn.Linear(6, 5)))
+    x = _seeded(lambda: torch.randn(3, 6), 1)
+    am = ak.adapt(model)
+    am.add("a", ak.LoRA(r=2, dropout=0.5, targets=["m"]))
+    am.train()
+    base = torch.nn.functional.linear(x, model.m.weight, model.m.bias)  # the frozen module, no hooks
+    am.activate("a")
+    assert torch.equal(model(x), base)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "gpt2_conv1d", "lstm", "gru_seq_first"])
+@pytest.mark.parametrize("on_input", [False, True])
+def test_ia3_identity_output_and_input_side(kind, on_input):
+    make_module, make_x = MODULES[kind]
+    model = One(_seeded(make_module)).eval()
+    x = _seeded(make_x, 1)
+    am = ak.adapt(model)
+    cfg = ak.IA3(targets=[], input_targets=["m"]) if on_input else ak.IA3(targets=["m"])
+    am.add("a", cfg)
+    assert am.site_names("a") == {"m": "input" if on_input else "output"}
+    _check_identity_then_change(am, model, x, "a", exact=kind not in ("lstm", "gru_seq_first"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "embedding", "gpt2_conv1d", "lstm", "gru_seq_first"])
+def test_bitfit_identity(kind):
+    make_module, make_x = MODULES[kind]
+    model = One(_seeded(make_module)).eval()
+    x = _seeded(make_x, 1)
+    am = ak.adapt(model)
+    am.add("a", ak.BitFit(targets=["m"]))
+    _check_identity_then_change(am, model, x, "a", exact=kind not in ("lstm", "gru_seq_first"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "gpt2_conv1d", "lstm", "gru_seq_first"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_bottleneck_identity_on_module_kinds(kind, parallel):
+    make_module, make_x = MODULES[kind]
+    model = One(_seeded(make_module)).eval()
+    x = _seeded(make_x, 1)
+    am = ak.adapt(model)
+    am.add("a", ak.Bottleneck(placement="custom", parallel=parallel, bottleneck_size=2, targets=["m"]))
+    _check_identity_then_change(am, model, x, "a", exact=kind not in ("lstm", "gru_seq_first"))
+
+
+@pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
+def test_bottleneck_identity_on_minilm(make_minilm, minilm_inputs, placement, activation):
+    model = make_minilm()
+    am = ak.adapt(model)
+    am.add("a", ak.Bottleneck(placement=placement, activation=activation, reduction=32))
+    expected_sites = {"pfeiffer": 6, "houlsby": 12, "parallel": 6}[placement]
+    assert len(am.site_names("a")) == expected_sites
+    am.activate(None)
+    with torch.no_grad():
+        base = model(**minilm_inputs).logits
+        am.activate("a")
+        out = model(**minilm_inputs).logits
+    assert torch.equal(out, base)
+    randomize(am, "a")
+    with torch.no_grad():
+        assert not torch.allclose(model(**minilm_inputs).logits, base, atol=1e-6)
+
+
+def _ids(vocab=100, shape=(2, 7), seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+CONFIGS = {
+    "lora": lambda: ak.LoRA(r=4),
+    "lora_rs": lambda: ak.LoRA(r=4, rslora=True),
+    "pfeiffer": lambda: ak.Bottleneck(placement="pfeiffer", bottleneck_size=4),
+    "houlsby": lambda: ak.Bottleneck(placement="houlsby", bottleneck_size=4, activation="gelu"),
+    "parallel": lambda: ak.Bottleneck(placement="parallel", bottleneck_size=4, activation="silu"),
+    "ia3": lambda: ak.IA3(),
+    "bitfit": lambda: ak.BitFit(),
+}
+
+FAMILIES = {
+    "gpt2": (make_gpt2, lambda: _ids()),
+    "llama": (make_llama, lambda: _ids()),
+    "cnn": (make_cnn, lambda: torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))),
+    "lstm": (make_lstm, lambda: _ids(50)),
+    "gru_seq_first": (lambda: make_lstm(cell=nn.GRU, batch_first=False), lambda: _ids(50)),
+}
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_default_targets_identity_on_model_families(family, method):
+    make_model, make_x = FAMILIES[family]
+    model, x = make_model(), make_x()
+    am = ak.adapt(model)
+    am.add("a", CONFIGS[method]())
+    am.activate(None)
+    with torch.no_grad():
+        base = _logits(model(x))
+        am.activate("a")
+        out = _logits(model(x))
+    torch.testing.assert_close(out, base, rtol=0, atol=0 if family in ("gpt2", "llama", "cnn") else 1e-6)
+    randomize(am, "a")
+    with torch.no_grad():
+        assert not torch.allclose(_logits(model(x)), base, atol=1e-6)
+
+
+def test_identity_on_minilm_for_lora_ia3_bitfit(make_minilm, minilm_inputs):
+    model = make_minilm()
+    am = ak.adapt(model)
+    for name, cfg in [("l", ak.LoRA()), ("i", ak.IA3()), ("b", ak.BitFit()), ("r", ak.LoRA(rslora=True))]:
+        am.add(name, cfg)
+    am.activate(None)
+    with torch.no_grad():
+        base = model(**minilm_inputs).logits
+        for name in ["l", "i", "b", "r"]:
+            am.activate(name)
+            assert torch.equal(model(**minilm_inputs).logits, base), name
+        am.activate(ak.Stack("l", "i", "b", "r"))
+        assert torch.equal(model(**minilm_inputs).logits, base)

@@ -1,0 +1,311 @@
+"""Per-row routing: each row of one batch uses its own adapter (or none), and matches that row run alone.
+
+Adapters are randomised first so that a router which ignores them (or mixes rows up) fails.
+Rows have one length, so padding plays no part.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import adapterkit as ak
+
+from .conftest import make_cnn, make_gpt2, make_llama, make_lstm, randomize
+
+
+def _gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+def _out(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _row(x, i):
+    if isinstance(x, dict):
+        return {k: v[i : i + 1] for k, v in x.items()}
+    return x[i : i + 1]
+
+
+def _call(model, x):
+    return _out(model(**x) if isinstance(x, dict) else model(x))
+
+
+def check_rows(am, x, route, atol=2e-5):
+    """Run `route` as one batch and each row alone with its adapter active; compare."""
+    model = am.base
+    with torch.no_grad():
+        with am.route(route):
+            batched = _call(model, x)
+        singles = []
+        for i, name in enumerate(route):
+            am.activate(name)
+            singles.append(_call(model, _row(x, i)))
+        am.activate(None)
+        base = _call(model, x)
+    for i, name in enumerate(route):
+        single = singles[i]
+        width = single.shape[-1]
+        torch.testing.assert_close(batched[i : i + 1, ..., :width], single, rtol=1e-4, atol=atol,
+                                   msg=lambda m, i=i, name=name: f"row {i} ({name}): {m}")
+        if name is not None:
+            width = min(width, base.shape[-1])
+            assert not torch.allclose(batched[i : i + 1, ..., :width], base[i : i + 1, ..., :width], atol=1e-5), (
+                f"row {i} ({name}) equals the base model: the adapter did nothing"
+            )
+    return batched
+
+
+METHODS = {
+    "lora": lambda: [ak.LoRA(r=2), ak.LoRA(r=4, alpha=2, rslora=True)],  # ranks differ: padding
+    "bottleneck": lambda: [ak.Bottleneck(placement="houlsby", bottleneck_size=4),
+                           ak.Bottleneck(placement="houlsby", bottleneck_size=6)],
+    "parallel": lambda: [ak.Bottleneck(placement="parallel", bottleneck_size=4, activation="gelu")] * 2,
+    "ia3": lambda: [ak.IA3(), ak.IA3()],
+    "bitfit": lambda: [ak.BitFit(), ak.BitFit()],
+}
+
+ROUTE = ["a", None, "b", "a"]
+
+
+def _adapted(model, method):
+    am = ak.adapt(model)
+    for name, cfg in zip(("a", "b"), METHODS[method](), strict=True):
+        am.add(name, cfg)
+        randomize(am, name, scale=0.2)
+    return am
+
+
+MODELS = {
+    "gpt2": (make_gpt2, lambda: torch.randint(0, 100, (4, 6), generator=_gen())),
+    "llama": (make_llama, lambda: torch.randint(0, 100, (4, 6), generator=_gen())),
+    "cnn": (make_cnn, lambda: torch.randn(4, 3, 16, 16, generator=_gen())),
+    "lstm": (make_lstm, lambda: torch.randint(0, 50, (4, 5), generator=_gen())),
+    "gru_seq_first": (lambda: make_lstm(cell=nn.GRU, batch_first=False),
+                      lambda: torch.randint(0, 50, (4, 5), generator=_gen())),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(MODELS))
+def test_routing_rows_match_single_adapter_runs(family, method):
+    make_model, make_x = MODELS[family]
+    am = _adapted(make_model(), method)
+    check_rows(am, make_x(), ROUTE)
+    check_rows(am, make_x(), ["b", "b", "a", "a"])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_routing_on_minilm(make_minilm, minilm_inputs, method):
+    am = _adapted(make_minilm(), method)
+    check_rows(am, minilm_inputs, ROUTE)
+
+
+def test_routing_mixes_methods_in_one_batch(make_minilm, minilm_inputs):
+    am = ak.adapt(make_minilm())
+    for name, cfg in (("lora", ak.LoRA(r=2)), ("bn", ak.Bottleneck(placement="houlsby", reduction=32)),
+                      ("ia3", ak.IA3()), ("bitfit", ak.BitFit()), ("par", ak.Bottleneck(placement="parallel"))):
+        am.add(name, cfg)
+        randomize(am, name, scale=0.2)
+    check_rows(am, minilm_inputs, ["lora", "bn", "ia3", "bitfit"])
+    check_rows(am, minilm_inputs, [None, "par", "lora", "ia3"])
+
+
+def test_routing_mixes_methods_on_cnn_and_gpt2():
+    cnn = ak.adapt(make_cnn())
+    for name, cfg in (("lora", ak.LoRA(r=2)), ("bn", ak.Bottleneck(bottleneck_size=3)), ("ia3", ak.IA3())):
+        cnn.add(name, cfg)
+        randomize(cnn, name, scale=0.2)
+    check_rows(cnn, torch.randn(4, 3, 16, 16, generator=_gen()), ["ia3", "lora", None, "bn"])
+
+    gpt2 = ak.adapt(make_gpt2())
+    for name, cfg in (("lora", ak.LoRA(r=2)), ("emb", ak.LoRA(r=3, targets=["wte"])), ("ia3", ak.IA3()),
+                      ("bitfit", ak.BitFit()), ("par", ak.Bottleneck(placement="parallel", bottleneck_size=4))):
+        gpt2.add(name, cfg)
+        randomize(gpt2, name, scale=0.2)
+    check_rows(gpt2, torch.randint(0, 100, (5, 6), generator=_gen()), ["emb", "lora", "ia3", "bitfit", "par"])
+
+
+def test_routing_with_heads_of_different_label_counts(make_minilm, minilm_inputs):
+    model = make_minilm()
+    am = ak.adapt(model)
+    am.add("two", ak.LoRA(r=2), labels=["neg", "pos"])
+    am.add("five", ak.BitFit(), labels=list("abcde"))
+    am.add("nohead", ak.IA3())
+    for n in am.adapters:
+        randomize(am, n, scale=0.2)
+    route = ["two", "five", None, "nohead"]
+    batched = check_rows(am, minilm_inputs, route)
+    assert batched.shape == (4, 5)
+    # Narrower rows are zero-padded on the right.
+    assert torch.equal(batched[0, 2:], torch.zeros(3)) and torch.equal(batched[2, 3:], torch.zeros(2))
+
+
+def test_route_overrides_the_active_setup_and_is_restored():
+    model = make_cnn()
+    am = ak.adapt(model)
+    am.add("a", ak.LoRA(r=2))
+    randomize(am, "a")
+    am.activate("a")
+    x = torch.randn(2, 3, 16, 16, generator=_gen())
+    with torch.no_grad():
+        active = model(x)
+        with am.route([None, None]):
+            am_none = model(x)
+        assert am.active == "a" and am.state.route is None
+        torch.testing.assert_close(model(x), active)
+        am.activate(None)
+        torch.testing.assert_close(am_none, model(x))
+        with pytest.raises(RuntimeError), am.route(["a", None]):
+            raise RuntimeError("boom")
+        assert am.state.route is None
+
+
+def test_routing_errors():
+    model = make_cnn()
+    am = ak.adapt(model)
+    am.add("a", ak.LoRA(r=2))
+    am.add("b", ak.BitFit())
+    x = torch.randn(3, 3, 16, 16)
+    with pytest.raises(ak.CompositionError, match="routing list has 2 entries but the batch .* has 3 rows"):
+        with am.route(["a", "b"]):
+            model(x)
+    with pytest.raises(ak.AdapterNotFoundError, match="'zzz'"):
+        with am.route(["a", "zzz", None]):
+            pass
+    for bad in ([], "a", None, ("a", 3)):
+        with pytest.raises((ak.CompositionError, ak.AdapterNotFoundError)):
+            with am.route(bad):
+                pass
+    am.merge("a")
+    with pytest.raises(ak.CompositionError, match="unmerge"):
+        with am.route(["a", None, "b"]):
+            pass
+    am.unmerge("a")
+    assert am.state.route is None
+    with am.route(["a", None, "b"]):
+        with pytest.raises(ak.CompositionError, match="inside a route"):
+            am.merge("a")
+    assert not am.state.merged
+
+
+def test_routing_sees_parameter_updates_and_deletes():
+    model = make_cnn()
+    am = ak.adapt(model)
+    am.add("a", ak.LoRA(r=2))
+    am.add("b", ak.Bottleneck())
+    randomize(am, "a")
+    randomize(am, "b")
+    x = torch.randn(4, 3, 16, 16, generator=_gen())
+    check_rows(am, x, ["a", "b", "a", None])  # builds the cached stacks
+    randomize(am, "a", seed=5)  # an optimizer-like in-place step
+    check_rows(am, x, ["a", "b", "a", None])
+    am.load_adapter_state_dict("b", {k: v * 1.5 for k, v in am.adapter_state_dict("b").items()})
+    check_rows(am, x, ["a", "b", "b", None])
+    am.delete("a")
+    am.add("a", ak.IA3())
+    randomize(am, "a")
+    check_rows(am, x, ["a", "b", None, "a"])
+
+
+def test_routing_after_changing_dtype():
+    am = ak.adapt(make_cnn())
+    am.add("a", ak.LoRA(r=2))
+    am.add("b", ak.Bottleneck())
+    randomize(am, "a")
+    randomize(am, "b")
+    x = torch.randn(3, 3, 16, 16, generator=_gen())
+    check_rows(am, x, ["a", "b", None])  # caches float32 stacks
+    am.double()
+    out = check_rows(am, x.double(), ["a", "b", None], atol=1e-10)
+    assert out.dtype == torch.float64
+
+
+def test_routing_with_grad_trains_only_the_routed_adapters():
+    model = make_gpt2()
+    am = ak.adapt(model)
+    for n in ("a", "b", "c"):
+        am.add(n, ak.LoRA(r=2))
+        randomize(am, n)
+    for p in am.parameters():
+        p.requires_grad_(False)
+    for n in ("a", "b", "c"):
+        for p in am.adapter_parameters(n):
+            p.requires_grad_(True)
+    x = torch.randint(0, 100, (3, 6), generator=_gen())
+    with am.route(["a", None, "b"]):
+        out = model(x).logits
+    with torch.no_grad():
+        with am.route(["a", None, "b"]):
+            torch.testing.assert_close(out, model(x).logits)
+    out.sum().backward()
+    for n, used in (("a", True), ("b", True), ("c", False)):
+        grads = [p.grad for p in am.adapter_parameters(n)]
+        assert all((g is not None and g.abs().sum() > 0) for g in grads) == used, n
+
+
+# --- property test ------------------------------------------------------------------------------
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.mix = nn.Conv2d(4, 4, 1)
+        self.proj = nn.Linear(4 * 4 * 4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.mix(torch.relu(self.conv(x)))
+        return self.out(torch.tanh(self.proj(h.flatten(1))))
+
+
+NAMES = ["lora2", "lora3", "bn", "bn_par", "ia3", "ia3_in", "bitfit"]
+_CACHE: dict = {}
+
+
+def _small():
+    """One small model with seven adapters over Linear and Conv sites, and each row's single-run result."""
+    if not _CACHE:
+        torch.manual_seed(0)
+        model = Small().eval()
+        am = ak.adapt(model, head=None)
+        am.add("lora2", ak.LoRA(r=2, targets=["Conv2d", "Linear"]))
+        am.add("lora3", ak.LoRA(r=3, alpha=1, targets=["conv", "proj"]))
+        am.add("bn", ak.Bottleneck(placement="custom", bottleneck_size=2, targets=["conv", "proj"]))
+        am.add("bn_par", ak.Bottleneck(placement="custom", parallel=True, bottleneck_size=3, targets=["mix", "out"]))
+        am.add("ia3", ak.IA3(targets=["Conv2d", "proj"]))
+        am.add("ia3_in", ak.IA3(targets=[], input_targets=["mix", "out"]))
+        am.add("bitfit", ak.BitFit(targets=["conv", "proj"]))
+        for n in NAMES:
+            randomize(am, n, scale=0.3)
+        x = torch.randn(8, 2, 4, 4, generator=_gen())
+        with torch.no_grad():
+            singles = {}
+            for name in [*NAMES, None]:
+                am.activate(name)
+                singles[name] = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+            am.activate(None)
+        _CACHE.update(am=am, x=x, singles=singles)
+    return _CACHE["am"], _CACHE["x"], _CACHE["singles"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([*NAMES, None]), min_size=1, max_size=8))
+def test_property_random_routes_match_single_adapter_runs(route):
+    am, x, singles = _small()
+    rows = x[: len(route)]
+    with torch.no_grad(), am.route(route):
+        batched = am(rows)
+    expected = torch.stack([singles[name][i] for i, name in enumerate(route)])
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_property_model_adapters_are_not_identity():
+    am, x, singles = _small()
+    for name in NAMES:
+        assert not torch.allclose(singles[name], singles[None], atol=1e-4), name
