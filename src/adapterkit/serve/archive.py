@@ -45,7 +45,7 @@ def adapter_root(folder: Path) -> Path:
     raise BadUpload(f"the archive holds no {MANIFEST} at its top level or in one top-level folder")
 
 
-def safe_member_path(name: str) -> PurePosixPath:
+def safe_member_path(name: str, is_dir: bool = False) -> PurePosixPath:
     """A relative path with no '..', no absolute start and no drive; raise BadUpload otherwise."""
     if "\x00" in name or "\\" in name:
         raise BadUpload(f"archive member {name!r}: unsafe characters in its name")
@@ -56,6 +56,8 @@ def safe_member_path(name: str) -> PurePosixPath:
         raise BadUpload(f"archive member {name!r}: '..' (path traversal) is not allowed")
     parts = [p for p in path.parts if p not in ("", ".")]
     if not parts:
+        if is_dir:
+            return PurePosixPath(".")  # the archive's own top folder, "./"
         raise BadUpload(f"archive member {name!r}: empty name")
     if PurePosixPath(parts[-1]).suffix.lower() in PICKLE_SUFFIXES:
         raise BadUpload(f"archive member {name!r}: pickle files are refused; adapters are safetensors + JSON")
@@ -67,7 +69,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
         members = []
         total = 0
         for member in tar:  # reading every header first also catches truncation early
-            path = safe_member_path(member.name)
+            path = safe_member_path(member.name, member.isdir())
             if member.issym() or member.islnk():
                 raise BadUpload(f"archive member {member.name!r}: links are not allowed")
             if not (member.isfile() or member.isdir()):
@@ -92,7 +94,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
         total = 0
         checked = []
         for count, info in enumerate(infos, 1):
-            path = safe_member_path(info.filename)
+            path = safe_member_path(info.filename, info.is_dir())
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise BadUpload(f"archive member {info.filename!r}: links are not allowed")
@@ -119,8 +121,7 @@ def _check_limits(count: int, total: int, max_files: int, max_bytes: int) -> Non
 
 def _target(dest: Path, path: PurePosixPath) -> Path:
     target = dest.joinpath(*path.parts)
-    root = dest.resolve()
-    if not target.parent.resolve().is_relative_to(root) and target.parent.resolve() != root:
+    if not target.resolve().is_relative_to(dest.resolve()):
         raise BadUpload(f"archive member {path}: resolves outside the upload folder")
     return target
 

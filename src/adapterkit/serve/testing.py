@@ -115,3 +115,38 @@ def gpt2_builder(folder: str | Path) -> AdaptedModel:
     from transformers import AutoModelForCausalLM
 
     return adapt(AutoModelForCausalLM.from_pretrained(folder).eval())
+
+
+class Reference:
+    """What one input gives when run alone through a plain AdaptedModel with its adapter active:
+    the yardstick for batched, routed answers (no cross-talk between rows)."""
+
+    def __init__(self, am: AdaptedModel, tokenizer) -> None:  # noqa: ANN001 - any HF tokenizer
+        self.am, self.tokenizer = am, tokenizer
+        self._loaded: dict[str, str] = {}
+
+    def _name(self, folder: str | Path | None) -> str | None:
+        if folder is None:
+            return None
+        key = str(Path(folder).resolve())
+        if key not in self._loaded:
+            name = f"ref{len(self._loaded)}"
+            self.am.load(folder, name=name)
+            self.am.eval()
+            self._loaded[key] = name
+        return self._loaded[key]
+
+    @torch.no_grad()
+    def scores(self, folder: str | Path | None, text: str) -> list[float]:
+        self.am.activate(self._name(folder))
+        logits = self.am(**self.tokenizer([text], return_tensors="pt")).logits[0]
+        return torch.softmax(logits, -1).tolist()
+
+    @torch.no_grad()
+    def embedding(self, folder: str | Path | None, text: str) -> list[float]:
+        self.am.activate(self._name(folder))
+        out = self.am(**self.tokenizer([text], return_tensors="pt"), output_hidden_states=True)
+        return out.hidden_states[-1][0].mean(0).tolist()
+
+    def labels(self, folder: str | Path) -> list[str]:
+        return self.am.meta[self._name(folder)]["labels"]

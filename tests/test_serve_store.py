@@ -1,0 +1,207 @@
+"""The adapter store and safe archive extraction: versions, rollback, hostile uploads, tenants."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.serve.errors import BadUpload, Conflict, InvalidAdapter, NotFound, PayloadTooLarge  # noqa: E402
+from adapterkit.serve.store import AdapterStore  # noqa: E402
+from adapterkit.serve.tenants import Principal, Tenants, parse_keys  # noqa: E402
+from adapterkit.serve.testing import archive, load_minilm, make_adapter, tar_bytes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return ak.adapt(load_minilm())
+
+
+@pytest.fixture(scope="module")
+def folders(builder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(builder, "a", root / "a", seed=1),
+        "b": make_adapter(builder, "b", root / "b", seed=2, labels=["x", "y", "z"]),
+        "prompt": make_adapter(builder, "prompt", root / "prompt", config=ak.PromptTuning(num_virtual_tokens=2), labels=None),
+    }
+
+
+@pytest.fixture
+def store(tmp_path, builder):
+    return AdapterStore(tmp_path / "store", fingerprint=builder.fingerprint())
+
+
+def test_versions_rollback_delete(store, folders):
+    assert store.add("acme", "s", folders["a"]) == 1
+    assert store.add("acme", "s", folders["b"]) == 2
+    assert store.resolve("acme", "s") == 2
+    record = store.record("acme", "s")
+    assert record["versions"] == [1, 2] and record["labels"] == ["x", "y", "z"] and record["method"] == "lora"
+    assert record["size_bytes"] > 1000
+    assert store.rollback("acme", "s") == (2, 1)
+    assert store.resolve("acme", "s") == 1
+    with pytest.raises(Conflict):
+        store.rollback("acme", "s")
+    assert store.add("acme", "s", folders["b"]) == 3  # numbers are never reused
+    assert store.rollback("acme", "s") == (3, 1)
+    assert [(r["tenant"], r["name"], r["version"]) for r in store.list()] == [("acme", "s", 1)]
+    assert store.list("globex") == []
+    assert store.delete("acme", "s") == [1, 2, 3]
+    with pytest.raises(NotFound):
+        store.resolve("acme", "s")
+    with pytest.raises(NotFound):
+        store.delete("acme", "s")
+
+
+def test_resolve_sees_changes_made_by_another_store_object(store, folders):
+    other = AdapterStore(store.root, fingerprint=store.fingerprint)
+    store.add("acme", "s", folders["a"])
+    assert other.resolve("acme", "s") == 1
+    store.add("acme", "s", folders["b"])
+    assert other.resolve("acme", "s") == 2
+
+
+@pytest.mark.parametrize("fmt, arcname", [("tar.gz", None), ("tar", ""), ("zip", None), ("zip", "")])
+def test_unpack_archives(store, folders, tmp_path, fmt, arcname):
+    path = archive(folders["a"], tmp_path / f"up.{fmt}", fmt=fmt, arcname=arcname)
+    with store.staging() as staging:
+        root = store.unpack(path, staging)
+        assert (root / "adapter.json").is_file() and (root / "adapter.safetensors").is_file()
+        assert store.reserve("acme", "up", root) == 1
+    assert not any((store.root / ".staging").iterdir())
+
+
+def _manifest_files(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+def _hostile(folders) -> dict[str, bytes]:
+    good = _manifest_files(folders["a"])
+    traversal = {f"../evil/{k}": v for k, v in good.items()}
+    absolute = {f"/tmp/evil/{k}": v for k, v in good.items()}
+    pickled = {**good, "model.bin": b"\x80\x04K\x01."}
+    symlink = tar_bytes(good, links={"link": "/etc/passwd"})
+    whole = tar_bytes(good)
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        for k, v in good.items():
+            zf.writestr(f"../{k}", v)
+    zlink = io.BytesIO()
+    with zipfile.ZipFile(zlink, "w") as zf:
+        for k, v in good.items():
+            zf.writestr(k, v)
+        info = zipfile.ZipInfo("link")
+        info.external_attr = 0o120777 << 16
+        zf.writestr(info, "/etc/passwd")
+    device = io.BytesIO()
+    with tarfile.open(fileobj=device, mode="w") as tar:
+        info = tarfile.TarInfo("dev")
+        info.type = tarfile.CHRTYPE
+        tar.addfile(info)
+    hardlink = io.BytesIO()
+    with tarfile.open(fileobj=hardlink, mode="w") as tar:
+        info = tarfile.TarInfo("adapter.json")
+        info.type = tarfile.LNKTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    duplicate = io.BytesIO()
+    with tarfile.open(fileobj=duplicate, mode="w") as tar:
+        for content in (good["adapter.json"], b"{}"):
+            info = tarfile.TarInfo("adapter.json")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return {
+        "traversal": tar_bytes(traversal), "absolute": tar_bytes(absolute), "pickle": tar_bytes(pickled),
+        "symlink": symlink, "hardlink": hardlink.getvalue(), "device": device.getvalue(),
+        "zip_traversal": zbuf.getvalue(), "zip_symlink": zlink.getvalue(),
+        "truncated": whole[: len(whole) // 2], "garbage": b"this is not an archive" * 10,
+        "no_manifest": tar_bytes({"readme.txt": b"hello"}),
+        "duplicate": duplicate.getvalue(),
+    }
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "pickle", "symlink", "hardlink", "device", "zip_traversal",
+                                  "zip_symlink", "truncated", "garbage", "no_manifest", "duplicate"])
+def test_hostile_archives_are_refused(store, folders, tmp_path, case):
+    path = tmp_path / "upload.bin"
+    path.write_bytes(_hostile(folders)[case])
+    with store.staging() as staging, pytest.raises(BadUpload):
+        store.unpack(path, staging)
+    assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
+    assert store.list() == []
+
+
+def test_archive_limits(store, folders, tmp_path):
+    many = tar_bytes({f"f{i}.txt": b"x" for i in range(100)})
+    path = tmp_path / "many.tar"
+    path.write_bytes(many)
+    with store.staging() as staging, pytest.raises(PayloadTooLarge):
+        store.unpack(path, staging)
+    small = AdapterStore(store.root, fingerprint=store.fingerprint, max_bytes=1000)
+    path = archive(folders["a"], tmp_path / "a.tar")
+    with small.staging() as staging, pytest.raises(PayloadTooLarge):
+        small.unpack(path, staging)
+
+
+def test_invalid_adapters_are_refused(store, folders, tmp_path):
+    wrong = AdapterStore(tmp_path / "other", fingerprint="0123456789abcdef")
+    with pytest.raises(InvalidAdapter, match="fingerprint"):
+        wrong.add("acme", "a", folders["a"])
+    with pytest.raises(InvalidAdapter, match="routed per row"):
+        store.add("acme", "p", folders["prompt"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter.json").write_bytes((folders["a"] / "adapter.json").read_bytes())
+    (broken / "adapter.safetensors").write_bytes((folders["a"] / "adapter.safetensors").read_bytes()[:500])
+    with pytest.raises(InvalidAdapter, match="truncated"):
+        store.add("acme", "a", broken)
+    (broken / "adapter.json").write_text("{not json")
+    with pytest.raises(InvalidAdapter):
+        store.add("acme", "a", broken)
+    assert store.list() == [] and not (store.root / "acme" / "a").exists()
+
+
+def test_copy_in_stays_inside_its_root(store, folders, tmp_path):
+    inside = store.root / "acme" / "incoming" / "x"
+    inside.parent.mkdir(parents=True)
+    os.symlink(folders["a"], inside)  # a link that leads out of the tenant's part of the store
+    with store.staging() as staging, pytest.raises(NotFound):
+        store.copy_in(inside, staging, allowed=store.root / "acme")
+    with store.staging() as staging, pytest.raises(NotFound):
+        store.copy_in(store.root / "acme" / ".." / "globex", staging, allowed=store.root / "acme")
+
+
+def test_flat_adapter_folders_are_adopted(store, folders):
+    target = store.root / "flat1"
+    target.mkdir()
+    for f in folders["a"].iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    assert store.adopt_flat() == ["flat1"]
+    assert store.resolve("default", "flat1") == 1
+    assert store.adopt_flat() == []
+
+
+def test_keys_and_principals(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-acme-0001": {"tenant": "acme"}, "key-admin-001": {"admin": True}}))
+    tenants = Tenants(keys)
+    acme = tenants.lookup("key-acme-0001")
+    assert acme == Principal("acme", False) and tenants.lookup("key-admin-001").admin
+    assert acme.resolve("sent") == ("acme", "sent")
+    with pytest.raises(NotFound):
+        acme.resolve("globex/sent")
+    with pytest.raises(NotFound):
+        acme.resolve("bad name!")
+    assert Principal("default", True).resolve("globex/sent") == ("globex", "sent")
+    for bad in ({}, {"short": {"tenant": "a"}}, {"long-enough-key": {"tenant": "a__b"}}, {"long-enough-key": "x"}):
+        with pytest.raises(ValueError):
+            parse_keys(bad)
