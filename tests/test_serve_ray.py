@@ -1,0 +1,39 @@
+"""The engine inside a Ray Serve deployment with model multiplexing (runs where ray[serve] installs)."""
+
+from __future__ import annotations
+
+import pytest
+
+serve = pytest.importorskip("ray.serve")
+
+import ray  # noqa: E402
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.serve.ray_serve import deployment  # noqa: E402
+from adapterkit.serve.store import AdapterStore  # noqa: E402
+from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
+
+
+@pytest.mark.slow
+def test_ray_serve_multiplexed_by_adapter_id(tmp_path, minilm_tokenizer):
+    builder = ak.adapt(load_minilm())
+    store = AdapterStore(tmp_path / "store", fingerprint=builder.fingerprint())
+    folders = {}
+    for i, (tenant, name) in enumerate([("acme", "s"), ("globex", "s")]):
+        folders[f"{tenant}/{name}"] = make_adapter(builder, name, tmp_path / f"src{i}", seed=i, scale=0.3)
+        store.add(tenant, name, folders[f"{tenant}/{name}"])
+    reference = Reference(ak.adapt(load_minilm()), minilm_tokenizer)
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        app = deployment(minilm_path(), store.root, max_adapters_per_replica=1, threads=1).bind()
+        handle = serve.run(app, name="adapterkit-test", route_prefix="/adapterkit")
+        for model_id in ("acme/s", "globex/s", "acme/s"):  # max 1 per replica: each switch unloads the other
+            out = handle.options(multiplexed_model_id=model_id).classify.remote(["hello there"]).result(timeout_s=120)
+            expected = reference.scores(folders[model_id], "hello there")
+            got = list(out["results"][0]["scores"].values())
+            assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, model_id
+        base = handle.classify.remote(["hello there"]).result(timeout_s=60)
+        assert base["adapter"] is None
+    finally:
+        serve.shutdown()
+        ray.shutdown()
