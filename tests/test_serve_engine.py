@@ -12,6 +12,7 @@ pytest.importorskip("fastapi")
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
+from adapterkit.serve.base import length_groups  # noqa: E402
 from adapterkit.serve.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge  # noqa: E402
 from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
 
@@ -92,6 +93,22 @@ def test_embed_with_and_without_adapter(engine, folders, reference):
             assert max(abs(a - b) for a, b in zip(vector, expected, strict=True)) < ATOL
     normed = engine.embed(["x"], normalize=True)["vectors"][0]
     assert abs(sum(v * v for v in normed) - 1) < 1e-4
+
+
+def test_length_groups():
+    assert length_groups([8] * 32, 64) == [list(range(32))]
+    groups = length_groups([5, 14, 6, 500, 7], 64)
+    assert groups == [[0, 2, 4, 1], [3]]  # the long row goes alone instead of padding the others to 500
+
+
+def test_one_long_input_among_short_ones(engine, folders, reference):
+    long_text = " ".join(["word"] * 300)
+    plan = [("a0", "hi"), ("a1", long_text), (None, "a cat"), ("a0", long_text[:40])]
+    futures = [engine.submit("classify", [text], adapter=name) for name, text in plan]
+    for (name, text), future in zip(plan, futures, strict=True):
+        folder = folders[name][0] if name else None
+        labels = reference.labels(folder) if name else engine.base_labels
+        assert_matches(future.result(timeout=60)["results"][0], reference.scores(folder, text), labels)
 
 
 def test_bad_requests(engine):
