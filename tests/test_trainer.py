@@ -146,8 +146,10 @@ def test_causal_lm_training_lowers_loss(tmp_path, method, lr):
 def test_default_train_end_to_end(tmp_path, monkeypatch):
     """`adapterkit train` with its defaults, on a smaller slice so CI stays fast."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("train", "--max-train", "512", "--max-eval", "256", "--epochs", "1", "--no-progress")
+    result = invoke("train", "--max-train", "1024", "--max-eval", "300", "--epochs", "2", "--lr", "3e-3",
+                    "--no-progress")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "runs" / "tweets-sentiment" / "metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.40  # three classes: chance is about a third
+    # The majority class is 42% of the tweets (macro-F1 0.20 when always predicted).
+    assert metrics["test_accuracy"] > 0.50 and metrics["test_macro_f1"] > 0.40
     assert (tmp_path / "runs" / "tweets-sentiment" / "curves.png").stat().st_size > 1000

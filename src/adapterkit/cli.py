@@ -71,7 +71,7 @@ def train(
     mixed_precision: Annotated[str, typer.Option(help="no | fp16 | bf16 (passed to Accelerate)")] = "no",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory")] = False,
     max_length: Annotated[int, typer.Option(help="Tokens per example")] = 64,
-    max_train: Annotated[int | None, typer.Option(help="Cap on training examples (0 = all)")] = 4000,
+    max_train: Annotated[int | None, typer.Option(help="Cap on training examples (0 = all)")] = 3000,
     max_eval: Annotated[int | None, typer.Option(help="Cap on validation and test examples (0 = all)")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed for the split, the order and the initialisation")] = 0,
     name: Annotated[str, typer.Option(help="Adapter name; the run folder is runs/<name>")] = "tweets-sentiment",

@@ -76,7 +76,7 @@ class JobSpec:
     method: MethodOptions = field(default_factory=MethodOptions)
     train: TrainSettings = field(default_factory=TrainSettings)
     max_length: int = 64
-    max_train_examples: int | None = 4000
+    max_train_examples: int | None = 3000
     max_eval_examples: int | None = 1000
     resume: bool = True
 
@@ -141,7 +141,8 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curves(asdict(history), run_dir / "curves.png", title=f"{spec.name}: {config.method} on {Path(spec.base).name}")
+    base_label = "all-MiniLM-L6-v2" if spec.base == default_base() else Path(spec.base).name
+    plot_curves(asdict(history), run_dir / "curves.png", title=f"{spec.name}: {config.method} on {base_label}")
     return metrics
 
 
