@@ -1,15 +1,17 @@
 """Load benchmark of `adapterkit serve`: mixed vs single adapter, vs PEFT, cross-talk, hot load.
 
-    python bench/serve_load.py            # about 1-2 minutes on 2 CPU cores, loopback only
+    python bench/serve_load.py            # 1-2 minutes on 2 CPU cores (no new round after 150 s)
     python bench/serve_load.py --quick    # smoke run
 
 1. 64 random LoRA adapters (r=4 on query/value, each with its own 2-label head) on the bundled
    all-MiniLM-L6-v2 go into a fresh store; the server starts on 127.0.0.1 in a subprocess.
-2. Closed-loop httpx clients send single-text POST /v1/classify requests, in rounds that alternate
-   "single" (every request on one adapter) and "mixed" (a uniform random adapter per request), so
-   drift of the machine hits both alike. Throughput and p50/p99 latency per phase.
+2. 64 closed-loop httpx clients (threads) send single-text POST /v1/classify requests, in rounds
+   that run "single" (every request on one adapter), "mixed" (a uniform random adapter per request)
+   and the PEFT baseline in a shuffled order, so drift of the machine hits all alike; ratios are
+   medians over rounds of the per-round ratios. Throughput and p50/p99 latency per phase, and CPU
+   time per request of the server, the clients and the baseline.
 3. Baseline: the same model in Hugging Face PEFT with the same 64 adapters, one request at a time,
-   `set_adapter` before each (in this process, while the server idles).
+   `set_adapter` before each (in this process, while the server idles). No HTTP on this side.
 4. Every response is checked against the same text run alone through a plain AdaptedModel with that
    adapter activated (label equal, scores within 1e-4): cross-talk would show up as mismatches.
 5. Hot load: median time to load one adapter from disk into an idle in-process Engine until it
@@ -21,7 +23,6 @@ Writes bench/results/serve_load.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -30,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,25 +81,34 @@ def start_server(store: Path, port: int, threads: int, max_batch: int, max_wait_
     raise RuntimeError("server did not start in 120 s")
 
 
-async def run_phase(url: str, plan: list[tuple[str, str]], concurrency: int) -> tuple[float, list[float], list]:
-    """Send every (adapter, text) of `plan` with `concurrency` closed-loop clients."""
+def run_phase(url: str, plan: list[tuple[str, str]], concurrency: int) -> tuple[float, list[float], list]:
+    """Send every (adapter, text) of `plan` from `concurrency` closed-loop clients (threads, each
+    with a keep-alive httpx connection; httpx's sync client costs a quarter of the CPU per request
+    of its asyncio client, and the clients share the 2 cores with the server)."""
     latencies: list[float] = []
     answers: list = [None] * len(plan)
     cursor = iter(range(len(plan)))
+    lock = threading.Lock()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    with httpx.Client(base_url=url, limits=limits, timeout=60) as client:
 
-        async def worker() -> None:
-            for i in cursor:
+        def worker() -> None:
+            while True:
+                with lock:
+                    i = next(cursor, None)
+                if i is None:
+                    return
                 adapter, text = plan[i]
                 start = time.perf_counter()
-                r = await client.post("/v1/classify", json={"adapter": adapter, "inputs": [text]})
+                r = client.post("/v1/classify", json={"adapter": adapter, "inputs": [text]})
                 latencies.append(time.perf_counter() - start)
                 r.raise_for_status()
                 answers[i] = r.json()
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        with ThreadPoolExecutor(concurrency) as pool:
+            for future in [pool.submit(worker) for _ in range(concurrency)]:
+                future.result()
         wall = time.perf_counter() - start
     return len(plan) / wall, latencies, answers
 
@@ -196,16 +208,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--adapters", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=480, help="requests per phase (split over the rounds)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=960, help="requests per phase (split over the rounds)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (threads)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and baseline alike")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--peft-requests", type=int, default=240)
+    parser.add_argument("--peft-requests", type=int, default=320)
+    parser.add_argument("--time-limit", type=float, default=150.0,
+                        help="seconds; no new round starts after this (one round always runs)")
     args = parser.parse_args()
     if args.quick:
-        args.adapters, args.requests, args.rounds, args.peft_requests = 16, 96, 1, 48
+        args.adapters, args.requests, args.rounds, args.peft_requests, args.concurrency = 16, 96, 1, 48, 16
     torch.set_num_threads(args.threads)
     began = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -230,23 +244,34 @@ def main() -> None:
         rng = random.Random(1)
         for n in names:  # hot-load every adapter once, so both phases run on resident adapters
             httpx.post(f"{url}/v1/classify", json={"adapter": n, "inputs": [pool[0]]}, timeout=60).raise_for_status()
-        asyncio.run(run_phase(url, [(names[0], pool[0])] * 64, args.concurrency))  # warm-up
+        run_phase(url, [(names[0], pool[0])] * 64, args.concurrency)  # warm-up
         print(f"[{time.monotonic() - began:5.1f}s] server up on {url}, all adapters resident", flush=True)
         per_round = max(1, args.requests // args.rounds)
         phases: dict[str, dict] = {p: {"rps": [], "lat": [], "plan": [], "answers": []} for p in ("single", "mixed")}
         peft_rps: list[float] = []
         peft_out: dict = {}
-        for _ in range(args.rounds):  # the three cases interleaved, in a shuffled order per round
+        server_proc, me = psutil.Process(server.pid), psutil.Process()
+        cpu: dict[str, list[float]] = {"server": [], "client": [], "peft": []}
+        metrics_before = httpx.get(f"{url}/metrics", timeout=10).text
+        for round_ in range(args.rounds):  # the three cases interleaved, in a shuffled order per round
+            if round_ and time.monotonic() - began > args.time_limit:
+                print(f"time limit: stopping after {round_} rounds", flush=True)
+                break
             for phase in rng.sample(["single", "mixed", "peft"], 3):
                 if phase == "peft":
                     plan = [(rng.choice(names), rng.choice(pool)) for _ in range(args.peft_requests // args.rounds)]
+                    before = _cpu(me)
                     rps, out = run_peft(peft_model, plan, tokenizer)
+                    cpu["peft"].append((_cpu(me) - before) / len(plan))
                     peft_rps.append(rps)
                     peft_out.update(out)
                 else:
                     plan = [(names[0] if phase == "single" else rng.choice(names), rng.choice(pool))
                             for _ in range(per_round)]
-                    rps, lat, answers = asyncio.run(run_phase(url, plan, args.concurrency))
+                    before = _cpu(server_proc), _cpu(me)
+                    rps, lat, answers = run_phase(url, plan, args.concurrency)
+                    cpu["server"].append((_cpu(server_proc) - before[0]) / len(plan))
+                    cpu["client"].append((_cpu(me) - before[1]) / len(plan))
                     p = phases[phase]
                     p["rps"].append(rps)
                     p["lat"] += lat
@@ -275,8 +300,9 @@ def main() -> None:
     print(f"[{time.monotonic() - began:5.1f}s] checked {len(answers)} answers ({checked} distinct): "
           f"{mismatches} mismatches", flush=True)
     loading = hot_load(store_dir, names, args.threads, repeats=min(20, len(names)))
-    batch_sum = _metric(metrics_text, "adapterkit_batch_size_sum")
-    batch_count = _metric(metrics_text, "adapterkit_batch_size_count")
+    batch_sum = _metric(metrics_text, "adapterkit_batch_size_sum") - _metric(metrics_before, "adapterkit_batch_size_sum")
+    batch_count = (_metric(metrics_text, "adapterkit_batch_size_count")
+                   - _metric(metrics_before, "adapterkit_batch_size_count"))
 
     results = {
         "mixed_vs_single_throughput": round(mixed_vs_single, 3),
@@ -294,9 +320,14 @@ def main() -> None:
                            "mixed_rounds": [round(x, 1) for x in phases["mixed"]["rps"]],
                            "single_rounds": [round(x, 1) for x in phases["single"]["rps"]]},
         "mean_batch_rows": round(batch_sum / batch_count, 1) if batch_count else None,
+        "cpu_ms_per_request": {k: round(statistics.median(v) * 1000, 2) for k, v in cpu.items()},
+        # CPU time per request is less sensitive than wall time to other load on a shared machine
+        "vs_peft_cpu_server_only": round(statistics.median(cpu["peft"]) / statistics.median(cpu["server"]), 2),
+        "vs_peft_cpu_server_and_client": round(
+            statistics.median(cpu["peft"]) / (statistics.median(cpu["server"]) + statistics.median(cpu["client"])), 2),
         "answers_checked": len(answers), "distinct_checked": checked, "peft_agrees_with_reference": peft_agrees,
         "hot_load_ms_all": loading["hot_load_ms_all"],
-        "setup": {"adapters": len(names), "requests_per_phase": per_round * args.rounds, "rounds": args.rounds,
+        "setup": {"adapters": len(names), "requests_per_phase": len(phases["mixed"]["plan"]), "rounds": len(mixed_rounds),
                   "concurrency": args.concurrency, "torch_threads": args.threads, "max_batch": args.max_batch,
                   "max_wait_ms": args.max_wait_ms, "peft_requests": args.peft_requests, "cpus": os.cpu_count(),
                   "torch": torch.__version__, "python": sys.version.split()[0], "seconds": round(time.monotonic() - began, 1)},
@@ -306,6 +337,11 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict | list)}, indent=2))
     print(f"wrote {RESULTS}")
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def _metric(text: str, name: str) -> float:

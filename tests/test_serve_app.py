@@ -295,6 +295,13 @@ def test_concurrent_http_requests_while_adapters_are_replaced(engine, src, refer
         assert close(scores(out), reference.scores(folder, text)), (name, out["version"])
 
 
+def test_oversized_json_body(engine):
+    with TestClient(create_app(engine, max_json_bytes=1000)) as c:
+        r = c.post("/v1/classify", json={"inputs": ["x" * 2000]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert c.post("/v1/classify", json={"inputs": ["x"]}).status_code == 200
+
+
 def test_single_tenant_server_needs_no_key(engine):
     with TestClient(create_app(engine)) as c:
         assert c.post("/v1/classify", json={"inputs": ["x"]}).status_code == 200

@@ -160,6 +160,29 @@ def test_eviction_under_a_small_byte_budget(folders, reference, tmp_path):
         assert len(eng.am.adapters) == stats["loaded"]  # evicted adapters left the model
 
 
+def test_a_slow_load_does_not_hold_up_other_adapters(engine, folders, monkeypatch):
+    """Files are read off the model thread: requests for resident adapters keep being answered."""
+    engine.store.add("default", "slow", folders["a5"][1])
+    read = engine.batcher.read
+    gate = threading.Event()
+
+    def slow_read(key):
+        if key.name == "slow":
+            gate.wait(10)
+        return read(key)
+
+    monkeypatch.setattr(engine.batcher, "read", slow_read)
+    engine.classify(["warm"], adapter="a2")
+    cold = engine.submit("classify", ["x"], adapter="slow")
+    start = time.monotonic()
+    for _ in range(3):
+        assert engine.classify(["meanwhile"], adapter="a2")["results"]
+    assert time.monotonic() - start < 9 and not cold.done()
+    gate.set()
+    assert cold.result(timeout=60)["adapter"] == "slow"
+    engine.delete("default", "slow")
+
+
 def test_a_broken_file_in_the_store_fails_only_its_requests(engine, folders):
     engine.store.add("default", "broken", folders["a0"][0])
     path = engine.store.path("default", "broken", 1) / "adapter.safetensors"

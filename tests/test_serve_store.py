@@ -205,3 +205,18 @@ def test_keys_and_principals(tmp_path):
     for bad in ({}, {"short": {"tenant": "a"}}, {"long-enough-key": {"tenant": "a__b"}}, {"long-enough-key": "x"}):
         with pytest.raises(ValueError):
             parse_keys(bad)
+
+
+def test_keys_file_is_reread_when_it_changes(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-acme-0001": {"tenant": "acme"}}))
+    tenants = Tenants(keys, reload_seconds=0)
+    assert tenants.lookup("key-acme-0001").tenant == "acme"
+    keys.write_text(json.dumps({"key-globex-001": {"tenant": "globex"}}))
+    os.utime(keys, (1, 1))  # a different mtime, however fast the rewrite
+    assert tenants.lookup("key-globex-001").tenant == "globex"
+    with pytest.raises(Exception, match="unknown"):
+        tenants.lookup("key-acme-0001")
+    keys.write_text("{half written")
+    os.utime(keys, (2, 2))
+    assert tenants.lookup("key-globex-001").tenant == "globex"  # the last good keys stay

@@ -60,7 +60,8 @@ class GenerateIn(BaseModel):
 
 
 def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None = None, *,
-               max_upload_bytes: int = MAX_UPLOAD, close_engine: bool = False) -> FastAPI:
+               max_upload_bytes: int = MAX_UPLOAD, max_json_bytes: int = MAX_JSON,
+               close_engine: bool = False) -> FastAPI:
     tenants = keys if isinstance(keys, Tenants) or keys is None else Tenants(keys)
     metrics = engine.metrics
 
@@ -72,7 +73,7 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
 
     app = FastAPI(title="adapterkit serve", version="1", lifespan=lifespan,
                   description="Many adapters on one base model: per-request routing, hot load, tenants.")
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, max_json=max_json_bytes)
 
     async def principal(request: Request) -> Principal:
         if tenants is None:

@@ -43,7 +43,7 @@ class Engine:
         self, base: str | os.PathLike | nn.Module, store: str | os.PathLike, *, tokenizer: Any = None, max_batch: int = 32,
         max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, max_inputs: int = 64, max_input_chars: int = 20_000,
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
-        threads: int | None = None, adopt: bool = True, padding_cost: int = 64,
+        threads: int | None = None, adopt: bool = True, padding_cost: int = 32,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -287,7 +287,7 @@ class Engine:
         input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
         embed = any(req.kind == "embed" for req, _ in items)
         extra = {"logits_to_keep": 1} if self.task == "causal_lm" else {}
-        with torch.no_grad(), self.am.route(names):
+        with torch.inference_mode(), self.am.route(names):
             out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
         if embed:
             hidden = out.hidden_states[-1].float()

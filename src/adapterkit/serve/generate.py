@@ -32,7 +32,7 @@ class Generated:
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batch(
     am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None
 ) -> list[Generated]:

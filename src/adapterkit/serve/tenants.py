@@ -76,8 +76,9 @@ SINGLE_TENANT = Principal(DEFAULT_TENANT, admin=True)
 class Tenants:
     """API key -> Principal, from a keys file (re-read when it changes) or a dict."""
 
-    def __init__(self, source: str | os.PathLike | dict[str, Any]) -> None:
+    def __init__(self, source: str | os.PathLike | dict[str, Any], reload_seconds: float = 1.0) -> None:
         self._path = None if isinstance(source, dict) else Path(source)
+        self.reload_seconds = reload_seconds
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._checked = 0.0
@@ -102,7 +103,7 @@ class Tenants:
         return principal
 
     def _maybe_reload(self) -> None:
-        if self._path is None or time.monotonic() - self._checked < 1.0:
+        if self._path is None or time.monotonic() - self._checked < self.reload_seconds:
             return
         with self._lock:
             self._checked = time.monotonic()
