@@ -61,7 +61,10 @@ def generate_batch(
                 else:
                     tokens[i].append(token)
                     if row.on_token is not None:
-                        row.on_token(token)
+                        try:
+                            row.on_token(token)
+                        except Exception:  # noqa: BLE001 - a gone listener must not fail the other rows
+                            row.on_token = None
                     if len(tokens[i]) >= row.max_new_tokens:
                         finish[i] = "length"
                 chosen.append(token)
