@@ -7,6 +7,7 @@ head output (or, when routing, each row's head output).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,13 @@ def find_head(model: nn.Module) -> str | None:
 
 def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
     """A trainable copy of the base head, its last Linear resized to `num_labels` outputs."""
-    head = copy.deepcopy(template)
+    # The base head carries the HeadSwitch hook, which references every adapter's head; copying
+    # through it would duplicate them all, so hook dicts are copied as empty ones.
+    memo: dict[int, Any] = {}
+    for module in template.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            memo[id(hooks)] = type(hooks)()
+    head = copy.deepcopy(template, memo)
     if num_labels is None:
         return head
     parent, attr, last = None, None, None
