@@ -1,6 +1,6 @@
 """Overhead of adapterkit against the base model alone and against Hugging Face PEFT.
 
-    python bench/overhead.py               # full run (about 3 minutes on 2 idle CPU cores, 8 at most)
+    python bench/overhead.py               # full run (about 4 minutes on 2 idle CPU cores, 8 at most)
     python bench/overhead.py --quick       # smoke run: a few rounds
     python bench/overhead.py --rounds 30
 
@@ -265,7 +265,7 @@ def table(stats: dict[str, dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, --quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25, --quick 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     parser.add_argument("--quick", action="store_true", help="smoke run: few rounds")
     parser.add_argument("--threads", type=int, default=2)
@@ -277,7 +277,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 25)
     warmup = 1 if args.quick else args.warmup
 
     deadline = time.monotonic() + 60 * args.max_minutes
