@@ -25,7 +25,7 @@ from typing import Any
 
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
-from ..io.files import MANIFEST, PICKLE_SUFFIXES, TENSORS, read_adapter
+from ..io.files import MANIFEST, PICKLE_SUFFIXES, TENSORS, _atomic_write, _fsync_dir, read_adapter
 from ..methods import MODEL_LEVEL
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, not_found
@@ -265,19 +265,4 @@ class AdapterStore:
         return adopted
 
     def _write_state(self, tenant: str, name: str, state: dict[str, Any]) -> None:
-        path = self.folder(tenant, name) / STATE
-        tmp = path.with_name(f".{STATE}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "w") as handle:
-            json.dump(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        _atomic_write(self.folder(tenant, name) / STATE, json.dumps(state).encode())
