@@ -38,13 +38,6 @@ def bind_args(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
-def take(args: tuple, kwargs: dict, name: str, position: int) -> Any:
-    """A forward argument given by keyword or by position."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else None
-
-
 def real_past(cache: Any) -> int:
     """Tokens already in a transformers cache, prefix entries left out: 0 on the first call of a sequence."""
     if cache is None or not hasattr(cache, "get_seq_length"):
