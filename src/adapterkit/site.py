@@ -61,7 +61,8 @@ class Site(nn.Module):
     # --- the hooks ---------------------------------------------------------------------------
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if not self._input_side or (self.state.setup is None and self.state.route is None):
+        # The state check comes first: it is what every plain base-model forward hits.
+        if (self.state.setup is None and self.state.route is None) or not self._input_side:
             return None
         args, kwargs, x = _take_input(args, kwargs)
         if self.state.route is not None:
@@ -105,11 +106,10 @@ class Site(nn.Module):
         ]
 
     def _run_setup(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if isinstance(setup, str):
-            setup = Stack(setup)
-        if isinstance(setup, Stack):
+        if isinstance(setup, str | Stack):
+            names = (setup,) if isinstance(setup, str) else setup.names
             inplace = self._owns_output()
-            for _, adapter in self._live(setup.names, side):
+            for _, adapter in self._live(names, side):
                 if side == "input":
                     h = adapter(x)
                 elif inplace and getattr(adapter, "adds_in_place", False):
