@@ -212,6 +212,22 @@ def test_routing_sees_parameter_updates_and_deletes():
     check_rows(am, x, ["a", "b", None, "a"])
 
 
+def test_routing_sees_changes_to_adapters_the_previous_batch_did_not_use():
+    am = ak.adapt(make_cnn())
+    for name in ("a", "b", "c"):
+        am.add(name, ak.LoRA(r=2))
+        randomize(am, name, seed=ord(name))
+    x = torch.randn(3, 3, 16, 16, generator=_gen())
+    check_rows(am, x, ["a", "b", "c"])  # builds the cached stacks
+    randomize(am, "c", seed=11)  # changed while no batch uses it
+    check_rows(am, x, ["a", "b", None])
+    check_rows(am, x, ["c", "b", "c"])
+    am.delete("b")
+    am.add("b", ak.LoRA(r=2))  # same name, same kind, a new module
+    randomize(am, "b", seed=12)
+    check_rows(am, x, ["a", "b", "c"])
+
+
 def test_routing_after_changing_dtype():
     am = ak.adapt(make_cnn())
     am.add("a", ak.LoRA(r=2))

@@ -25,7 +25,7 @@ class Route:
 
     names: tuple[str | None, ...]
     #: row indices into each site's stacks, computed once per route and group
-    rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    rows: dict[tuple, tuple[torch.Tensor | None, tuple[str, ...]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,7 +47,8 @@ class Site(nn.Module):
         # A plain attribute, not a submodule: the frozen module belongs to the base model only.
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
-        self._stacks: dict[tuple, tuple[tuple, dict]] = {}
+        self._stacks: dict[tuple, _Stack] = {}
+        self._group_cache: tuple[tuple, dict] = ((), {"input": {}, "output": {}})
         self._handles = [
             module.register_forward_pre_hook(self._before, with_kwargs=True),
             module.register_forward_hook(self._after, with_kwargs=True),
@@ -94,7 +95,7 @@ class Site(nn.Module):
 
     @property
     def _input_side(self) -> bool:
-        return any(a.side == "input" for a in self.adapters.values())
+        return bool(self._groups("input"))
 
     # --- one setup for the whole batch -------------------------------------------------------
 
@@ -150,28 +151,39 @@ class Site(nn.Module):
     # --- per-row routing ---------------------------------------------------------------------
 
     def _groups(self, side: str) -> dict[tuple, list[str]]:
-        """Adapters that route together: same class, same side, same routing-relevant settings."""
-        groups: dict[tuple, list[str]] = {}
-        for name, adapter in self.adapters.items():
-            if adapter.side == side:
-                groups.setdefault((type(adapter), adapter.route_group()), []).append(name)
-        return groups
+        """Adapters that route together: same class, same side, same routing-relevant settings.
 
-    def _stacked(self, key: tuple, names: list[str]) -> dict:
-        adapters = [self.adapters[n] for n in names]
+        Cached per set of attached adapters: every forward of a routed batch asks, at every site.
+        """
+        names = tuple(self.adapters._modules)
+        if self._group_cache[0] != names:
+            groups: dict[str, dict[tuple, list[str]]] = {"input": {}, "output": {}}
+            for name, adapter in self.adapters.items():
+                groups[adapter.side].setdefault((type(adapter), adapter.route_group()), []).append(name)
+            self._group_cache = (names, groups)
+        return self._group_cache[1][side]
+
+    def _stacked(self, key: tuple, names: list[str], used: tuple[str, ...]) -> dict:
+        """The stacked parameters of `names`, rebuilt when the names change or when an adapter that
+        this batch uses has changed (in place, or swapped for another module).
+
+        Only the adapters in `used` are checked: a changed adapter that no row uses cannot affect
+        this forward, and it is checked again when a batch names it. That keeps the per-forward
+        cost proportional to the adapters in the batch, not to all the adapters loaded.
+        """
+        attached = self.adapters._modules  # the plain dict: ModuleDict's indexing costs more
         if torch.is_grad_enabled():
             # The stack is part of the autograd graph, so it cannot be reused across steps.
-            return key[0].stack(adapters)
-        # data_ptr: `.to(dtype/device)` swaps a parameter's storage without bumping its version.
-        versions = tuple(n for n in names) + tuple(
-            (p._version, p.data_ptr(), p.dtype) for a in adapters for p in _parameters_of(a)
-        )
+            return key[0].stack([attached[n] for n in names])
         cached = self._stacks.get(key)
-        if cached is None or cached[0] != versions:
-            with torch.no_grad():
-                cached = (versions, key[0].stack(adapters))
-            self._stacks[key] = cached
-        return cached[1]
+        if cached is not None and cached.names == tuple(names):
+            if all(cached.modules[n] is attached[n] and cached.signature(n) == cached.signatures[n] for n in used):
+                return cached.stacked
+        adapters = [attached[n] for n in names]
+        with torch.no_grad():
+            cached = _Stack(tuple(names), adapters, key[0].stack(adapters))
+        self._stacks[key] = cached
+        return cached.stacked
 
     def _routed(self, side: str, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         route = self.state.route
@@ -185,15 +197,17 @@ class Site(nn.Module):
             if torch.is_grad_enabled():
                 names = [n for n in names if n in route.names]
             row_key = (self.module_name, key, tuple(names))
-            rows = route.rows.get(row_key)
-            if rows is None:
+            found = route.rows.get(row_key)
+            if found is None:
                 slot = {n: i for i, n in enumerate(names)}
                 idx = [slot.get(n, len(names)) for n in route.names]
-                rows = None if all(i == len(names) for i in idx) else torch.tensor(idx, device=target.device)
-                route.rows[row_key] = rows
+                used = tuple({n: None for n in route.names if n in slot})
+                found = (torch.tensor(idx, device=target.device) if used else None, used)
+                route.rows[row_key] = found
+            rows, used = found
             if rows is None:
                 continue
-            stacked = self._stacked(key, names)
+            stacked = self._stacked(key, names, used)
             if side == "output" and self._owns_output() and getattr(key[0], "adds_in_place", False):
                 result = key[0].route(stacked, rows, x, h, self.shape, inplace=True)
             else:
@@ -208,9 +222,22 @@ class Site(nn.Module):
         self._stacks.clear()
 
 
+class _Stack:
+    """A site's stacked parameters for one routing group, and what they were built from."""
+
+    def __init__(self, names: tuple[str, ...], adapters: list[nn.Module], stacked: dict) -> None:
+        self.names, self.stacked = names, stacked
+        self.modules = dict(zip(names, adapters, strict=True))
+        self.params = {n: _parameters_of(a) for n, a in self.modules.items()}
+        self.signatures = {n: self.signature(n) for n in names}
+
+    def signature(self, name: str) -> tuple:
+        # data_ptr: `.to(dtype/device)` swaps a parameter's storage without bumping its version.
+        return tuple((p._version, p.data_ptr()) for p in self.params[name])
+
+
 def _parameters_of(module: nn.Module) -> list[torch.Tensor]:
-    """module.parameters() without its generator machinery (3x faster): routing checks the
-    parameters of every stacked adapter at every site on every forward."""
+    """module.parameters() without its generator machinery (3x faster)."""
     params = [p for p in module._parameters.values() if p is not None]
     for child in module._modules.values():
         if child is not None:
