@@ -202,3 +202,19 @@ def test_identity_on_minilm_for_lora_ia3_bitfit(make_minilm, minilm_inputs):
             assert torch.equal(model(**minilm_inputs).logits, base), name
         am.activate(ak.Stack("l", "i", "b", "r"))
         assert torch.equal(model(**minilm_inputs).logits, base)
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (4096, 384), (300, 1536)])
+def test_lora_down_projection_matches_f_linear_with_and_without_onednn(shape):
+    from adapterkit.methods.lora import down_project
+
+    x = _seeded(lambda: torch.randn(*shape))
+    a = _seeded(lambda: torch.randn(8, shape[1]), 1)
+    expected = torch.nn.functional.linear(x, a)
+    with torch.no_grad():
+        torch.testing.assert_close(down_project(x, a), expected, rtol=1e-5, atol=1e-4)
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert torch.equal(down_project(x, a), expected)
+        x64, a64 = x.double(), a.double()
+        assert torch.equal(down_project(x64, a64), torch.nn.functional.linear(x64, a64))
+    assert torch.equal(down_project(x, a), expected)  # autograd on: the differentiable path
