@@ -21,6 +21,9 @@ ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": 
 
 
 class BottleneckAdapter(SiteMethod):
+    #: forward accepts inplace=True: the site lets it add into an output it owns
+    adds_in_place = True
+
     def __init__(self, config: Bottleneck, shape: SiteShape) -> None:
         super().__init__(shape)
         self.parallel = config.is_parallel
@@ -39,14 +42,25 @@ class BottleneckAdapter(SiteMethod):
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         source = _on_output_grid(x, h, self.shape) if self.parallel else h
         if self.parallel and self.shape.kind == "embedding":
             raise TargetError("a parallel bottleneck cannot read token ids; use a serial placement")
         z, _ = features_last(source, self.shape)
-        delta = self.delta(z)
         h_last, restore = features_last(h, self.shape)
-        return restore(h_last + delta)
+        if not h_last.is_contiguous():
+            # channels-first sites: an elementwise add keeps h's memory layout, which the next
+            # convolution's algorithm (and so its exact numbers) depends on
+            return restore(h_last + self.delta(z))
+        hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z)))
+        # h + s·up(hidden) as one addmm (s inside it) plus the bias: two passes over the output-sized
+        # tensor instead of four (up, times s, plus h); with `inplace`, into h itself.
+        h_2d, hidden_2d = h_last.reshape(-1, h_last.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if inplace:
+            out = h_2d.addmm_(hidden_2d, self.up.weight.T, alpha=self.scaling)
+        else:
+            out = torch.addmm(h_2d, hidden_2d, self.up.weight.T, alpha=self.scaling)
+        return restore(out.add_(self.up.bias, alpha=self.scaling).view(h_last.shape))
 
     def merge_into(self, module: nn.Module) -> None:
         raise NotImplementedError(
@@ -79,14 +93,20 @@ class BottleneckAdapter(SiteMethod):
         }
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape):
+    def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
         source = _on_output_grid(x, h, shape) if stacked["parallel"] else h
         z, _ = as_rows(source, shape)
         h_rows, restore = as_rows(h, shape)
         act = ACTIVATION_FUNCTIONS[stacked["activation"]]
-        hidden = act(torch.baddbmm(stacked["down_b"][rows], z, stacked["down"][rows].transpose(1, 2)))
-        delta = torch.baddbmm(stacked["up_b"][rows], hidden, stacked["up"][rows].transpose(1, 2))
-        return restore(h_rows + delta)
+        pick = lambda name: stacked[name].index_select(0, rows)  # noqa: E731
+        hidden = act(torch.baddbmm(pick("down_b"), z, pick("down").transpose(1, 2)))
+        if not h_rows.is_contiguous():  # keep h's memory layout, as forward does
+            return restore(h_rows + torch.baddbmm(pick("up_b"), hidden, pick("up").transpose(1, 2)))
+        if inplace:
+            out = h_rows.baddbmm_(hidden, pick("up").transpose(1, 2))
+        else:
+            out = torch.baddbmm(h_rows, hidden, pick("up").transpose(1, 2))
+        return restore(out.add_(pick("up_b")))
 
 
 def _on_output_grid(x: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch.Tensor:
