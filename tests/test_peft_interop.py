@@ -359,3 +359,11 @@ def test_import_missing_files(tmp_path: Path, gpt2: nn.Module) -> None:
     (tmp_path / "empty" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     with pytest.raises(ak.AdapterFileError, match="adapter_model.safetensors is missing"):
         load_peft_lora(am, tmp_path / "empty", "x")
+
+
+def test_export_with_a_module_copy_loads_in_peft(minilm: nn.Module, tmp_path: Path) -> None:
+    am = ak.adapt(copy.deepcopy(minilm))
+    am.add("ours", ak.LoRA(r=4, alpha=8, modules_to_save=["bert.pooler"]), labels=["a", "b", "c"])
+    _randomize(am, "ours")
+    cfg = _export_and_compare(minilm, am, "ours", _tokens(1000), tmp_path)
+    assert cfg["modules_to_save"] == ["classifier", "bert.pooler"]

@@ -249,3 +249,18 @@ def test_closed_engine_refuses_work(folders, tmp_path):
     eng.close()
     with pytest.raises(Overloaded):
         eng.classify(["x"])
+
+
+def test_an_adapter_with_its_own_pooler_serves_beside_others(engine, folders, reference, tmp_path):
+    builder = ak.adapt(load_minilm())
+    folder = make_adapter(builder, "pooled", tmp_path / "pooled", seed=7, scale=0.3,
+                          config=ak.LoRA(r=4, targets=["query", "value"], modules_to_save=["bert.pooler"]))
+    engine.store.add("default", "pooled", folder)
+    futures = [engine.submit("classify", [text], adapter=name)
+               for text in TEXTS for name in ("pooled", "a0", None)]
+    for future in futures:
+        answer = future.result(timeout=60)
+        name, text = answer["adapter"], TEXTS[futures.index(future) // 3]
+        source = folder if name == "pooled" else folders[name][0] if name else None
+        labels = reference.labels(source) if name else engine.base_labels
+        assert_matches(answer["results"][0], reference.scores(source, text), labels)

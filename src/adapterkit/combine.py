@@ -29,6 +29,11 @@ def combined_config(configs: dict[str, MethodConfig], weights: dict[str, float])
         raise CompositionError(
             f"combine needs adapters of one method among LoRA, IA³, BitFit, bottleneck; got {[c.method for c in chosen]}"
         )
+    if any(c.modules_to_save for c in chosen):
+        raise CompositionError(
+            "combine works on adapter deltas; these adapters also own copies of base modules "
+            "(modules_to_save), which have no delta to weight"
+        )
     targets = _union([c.targets for c in chosen])
     first = chosen[0]
     if isinstance(first, LoRA):

@@ -26,6 +26,8 @@ class MethodConfig:
     targets: Targets = None
     #: regexes of module names to leave out even when `targets` matches them
     exclude: list[str] = field(default_factory=list)
+    #: base modules (exact names, e.g. "bert.pooler") of which the adapter trains its own copy
+    modules_to_save: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"method": self.method, **dataclasses.asdict(self)}

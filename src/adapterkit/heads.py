@@ -63,13 +63,13 @@ class HeadSwitch:
 
     def __init__(self, module: nn.Module, heads: nn.ModuleDict, state: ActiveState) -> None:
         self.heads, self.state = heads, state
-        self.handle = module.register_forward_hook(self._after)
+        self.handle = module.register_forward_hook(self._after, with_kwargs=True)
 
-    def _after(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         if self.state.route is not None:
-            return self._routed(args[0], output)
+            return self._routed(args, kwargs, output)
         owner = self.owner(self.state.setup)
-        return None if owner is None else self.heads[owner](args[0])
+        return None if owner is None else self.heads[owner](*args, **kwargs)
 
     def owner(self, setup) -> str | None:
         """The adapter whose head answers for a setup: the last one in it that has a head."""
@@ -78,14 +78,15 @@ class HeadSwitch:
                 return name
         return None
 
-    def _routed(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+    def _routed(self, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
         names = self.state.route.names
         used = sorted({n for n in names if n in self.heads})
         if not used:
             return None
+        x, rest = args[0], args[1:]
         # Heads are tiny next to the body, so one call per distinct head in the batch is cheap;
         # label counts may differ, so narrower outputs are zero-padded on the right.
-        parts = {n: self.heads[n](x[[i for i, m in enumerate(names) if m == n]]) for n in used}
+        parts = {n: self.heads[n](x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs) for n in used}
         width = max([p.shape[-1] for p in parts.values()] + [base_out.shape[-1]])
         out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
         out[..., : base_out.shape[-1]] = base_out

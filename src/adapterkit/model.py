@@ -19,6 +19,7 @@ from torch import nn
 from . import combine as combining
 from .composition import Average, Fuse, Setup, Stack, names_in
 from .config import MethodConfig
+from .copies import ModuleCopies
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head, new_head
 from .methods import MODEL_LEVEL, SiteShape, build_model_method, build_site_method
@@ -40,6 +41,7 @@ class AdaptedModel(nn.Module):
         self.heads = nn.ModuleDict()  # adapter name -> its task head
         self.model_level = nn.ModuleDict()  # adapter name -> prompt / prefix module
         self.state = ActiveState()
+        self.copies = ModuleCopies(model, self.state)  # per-adapter copies of base modules
         self.configs: dict[str, MethodConfig] = {}
         self.meta: dict[str, dict[str, Any]] = {}
         config = getattr(model, "config", None)
@@ -77,6 +79,7 @@ class AdaptedModel(nn.Module):
         if not isinstance(config, MethodConfig):
             raise TargetError(f"adapter {name!r}: expected a method config (ak.LoRA(...), ...), got {config!r}")
         config.validate()
+        copied = self.copies.check(name, config.modules_to_save, self.head_path)
         head_module = self._build_head(name, labels, num_labels, head)
         if isinstance(config, MODEL_LEVEL):
             self.model_level[name] = build_model_method(config, self.base).to(self._device())
@@ -89,6 +92,7 @@ class AdaptedModel(nn.Module):
                 self.sites[key].adapters[name] = method
         if head_module is not None:
             self.heads[name] = head_module
+        self.copies.add(name, copied, self._device())
         self.configs[name] = config
         self.meta[name] = {"labels": list(labels) if labels is not None else None}
 
@@ -100,6 +104,8 @@ class AdaptedModel(nn.Module):
             targets = [config.targets] if isinstance(config.targets, str) else list(config.targets)
             input_targets = list(getattr(config, "input_targets", None) or [])
         exclude = list(config.exclude) + ([rf"(^|\.){re.escape(self.head_path)}$"] if self.head_path else [])
+        # a module the adapter copies is replaced whole while it is active, so no site goes inside it
+        exclude += [rf"^{re.escape(p)}(\.|$)" for p in config.modules_to_save]
         found = find_sites(self.base, targets + input_targets, exclude, method=f"adapter {name!r}")
         device = self._device()
         built = {}
@@ -156,6 +162,7 @@ class AdaptedModel(nn.Module):
         for table in (self.heads, self.model_level):
             if name in table:
                 del table[name]
+        self.copies.delete(name)
         del self.configs[name], self.meta[name]
         if collect:
             gc.collect()
@@ -204,6 +211,7 @@ class AdaptedModel(nn.Module):
         for table in (self.model_level, self.heads):
             if setup in table:
                 yield from table[setup].parameters()
+        yield from self.copies.parameters_of(setup)
 
     def _add_fusion(self, fuse: Fuse) -> None:
         added = [site.add_fusion(fuse) for site in self.sites.values()]
@@ -343,6 +351,7 @@ class AdaptedModel(nn.Module):
         for prefix, table in (("head", self.heads), ("model", self.model_level)):
             if name in table:
                 state.update({f"{prefix}.{k}": v.detach() for k, v in table[name].state_dict().items()})
+        state.update(self.copies.state_dict_of(name))
         return state
 
     def site_names(self, name: str) -> dict[str, str]:

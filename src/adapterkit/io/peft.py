@@ -94,7 +94,8 @@ def export_peft_lora(
         )
     sites = _lora_sites(am, name)
     task_type = _task_type(am.base)
-    modules_to_save = [am.head_path] if name in am.heads else None
+    copied = am.copies.paths_of(name)
+    modules_to_save = ([am.head_path] if name in am.heads else []) + copied or None
     _check_not_inside_saved_modules(sites, (modules_to_save or []) + _AUTO_MODULES_TO_SAVE.get(task_type, []))
 
     tensors: dict[str, torch.Tensor] = {}
@@ -104,9 +105,12 @@ def export_peft_lora(
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{module_name}.{a_key}"] = adapter.lora_A.detach()
         tensors[f"{PEFT_PREFIX}{module_name}.{b_key}"] = adapter.lora_B.detach()
-    if modules_to_save:
+    if name in am.heads:
         for pname, value in am.heads[name].state_dict().items():
             tensors[f"{PEFT_PREFIX}{am.head_path}.{pname}"] = value.detach()
+    for module_path in copied:
+        for pname, value in am.copies.copy_of(name, module_path).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = value.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
 
     peft_config = {

@@ -128,6 +128,8 @@ class AdapterCache:
                 site.adapters[internal].eval()
         if internal in am.heads:
             am.heads[internal].eval()
+        for path in am.copies.paths_of(internal):
+            am.copies.copy_of(internal, path).eval()
         if labels is None and head_info and width:
             labels = [f"LABEL_{i}" for i in range(width)]
         entry = Resident(key, internal, _resident_bytes(am, internal), config.method, labels if head_info else None)
