@@ -44,7 +44,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for method in ("bottleneck", "lora"):
         out = root / method
-        extra = ["--targets", "query", "--targets", "value"] if method == "lora" else []
+        # the LoRA run also trains its own pooler copy, which merge and export must carry
+        extra = ["--targets", "query", "--targets", "value", "--modules-to-save", "bert.pooler"] if method == "lora" else []
         result = invoke("train", "--data", str(data), "--text-col", "tweet", "--label-col", "mood",
                         "--method", method, "--epochs", "1", "--batch-size", "8", "--max-length", "16",
                         "--max-train", "0", "--name", method, "--out", str(out), "--no-progress", *extra)
@@ -94,13 +95,18 @@ def test_export_peft_and_merge_match_adapter(trained, tmp_path):
     assert (tmp_path / "peft" / "adapter_config.json").exists()
     result = invoke("merge", str(out), "--out", str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
-    am, tokenizer, _, _ = open_adapter(out)
+    am, tokenizer, name, _ = open_adapter(out)
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["so happy today", "meh"], padding=True,
                                                                return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, am(**batch).logits, atol=1e-5, rtol=1e-4)
     assert merged.config.id2label[0] == "negative"
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == [
+        "classifier", "bert.pooler"]
+    own_pooler = am.copies.copy_of(name, "bert.pooler").dense.weight
+    assert torch.equal(merged.bert.pooler.dense.weight, own_pooler)
+    assert not torch.equal(own_pooler, am.base.bert.pooler.dense.weight)  # training moved the copy
 
 
 def test_merge_bottleneck_is_a_clear_error(trained, tmp_path):

@@ -64,6 +64,8 @@ def train(
     dropout: Annotated[float, typer.Option(help="Adapter dropout")] = 0.0,
     targets: Annotated[list[str] | None, typer.Option(help="Module name suffix, re:regex, class name or all-linear; repeat")] = None,
     virtual_tokens: Annotated[int, typer.Option(help="Prompt/prefix tuning: number of virtual tokens")] = 20,
+    modules_to_save: Annotated[list[str] | None, typer.Option(
+        help="A base module the adapter trains its own copy of, e.g. bert.pooler; repeat")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training split")] = 3,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay)")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Rows per step")] = 32,
@@ -89,7 +91,8 @@ def train(
         out=out, max_length=max_length, max_train_examples=max_train or None, max_eval_examples=max_eval or None,
         resume=resume,
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
-                             dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens),
+                             dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
+                             modules_to_save=modules_to_save),
         train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                             seed=seed, checkpoint_every=checkpoint_every, progress=progress),

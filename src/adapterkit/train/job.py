@@ -43,6 +43,7 @@ class MethodOptions:
     dropout: float = 0.0
     targets: list[str] | None = None
     num_virtual_tokens: int = 20
+    modules_to_save: list[str] | None = None
 
     def config(self) -> MethodConfig:
         targets = self.targets or None
@@ -58,6 +59,7 @@ class MethodOptions:
         if self.method not in builders:
             raise AdapterConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         config = builders[self.method]()
+        config.modules_to_save = list(self.modules_to_save or [])
         if self.placement == "custom" and self.method == "bottleneck" and not targets:
             raise AdapterConfigError("--placement custom needs --targets")
         config.validate()
