@@ -388,7 +388,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep-lrs", type=float, nargs="+", default=None,
                         help="learning rates --sweep tries for every contender (default: each one's own grid)")
     parser.add_argument("--timing-rounds", type=int, default=None,
-                        help="interleaved step-timing rounds after training (default 10, --quick 2, 0 = off)")
+                        help="interleaved step-timing rounds after training (default 30, --quick 2, 0 = off)")
     parser.add_argument("--timing-warmup", type=int, default=1)
     parser.add_argument("--progress", action="store_true", help="show the Trainer's progress bars")
     parser.add_argument("--out", type=Path, default=None, help=f"JSON output (default {RESULTS})")
@@ -399,7 +399,7 @@ def parse_args() -> argparse.Namespace:
     args.test_examples = args.test_examples or (128 if quick else None)
     args.epochs = args.epochs or (1 if quick else 2)
     if args.timing_rounds is None:
-        args.timing_rounds = 2 if quick else 10
+        args.timing_rounds = 2 if quick else 30
     args.seeds = args.seeds or [args.seed]
     if "full_ft" not in args.only and not args.sweep:
         args.only = ["full_ft", *args.only]
