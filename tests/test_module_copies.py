@@ -122,8 +122,10 @@ def test_delete_removes_the_copy_and_its_hook(make_minilm, minilm_inputs):
 
 def test_no_site_goes_inside_a_copied_module(make_minilm):
     _, am = _with_pooler_copy(make_minilm, name="x")
-    am.add("all", ak.LoRA(r=2, targets="all-linear", modules_to_save=[POOLER]))
+    am.add("all", ak.LoRA(r=2, targets="all-linear", modules_to_save=POOLER))  # one name as a string
     assert not any(site.startswith(POOLER) for site in am.site_names("all"))
+    assert any(site.startswith("bert.encoder") for site in am.site_names("all"))
+    assert am.configs["all"].modules_to_save == [POOLER] and am.copies.paths_of("all") == [POOLER]
 
 
 def test_combine_refuses_adapters_with_copies(make_minilm):

@@ -7,6 +7,7 @@ them, and methods know nothing of names at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import re
@@ -80,6 +81,8 @@ class AdaptedModel(nn.Module):
             raise TargetError(f"adapter {name!r}: expected a method config (ak.LoRA(...), ...), got {config!r}")
         config.validate()
         copied = self.copies.check(name, config.modules_to_save, self.head_path)
+        if config.modules_to_save != copied:  # one name given as a plain string
+            config = dataclasses.replace(config, modules_to_save=copied)
         head_module = self._build_head(name, labels, num_labels, head)
         if isinstance(config, MODEL_LEVEL):
             self.model_level[name] = build_model_method(config, self.base).to(self._device())
