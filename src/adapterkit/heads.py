@@ -27,15 +27,23 @@ def find_head(model: nn.Module) -> str | None:
     return None
 
 
+def hookless_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a module without its hooks (and without what the hooks reference).
+
+    A base head or copied module carries the HeadSwitch hook, which references every adapter's
+    copy; copying through it would duplicate them all.
+    """
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for attr, value in vars(sub).items():
+            if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") or attr.endswith("hooks_always_called"):
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(module, memo)
+
+
 def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
     """A trainable copy of the base head, its last Linear resized to `num_labels` outputs."""
-    # The base head carries the HeadSwitch hook, which references every adapter's head; copying
-    # through it would duplicate them all, so hook dicts are copied as empty ones.
-    memo: dict[int, Any] = {}
-    for module in template.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            memo[id(hooks)] = type(hooks)()
-    head = copy.deepcopy(template, memo)
+    head = hookless_copy(template)
     if num_labels is None:
         return head
     parent, attr, last = None, None, None

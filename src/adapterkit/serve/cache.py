@@ -8,7 +8,6 @@ thread-safe); lookups (`touch`, `get`, `stats`) may come from any thread.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..config import config_from_dict
 from ..errors import AdapterError
-from ..heads import new_head
+from ..heads import hookless_copy, new_head
 from ..model import AdaptedModel
 from .errors import InvalidAdapter
 
@@ -56,7 +55,7 @@ class AdapterCache:
         self._entries: OrderedDict[AdapterKey, Resident] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
-        self._template = _hookless_copy(am.base.get_submodule(am.head_path)) if am.head_path else None
+        self._template = hookless_copy(am.base.get_submodule(am.head_path)) if am.head_path else None
 
     # --- any thread ---------------------------------------------------------------------------
 
@@ -169,13 +168,3 @@ def _resident_bytes(am: AdaptedModel, name: str) -> int:
         p.numel() * p.element_size() for s in am.sites.values() if name in s.adapters for p in s.adapters[name].parameters()
     )
     return total + stacked
-
-
-def _hookless_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of a module without its hooks (and without what the hooks reference)."""
-    memo: dict[int, Any] = {}
-    for sub in module.modules():
-        for attr, value in vars(sub).items():
-            if attr.endswith("hooks") or attr.endswith("hooks_with_kwargs") or attr.endswith("hooks_always_called"):
-                memo[id(value)] = type(value)()
-    return copy.deepcopy(module, memo)

@@ -115,12 +115,14 @@ def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) 
     am, tokenizer, name, manifest = open_adapter(path, base)
     am.merge(name)
     model = am.base
-    for module_path in am.copies.paths_of(name):  # the adapter's own copies replace the base modules
-        parent, _, attr = module_path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, am.copies.copy_of(name, module_path))
+    # the adapter's own copies and head replace the base modules
+    replacements = {m: am.copies.copy_of(name, m) for m in am.copies.paths_of(name)}
     if name in am.heads and am.head_path:
-        parent, _, attr = am.head_path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, am.heads[name])
+        replacements[am.head_path] = am.heads[name]
+    for module_path, module in replacements.items():
+        parent, _, attr = module_path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    if name in am.heads and am.head_path:
         labels = manifest.get("labels")
         if labels:
             model.config.num_labels = len(labels)
