@@ -367,3 +367,53 @@ def test_export_with_a_module_copy_loads_in_peft(minilm: nn.Module, tmp_path: Pa
     _randomize(am, "ours")
     cfg = _export_and_compare(minilm, am, "ours", _tokens(1000), tmp_path)
     assert cfg["modules_to_save"] == ["classifier", "bert.pooler"]
+
+
+def test_import_with_a_module_copy_matches_and_routes(minilm: nn.Module, tmp_path: Path) -> None:
+    """PEFT's `modules_to_save` beyond the head ("pooler" finds bert.pooler) becomes a module copy."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"],
+                             modules_to_save=["pooler"], init_lora_weights=False)
+
+    def train_pooler(pm: nn.Module) -> None:
+        with torch.no_grad():
+            pm.base_model.model.bert.pooler.modules_to_save["default"].dense.weight.normal_(0, 0.5)
+
+    pm, folder = _peft_folder(minilm, tmp_path, config, train_pooler)
+    am = ak.adapt(copy.deepcopy(minilm))
+    load_peft_lora(am, folder, "p")
+    assert am.copies.paths_of("p") == ["bert.pooler"] and am.configs["p"].modules_to_save == ["bert.pooler"]
+    inputs = _tokens(1000)
+    expected = _logits(pm, inputs)
+    am.eval()
+    am.activate("p")
+    torch.testing.assert_close(_logits(am, inputs), expected, atol=ATOL, rtol=0)
+    # the copy answers per row, and the base pooler is untouched
+    am.activate(None)
+    with am.route(["p", None]):
+        routed = _logits(am, inputs)
+    torch.testing.assert_close(routed[0], expected[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(routed[1], _logits(minilm, inputs)[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(am.base.bert.pooler.dense.weight, minilm.bert.pooler.dense.weight)
+    # and it survives our own file format
+    am.save("p", str(tmp_path / "ours"))
+    again = ak.adapt(copy.deepcopy(minilm))
+    again.load(str(tmp_path / "ours"), name="q")
+    again.eval()
+    again.activate("q")
+    torch.testing.assert_close(_logits(again, inputs), expected, atol=ATOL, rtol=0)
+
+
+def test_import_refuses_a_saved_base_tensor_outside_modules_to_save(minilm: nn.Module, tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"],
+                             modules_to_save=["pooler"])
+    _, folder = _peft_folder(minilm, tmp_path, config)
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["base_model.model.bert.encoder.layer.0.output.dense.weight"] = torch.zeros(384, 1536)
+    save_file(tensors, str(weights))
+    am = ak.adapt(copy.deepcopy(minilm))
+    with pytest.raises(ak.AdapterFileError, match="not in the config's modules_to_save"):
+        load_peft_lora(am, folder, "p")
+    assert "p" not in am.configs and not am.copies.tables

@@ -8,6 +8,7 @@ A: [r, vocab], B: [dim, r]), so conversion is a renaming of keys:
     sites.<module>.lora_B              base_model.model.<module>.lora_B.weight
     sites.<module>.lora_A / lora_B     base_model.model.<module>.lora_embedding_A / _B   (Embedding)
     head.<param>                       base_model.model.<head>.<param>   (a `modules_to_save` entry)
+    copies.<module>.<param>            base_model.model.<module>.<param> (a `modules_to_save` entry)
 
 This module never imports peft: peft is a test-only dependency, and a file format needs no library.
 """
@@ -26,7 +27,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..config import LoRA
-from ..errors import AdapterFileError, CompositionError
+from ..errors import AdapterFileError, CompositionError, TargetError
 from .files import PICKLE_SUFFIXES, _atomic_folder, _load_tensors
 
 if TYPE_CHECKING:
@@ -214,7 +215,8 @@ def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None =
     name = name or path.name
     peft_config, tensors = _read_peft_folder(path)
     _check_peft_config(path, peft_config)
-    lora, head = _split_keys(am, path, tensors)
+    saved = peft_config.get("modules_to_save") or []
+    lora, head, copies = _split_keys(am, path, tensors, saved if isinstance(saved, list) else [saved])
     _check_lora_modules(am, path, lora, int(peft_config["r"]))
 
     config = LoRA(
@@ -223,9 +225,13 @@ def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None =
         dropout=float(peft_config.get("lora_dropout") or 0.0),
         rslora=bool(peft_config.get("use_rslora", False)),
         targets=list(lora),
+        modules_to_save=sorted(copies),
     )
     num_labels = _head_num_labels(am, path, head) if head else None
-    am.add(name, config, num_labels=num_labels, head=True if head else None)
+    try:
+        am.add(name, config, num_labels=num_labels, head=True if head else None)
+    except TargetError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
     try:
         found = set(am.site_names(name))
         if found != set(lora):
@@ -236,6 +242,7 @@ def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None =
             )
         ours = {f"sites.{module}.{param}": t for module, params in lora.items() for param, t in params.items()}
         ours.update({f"head.{k}": v for k, v in head.items()})
+        ours.update({f"copies.{module}.{k}": v for module, params in copies.items() for k, v in params.items()})
         try:
             am.load_adapter_state_dict(name, ours)
         except AdapterFileError as err:
@@ -293,15 +300,20 @@ def _check_peft_config(path: Path, cfg: dict[str, Any]) -> None:
 
 
 def _split_keys(
-    am: AdaptedModel, path: Path, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(module -> {"lora_A", "lora_B", "_embedding"}, head param -> tensor) from PEFT's keys.
+    am: AdaptedModel, path: Path, tensors: dict[str, torch.Tensor], saved: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(module -> {"lora_A", "lora_B", "_embedding"}, head param -> tensor,
+    copied module -> {param -> tensor}) from PEFT's keys.
 
-    Full base tensors that PEFT sometimes saves alongside (the embedding matrix when an embedding
-    is targeted) are accepted only if they equal this base model's, since our base stays frozen.
+    The modules that the config's `modules_to_save` names (besides the task head) become the
+    adapter's module copies. Full base tensors that PEFT sometimes saves alongside (the embedding
+    matrix when an embedding is targeted) are accepted only if they equal this base model's, since
+    our base stays frozen.
     """
     lora: dict[str, dict[str, Any]] = {}
     head: dict[str, torch.Tensor] = {}
+    copies: dict[str, dict[str, torch.Tensor]] = {}
+    copy_paths = _saved_module_paths(am, saved)
     base_params = dict(am.base.named_parameters(remove_duplicate=False))
     for key, tensor in tensors.items():
         rest = key.removeprefix(PEFT_PREFIX)
@@ -318,16 +330,36 @@ def _split_keys(
             continue
         if ".lora_" in rest:
             raise AdapterFileError(f"{path}: tensor {key!r} is a LoRA variant adapterkit does not support")
+        module = next((m for m in copy_paths if rest.startswith(m + ".")), None)
+        if module is not None:
+            copies.setdefault(module, {})[rest[len(module) + 1 :]] = tensor
+            continue
         base_key = rest.replace(".base_layer.", ".")
         own = base_params.get(base_key)
         if own is not None and own.shape == tensor.shape and torch.equal(own.detach().cpu(), tensor.to(own.dtype)):
             continue  # an unchanged copy of a frozen base tensor: nothing to import
         raise AdapterFileError(
-            f"{path}: tensor {key!r} replaces base weight {base_key!r} (modules_to_save or a resized/trained "
-            f"embedding); adapterkit keeps the base frozen and only carries the task head "
-            f"({am.head_path!r}) as a trainable module"
+            f"{path}: tensor {key!r} replaces base weight {base_key!r} but its module is not in the config's "
+            f"modules_to_save {saved} (a resized or trained embedding?); adapterkit keeps the base frozen"
         )
-    return lora, head
+    return lora, head, copies
+
+
+def _saved_module_paths(am: AdaptedModel, saved: list[str]) -> list[str]:
+    """The base modules that PEFT copies for `modules_to_save`, outermost only, the head excluded.
+
+    PEFT matches each entry as a suffix of the module's name ("pooler" finds "bert.pooler").
+    """
+    head = am.head_path
+    found: list[str] = []
+    for module_name, _ in am.base.named_modules():
+        if not module_name or not any(isinstance(e, str) and module_name.endswith(e) for e in saved):
+            continue
+        if head and (module_name == head or module_name.startswith(head + ".")):
+            continue
+        if not any(module_name.startswith(outer + ".") for outer in found):
+            found.append(module_name)
+    return found
 
 
 def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, Any]], r: int) -> None:
