@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
+from adapterkit.hf_names import cache_keyword, enable_activation_checkpointing
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -96,7 +97,7 @@ def test_prefix_without_projection_and_positional_call() -> None:
     assert sum(p.numel() for p in am.adapter_parameters("p")) == K * 2 * 2 * 32
     ids = batch("gpt2")["input_ids"]
     with torch.no_grad():
-        # GPT-2 takes past_key_values second: the adapter must bind positional arguments by name.
+        # GPT-2 takes its cache second: the adapter must bind positional arguments by name.
         assert torch.allclose(am(ids).logits, am(input_ids=ids).logits)
 
 
@@ -136,7 +137,7 @@ def test_training_reduces_loss_and_touches_only_the_adapter(kind: str, method: s
     assert after < before - 0.02, (before, after)
 
 
-# --- (c) reference: the prefix equals hand-built past_key_values (and PEFT) ----------------------
+# --- (c) reference: the prefix equals a hand-built cache (and PEFT) ----------------------
 
 
 def hand_built_cache(adapter: nn.Module, model: nn.Module, rows: int):
@@ -157,7 +158,7 @@ def hand_built_cache(adapter: nn.Module, model: nn.Module, rows: int):
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_prefix_matches_explicit_past_key_values(kind: str) -> None:
+def test_prefix_matches_an_explicit_cache(kind: str) -> None:
     am = ak.adapt(make(kind))
     am.add("p", ak.PrefixTuning(num_virtual_tokens=K))
     inputs = batch(kind)
@@ -169,7 +170,7 @@ def test_prefix_matches_explicit_past_key_values(kind: str) -> None:
         mask = torch.cat([torch.ones(rows, K, dtype=torch.long), inputs["attention_mask"]], dim=1)
         reference = am.base(
             input_ids=inputs["input_ids"], attention_mask=mask,
-            past_key_values=hand_built_cache(am.model_level["p"], am.base, rows),
+            **{cache_keyword(am.base): hand_built_cache(am.model_level["p"], am.base, rows)},
             position_ids=torch.arange(length).expand(rows, -1),  # real tokens keep positions 0..T-1
         ).logits
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
@@ -269,7 +270,7 @@ def test_bad_configs_and_models(method: str) -> None:
 
 def test_prefix_refuses_gradient_checkpointing_in_training() -> None:
     model = make("gpt2")
-    model.gradient_checkpointing_enable()
+    assert enable_activation_checkpointing(model)
     am = ak.adapt(model)
     am.add("p", ak.PrefixTuning(num_virtual_tokens=K))
     am.train_adapter("p")

@@ -2,9 +2,9 @@
 
     K_l' = [P_l^K ; K_l],   V_l' = [P_l^V ; V_l],   P = MLP(E) (projection) or a free table P
 
-The prefix reaches the attention layers through the model's own cache argument (`past_key_values`,
-a `transformers.DynamicCache`), so no model code is copied or patched: every transformers model
-that writes its keys/values into that cache takes a prefix. Real tokens keep the positions they
+The prefix reaches the attention layers through the model's own cache argument (`cache`, called
+`past_key_values` before transformers 5.24; a `transformers.DynamicCache`), so no model code is
+copied or patched: every transformers model that writes its keys/values into that cache takes a prefix. Real tokens keep the positions they
 would have without the prefix (0..T-1 on a fresh call), so the frozen position embeddings (learned,
 or RoPE) see what they saw in pre-training. PEFT instead lets the model number them k..k+T-1.
 """
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import PrefixTuning
 from ..errors import TargetError
+from ..hf_names import activation_checkpointing_on, cache_keyword, given_cache, with_cache
 from .prompt import VIRTUAL, _input_embeddings, bind_args, real_past
 
 
@@ -30,9 +31,9 @@ class PrefixTuningAdapter(nn.Module):
         self.layers, self.kv_heads, self.head_dim, hidden = _attention_shape(model)
         self.num_virtual_tokens = k = config.num_virtual_tokens
         params = inspect.signature(model.forward).parameters
-        if not _takes_cache(model, params):
+        if cache_keyword(model) is None:
             raise TargetError(
-                f"prefix tuning passes the prefix as past_key_values, which {type(model).__name__}.forward "
+                f"prefix tuning passes the prefix in the model's key/value cache, which {type(model).__name__}.forward "
                 "does not accept (nor forward to its backbone); use prompt tuning or LoRA"
             )
         # RoPE and learned absolute positions both want 0..T-1; RoBERTa-style embeddings count from
@@ -63,17 +64,17 @@ class PrefixTuningAdapter(nn.Module):
         from transformers import DynamicCache
 
         kwargs = bind_args(model, args, kwargs)
-        if model.training and getattr(model, "is_gradient_checkpointing", False):
+        if model.training and activation_checkpointing_on(model):
             raise TargetError(
-                "prefix tuning: transformers drops past_key_values under gradient checkpointing, and with "
-                "them the prefix; call model.gradient_checkpointing_disable()"
+                "prefix tuning: transformers drops the key/value cache under gradient checkpointing, and with "
+                "them the prefix; turn activation checkpointing off"
             )
         x = kwargs.get("input_ids")
         x = kwargs.get("inputs_embeds") if x is None else x
         if x is None:
             raise TargetError("prefix tuning needs input_ids or inputs_embeds")
         rows, length = x.shape[0], x.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)[1]
         if cache is None:
             cache = DynamicCache(config=model.config)
         elif not isinstance(cache, DynamicCache):
@@ -83,7 +84,7 @@ class PrefixTuningAdapter(nn.Module):
             # First call of a sequence (a forward, or generate's prefill). Later generation steps find
             # the prefix already in the cache that generate() carries from step to step.
             self._fill(cache, rows, _input_embeddings(model).weight.dtype)
-        kwargs["past_key_values"] = cache
+        kwargs = with_cache(model, kwargs, cache)
         if self.sets_positions and kwargs.get("position_ids") is None:
             positions = torch.arange(start, start + length, device=x.device)
             kwargs["position_ids"] = positions.unsqueeze(0).expand(rows, -1)
@@ -140,20 +141,6 @@ def _attention_shape(model: nn.Module) -> tuple[int, int, int, int]:
     kv_heads = first("num_key_value_heads") or heads
     head_dim = first("head_dim") or hidden // heads
     return layers, kv_heads, head_dim, hidden
-
-
-def _takes_cache(model: nn.Module, params: dict) -> bool:
-    """Whether past_key_values reaches the layers: named by forward, or passed on to the backbone.
-
-    Task models such as BertForSequenceClassification forward **kwargs to their backbone.
-    """
-    if "past_key_values" in params:
-        return True
-    backbone = getattr(model, "base_model", None)
-    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if not passes_kwargs or not isinstance(backbone, nn.Module) or backbone is model:
-        return False
-    return "past_key_values" in inspect.signature(backbone.forward).parameters
 
 
 def _offset_positions(model: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import PromptTuning
 from ..errors import TargetError
+from ..hf_names import given_cache
 
 #: attribute set on a transformers cache: how many of its entries are prefix-tuning keys/values, not tokens
 VIRTUAL = "adapterkit_virtual_entries"
@@ -25,7 +26,7 @@ VIRTUAL = "adapterkit_virtual_entries"
 def bind_args(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Positional forward arguments as keywords, so that a method can edit them by name.
 
-    GPT-2 takes `past_key_values` second and BERT `attention_mask`, so positions mean nothing alone.
+    GPT-2 takes its cache second and BERT `attention_mask`, so positions mean nothing alone.
     """
     if not args:
         return dict(kwargs)
@@ -65,7 +66,7 @@ class PromptTuningAdapter(nn.Module):
         kwargs = bind_args(model, args, kwargs)
         k = self.prompt.shape[0]
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if real_past(kwargs.get("past_key_values")) > 0:
+        if real_past(given_cache(kwargs)[1]) > 0:
             # A later generation step: the prompt already sits in the cache, but the caller's mask and
             # position ids count only real tokens.
             if mask is not None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TargetError
+from ..hf_names import cache_keyword, output_cache
 from ..model import AdaptedModel
 from .base import pad
 
@@ -43,12 +45,15 @@ def generate_batch(
     tokens: list[list[int]] = [[] for _ in rows]
     finish = [""] * n
     extra = {"logits_to_keep": 1} if _accepts(am.base, "logits_to_keep") else {}
+    keyword = cache_keyword(am.base)
+    if keyword is None:
+        raise TargetError(f"{type(am.base).__name__}.forward takes no key/value cache, so it cannot generate here")
     past = None
     with am.route(list(names)):
         for _ in range(max(r.max_new_tokens for r in rows)):
-            out = am(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                     use_cache=True, **extra)
-            past = out.past_key_values
+            out = am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{keyword: past}, **extra)
+            past = output_cache(out)
             logits = out.logits[:, -1, :].float()
             chosen = []
             for i, row in enumerate(rows):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from ..hf_names import enable_activation_checkpointing
 from ..io.files import _atomic_folder
 from .data import make_loader
 from .metrics import accuracy, macro_f1
@@ -85,8 +86,8 @@ class Trainer:
                                        gradient_accumulation_steps=settings.grad_accum)
         set_seed(settings.seed)
         base = getattr(model, "base", model)
-        if settings.gradient_checkpointing and hasattr(base, "gradient_checkpointing_enable"):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if settings.gradient_checkpointing:
+            enable_activation_checkpointing(base)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
         steps_per_epoch = -(-len(train_data) // settings.batch_size) // settings.grad_accum
         self.total_steps = steps_per_epoch * settings.epochs

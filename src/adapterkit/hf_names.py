@@ -1,0 +1,97 @@
+"""Names that transformers changes between releases, looked up in one place.
+
+The key/value cache: transformers 5.24 renamed the `past_key_values` argument and output field to `cache` (the old name
+lives on as a deprecated alias until 5.40); older releases know only `past_key_values`. Code that
+hands a model its cache asks `cache_keyword(model)`; code that receives one (from a caller, or from
+generate(), which uses the model's own name) reads every known name with `given_cache`. A future
+rename means one more entry in CACHE_NAMES, not a hunt through the package.
+
+Activation checkpointing: transformers 5.24 also renamed `gradient_checkpointing_enable` and
+`is_gradient_checkpointing` to `activation_checkpointing_*` (the old names warn until v6).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .errors import TargetError
+
+#: every name a transformers release has used for the cache argument, newest first
+CACHE_NAMES = ("cache", "past_key_values")
+
+_KEYWORD_BY_CLASS: dict[type, str | None] = {}
+
+
+def _declared(function: Any) -> tuple[str | None, bool]:
+    """(the cache name `function` declares, whether it takes **kwargs)."""
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return None, False
+    name = next((n for n in CACHE_NAMES if n in params), None)
+    return name, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword under which `model.forward` takes a cache, or None if it takes none.
+
+    Task models such as BertForSequenceClassification only forward **kwargs to their backbone, so
+    the backbone's forward decides for them.
+    """
+    cls = type(model)
+    if cls not in _KEYWORD_BY_CLASS:
+        name, passes_kwargs = _declared(model.forward)
+        backbone = getattr(model, "base_model", None)
+        if name is None and passes_kwargs and isinstance(backbone, nn.Module) and backbone is not model:
+            name = _declared(backbone.forward)[0]
+        _KEYWORD_BY_CLASS[cls] = name
+    return _KEYWORD_BY_CLASS[cls]
+
+
+def given_cache(kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(the name, the cache) that a call's keyword arguments carry; (None, None) when none does."""
+    found = [(n, kwargs[n]) for n in CACHE_NAMES if kwargs.get(n) is not None]
+    if len(found) > 1:
+        raise TargetError(f"a call passed its cache twice, as {' and '.join(n for n, _ in found)}; pass one")
+    return found[0] if found else (None, None)
+
+
+def with_cache(model: nn.Module, kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+    """`kwargs` with `cache` under the model's own keyword (and under no other name)."""
+    keyword = cache_keyword(model)
+    if keyword is None:
+        raise TargetError(f"{type(model).__name__}.forward takes no key/value cache (looked for {CACHE_NAMES})")
+    out = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
+    out[keyword] = cache
+    return out
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model returned (`output.cache` or `output.past_key_values`), or None."""
+    for name in CACHE_NAMES:
+        value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def enable_activation_checkpointing(model: nn.Module) -> bool:
+    """Recompute activations in backward (non-reentrant); False if the model has no such switch."""
+    for method, keyword in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
+                            ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
+        if hasattr(type(model), method):
+            getattr(model, method)(**{keyword: {"use_reentrant": False}})
+            return True
+    return False
+
+
+def activation_checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (read without touching a deprecated property)."""
+    for prop in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), prop):
+            return bool(getattr(model, prop))
+    return False
