@@ -14,7 +14,9 @@ Inference (eval, no_grad, batch 32 x 128 random token ids, full attention mask),
 base model alone:
   * one pfeiffer bottleneck adapter, one LoRA r=8 on all linear layers (unmerged),
   * a batch routed row by row over 32 distinct LoRA adapters (random nonzero B),
-  * the same with PEFT: one LoRA, and mixed-batch inference over 32 LoRA adapters.
+  * the same with PEFT: one LoRA, and mixed-batch inference over 32 LoRA adapters,
+  * torch.compile (Inductor): the base model (against the eager base), and the LoRA case
+    (against the compiled base).
 Training (one step: forward + backward + AdamW, batch 16 x 128 by default), baseline = one full
 fine-tuning step of the same model; the adapter step trains a pfeiffer bottleneck and its head.
 
@@ -62,6 +64,8 @@ CASES: dict[str, tuple[str, str | None, float | None]] = {
     "routed32": ("adapterkit: batch routed over 32 LoRA adapters", "base", 1.08),
     "peft_lora": ("PEFT: one LoRA, all-linear r=8", "base", None),
     "peft_routed32": ("PEFT: mixed batch over 32 LoRA adapters", "base", None),
+    "compiled_base": ("torch.compile: base model", "base", None),
+    "compiled_lora": ("torch.compile: one LoRA, all-linear r=8 (vs compiled base)", "compiled_base", None),
     "train_full": ("training step: full fine-tuning", None, None),
     "train_bottleneck": ("training step: bottleneck adapter + head", "train_full", 0.75),
 }
@@ -73,6 +77,8 @@ RATIO_KEYS = {
     "peft_lora": "peft_lora_ratio",
     "peft_routed32": "peft_routed32_ratio",
     "train_bottleneck": "train_step_ratio",
+    "compiled_base": "compiled_base_ratio",
+    "compiled_lora": "compiled_lora_ratio",
 }
 
 
@@ -170,6 +176,21 @@ def build_peft(base: nn.Module, batch: dict, n_sites: int) -> dict[str, Callable
     return {"peft_lora": inference(one, batch), "peft_routed32": inference(mixed, batch, adapter_names=names)}
 
 
+def build_compiled(base: nn.Module, batch: dict) -> dict[str, Callable[[], None]]:
+    """torch.compile (Inductor) of the base model and of the LoRA case, compiled before timing."""
+    plain = torch.compile(copy.deepcopy(base))
+    lora = ak.adapt(copy.deepcopy(base))
+    lora.add("l", ak.LoRA(r=8, alpha=16, targets="all-linear"))
+    randomize_lora_b([(n, p) for n, p in lora.named_parameters() if n.endswith("lora_B")], seed=1)
+    lora.activate("l")
+    lora.eval()
+    cases = {"compiled_base": inference(plain, batch),
+             "compiled_lora": inference(torch.compile(lora, fullgraph=True), batch)}
+    for run in cases.values():
+        run()
+    return cases
+
+
 def build_training(base: nn.Module, batch: dict) -> dict[str, Callable[[], None]]:
     labels = torch.randint(
         0, NUM_LABELS, (batch["input_ids"].shape[0],), generator=torch.Generator().manual_seed(3)
@@ -256,6 +277,8 @@ def summarize(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, f
 def table(stats: dict[str, dict[str, float]]) -> str:
     lines = ["| case | median ms | ratio | target |", "|---|---:|---:|---:|"]
     for name, (label, baseline, target) in CASES.items():
+        if name not in stats:
+            continue
         s = stats[name]
         ratio = f"{s['ratio']:.3f}" if baseline else "1 (baseline)"
         goal = f"≤ {target:.2f}" if target else ""
@@ -275,6 +298,7 @@ def main() -> None:
     parser.add_argument(
         "--max-minutes", type=float, default=8.0, help="stop timing after this (at least 3 rounds)"
     )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile cases")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 25)
@@ -289,6 +313,9 @@ def main() -> None:
     adapterkit_cases, n_sites = build_adapterkit(base, batch)
     cases.update(adapterkit_cases)
     cases.update(build_peft(base, batch, n_sites))
+    if not args.no_compile:
+        print("compiling the base model and the LoRA case ...", flush=True)
+        cases.update(build_compiled(base, batch))
     cases.update(build_training(base, make_batch(base, args.train_rows, args.tokens, seed=1)))
 
     print(f"{len(cases)} cases, {warmup} warm-up + {rounds} timed rounds, {args.threads} threads", flush=True)
@@ -298,7 +325,7 @@ def main() -> None:
     import peft
     import transformers
 
-    result = {key: stats[name]["ratio"] for name, key in RATIO_KEYS.items()}
+    result = {key: stats[name]["ratio"] for name, key in RATIO_KEYS.items() if name in stats}
     result["targets"] = {RATIO_KEYS[n]: t for n, (_, _, t) in CASES.items() if t is not None}
     result["cases"] = stats
     result["settings"] = {

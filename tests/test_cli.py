@@ -48,7 +48,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         extra = ["--targets", "query", "--targets", "value", "--modules-to-save", "bert.pooler"] if method == "lora" else []
         result = invoke("train", "--data", str(data), "--text-col", "tweet", "--label-col", "mood",
                         "--method", method, "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-                        "--max-train", "0", "--name", method, "--out", str(out), "--no-progress", *extra)
+                        "--name", method, "--out", str(out), "--no-progress", *extra)
         assert result.exit_code == 0, result.output
         assert "test accuracy" in result.output
         runs[method] = out
@@ -67,6 +67,30 @@ def test_train_writes_run_folder(trained):
     assert metrics["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
     manifest = json.loads((out / "adapter" / "adapter.json").read_text())
     assert manifest["labels"] == ["negative", "neutral", "positive"]
+    # A user's own data is used whole, and the run says how it was split.
+    assert metrics["examples"] == metrics["examples_available"]
+    assert sum(metrics["examples"].values()) == 90 and metrics["examples"]["train"] == 72
+    assert "tweets.csv" in metrics["split"] and "80/10/10" in metrics["split"]
+
+
+def test_caps_apply_to_the_bundled_demo_only(tmp_path):
+    from adapterkit.train.job import DEMO_CAPS, JobSpec
+
+    assert JobSpec().caps() == DEMO_CAPS
+    assert JobSpec(data="mine.csv").caps() == {"train": None, "validation": None, "test": None}
+    assert JobSpec(data="mine.csv", max_train_examples=50).caps()["train"] == 50
+    assert JobSpec(max_test_examples=None).caps()["test"] is None
+    data = tweets_slice(tmp_path / "tweets.csv")
+    result = invoke("train", "--data", str(data), "--text-col", "tweet", "--label-col", "mood", "--epochs", "1",
+                    "--max-train", "20", "--max-test", "5", "--max-length", "16", "--out", str(tmp_path / "run"),
+                    "--no-progress", "--no-pooler-copy")
+    assert result.exit_code == 0, result.output
+    assert "20 train (capped, of 72), 9 validation, 5 test (capped, of 9)" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["examples"] == {"train": 20, "validation": 9, "test": 5}
+    assert metrics["settings"]["caps"] == {"train": 20, "validation": None, "test": 5}
+    result = invoke("train", "--data", str(data), "--max-train", "-1", "--out", str(tmp_path / "bad"))
+    assert result.exit_code != 0 and ">= 0" in result.output
 
 
 def test_info_predict_eval(trained):

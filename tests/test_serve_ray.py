@@ -16,6 +16,7 @@ from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minil
 
 @pytest.mark.slow
 def test_ray_serve_multiplexed_by_adapter_id(tmp_path, minilm_tokenizer):
+    """Two replicas, one adapter each at most: every id is answered right, by the replica holding it."""
     builder = ak.adapt(load_minilm())
     store = AdapterStore(tmp_path / "store", fingerprint=builder.fingerprint())
     folders = {}
@@ -23,15 +24,23 @@ def test_ray_serve_multiplexed_by_adapter_id(tmp_path, minilm_tokenizer):
         folders[f"{tenant}/{name}"] = make_adapter(builder, name, tmp_path / f"src{i}", seed=i, scale=0.3)
         store.add(tenant, name, folders[f"{tenant}/{name}"])
     reference = Reference(ak.adapt(load_minilm()), minilm_tokenizer)
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # Bounded for a 2-core machine: two replicas of one CPU each, a small object store, no dashboard.
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False)
     try:
-        app = deployment(minilm_path(), store.root, max_adapters_per_replica=1, threads=1).bind()
+        app = deployment(minilm_path(), store.root, num_replicas=2, max_adapters_per_replica=1, threads=1,
+                         ray_actor_options={"num_cpus": 1}).bind()
         handle = serve.run(app, name="adapterkit-test", route_prefix="/adapterkit")
-        for model_id in ("acme/s", "globex/s", "acme/s"):  # max 1 per replica: each switch unloads the other
+        served_by: dict[str, set[str]] = {}
+        for model_id in ("acme/s", "globex/s") * 3:
             out = handle.options(multiplexed_model_id=model_id).classify.remote(["hello there"]).result(timeout_s=120)
             expected = reference.scores(folders[model_id], "hello there")
             got = list(out["results"][0]["scores"].values())
             assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, model_id
+            served_by.setdefault(model_id, set()).add(out["replica"])
+        # Each id stays on the replica that loaded it, and the two ids live on two replicas.
+        assert all(len(replicas) == 1 for replicas in served_by.values()), served_by
+        assert len(set().union(*served_by.values())) == 2, served_by
         base = handle.classify.remote(["hello there"]).result(timeout_s=60)
         assert base["adapter"] is None
     finally:

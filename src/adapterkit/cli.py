@@ -57,8 +57,8 @@ def train(
     data: Data = None, text_col: TextCol = None, label_col: LabelCol = None,
     task: Annotated[str, typer.Option(help="classify, or causal-lm (JSONL prompt/completion or text)")] = "classify",
     method: Annotated[str, typer.Option(help="bottleneck | lora | ia3 | bitfit | prompt | prefix")] = "bottleneck",
-    reduction: Annotated[float, typer.Option(help="Bottleneck: features / bottleneck size")] = 16,
-    placement: Annotated[str, typer.Option(help="Bottleneck: pfeiffer | houlsby | parallel | custom")] = "pfeiffer",
+    reduction: Annotated[float, typer.Option(help="Bottleneck: features / bottleneck size")] = 4,
+    placement: Annotated[str, typer.Option(help="Bottleneck: pfeiffer | houlsby | parallel | custom")] = "houlsby",
     r: Annotated[int, typer.Option("--r", help="LoRA rank")] = 8,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r)")] = 16,
     dropout: Annotated[float, typer.Option(help="Adapter dropout")] = 0.0,
@@ -66,15 +66,21 @@ def train(
     virtual_tokens: Annotated[int, typer.Option(help="Prompt/prefix tuning: number of virtual tokens")] = 20,
     modules_to_save: Annotated[list[str] | None, typer.Option(
         help="A base module the adapter trains its own copy of, e.g. bert.pooler; repeat")] = None,
+    pooler_copy: Annotated[bool, typer.Option(
+        help="Classification: the adapter also trains its own copy of the base's pooler, if it has one")] = True,
     epochs: Annotated[int, typer.Option(help="Passes over the training split")] = 3,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay)")] = 1e-3,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate, linear warm-up and decay (default: 3e-3 bottleneck, 2e-3 LoRA, else 1e-3)")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per step")] = 32,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps")] = 1,
     mixed_precision: Annotated[str, typer.Option(help="no | fp16 | bf16 (passed to Accelerate)")] = "no",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory")] = False,
     max_length: Annotated[int, typer.Option(help="Tokens per example")] = 64,
-    max_train: Annotated[int | None, typer.Option(help="Cap on training examples (0 = all)")] = 3000,
-    max_eval: Annotated[int | None, typer.Option(help="Cap on validation and test examples (0 = all)")] = 1000,
+    max_train: Annotated[int | None, typer.Option(
+        help="Cap on training examples (0 = all; default: all of --data, 3000 of the bundled tweets)")] = None,
+    max_eval: Annotated[int | None, typer.Option(
+        help="Cap on validation examples (0 = all; default: all of --data, 1000 of the bundled tweets)")] = None,
+    max_test: Annotated[int | None, typer.Option(help="Cap on test examples (0 = all; the default)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, the order and the initialisation")] = 0,
     name: Annotated[str, typer.Option(help="Adapter name; the run folder is runs/<name>")] = "tweets-sentiment",
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<name>)")] = None,
@@ -83,17 +89,18 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
-    from .train.job import JobSpec, MethodOptions, default_base, report_lines, run_job
+    from .train.job import JobSpec, MethodOptions, default_base, default_lr, report_lines, run_job
     from .train.trainer import TrainSettings
 
     spec = JobSpec(
         base=base or default_base(), data=data, text_col=text_col, label_col=label_col, task=task, name=name,
-        out=out, max_length=max_length, max_train_examples=max_train or None, max_eval_examples=max_eval or None,
+        out=out, max_length=max_length, max_train_examples=_cap(max_train), max_eval_examples=_cap(max_eval),
+        max_test_examples=_cap(max_test),
         resume=resume,
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
-                             modules_to_save=modules_to_save),
-        train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                             modules_to_save=modules_to_save, pooler_copy=pooler_copy),
+        train=TrainSettings(epochs=epochs, lr=lr or default_lr(method), batch_size=batch_size, grad_accum=grad_accum,
                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                             seed=seed, checkpoint_every=checkpoint_every, progress=progress),
     )
@@ -102,6 +109,15 @@ def train(
     for line in report_lines(metrics):
         console.print(line)
     console.print(f"run folder: {spec.run_dir}  (adapter/, metrics.json, curves.png)")
+
+
+def _cap(value: int | None) -> int | None | str:
+    """A cap option: not given -> "auto" (the job decides), 0 -> no cap."""
+    if value is None:
+        return "auto"
+    if value < 0:
+        raise typer.BadParameter(f"a cap on examples must be >= 0 (0 = all), got {value}")
+    return value or None
 
 
 @app.command("eval")

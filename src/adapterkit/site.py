@@ -172,8 +172,9 @@ class Site(nn.Module):
         cost proportional to the adapters in the batch, not to all the adapters loaded.
         """
         attached = self.adapters._modules  # the plain dict: ModuleDict's indexing costs more
-        if torch.is_grad_enabled():
-            # The stack is part of the autograd graph, so it cannot be reused across steps.
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # The stack is part of the autograd graph, so it cannot be reused across steps; a compiled
+            # graph stacks inside itself (its guards cannot read the cache's storage pointers).
             return key[0].stack([attached[n] for n in names])
         cached = self._stacks.get(key)
         if cached is not None and cached.names == tuple(names):

@@ -155,10 +155,12 @@ def down_project(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
 
     A has only r rows, and the default CPU GEMM runs such a skinny product at a quarter of its
     usual speed; oneDNN's runs it about 2x faster (bench/overhead.py). oneDNN's op has no autograd,
-    so it is used for inference only, on CPU float32 tensors; everything else takes F.linear.
+    so it is used for eager inference only, on CPU float32 tensors; everything else (training,
+    other devices and dtypes, torch.compile) takes F.linear.
     """
     if (
         _ONEDNN_LINEAR is not None
+        and not torch.compiler.is_compiling()  # Inductor cannot lower the op; it picks its own GEMM
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == lora_a.dtype == torch.float32

@@ -11,6 +11,9 @@ Over HTTP, Ray Serve's proxy reads the adapter id from the `serve_multiplexed_mo
 
     curl -H 'serve_multiplexed_model_id: acme/sentiment' -d '{"inputs": ["great film"]}' localhost:8000/classify
 
+Ray sends usage statistics to its own host by default: set RAY_USAGE_STATS_ENABLED=0 before
+`ray.init` where nothing may leave the machine (the tests and CI do).
+
 How it fits together:
 * The model id is "<tenant>/<name>" (a plain name means tenant "default"). Ray Serve's model
   multiplexing sends requests for one id preferably to replicas that already hold that adapter,
@@ -68,6 +71,7 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
     class AdapterServer:
         def __init__(self) -> None:
             self.engine = Engine(base, store, **engine_options)
+            self.replica = serve.get_replica_context().replica_id.unique_id
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)
         async def get_adapter(self, model_id: str) -> LoadedAdapter:
@@ -82,17 +86,19 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
             adapter = await self.get_adapter(model_id)
             return adapter.name, adapter.tenant
 
+        # Each answer names the replica that computed it, so that a client (or a test) can see
+        # how multiplexing spread the adapter ids.
         async def classify(self, inputs: list[str]) -> dict:
             name, tenant = await self._target()
-            return await self.engine.aclassify(inputs, name, tenant)
+            return {**await self.engine.aclassify(inputs, name, tenant), "replica": self.replica}
 
         async def embed(self, inputs: list[str], normalize: bool = False) -> dict:
             name, tenant = await self._target()
-            return await self.engine.aembed(inputs, name, tenant, normalize=normalize)
+            return {**await self.engine.aembed(inputs, name, tenant, normalize=normalize), "replica": self.replica}
 
         async def generate(self, prompt: str, **options: Any) -> dict:
             name, tenant = await self._target()
-            return await self.engine.agenerate(prompt, name, tenant, **options)
+            return {**await self.engine.agenerate(prompt, name, tenant, **options), "replica": self.replica}
 
         async def put(self, model_id: str, archive: bytes) -> dict:
             """Upload a tar/zip of an adapter folder as the new live version of `model_id`."""

