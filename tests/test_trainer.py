@@ -214,7 +214,7 @@ def test_causal_lm_training_lowers_loss(tmp_path, method, lr):
 def test_default_train_end_to_end(tmp_path, monkeypatch):
     """`adapterkit train` with its defaults, on a smaller slice so CI stays fast."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("train", "--max-train", "1024", "--max-eval", "300", "--epochs", "2", "--lr", "3e-3",
+    result = invoke("train", "--max-train", "1024", "--max-eval", "300", "--max-test", "300", "--epochs", "2",
                     "--no-progress")
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "runs" / "tweets-sentiment" / "metrics.json").read_text())
