@@ -13,7 +13,8 @@ median over rounds of (case time / baseline time in the same round).
 Inference (eval, no_grad, batch 32 x 128 random token ids, full attention mask), baseline = the
 base model alone:
   * one pfeiffer bottleneck adapter, one LoRA r=8 on all linear layers (unmerged),
-  * a batch routed row by row over 32 distinct LoRA adapters (random nonzero B),
+  * a batch routed row by row over 32 distinct LoRA adapters (random nonzero B), and the same
+    batch routed over 32 of 512 loaded adapters,
   * the same with PEFT: one LoRA, and mixed-batch inference over 32 LoRA adapters,
   * torch.compile (Inductor): the base model (against the eager base), and the LoRA case
     (against the compiled base).
@@ -54,6 +55,7 @@ import adapterkit as ak  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 N_ROUTED = 32
+N_LOADED = 512
 NUM_LABELS = 3
 
 # case name -> (label in the table, baseline case, target ratio or None)
@@ -62,6 +64,7 @@ CASES: dict[str, tuple[str, str | None, float | None]] = {
     "bottleneck": ("adapterkit: one bottleneck (pfeiffer)", "base", 1.03),
     "lora": ("adapterkit: one LoRA, all-linear r=8, unmerged", "base", 1.03),
     "routed32": ("adapterkit: batch routed over 32 LoRA adapters", "base", 1.08),
+    "routed32_of512": ("adapterkit: the same 32-adapter batch with 512 adapters loaded", "base", None),
     "peft_lora": ("PEFT: one LoRA, all-linear r=8", "base", None),
     "peft_routed32": ("PEFT: mixed batch over 32 LoRA adapters", "base", None),
     "compiled_base": ("torch.compile: base model", "base", None),
@@ -74,6 +77,7 @@ RATIO_KEYS = {
     "bottleneck": "bottleneck_ratio",
     "lora": "lora_ratio",
     "routed32": "routed32_ratio",
+    "routed32_of512": "routed32_of512_ratio",
     "peft_lora": "peft_lora_ratio",
     "peft_routed32": "peft_routed32_ratio",
     "train_bottleneck": "train_step_ratio",
@@ -132,16 +136,29 @@ def build_adapterkit(base: nn.Module, batch: dict) -> tuple[dict[str, Callable[[
         routed.add(name, ak.LoRA(r=8, alpha=16, targets="all-linear"))
     randomize_lora_b([(n, p) for n, p in routed.named_parameters() if n.endswith("lora_B")], seed=2)
 
-    def run_routed() -> None:
-        with torch.no_grad(), routed.route(names):
-            routed(**batch)
+    # 512 loaded, the batch uses 32 of them spread over the whole set: the per-forward cost must
+    # not grow with the adapters that sit unused
+    crowded = ak.adapt(copy.deepcopy(base))
+    loaded = [f"c{i:03d}" for i in range(N_LOADED)]
+    for name in loaded:
+        crowded.add(name, ak.LoRA(r=8, alpha=16, targets="all-linear"))
+    randomize_lora_b([(n, p) for n, p in crowded.named_parameters() if n.endswith("lora_B")], seed=4)
+    used = loaded[:: N_LOADED // N_ROUTED][:N_ROUTED]
 
-    for model in (bottleneck, lora, routed):
+    def run_routed(model: ak.AdaptedModel, row_names: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), model.route(row_names):
+                model(**batch)
+
+        return run
+
+    for model in (bottleneck, lora, routed, crowded):
         model.eval()
     cases = {
         "bottleneck": inference(bottleneck, batch),
         "lora": inference(lora, batch),
-        "routed32": run_routed,
+        "routed32": run_routed(routed, names),
+        "routed32_of512": run_routed(crowded, used),
     }
     return cases, len(lora.sites)
 

@@ -228,6 +228,39 @@ def test_routing_sees_changes_to_adapters_the_previous_batch_did_not_use():
     check_rows(am, x, ["a", "b", "c"])
 
 
+def test_routed_forward_never_walks_all_attached_adapters():
+    """Once the caches are built, a routed forward reads only the adapters its rows name: none of
+    the per-forward bookkeeping iterates the (maybe thousands of) adapters attached to a site."""
+
+    class NoWalk(dict):
+        def walked(self, *args):
+            raise AssertionError("a forward iterated every attached adapter")
+
+        __iter__ = keys = values = items = walked
+
+    am = ak.adapt(make_cnn())
+    for i in range(40):
+        am.add(f"a{i}", ak.LoRA(r=2) if i % 2 else ak.Bottleneck())
+        randomize(am, f"a{i}", seed=i)
+    x = torch.randn(3, 3, 16, 16, generator=_gen())
+    check_rows(am, x, ["a1", "a2", None])  # builds the groups and the stacks
+
+    for site in am.sites.values():  # the plain dict every ModuleDict keeps its modules in
+        site.adapters._modules = NoWalk(site.adapters._modules)
+    with torch.no_grad(), am.route(["a7", "a30", "a1"]):  # other adapters, a new route
+        out = am(x)
+    for site in am.sites.values():
+        site.adapters._modules = dict(dict.items(site.adapters._modules))
+    check_rows(am, x, ["a7", "a30", "a1"])
+    versions = {key: site.adapters.version for key, site in am.sites.items()}
+    am.add("late", ak.LoRA(r=2))  # attaching bumps the version, which rebuilds the caches
+    bumped = {key for key, site in am.sites.items() if site.adapters.version > versions.get(key, -1)}
+    assert bumped == {key for key, site in am.sites.items() if "late" in site.adapters._modules}
+    randomize(am, "late")
+    check_rows(am, x, ["late", "a7", None])
+    assert out.shape[0] == 3
+
+
 def test_routing_after_changing_dtype():
     am = ak.adapt(make_cnn())
     am.add("a", ak.LoRA(r=2))

@@ -24,8 +24,41 @@ class Route:
     """Per-row routing for one forward: `names[i]` is row i's adapter (None = base model)."""
 
     names: tuple[str | None, ...]
-    #: row indices into each site's stacks, computed once per route and group
+    #: row indices into each site's stacks, computed once per route, site, group and site version
     rows: dict[tuple, tuple[torch.Tensor | None, tuple[str, ...]]] = field(default_factory=dict)
+
+
+class AttachedAdapters(nn.ModuleDict):
+    """A site's adapters by name, with a version that every change bumps.
+
+    The per-forward caches (routing groups, stacked parameters, row indices) are keyed by the
+    version, so a forward never builds or compares a tuple of all the names loaded: its cost
+    depends on the adapters its batch uses, not on how many are attached.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(key, module)
+        self.version += 1
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.version += 1
+
+    def clear(self) -> None:
+        super().clear()
+        self.version += 1
+
+
+@dataclass
+class _Group:
+    """Adapters of one site that route together, and each one's slot in the stacked tensors."""
+
+    names: tuple[str, ...]
+    slot: dict[str, int]
 
 
 @dataclass
@@ -42,13 +75,13 @@ class Site(nn.Module):
         super().__init__()
         self.module_name = name
         self.shape = SiteShape.of(module, name)
-        self.adapters = nn.ModuleDict()
+        self.adapters = AttachedAdapters()
         self.fusions = nn.ModuleDict()
         # A plain attribute, not a submodule: the frozen module belongs to the base model only.
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
         self._stacks: dict[tuple, _Stack] = {}
-        self._group_cache: tuple[tuple, dict] = ((), {"input": {}, "output": {}})
+        self._group_cache: tuple[int, dict[str, dict[tuple, _Group]]] = (-1, {"input": {}, "output": {}})
         self._handles = [
             module.register_forward_pre_hook(self._before, with_kwargs=True),
             module.register_forward_hook(self._after, with_kwargs=True),
@@ -150,20 +183,21 @@ class Site(nn.Module):
 
     # --- per-row routing ---------------------------------------------------------------------
 
-    def _groups(self, side: str) -> dict[tuple, list[str]]:
+    def _groups(self, side: str) -> dict[tuple, _Group]:
         """Adapters that route together: same class, same side, same routing-relevant settings.
 
-        Cached per set of attached adapters: every forward of a routed batch asks, at every site.
+        Cached per version of the attached adapters: every forward of a routed batch asks, at every site.
         """
-        names = tuple(self.adapters._modules)
-        if self._group_cache[0] != names:
-            groups: dict[str, dict[tuple, list[str]]] = {"input": {}, "output": {}}
+        if self._group_cache[0] != self.adapters.version:
+            found: dict[str, dict[tuple, list[str]]] = {"input": {}, "output": {}}
             for name, adapter in self.adapters.items():
-                groups[adapter.side].setdefault((type(adapter), adapter.route_group()), []).append(name)
-            self._group_cache = (names, groups)
+                found[adapter.side].setdefault((type(adapter), adapter.route_group()), []).append(name)
+            groups = {s: {k: _Group(tuple(v), {n: i for i, n in enumerate(v)}) for k, v in g.items()}
+                      for s, g in found.items()}
+            self._group_cache = (self.adapters.version, groups)
         return self._group_cache[1][side]
 
-    def _stacked(self, key: tuple, names: list[str], used: tuple[str, ...]) -> dict:
+    def _stacked(self, key: tuple, names: tuple[str, ...], used: tuple[str, ...]) -> dict:
         """The stacked parameters of `names`, rebuilt when the names change or when an adapter that
         this batch uses has changed (in place, or swapped for another module).
 
@@ -177,12 +211,12 @@ class Site(nn.Module):
             # graph stacks inside itself (its guards cannot read the cache's storage pointers).
             return key[0].stack([attached[n] for n in names])
         cached = self._stacks.get(key)
-        if cached is not None and cached.names == tuple(names):
+        if cached is not None and cached.version == self.adapters.version:
             if all(cached.modules[n] is attached[n] and cached.signature(n) == cached.signatures[n] for n in used):
                 return cached.stacked
         adapters = [attached[n] for n in names]
         with torch.no_grad():
-            cached = _Stack(tuple(names), adapters, key[0].stack(adapters))
+            cached = _Stack(names, adapters, key[0].stack(adapters), self.adapters.version)
         self._stacks[key] = cached
         return cached.stacked
 
@@ -194,13 +228,15 @@ class Site(nn.Module):
             raise CompositionError(
                 f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
             )
-        for key, names in self._groups(side).items():
-            if torch.is_grad_enabled():
-                names = [n for n in names if n in route.names]
-            row_key = (self.module_name, key, tuple(names))
+        for key, group in self._groups(side).items():
+            names, slot = group.names, group.slot
+            if torch.is_grad_enabled():  # stacks are rebuilt per step, so only of the adapters used
+                wanted = set(route.names)
+                names = tuple(n for n in names if n in wanted)
+                slot = {n: i for i, n in enumerate(names)}
+            row_key = (self.module_name, key, self.adapters.version, len(names))
             found = route.rows.get(row_key)
             if found is None:
-                slot = {n: i for i, n in enumerate(names)}
                 idx = [slot.get(n, len(names)) for n in route.names]
                 used = tuple({n: None for n in route.names if n in slot})
                 found = (torch.tensor(idx, device=target.device) if used else None, used)
@@ -226,8 +262,8 @@ class Site(nn.Module):
 class _Stack:
     """A site's stacked parameters for one routing group, and what they were built from."""
 
-    def __init__(self, names: tuple[str, ...], adapters: list[nn.Module], stacked: dict) -> None:
-        self.names, self.stacked = names, stacked
+    def __init__(self, names: tuple[str, ...], adapters: list[nn.Module], stacked: dict, version: int) -> None:
+        self.names, self.stacked, self.version = names, stacked, version
         self.modules = dict(zip(names, adapters, strict=True))
         self.params = {n: _parameters_of(a) for n, a in self.modules.items()}
         self.signatures = {n: self.signature(n) for n in names}
