@@ -42,6 +42,12 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise AdapterConfigError for values that cannot work."""
 
+    @property
+    def default_targets_key(self) -> str | None:
+        """Which column of targets.DEFAULT_TARGETS gives this method's sites when it names none
+        (a `<key>_input` column there adds input-side sites); None: it has no defaults."""
+        return self.method
+
 
 @dataclass
 class Bottleneck(MethodConfig):
@@ -80,6 +86,10 @@ class Bottleneck(MethodConfig):
             raise AdapterConfigError("Bottleneck bottleneck_size must be >= 1")
         if not 0 <= self.dropout < 1:
             raise AdapterConfigError("Bottleneck dropout must be in [0, 1)")
+
+    @property
+    def default_targets_key(self) -> str | None:
+        return None if self.placement == "custom" else self.placement
 
     def size_for(self, features: int) -> int:
         if self.bottleneck_size is not None:

@@ -23,7 +23,7 @@ from .config import MethodConfig
 from .copies import ModuleCopies
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head, new_head
-from .methods import MODEL_LEVEL, SiteShape, build_model_method, build_site_method
+from .methods import SiteShape, build_model_method, build_site_method, is_model_level
 from .site import ActiveState, Route, Site
 from .targets import default_targets, find_sites, matches
 
@@ -84,7 +84,7 @@ class AdaptedModel(nn.Module):
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)
         head_module = self._build_head(name, labels, num_labels, head)
-        if isinstance(config, MODEL_LEVEL):
+        if is_model_level(config):
             self.model_level[name] = build_model_method(config, self.base).to(self._device())
         else:
             built = self._build_site_methods(name, config)
@@ -271,7 +271,10 @@ class AdaptedModel(nn.Module):
                 "linear in the frozen weights; bottleneck adapters have a nonlinearity, prompt/prefix add tokens"
             )
         for site in sites:
-            combining.check_mergeable(site.adapters[name], site.frozen, name, site.module_name)
+            try:
+                site.adapters[name].check_merge(site.frozen, site.module_name)
+            except TargetError as err:
+                raise TargetError(f"adapter {name!r}: {err}") from None
             own = {id(p) for p in site.frozen.parameters(recurse=False)}
             tied = [n for n, m in self.base.named_modules()
                     if m is not site.frozen and any(id(p) in own for p in m.parameters(recurse=False))]

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import IA3, BitFit, Bottleneck, LoRA, MethodConfig
+from .config import MethodConfig
 from .errors import TargetError
 from .methods.base import HFConv1D
 
@@ -93,16 +93,14 @@ def model_family(model: nn.Module) -> str | None:
 def default_targets(model: nn.Module, config: MethodConfig) -> tuple[list, list]:
     """(targets, input-side targets) that `config` uses on `model` when it names none."""
     family = model_family(model)
-    key = {LoRA: "lora", IA3: "ia3", BitFit: "bitfit"}.get(type(config))
-    if isinstance(config, Bottleneck):
-        key = config.placement if config.placement != "custom" else None
-    if family is None or key is None:
+    key = config.default_targets_key
+    if family is None or key is None or key not in DEFAULT_TARGETS[family]:
         raise TargetError(
             f"no default targets for {type(config).__name__} on a {type(model).__name__}; "
             f"pass targets=[...]. Candidate modules: {candidates(model)}"
         )
     table = DEFAULT_TARGETS[family]
-    return list(table[key]), list(table["ia3_input"]) if key == "ia3" else []
+    return list(table[key]), list(table.get(f"{key}_input", []))
 
 
 def matches(name: str, module: nn.Module, target: str | type) -> bool:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import TargetError
+from ..errors import CompositionError, TargetError
 
 try:  # GPT-2 style transposed linear; optional so that adapterkit works without transformers
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -105,6 +106,20 @@ def features_last(t: torch.Tensor, shape: SiteShape) -> tuple[torch.Tensor, Call
     return t.movedim(shape.feature_dim, -1), lambda r: r.movedim(-1, shape.feature_dim)
 
 
+def union_targets(target_lists: list) -> list | None:
+    """The targets of a combined adapter: every target of the parts, in order, once."""
+    if any(t is None for t in target_lists):
+        if all(t is None for t in target_lists):
+            return None
+        raise CompositionError("combine needs all adapters to use default targets or all to name their targets")
+    seen: list = []
+    for targets in target_lists:
+        for t in [targets] if isinstance(targets, str) else targets:
+            if t not in seen:
+                seen.append(t)
+    return seen
+
+
 def pad_to(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """Zero-pad `t` along `dim` to `size`; zero rank/bottleneck rows change nothing."""
     missing = size - t.shape[dim]
@@ -136,6 +151,11 @@ class SiteMethod(nn.Module):
     `side` says which hook applies it: "output" methods map (x, h) -> h', "input" methods map
     x -> x' before the frozen module runs. Routing is a classmethod pair: `stack` turns the
     adapters present at a site into batched tensors once, `route` applies them per row.
+
+    A method owns all of its own behaviour: `build` (from its config), `merge_into`/`unmerge_from`
+    (with `check_merge` first), `combined_config`/`fill_combined` (weighted combination) and
+    `stack`/`route`. Nothing outside its file asks which method it is; `methods.register` adds a
+    new one, also from outside the package.
     """
 
     side = "output"
@@ -144,6 +164,27 @@ class SiteMethod(nn.Module):
     def __init__(self, shape: SiteShape) -> None:
         super().__init__()
         self.shape = shape
+
+    @classmethod
+    def build(cls, config: Any, shape: SiteShape, module: nn.Module, on_input: bool = False) -> SiteMethod:
+        """The method's module for one site. `on_input`: the site matched an input-side target."""
+        return cls(shape)
+
+    def check_merge(self, module: nn.Module, module_name: str) -> None:
+        """Raise TargetError (naming `module_name`) if this adapter cannot merge into `module`;
+        called for every site before any weight changes."""
+        if not self.mergeable:
+            raise TargetError(f"{type(self).__name__} cannot be merged into the frozen weights")
+
+    @classmethod
+    def combined_config(cls, configs: list[Any]) -> Any:
+        """The config of an adapter that holds Σ w_i · delta_i of adapters with these configs."""
+        raise TargetError(f"{cls.__name__} adapters cannot be combined")
+
+    @torch.no_grad()
+    def fill_combined(self, parts: list[tuple[SiteMethod, float]]) -> None:
+        """Set this (new, combined) adapter's parameters from (adapter, weight) pairs at its site."""
+        raise TargetError(f"{type(self).__name__} adapters cannot be combined")
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

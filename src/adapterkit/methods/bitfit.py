@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..config import BitFit
 from ..errors import TargetError
 from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows
 
@@ -31,6 +34,19 @@ class BitFitAdapter(SiteMethod):
                 f"BitFit cannot merge into a {type(module).__name__} without a bias; keep it unmerged"
             )
         return bias
+
+    def check_merge(self, module: nn.Module, module_name: str) -> None:
+        if not isinstance(getattr(module, "bias", None), torch.Tensor):
+            raise TargetError(f"BitFit cannot merge into {module_name!r}, which has no bias")
+
+    @classmethod
+    def combined_config(cls, configs: list[BitFit]) -> BitFit:
+        """Δb = Σ w_i Δb_i: exact."""
+        return dataclasses.replace(configs[0])
+
+    @torch.no_grad()
+    def fill_combined(self, parts: list[tuple[BitFitAdapter, float]]) -> None:
+        self.bias_delta.copy_(sum(w * p.bias_delta for p, w in parts))
 
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:

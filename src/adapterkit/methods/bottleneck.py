@@ -9,12 +9,14 @@ works over channels: a Linear over the channel dim is exactly a 1×1 convolution
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import Bottleneck
-from ..errors import TargetError
+from ..errors import CompositionError, TargetError
 from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -38,6 +40,11 @@ class BottleneckAdapter(SiteMethod):
         self.activation = config.activation
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout)
+
+    @classmethod
+    def build(cls, config: Bottleneck, shape: SiteShape, module: nn.Module,
+              on_input: bool = False) -> BottleneckAdapter:
+        return cls(config, shape)
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
@@ -69,6 +76,20 @@ class BottleneckAdapter(SiteMethod):
         )
 
     unmerge_from = merge_into
+
+    @classmethod
+    def combined_config(cls, configs: list[Bottleneck]) -> Bottleneck:
+        """θ = Σ w_i θ_i: parameter averaging, an approximation (as in AdapterHub)."""
+        shapes = {(c.bottleneck_size, c.reduction, c.is_parallel, c.activation, c.placement) for c in configs}
+        if len(shapes) != 1:
+            raise CompositionError("combining bottleneck adapters needs equal size, placement and activation")
+        return dataclasses.replace(configs[0], scaling=1.0)
+
+    @torch.no_grad()
+    def fill_combined(self, parts: list[tuple[BottleneckAdapter, float]]) -> None:
+        for pname, param in self.named_parameters():
+            param.copy_(sum(w * dict(p.named_parameters())[pname] * (p.scaling if "up." in pname else 1)
+                            for p, w in parts))
 
     def route_group(self) -> tuple:
         return (self.parallel, self.activation)

@@ -8,11 +8,14 @@ l starts at ones, so a new adapter is the identity.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..config import IA3
 from ..errors import TargetError
-from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows, features_last
+from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows, features_last, union_targets
 
 
 class IA3Adapter(SiteMethod):
@@ -24,6 +27,10 @@ class IA3Adapter(SiteMethod):
         if on_input and shape.in_features is None:
             raise TargetError(f"IA³ on the input needs a site with a known input width, not a {shape.kind}")
         self.ia3_l = nn.Parameter(torch.ones(shape.in_features if on_input else shape.out_features))
+
+    @classmethod
+    def build(cls, config: IA3, shape: SiteShape, module: nn.Module, on_input: bool = False) -> IA3Adapter:
+        return cls(shape, on_input=on_input)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         if self.side == "input":
@@ -45,6 +52,10 @@ class IA3Adapter(SiteMethod):
         if self.side == "output" and getattr(module, "bias", None) is not None:
             module.bias.mul_(scale.to(module.bias.dtype))
 
+    def check_merge(self, module: nn.Module, module_name: str) -> None:
+        if self.shape.kind not in ("linear", "hf_conv1d", "conv"):
+            raise TargetError(f"IA³ cannot merge into {module_name!r} ({self.shape.kind})")
+
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
         self._weight_scale(module, self.ia3_l)
@@ -54,6 +65,15 @@ class IA3Adapter(SiteMethod):
         if (self.ia3_l == 0).any():
             raise TargetError("cannot unmerge an IA³ adapter with a zero scale: merging erased those features")
         self._weight_scale(module, 1.0 / self.ia3_l)
+
+    @classmethod
+    def combined_config(cls, configs: list[IA3]) -> IA3:
+        """l = 1 + Σ w_i (l_i − 1): exact in the deltas from the identity."""
+        return dataclasses.replace(configs[0], input_targets=union_targets([c.input_targets for c in configs]))
+
+    @torch.no_grad()
+    def fill_combined(self, parts: list[tuple[IA3Adapter, float]]) -> None:
+        self.ia3_l.copy_(1 + sum(w * (p.ia3_l - 1) for p, w in parts))
 
     def route_group(self) -> tuple:
         return (self.side,)

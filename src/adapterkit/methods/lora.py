@@ -9,6 +9,7 @@ renaming keys. B starts at zero (for embeddings A does, as in PEFT), so a new ad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -54,6 +55,10 @@ class LoRAAdapter(SiteMethod):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    @classmethod
+    def build(cls, config: LoRA, shape: SiteShape, module: nn.Module, on_input: bool = False) -> LoRAAdapter:
+        return cls(config, shape, module)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.shape.kind == "embedding":
             low = F.embedding(x, self.lora_A.T, padding_idx=self.padding_idx)
@@ -87,6 +92,10 @@ class LoRAAdapter(SiteMethod):
             return delta.T
         return delta
 
+    def check_merge(self, module: nn.Module, module_name: str) -> None:
+        if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TargetError(f"cannot merge into quantised weights of {module_name!r}; keep it unmerged")
+
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
         module.weight += self.delta_weight().to(module.weight.dtype)
@@ -94,6 +103,19 @@ class LoRAAdapter(SiteMethod):
     @torch.no_grad()
     def unmerge_from(self, module: nn.Module) -> None:
         module.weight -= self.delta_weight().to(module.weight.dtype)
+
+    @classmethod
+    def combined_config(cls, configs: list[LoRA]) -> LoRA:
+        """Σ w_i s_i B_i A_i = [w_1 s_1 B_1 … w_n s_n B_n] · [A_1; …; A_n]: exact, at rank Σ r_i."""
+        rank = sum(c.r for c in configs)
+        return dataclasses.replace(configs[0], r=rank, alpha=rank, rslora=False, dropout=0.0)
+
+    @torch.no_grad()
+    def fill_combined(self, parts: list[tuple[LoRAAdapter, float]]) -> None:
+        a = torch.cat([p.lora_A for p, _ in parts])
+        b = torch.cat([p.lora_B * (w * p.scale / self.scale) for p, w in parts], dim=1)
+        self.lora_A.copy_(pad_to(a, self.lora_A.shape[0], 0))
+        self.lora_B.copy_(pad_to(b, self.lora_B.shape[1], 1))
 
     def route_group(self) -> tuple:
         return (self.shape.kind,)

@@ -26,7 +26,7 @@ from typing import Any
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
 from ..io.files import MANIFEST, PICKLE_SUFFIXES, TENSORS, _atomic_write, _fsync_dir, read_adapter
-from ..methods import MODEL_LEVEL
+from ..methods import is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, not_found
 from .tenants import DEFAULT_TENANT, valid_name
@@ -137,7 +137,7 @@ class AdapterStore:
                 f"the adapter was trained on base {base.get('name')!r} (fingerprint {base.get('fingerprint')}); "
                 f"this server's base has fingerprint {self.fingerprint}"
             )
-        if isinstance(config, MODEL_LEVEL):
+        if is_model_level(config):
             raise InvalidAdapter(
                 f"{config.method} adapters add tokens and cannot be routed per row; serve LoRA, bottleneck, IA3 or BitFit"
             )

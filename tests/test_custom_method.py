@@ -1,0 +1,144 @@
+"""A method defined outside the package works everywhere once registered: add, activate, route,
+merge, combine, save and load. Nothing in adapterkit asks which method an adapter is."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import adapterkit as ak
+from adapterkit.config import MethodConfig
+from adapterkit.methods import register
+from adapterkit.methods.base import SiteMethod, broadcast_features, broadcast_rows
+
+from .test_routing import check_rows
+
+
+@dataclass
+class Shift(MethodConfig):
+    """h' = f(x) + s·v, v a learned vector per site (zero at first)."""
+
+    method: ClassVar[str] = "test-shift"
+    scale: float = 2.0
+
+
+class ShiftAdapter(SiteMethod):
+    mergeable = True
+
+    def __init__(self, config: Shift, shape) -> None:
+        super().__init__(shape)
+        self.scale = config.scale
+        self.v = nn.Parameter(torch.zeros(shape.out_features))
+
+    @classmethod
+    def build(cls, config, shape, module, on_input=False):
+        return cls(config, shape)
+
+    def forward(self, x, h):
+        return h + self.scale * broadcast_features(self.v, h, self.shape)
+
+    def check_merge(self, module, module_name):
+        if getattr(module, "bias", None) is None:
+            raise ak.TargetError("no bias to shift")
+
+    @torch.no_grad()
+    def merge_into(self, module):
+        module.bias += self.scale * self.v
+
+    @torch.no_grad()
+    def unmerge_from(self, module):
+        module.bias -= self.scale * self.v
+
+    @classmethod
+    def combined_config(cls, configs):
+        return dataclasses.replace(configs[0], scale=1.0)
+
+    @torch.no_grad()
+    def fill_combined(self, parts):
+        self.v.copy_(sum(w * p.scale * p.v for p, w in parts))
+
+    @classmethod
+    def stack(cls, adapters):
+        shifts = [a.scale * a.v for a in adapters]
+        return {"v": torch.stack(shifts + [torch.zeros_like(shifts[0])])}
+
+    @classmethod
+    def route(cls, stacked, rows, x, h, shape):
+        return h + broadcast_rows(stacked["v"][rows], h, shape)
+
+
+register(Shift, ShiftAdapter)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def shifted(am: ak.AdaptedModel, name: str, seed: int) -> None:
+    with torch.no_grad():
+        for p in am.adapter_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_a_registered_method_works_like_a_built_in_one(tmp_path):
+    am = ak.adapt(mlp(), head=None)
+    am.add("a", Shift(targets=["0", "2"]))
+    am.add("b", Shift(targets=["0", "2"], scale=0.5))
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        base = am(x)
+        am.activate("a")
+        torch.testing.assert_close(am(x), base)  # the identity when added
+    shifted(am, "a", 1)
+    shifted(am, "b", 2)
+    with torch.no_grad():
+        ours = am(x)
+        # the reference: the same sums written by hand on the plain layers (their hooks idle)
+        m, v0, v2 = am.base, *(2.0 * s.adapters["a"].v for s in am.sites.values())
+        am.activate(None)
+        reference = m[4](torch.relu(m[2](torch.relu(m[0](x) + v0)) + v2))
+    torch.testing.assert_close(ours, reference)
+
+    check_rows(am, x, ["a", "b", None, "b", "a"])  # per-row routing through its stack/route
+
+    am.activate("a")
+    am.merge("a")
+    with torch.no_grad():
+        torch.testing.assert_close(am(x), ours, rtol=1e-5, atol=1e-6)
+    am.unmerge("a")
+
+    am.combine("mix", {"a": 0.3, "b": 0.7})
+    with torch.no_grad():
+        mixed = [s.adapters["mix"].v for s in am.sites.values()]
+        want = [0.3 * 2.0 * s.adapters["a"].v + 0.7 * 0.5 * s.adapters["b"].v for s in am.sites.values()]
+    for got, expected in zip(mixed, want, strict=True):
+        torch.testing.assert_close(got, expected)
+
+    am.save("a", tmp_path / "a")
+    again = ak.adapt(mlp(), head=None)
+    assert again.load(tmp_path / "a") == "a"
+    again.activate("a")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours)
+
+
+def test_registration_errors():
+    with pytest.raises(ak.AdapterConfigError, match="SiteMethod subclass"):
+        register(Shift, nn.Linear)
+
+    @dataclass
+    class Clash(MethodConfig):
+        method: ClassVar[str] = "lora"
+
+    with pytest.raises(ak.AdapterConfigError, match="already registered"):
+        register(Clash, ShiftAdapter)
+    am = ak.adapt(mlp(), head=None)
+    with pytest.raises(ak.TargetError, match="no default targets"):
+        am.add("s", Shift())  # a new method has no default targets: it must name them
+    assert am.adapters == []
