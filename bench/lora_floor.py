@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import inference, load_base, make_batch, measure, paired_ratio, randomize_lora_b  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
-from adapterkit.methods.lora import down_project  # noqa: E402
+from adapterkit.methods.kernels import down_project  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_floor.json"
 RANK, ALPHA = 8, 16

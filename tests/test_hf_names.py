@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.hf_names import CACHE_NAMES, cache_keyword, given_cache, output_cache, with_cache
+from adapterkit.hf_names import (
+    CACHE_NAMES,
+    cache_keyword,
+    given_cache,
+    last_logits_only,
+    output_cache,
+    with_cache,
+)
 from adapterkit.serve.generate import GenerationRow, generate_batch
 
 from .test_prompt_prefix import K, _recompute, batch, hand_built_cache, make
@@ -45,6 +52,8 @@ def test_keyword_is_what_the_forward_declares() -> None:
     # BERT's task model takes **kwargs only and hands them to its backbone.
     assert cache_keyword(make("minilm")) in CACHE_NAMES
     assert cache_keyword(nn.Linear(2, 2)) is None
+    assert last_logits_only(gpt2) in ({"logits_to_keep": 1}, {"num_logits_to_keep": 1})
+    assert last_logits_only(nn.Linear(2, 2)) == {}
 
 
 def test_given_cache_reads_either_name_and_refuses_both() -> None:

@@ -206,7 +206,7 @@ def test_identity_on_minilm_for_lora_ia3_bitfit(make_minilm, minilm_inputs):
 
 @pytest.mark.parametrize("shape", [(7, 6), (4096, 384), (300, 1536)])
 def test_lora_down_projection_matches_f_linear_with_and_without_onednn(shape):
-    from adapterkit.methods.lora import down_project
+    from adapterkit.methods.kernels import down_project
 
     x = _seeded(lambda: torch.randn(*shape))
     a = _seeded(lambda: torch.randn(8, shape[1]), 1)

@@ -22,34 +22,48 @@ from .errors import TargetError
 
 #: every name a transformers release has used for the cache argument, newest first
 CACHE_NAMES = ("cache", "past_key_values")
+#: the same for "compute logits for the last N positions only" (renamed in transformers 4.45)
+LOGITS_TO_KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
 
-_KEYWORD_BY_CLASS: dict[type, str | None] = {}
+_KEYWORD_BY_CLASS: dict[tuple[type, tuple[str, ...]], str | None] = {}
 
 
-def _declared(function: Any) -> tuple[str | None, bool]:
-    """(the cache name `function` declares, whether it takes **kwargs)."""
+def _declared(function: Any, names: tuple[str, ...]) -> tuple[str | None, bool]:
+    """(the first of `names` that `function` declares, whether it takes **kwargs)."""
     try:
         params = inspect.signature(function).parameters
     except (TypeError, ValueError):
         return None, False
-    name = next((n for n in CACHE_NAMES if n in params), None)
+    name = next((n for n in names if n in params), None)
     return name, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def cache_keyword(model: nn.Module) -> str | None:
-    """The keyword under which `model.forward` takes a cache, or None if it takes none.
+def declared_keyword(model: nn.Module, names: tuple[str, ...]) -> str | None:
+    """Which of `names` (one argument under each of its release names) `model.forward` takes.
 
     Task models such as BertForSequenceClassification only forward **kwargs to their backbone, so
     the backbone's forward decides for them.
     """
-    cls = type(model)
-    if cls not in _KEYWORD_BY_CLASS:
-        name, passes_kwargs = _declared(model.forward)
+    key = (type(model), names)
+    if key not in _KEYWORD_BY_CLASS:
+        name, passes_kwargs = _declared(model.forward, names)
         backbone = getattr(model, "base_model", None)
         if name is None and passes_kwargs and isinstance(backbone, nn.Module) and backbone is not model:
-            name = _declared(backbone.forward)[0]
-        _KEYWORD_BY_CLASS[cls] = name
-    return _KEYWORD_BY_CLASS[cls]
+            name = _declared(backbone.forward, names)[0]
+        _KEYWORD_BY_CLASS[key] = name
+    return _KEYWORD_BY_CLASS[key]
+
+
+def cache_keyword(model: nn.Module) -> str | None:
+    """The keyword under which `model.forward` takes a cache, or None if it takes none."""
+    return declared_keyword(model, CACHE_NAMES)
+
+
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The keyword argument that makes a causal LM compute the last position's logits only
+    ({} if it has none: it then computes them all, which is slower but the same)."""
+    keyword = declared_keyword(model, LOGITS_TO_KEEP_NAMES)
+    return {keyword: 1} if keyword else {}
 
 
 def given_cache(kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:

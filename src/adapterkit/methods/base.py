@@ -189,6 +189,11 @@ class SiteMethod(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def reference(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """The method's equation, written plainly. A method whose `forward` uses a fast kernel
+        (methods/kernels.py) overrides this; tests/test_kernels.py checks the two agree."""
+        return self.forward(x, h)
+
     def merge_into(self, module: nn.Module) -> None:
         raise NotImplementedError
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import Bottleneck
 from ..errors import CompositionError, TargetError
+from . import kernels
 from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -49,25 +50,22 @@ class BottleneckAdapter(SiteMethod):
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        source = _on_output_grid(x, h, self.shape) if self.parallel else h
+    def _source(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What the bottleneck reads, features last: h (serial) or x on h's grid (parallel)."""
         if self.parallel and self.shape.kind == "embedding":
             raise TargetError("a parallel bottleneck cannot read token ids; use a serial placement")
-        z, _ = features_last(source, self.shape)
+        return features_last(_on_output_grid(x, h, self.shape) if self.parallel else h, self.shape)[0]
+
+    def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h' = h + s·up(act(down(z))), z = h (serial) or x (parallel), written as the equation."""
         h_last, restore = features_last(h, self.shape)
-        if not h_last.is_contiguous():
-            # channels-first sites: an elementwise add keeps h's memory layout, which the next
-            # convolution's algorithm (and so its exact numbers) depends on
-            return restore(h_last + self.delta(z))
-        hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z)))
-        # h + s·up(hidden) as one addmm (s inside it) plus the bias: two passes over the output-sized
-        # tensor instead of four (up, times s, plus h); with `inplace`, into h itself.
-        h_2d, hidden_2d = h_last.reshape(-1, h_last.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
-        if inplace:
-            out = h_2d.addmm_(hidden_2d, self.up.weight.T, alpha=self.scaling)
-        else:
-            out = torch.addmm(h_2d, hidden_2d, self.up.weight.T, alpha=self.scaling)
-        return restore(out.add_(self.up.bias, alpha=self.scaling).view(h_last.shape))
+        return restore(h_last + self.delta(self._source(x, h)))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(self._source(x, h))))
+        h_last, restore = features_last(h, self.shape)
+        return restore(kernels.add_product(h_last, hidden, self.up.weight, self.scaling, self.up.bias,
+                                           inplace=inplace))
 
     def merge_into(self, module: nn.Module) -> None:
         raise NotImplementedError(

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import LoRA
 from ..errors import TargetError
+from . import kernels
 from .base import SiteMethod, SiteShape, as_rows, pad_to
 
 
@@ -72,16 +73,16 @@ class LoRAAdapter(SiteMethod):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x) if self.dropout.p > 0 else x
 
+    def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h' = h + s·B(A(dropout(x))), written as the equation."""
+        return h + self.delta(x)
+
     def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if self.shape.kind not in ("linear", "hf_conv1d"):
-            return h + self.delta(x)
-        # h + s·B(A x) as one addmm with s inside it: a single pass over the output-sized tensor
-        # instead of three (B A x, times s, plus h); with `inplace`, into h itself.
-        low = down_project(self._dropout(x).reshape(-1, x.shape[-1]), self.lora_A)
-        h_2d = h.reshape(-1, h.shape[-1])
-        if inplace:
-            return h_2d.addmm_(low, self.lora_B.T, alpha=self.scale).view(h.shape)
-        return torch.addmm(h_2d, low, self.lora_B.T, alpha=self.scale).view(h.shape)
+            return self.reference(x, h)
+        x_2d = self._dropout(x).reshape(-1, x.shape[-1])
+        return kernels.add_product(h, kernels.down_project(x_2d, self.lora_A), self.lora_B, self.scale,
+                                   inplace=inplace)
 
     def delta_weight(self) -> torch.Tensor:
         """s·BA in the layout of the frozen module's weight."""
@@ -166,31 +167,3 @@ class LoRAAdapter(SiteMethod):
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-try:
-    _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
-except (AttributeError, RuntimeError):  # a build without the op
-    _ONEDNN_LINEAR = None
-
-
-def down_project(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """x A^T for a 2-D x.
-
-    A has only r rows, and the default CPU GEMM runs such a skinny product at a quarter of its
-    usual speed; oneDNN's runs it about 2x faster (bench/overhead.py). oneDNN's op has no autograd,
-    so it is used for eager inference only, on CPU float32 tensors; everything else (training,
-    other devices and dtypes, torch.compile) takes F.linear.
-    """
-    if (
-        _ONEDNN_LINEAR is not None
-        and not torch.compiler.is_compiling()  # Inductor cannot lower the op; it picks its own GEMM
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == lora_a.dtype == torch.float32
-        and x.is_contiguous()
-        and torch._C._get_mkldnn_enabled()  # off inside `torch.backends.mkldnn.flags(enabled=False)`
-    ):
-        try:
-            return _ONEDNN_LINEAR(x, lora_a, None, "none", [], "")
-        except RuntimeError:
-            pass
-    return F.linear(x, lora_a)

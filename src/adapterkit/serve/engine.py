@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError
+from ..hf_names import last_logits_only
 from ..io.files import read_adapter
 from ..model import AdaptedModel
 from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
@@ -286,7 +287,7 @@ class Engine:
         """One forward of classify/embed rows, each routed to its own adapter."""
         input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
         embed = any(req.kind == "embed" for req, _ in items)
-        extra = {"logits_to_keep": 1} if self.task == "causal_lm" else {}
+        extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
         with torch.inference_mode(), self.am.route(names):
             out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
         if embed:

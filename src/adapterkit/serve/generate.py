@@ -7,14 +7,13 @@ own seeded generator (temperature 0: greedy), so a row's tokens do not depend on
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import TargetError
-from ..hf_names import cache_keyword, output_cache
+from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
 from .base import pad
 
@@ -44,7 +43,7 @@ def generate_batch(
     generators = [_generator(r.seed) for r in rows]
     tokens: list[list[int]] = [[] for _ in rows]
     finish = [""] * n
-    extra = {"logits_to_keep": 1} if _accepts(am.base, "logits_to_keep") else {}
+    extra = last_logits_only(am.base)
     keyword = cache_keyword(am.base)
     if keyword is None:
         raise TargetError(f"{type(am.base).__name__}.forward takes no key/value cache, so it cannot generate here")
@@ -95,10 +94,3 @@ def _generator(seed: int | None) -> torch.Generator:
     else:
         gen.manual_seed(int(seed))
     return gen
-
-
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -59,15 +59,23 @@ class LoadedAdapter:
 
 
 def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, max_adapters_per_replica: int = 256,
-               ray_actor_options: dict[str, Any] | None = None, **engine_options: Any) -> Any:
-    """A Ray Serve deployment class (call `.bind()` on it) serving adapters of `store` on `base`."""
+               ray_actor_options: dict[str, Any] | None = None, max_ongoing_requests: int | None = None,
+               **engine_options: Any) -> Any:
+    """A Ray Serve deployment class (call `.bind()` on it) serving adapters of `store` on `base`.
+
+    `max_ongoing_requests` caps the requests one replica works on at once (Ray Serve's default
+    when None); the engine batches whatever a replica holds into one routed forward.
+    """
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     store = str(store)
 
-    @serve.deployment(name="adapterkit", num_replicas=num_replicas, ray_actor_options=ray_actor_options or {})
+    limits = {} if max_ongoing_requests is None else {"max_ongoing_requests": max_ongoing_requests}
+
+    @serve.deployment(name="adapterkit", num_replicas=num_replicas, ray_actor_options=ray_actor_options or {},
+                      **limits)
     class AdapterServer:
         def __init__(self) -> None:
             self.engine = Engine(base, store, **engine_options)
