@@ -316,6 +316,8 @@ def main() -> None:
         "--max-minutes", type=float, default=8.0, help="stop timing after this (at least 3 rounds)"
     )
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile cases")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated cases to time (their baselines come along), e.g. routed32,routed32_of512")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 25)
@@ -326,15 +328,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_base()
     batch = make_batch(base, args.rows, args.tokens, seed=0)
+    wanted = set(args.only.split(",")) if args.only else set(CASES)
+    if wanted - set(CASES):
+        raise SystemExit(f"--only: unknown cases {sorted(wanted - set(CASES))}; known: {list(CASES)}")
+    wanted |= {CASES[n][1] for n in wanted if CASES[n][1]}
+    if args.no_compile:
+        wanted -= {"compiled_base", "compiled_lora"}
     cases: dict[str, Callable[[], None]] = {"base": inference(base, batch)}
     adapterkit_cases, n_sites = build_adapterkit(base, batch)
     cases.update(adapterkit_cases)
-    cases.update(build_peft(base, batch, n_sites))
-    if not args.no_compile:
+    if wanted & {"peft_lora", "peft_routed32"}:
+        cases.update(build_peft(base, batch, n_sites))
+    if wanted & {"compiled_base", "compiled_lora"}:
         print("compiling the base model and the LoRA case ...", flush=True)
         cases.update(build_compiled(base, batch))
-    cases.update(build_training(base, make_batch(base, args.train_rows, args.tokens, seed=1)))
-
+    if wanted & {"train_full", "train_bottleneck"}:
+        cases.update(build_training(base, make_batch(base, args.train_rows, args.tokens, seed=1)))
+    cases = {n: run for n, run in cases.items() if n in wanted}
     print(f"{len(cases)} cases, {warmup} warm-up + {rounds} timed rounds, {args.threads} threads", flush=True)
     times = measure(cases, rounds, warmup, seed=0, deadline=deadline)
     stats = summarize(times)
@@ -352,7 +362,7 @@ def main() -> None:
         "train_batch": [args.train_rows, args.tokens],
         "threads": args.threads,
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-        "rounds": len(times["base"]["wall"]),
+        "rounds": len(next(iter(times.values()))["wall"]),
         "warmup_rounds": warmup,
         "ratio": "median over rounds of case time / baseline time in the same round",
         "torch": torch.__version__,
