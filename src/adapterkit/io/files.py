@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from ..config import FORMAT_VERSION, config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
+from .storage import PICKLE_SUFFIXES, atomic_folder, atomic_write, load_tensors
 
 if TYPE_CHECKING:
     from ..model import AdaptedModel
 
 TENSORS, MANIFEST = "adapter.safetensors", "adapter.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def manifest_of(am: AdaptedModel, name: str) -> dict[str, Any]:
@@ -58,9 +54,9 @@ def save_adapter(am: AdaptedModel, name: str, path: str | os.PathLike) -> Path:
     tensors = {k: v.contiguous().cpu() for k, v in am.adapter_state_dict(name).items()}
     if path.suffix == ".safetensors":
         blob = save(tensors, metadata={"adapterkit": json.dumps(manifest)})
-        _atomic_write(path, blob)
+        atomic_write(path, blob)
         return path
-    _atomic_folder(path, {TENSORS: save(tensors), MANIFEST: json.dumps(manifest, indent=2).encode()})
+    atomic_folder(path, {TENSORS: save(tensors), MANIFEST: json.dumps(manifest, indent=2).encode()})
     return path
 
 
@@ -81,9 +77,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise AdapterFileError(f"{manifest_path}: truncated or not JSON ({err})") from None
-        tensors = _load_tensors(tensor_path)
+        tensors = load_tensors(tensor_path)
     elif path.suffix == ".safetensors" and path.exists():
-        tensors = _load_tensors(path)
+        tensors = load_tensors(path)
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as handle:
@@ -139,68 +135,6 @@ def load_adapter(am: AdaptedModel, path: str | os.PathLike, name: str | None = N
     return name
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise AdapterFileError(f"{path}: truncated or not a safetensors file ({err})") from None
-
-
 def _head_width(head: torch.nn.Module) -> int | None:
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     return linears[-1].out_features if linears else None
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        _fsync_write(Path(tmp), data)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_folder(path: Path, files: dict[str, bytes]) -> None:
-    """Write a whole folder beside the target, then swap it in with renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for filename, data in files.items():
-            _fsync_write(tmp / filename, data)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # put the previous version back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import LoRA
 from ..errors import AdapterFileError, CompositionError, TargetError
-from .files import PICKLE_SUFFIXES, _atomic_folder, _load_tensors
+from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
 
 if TYPE_CHECKING:
     from ..model import AdaptedModel
@@ -136,7 +136,7 @@ def export_peft_lora(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    _atomic_folder(path, {
+    atomic_folder(path, {
         WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),  # transformers checks for format "pt"
         CONFIG_FILE: json.dumps(peft_config, indent=2).encode(),
     })
@@ -277,7 +277,7 @@ def _read_peft_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raise AdapterFileError(f"{config_path}: truncated or not JSON ({err})") from None
     if not isinstance(peft_config, dict):
         raise AdapterFileError(f"{config_path}: not a PEFT config (expected a JSON object)")
-    return peft_config, _load_tensors(weights_path)
+    return peft_config, load_tensors(weights_path)
 
 
 def _check_peft_config(path: Path, cfg: dict[str, Any]) -> None:

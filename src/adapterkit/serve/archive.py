@@ -15,7 +15,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from ..io.files import MANIFEST, PICKLE_SUFFIXES
+from ..io.files import MANIFEST
+from ..io.storage import PICKLE_SUFFIXES
 from .errors import BadUpload, PayloadTooLarge
 
 MAX_FILES = 64

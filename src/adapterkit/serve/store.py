@@ -25,7 +25,8 @@ from typing import Any
 
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
-from ..io.files import MANIFEST, PICKLE_SUFFIXES, TENSORS, _atomic_write, _fsync_dir, read_adapter
+from ..io.files import MANIFEST, TENSORS, read_adapter
+from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
 from ..methods import is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, not_found
@@ -203,7 +204,7 @@ class AdapterStore:
             target = self.path(tenant, name, version)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(folder, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             return version
 
     def publish(self, tenant: str, name: str, version: int) -> None:
@@ -265,4 +266,4 @@ class AdapterStore:
         return adopted
 
     def _write_state(self, tenant: str, name: str, state: dict[str, Any]) -> None:
-        _atomic_write(self.folder(tenant, name) / STATE, json.dumps(state).encode())
+        atomic_write(self.folder(tenant, name) / STATE, json.dumps(state).encode())

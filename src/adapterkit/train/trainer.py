@@ -29,7 +29,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from ..hf_names import enable_activation_checkpointing
-from ..io.files import _atomic_folder
+from ..io.storage import atomic_folder
 from .data import make_loader
 from .metrics import accuracy, macro_f1
 
@@ -230,7 +230,7 @@ class Trainer:
             "param_groups": opt["param_groups"], "python_rng": _jsonable(random.getstate()),
             "numpy_rng": _jsonable(np.random.get_state()), "settings": asdict(self.s),
         }
-        _atomic_folder(self.checkpoint_dir, {"state.safetensors": save(tensors),
+        atomic_folder(self.checkpoint_dir, {"state.safetensors": save(tensors),
                                              "state.json": json.dumps(meta).encode()})
 
     def _restore(self) -> None:
