@@ -71,6 +71,7 @@ def test_train_writes_run_folder(trained):
     assert metrics["examples"] == metrics["examples_available"]
     assert sum(metrics["examples"].values()) == 90 and metrics["examples"]["train"] == 72
     assert "tweets.csv" in metrics["split"] and "80/10/10" in metrics["split"]
+    assert metrics["settings"]["lr"] == 3e-3  # the bottleneck's default, when --lr is not given
 
 
 def test_caps_apply_to_the_bundled_demo_only(tmp_path):

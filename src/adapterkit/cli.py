@@ -89,7 +89,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
-    from .train.job import JobSpec, MethodOptions, default_base, default_lr, report_lines, run_job
+    from .train.job import JobSpec, MethodOptions, default_base, report_lines, run_job
     from .train.trainer import TrainSettings
 
     spec = JobSpec(
@@ -100,7 +100,7 @@ def train(
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
                              modules_to_save=modules_to_save, pooler_copy=pooler_copy),
-        train=TrainSettings(epochs=epochs, lr=lr or default_lr(method), batch_size=batch_size, grad_accum=grad_accum,
+        train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                             seed=seed, checkpoint_every=checkpoint_every, progress=progress),
     )

@@ -234,7 +234,7 @@ class Site(nn.Module):
                 wanted = set(route.names)
                 names = tuple(n for n in names if n in wanted)
                 slot = {n: i for i, n in enumerate(names)}
-            row_key = (self.module_name, key, self.adapters.version, len(names))
+            row_key = (self.module_name, key, self.adapters.version, torch.is_grad_enabled())
             found = route.rows.get(row_key)
             if found is None:
                 idx = [slot.get(n, len(names)) for n in route.names]

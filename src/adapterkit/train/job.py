@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,8 @@ def load_base(base: str, task: str, num_labels: int | None = None) -> tuple[torc
 def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     """Train one adapter; write adapter/, metrics.json and curves.png under the run folder."""
     config = spec.method.config()
+    if spec.train.lr is None:
+        spec = replace(spec, train=replace(spec.train, lr=default_lr(spec.method.method)))
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)

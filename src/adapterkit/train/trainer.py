@@ -37,7 +37,7 @@ from .metrics import accuracy, macro_f1
 @dataclass
 class TrainSettings:
     epochs: int = 3
-    lr: float = 1e-3
+    lr: float | None = None  # None: a job's per-method default (job.default_lr); a bare Trainer: 1e-3
     batch_size: int = 32
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
@@ -88,7 +88,7 @@ class Trainer:
         base = getattr(model, "base", model)
         if settings.gradient_checkpointing:
             enable_activation_checkpointing(base)
-        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=1e-3 if settings.lr is None else settings.lr, weight_decay=settings.weight_decay)
         steps_per_epoch = -(-len(train_data) // settings.batch_size) // settings.grad_accum
         self.total_steps = steps_per_epoch * settings.epochs
         if settings.max_steps is not None:
