@@ -184,7 +184,7 @@ def check_answers(reference: ak.AdaptedModel, tokenizer, answers: list, plan: li
                 cache[(adapter, text)] = torch.softmax(logits, -1).tolist()
             expected = cache[(adapter, text)]
             got = answer["results"][0]
-            labels = reference.meta[adapter]["labels"]
+            labels = reference.adapter(adapter).meta["labels"]
             scores = [got["scores"][label] for label in labels]
             best = labels[max(range(len(expected)), key=expected.__getitem__)]
             if answer["adapter"] != adapter or got["label"] != best or max(

@@ -129,7 +129,7 @@ def test_export_peft_and_merge_match_adapter(trained, tmp_path):
     assert merged.config.id2label[0] == "negative"
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == [
         "classifier", "bert.pooler"]
-    own_pooler = am.copies.copy_of(name, "bert.pooler").dense.weight
+    own_pooler = am.adapter(name).copy_of("bert.pooler").dense.weight
     assert torch.equal(merged.bert.pooler.dense.weight, own_pooler)
     assert not torch.equal(own_pooler, am.base.bert.pooler.dense.weight)  # training moved the copy
 

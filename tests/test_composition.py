@@ -218,7 +218,7 @@ def test_combine_equals_average_of_deltas(kind, method, weights):
         randomize(am, n)
     w = {"a": weights[0], "b": weights[1]}
     am.combine("ab", w)
-    assert am.meta["ab"]["combined_from"] == w
+    assert am.adapter("ab").meta["combined_from"] == w
     with torch.no_grad():
         am.activate(ak.Average(w))
         expected = model(x)
@@ -236,7 +236,7 @@ def test_combined_lora_has_summed_rank():
     am.add("a", ak.LoRA(r=2, targets=["0"]))
     am.add("b", ak.LoRA(r=3, targets=["0"]))
     am.combine("ab", {"a": 1.0, "b": 1.0})
-    cfg = am.configs["ab"]
+    cfg = am.adapter("ab").config
     assert (cfg.r, cfg.scale) == (5, 1.0)
     assert _ad(am, "0", "ab").lora_A.shape == (5, 6)
 

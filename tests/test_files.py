@@ -54,7 +54,7 @@ def test_round_trip_minilm_with_head_and_labels(make_minilm, minilm_inputs, tmp_
     assert other.load(path) == "sent"
     got = _out(other, minilm_inputs, "sent")
     assert got.shape == (4, 4) and torch.equal(got, expected)
-    assert other.meta["sent"]["labels"] == ["neg", "neu", "pos", "mixed"]
+    assert other.adapter("sent").meta["labels"] == ["neg", "neu", "pos", "mixed"]
     assert other.adapter_info("sent")["head"]
     assert _leftovers(tmp_path) == []
 
@@ -75,7 +75,7 @@ def test_round_trip_every_method(tmp_path, cfg, single_file):
     other = ak.adapt(make_cnn())
     assert other.load(path, name="copy") == "copy"
     assert torch.equal(_out(other, x, "copy"), expected)
-    assert other.configs["copy"].method == cfg.method
+    assert other.adapter("copy").config.method == cfg.method
 
 
 def test_round_trip_gpt2_input_side_ia3_and_combined_meta(tmp_path):
@@ -91,7 +91,7 @@ def test_round_trip_gpt2_input_side_ia3_and_combined_meta(tmp_path):
     other = ak.adapt(make_gpt2())
     other.load(tmp_path / "ab")
     assert torch.equal(_out(other, x, "ab"), expected)
-    assert other.meta["ab"]["combined_from"] == {"a": 0.5, "b": 0.5}
+    assert other.adapter("ab").meta["combined_from"] == {"a": 0.5, "b": 0.5}
     assert other.site_names("ab") == am.site_names("ab")
 
 

@@ -82,7 +82,7 @@ def test_prefix_and_prompt_without_the_deprecated_alias() -> None:
         mask = torch.cat([torch.ones(rows, K, dtype=torch.long), inputs["attention_mask"]], dim=1)
         am.activate(None)
         reference = am.base(input_ids=inputs["input_ids"], attention_mask=mask,
-                            cache=hand_built_cache(am.model_level["prefix"], am.base, rows),
+                            cache=hand_built_cache(am.adapter("prefix").model_method, am.base, rows),
                             position_ids=torch.arange(length).expand(rows, -1)).logits
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
         am.activate(ak.Stack("prompt", "prefix"))

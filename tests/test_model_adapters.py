@@ -51,7 +51,7 @@ def test_delete_frees_the_adapter(make_minilm, minilm_inputs, cfg):
     gc.collect()
     assert ref() is None, "a deleted adapter's parameter is still referenced"
     assert not gone_ids & _param_ids(am)
-    assert am.adapters == ["keep"] and "gone" not in am.heads and am.active is None
+    assert am.adapters == ["keep"] and "gone" not in am.loaded and am.active is None
     assert all("gone" not in site.adapters for site in am.sites.values())
 
     am.delete("keep")
@@ -78,7 +78,7 @@ def test_duplicate_unknown_and_bad_names():
     am.add("a", ak.LoRA(r=2))
     with pytest.raises(ak.AdapterExistsError, match="'a'"):
         am.add("a", ak.BitFit())
-    assert am.configs["a"].method == "lora"
+    assert am.adapter("a").config.method == "lora"
     for verb in (am.delete, am.activate, am.merge, am.unmerge, am.adapter_info, am.adapter_state_dict):
         with pytest.raises(ak.AdapterNotFoundError, match="'nope'.*loaded: \\['a'\\]"):
             verb("nope")
@@ -166,7 +166,7 @@ def test_train_adapter_trains_only_that_adapter_and_its_head(make_minilm, minilm
     assert am.active == "a" and am.training
     own = {id(p) for p in params}
     assert own == {id(p) for p in am.adapter_parameters("a")}
-    assert own >= {id(p) for p in am.heads["a"].parameters()}
+    assert own >= {id(p) for p in am.adapter("a").head.parameters()}
     assert {id(p) for p in am.parameters() if p.requires_grad} == own
 
     logits = model(**minilm_inputs).logits
@@ -230,7 +230,7 @@ def test_heads_belong_to_adapters_and_switch_with_activation(make_minilm, minilm
     # The heads are copies: the base classifier is untouched and unshared.
     randomize(am, "sent")
     assert all(torch.equal(v, model.classifier.state_dict()[k]) for k, v in base_head.items())
-    assert not _param_ids(am.heads["sent"]) & _param_ids(model.classifier)
+    assert not _param_ids(am.adapter("sent").head) & _param_ids(model.classifier)
 
 
 def test_custom_head_module_and_models_without_head():

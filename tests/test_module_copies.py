@@ -33,10 +33,10 @@ def test_copy_is_identity_at_init_then_answers_for_the_base_module(make_minilm, 
     am.activate(None)
     base = _logits(model, minilm_inputs)
     am.activate("p")
-    am.heads["p"].load_state_dict(model.classifier.state_dict())  # same head, so only the pooler differs
+    am.adapter("p").head.load_state_dict(model.classifier.state_dict())  # same head, so only the pooler differs
     torch.testing.assert_close(_logits(model, minilm_inputs), base, rtol=0, atol=0)
     with torch.no_grad():
-        am.copies.copy_of("p", POOLER).dense.weight.mul_(0.5)
+        am.adapter("p").copy_of(POOLER).dense.weight.mul_(0.5)
     changed = _logits(model, minilm_inputs)
     assert not torch.allclose(changed, base, atol=1e-4)
     for key, value in model.bert.pooler.state_dict().items():  # the base module is untouched
@@ -48,15 +48,15 @@ def test_copy_is_identity_at_init_then_answers_for_the_base_module(make_minilm, 
 def test_train_adapter_trains_the_copy_and_nothing_of_the_base(make_minilm, minilm_inputs):
     model, am = _with_pooler_copy(make_minilm)
     params = am.train_adapter("p")
-    copy_params = set(map(id, am.copies.copy_of("p", POOLER).parameters()))
+    copy_params = set(map(id, am.adapter("p").copy_of(POOLER).parameters()))
     assert copy_params <= set(map(id, params))
     assert not any(p.requires_grad for p in model.parameters())
-    before = {k: v.clone() for k, v in am.copies.copy_of("p", POOLER).state_dict().items()}
+    before = {k: v.clone() for k, v in am.adapter("p").copy_of(POOLER).state_dict().items()}
     opt = torch.optim.SGD(params, lr=0.5)
     loss = torch.nn.functional.cross_entropy(model(**minilm_inputs).logits, torch.tensor([0, 1, 2, 0]))
     loss.backward()
     opt.step()
-    after = am.copies.copy_of("p", POOLER).state_dict()
+    after = am.adapter("p").copy_of(POOLER).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     info = am.adapter_info("p")
     assert info["params"] == sum(p.numel() for p in params)
@@ -90,7 +90,7 @@ def test_save_and_load_carry_the_copy(make_minilm, minilm_inputs, tmp_path, sing
     fresh_model = make_minilm()
     fresh = ak.adapt(fresh_model)
     fresh.load(path, name="p2")
-    assert fresh.configs["p2"].modules_to_save == [POOLER]
+    assert fresh.adapter("p2").config.modules_to_save == [POOLER]
     fresh.activate("p2")
     torch.testing.assert_close(_logits(fresh_model, minilm_inputs), expected, rtol=0, atol=1e-6)
 
@@ -107,7 +107,7 @@ def test_bad_modules_to_save_leave_nothing_behind(make_minilm):
         am.add("a", ak.LoRA(modules_to_save=["bert.pooler.activation"]))
     with pytest.raises(TargetError, match="twice or inside"):
         am.add("a", ak.LoRA(modules_to_save=[POOLER, "bert.pooler.dense"]))
-    assert am.adapters == [] and len(am.sites) == 0 and len(am.copies.tables) == 0
+    assert am.adapters == [] and len(am.sites) == 0 and len(am.loaded) == 0
     assert len(model.bert.pooler._forward_hooks) == hooks
 
 
@@ -115,9 +115,9 @@ def test_delete_removes_the_copy_and_its_hook(make_minilm, minilm_inputs):
     model, am = _with_pooler_copy(make_minilm)
     am.add("q", ak.LoRA(r=2, modules_to_save=[POOLER]))
     am.delete("p")
-    assert am.copies.paths_of("q") == [POOLER] and len(model.bert.pooler._forward_hooks) == 1
+    assert am.adapter("q").copied_paths == [POOLER] and len(model.bert.pooler._forward_hooks) == 1
     am.delete("q")
-    assert len(am.copies.tables) == 0 and len(model.bert.pooler._forward_hooks) == 0
+    assert am.adapters == [] and len(model.bert.pooler._forward_hooks) == 0
 
 
 def test_no_site_goes_inside_a_copied_module(make_minilm):
@@ -125,7 +125,7 @@ def test_no_site_goes_inside_a_copied_module(make_minilm):
     am.add("all", ak.LoRA(r=2, targets="all-linear", modules_to_save=POOLER))  # one name as a string
     assert not any(site.startswith(POOLER) for site in am.site_names("all"))
     assert any(site.startswith("bert.encoder") for site in am.site_names("all"))
-    assert am.configs["all"].modules_to_save == [POOLER] and am.copies.paths_of("all") == [POOLER]
+    assert am.adapter("all").config.modules_to_save == [POOLER] and am.adapter("all").copied_paths == [POOLER]
 
 
 def test_combine_refuses_adapters_with_copies(make_minilm):

@@ -121,7 +121,7 @@ def test_peft_seq_cls_with_embedding_rslora_and_head_matches(minilm: nn.Module, 
     expected = _logits(pm, inputs)
     assert not torch.allclose(expected, _logits(minilm, inputs), atol=1e-3)  # the adapter does something
     torch.testing.assert_close(_logits(am, inputs), expected, atol=ATOL, rtol=0)
-    assert "from_peft" in am.heads and am.configs["from_peft"].rslora
+    assert am.adapter("from_peft").head is not None and am.adapter("from_peft").config.rslora
     assert len(am.site_names("from_peft")) == 6 * 2 + 1
 
 
@@ -259,7 +259,7 @@ def test_round_trip_through_peft_folder(gpt2: nn.Module, tmp_path: Path) -> None
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    mine, theirs = am.configs["ours"], other.configs["rt"]
+    mine, theirs = am.adapter("ours").config, other.adapter("rt").config
     assert (theirs.r, theirs.alpha, theirs.rslora, theirs.scale) == (mine.r, mine.alpha, mine.rslora, mine.scale)
     am.activate("ours")
     other.activate("rt")
@@ -274,7 +274,7 @@ def test_round_trip_keeps_the_head(minilm: nn.Module, tmp_path: Path) -> None:
     folder = export_peft_lora(am, "ours", tmp_path / "with_head")
     other = ak.adapt(copy.deepcopy(minilm))
     load_peft_lora(other, folder, "back")
-    assert "back" in other.heads
+    assert other.adapter("back").head is not None
     am.activate("ours")
     other.activate("back")
     inputs = _tokens(1000)
@@ -381,7 +381,7 @@ def test_import_with_a_module_copy_matches_and_routes(minilm: nn.Module, tmp_pat
     pm, folder = _peft_folder(minilm, tmp_path, config, train_pooler)
     am = ak.adapt(copy.deepcopy(minilm))
     load_peft_lora(am, folder, "p")
-    assert am.copies.paths_of("p") == ["bert.pooler"] and am.configs["p"].modules_to_save == ["bert.pooler"]
+    assert am.adapter("p").copied_paths == ["bert.pooler"] and am.adapter("p").config.modules_to_save == ["bert.pooler"]
     inputs = _tokens(1000)
     expected = _logits(pm, inputs)
     am.eval()
@@ -416,4 +416,4 @@ def test_import_refuses_a_saved_base_tensor_outside_modules_to_save(minilm: nn.M
     am = ak.adapt(copy.deepcopy(minilm))
     with pytest.raises(ak.AdapterFileError, match="not in the config's modules_to_save"):
         load_peft_lora(am, folder, "p")
-    assert "p" not in am.configs and not am.copies.tables
+    assert am.adapters == [] and len(am.sites) == 0

@@ -170,7 +170,7 @@ def test_prefix_matches_an_explicit_cache(kind: str) -> None:
         mask = torch.cat([torch.ones(rows, K, dtype=torch.long), inputs["attention_mask"]], dim=1)
         reference = am.base(
             input_ids=inputs["input_ids"], attention_mask=mask,
-            **{cache_keyword(am.base): hand_built_cache(am.model_level["p"], am.base, rows)},
+            **{cache_keyword(am.base): hand_built_cache(am.adapter("p").model_method, am.base, rows)},
             position_ids=torch.arange(length).expand(rows, -1),  # real tokens keep positions 0..T-1
         ).logits
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
@@ -187,7 +187,7 @@ def test_prefix_matches_peft_prefix_tuning_on_gpt2() -> None:
     am.add("p", ak.PrefixTuning(num_virtual_tokens=K, projection_hidden=128))
     am.activate("p")
     encoder = twin.prompt_encoder["default"]
-    encoder.load_state_dict(am.model_level["p"].state_dict())  # same module names and layout
+    encoder.load_state_dict(am.adapter("p").model_method.state_dict())  # same module names and layout
     inputs = batch("gpt2")
     rows, length = inputs["input_ids"].shape
     with torch.no_grad():

@@ -1,63 +1,129 @@
-"""What the forward pass should use: one adapter, a Stack, a Fuse or an Average of named adapters."""
+"""What the forward pass should use: a tree of named adapters.
+
+A setup is an adapter name, None (the base model), or a Stack, Fuse or Average of setups,
+nested as AdapterHub allows:
+
+    Stack    of names, Fuses and Averages   serial: each child's output is the next one's input
+    Fuse     of names and Stacks            AdapterFusion: attention over the children's outputs
+    Average  of names and Stacks            h + Σ w_i (child_i(h) − h)
+
+Every setup has `to_dict()`, and `setup_from_dict` reads it back (adapter files store setups so).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CompositionError
 
 
+def _check_children(kind: str, children: tuple, allowed: tuple[type, ...]) -> None:
+    for child in children:
+        if not (isinstance(child, str) or isinstance(child, allowed)):
+            kinds = ", ".join(["names"] + [t.__name__ + "s" for t in allowed])
+            raise CompositionError(f"a {kind} holds {kinds}; got {child!r}")
+
+
 @dataclass(frozen=True, init=False)
 class Stack:
-    """Serial composition (MAD-X): each site applies the adapters in order, output to input."""
+    """Serial composition (MAD-X): each site applies the children in order, output to input."""
 
-    names: tuple[str, ...]
+    children: tuple[Any, ...]
 
-    def __init__(self, *names: str) -> None:
-        if len(names) < 1:
+    def __init__(self, *children: str | Fuse | Average) -> None:
+        if len(children) < 1:
             raise CompositionError("Stack needs at least one adapter name")
-        object.__setattr__(self, "names", tuple(names))
+        _check_children("Stack", children, (Fuse, Average))
+        object.__setattr__(self, "children", tuple(children))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return _flatten(self.children)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stack": [setup_to_dict(c) for c in self.children]}
+
+    def label(self) -> str:
+        return ">".join(_label(c) for c in self.children)
 
 
 @dataclass(frozen=True, init=False)
 class Fuse:
-    """AdapterFusion: per-site attention over the adapters' outputs, with its own parameters."""
+    """AdapterFusion: per-site attention over the children's outputs, with its own parameters."""
 
-    names: tuple[str, ...]
+    children: tuple[Any, ...]
 
-    def __init__(self, *names: str) -> None:
-        if len(names) < 2:
+    def __init__(self, *children: str | Stack) -> None:
+        if len(children) < 2:
             raise CompositionError("Fuse needs at least two adapter names")
-        if len(set(names)) != len(names):
-            raise CompositionError(f"Fuse names must be distinct, got {names}")
-        object.__setattr__(self, "names", tuple(names))
+        _check_children("Fuse", children, (Stack,))
+        if len(set(children)) != len(children):
+            raise CompositionError(f"Fuse children must be distinct, got {children}")
+        object.__setattr__(self, "children", tuple(children))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return _flatten(self.children)
 
     @property
     def key(self) -> str:
-        """The name of this fusion's parameters (`fuse:a+b+c`)."""
-        return "fuse:" + "+".join(self.names)
+        """The name of this fusion's parameters (`fuse:a+b+c`; a Stack child reads `a>b`)."""
+        return "fuse:" + "+".join(_label(c) for c in self.children)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fuse": [setup_to_dict(c) for c in self.children]}
+
+    def label(self) -> str:
+        return "(" + self.key + ")"
 
 
 @dataclass(frozen=True, init=False)
 class Average:
-    """Output averaging: h' = h + Σ w_i (adapter_i(h) − h). Weights need not sum to one."""
+    """Output averaging: h' = h + Σ w_i (child_i(h) − h). Weights need not sum to one.
 
-    weights: tuple[tuple[str, float], ...]
+    `Average({"a": 0.5, "b": 0.5})`; a Stack may stand in for a name: `{Stack("l", "t"): 0.5, ...}`.
+    """
 
-    def __init__(self, weights: dict[str, float]) -> None:
+    weights: tuple[tuple[Any, float], ...]
+
+    def __init__(self, weights: dict[str | Stack, float]) -> None:
         if not weights:
             raise CompositionError("Average needs at least one adapter weight")
-        object.__setattr__(self, "weights", tuple((str(k), float(v)) for k, v in weights.items()))
+        _check_children("Average", tuple(weights), (Stack,))
+        object.__setattr__(self, "weights", tuple((k, float(v)) for k, v in weights.items()))
+
+    @property
+    def children(self) -> tuple[Any, ...]:
+        return tuple(child for child, _ in self.weights)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.weights)
+        return _flatten(self.children)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"average": [[setup_to_dict(c), w] for c, w in self.weights]}
+
+    def label(self) -> str:
+        return "avg(" + ",".join(f"{_label(c)}*{w:g}" for c, w in self.weights) + ")"
 
 
 Setup = str | Stack | Fuse | Average | None
 
 
+def _flatten(children: tuple) -> tuple[str, ...]:
+    names: list[str] = []
+    for child in children:
+        names.extend((child,) if isinstance(child, str) else child.names)
+    return tuple(names)
+
+
+def _label(child: Any) -> str:
+    return child if isinstance(child, str) else child.label()
+
+
 def names_in(setup: Setup) -> tuple[str, ...]:
+    """Every adapter name in a setup, depth first, in order."""
     if setup is None:
         return ()
     if isinstance(setup, str):
@@ -67,3 +133,36 @@ def names_in(setup: Setup) -> tuple[str, ...]:
     raise CompositionError(
         f"cannot activate {setup!r}: use an adapter name, None, Stack(...), Fuse(...) or Average({{...}})"
     )
+
+
+def fuses_in(setup: Setup) -> list[Fuse]:
+    """Every Fuse in a setup, outermost first."""
+    if isinstance(setup, Fuse):
+        return [setup, *[f for c in setup.children for f in fuses_in(c)]]
+    if isinstance(setup, Stack | Average):
+        return [f for c in setup.children for f in fuses_in(c)]
+    return []
+
+
+def setup_to_dict(setup: Setup) -> Any:
+    """A setup as JSON-ready data: a name stays a string, None stays None."""
+    if setup is None or isinstance(setup, str):
+        return setup
+    names_in(setup)  # the error for anything that is not a setup
+    return setup.to_dict()
+
+
+def setup_from_dict(data: Any) -> Setup:
+    """The inverse of `setup_to_dict`; CompositionError for anything else."""
+    if data is None or isinstance(data, str):
+        return data
+    if isinstance(data, dict) and len(data) == 1:
+        (kind, value), = data.items()
+        if kind in ("stack", "fuse") and isinstance(value, list):
+            children = [setup_from_dict(v) for v in value]
+            return Stack(*children) if kind == "stack" else Fuse(*children)
+        if kind == "average" and isinstance(value, list) and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[1], int | float) for v in value
+        ):
+            return Average({setup_from_dict(c): w for c, w in value})
+    raise CompositionError(f"not a saved setup: {data!r} (expected a name, or {{'stack'|'fuse'|'average': [...]}})")

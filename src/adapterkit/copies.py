@@ -10,26 +10,27 @@ adapter, is saved in its file, and answers for the base module whenever the adap
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .adapter import Adapter, module_path
 from .errors import TargetError
 from .heads import HeadSwitch, new_head
 from .site import ActiveState
 
-PREFIX = "copies."
 
+class CopySwitches:
+    """One switch per copied base module, answering with the active adapter's copy.
 
-class ModuleCopies(nn.Module):
-    """`tables[<module path with "/" for ".">][<adapter name>]` = that adapter's copy."""
+    The copies themselves belong to the adapters' records (`Adapter.copies`); this keeps only
+    the hooks, one per base module that at least one loaded adapter copies.
+    """
 
-    def __init__(self, base: nn.Module, state: ActiveState) -> None:
-        super().__init__()
-        object.__setattr__(self, "base", base)  # not a submodule: the base belongs to the AdaptedModel
-        object.__setattr__(self, "state", state)
-        self.tables = nn.ModuleDict()
+    def __init__(self, base: nn.Module, state: ActiveState, adapters: Mapping[str, Adapter]) -> None:
+        self.base, self.state, self.adapters = base, state, adapters
         self._switches: dict[str, HeadSwitch] = {}
 
     def check(self, name: str, paths: Sequence[str], head_path: str | None) -> list[str]:
@@ -56,41 +57,23 @@ class ModuleCopies(nn.Module):
             checked.append(path)
         return checked
 
-    def add(self, name: str, paths: list[str], device: torch.device) -> None:
-        for path in paths:
-            key = path.replace(".", "/")
-            if key not in self.tables:
-                self.tables[key] = nn.ModuleDict()
-                module = self.base.get_submodule(path)
-                self._switches[key] = HeadSwitch(module, self.tables[key], self.state)
-            # new_head copies without the switch hook; the copy stays frozen until train_adapter
-            self.tables[key][name] = new_head(self.base.get_submodule(path), None).to(device)
+    def build(self, paths: list[str], device: torch.device) -> dict[str, nn.Module]:
+        """Fresh copies (frozen until train_adapter), without the switch hooks of the originals."""
+        return {path: new_head(self.base.get_submodule(path), None).to(device) for path in paths}
 
-    def delete(self, name: str) -> None:
-        for key in list(self.tables):
-            table = self.tables[key]
-            if name in table:
-                del table[name]
-            if len(table) == 0:
+    def attach(self, adapter: Adapter) -> None:
+        for key in adapter.copies:
+            if key not in self._switches:
+                own = functools.partial(_copy_in, self.adapters, key)
+                self._switches[key] = HeadSwitch(self.base.get_submodule(module_path(key)), own, self.state)
+
+    def detach(self, adapter: Adapter) -> None:
+        """Remove the switches that no adapter but this one needs."""
+        for key in adapter.copies:
+            others = any(key in a.copies for a in self.adapters.values() if a is not adapter)
+            if not others and key in self._switches:
                 self._switches.pop(key).remove()
-                del self.tables[key]
 
-    def paths_of(self, name: str) -> list[str]:
-        return [key.replace("/", ".") for key, table in self.tables.items() if name in table]
 
-    def parameters_of(self, name: str) -> Iterator[nn.Parameter]:
-        for table in self.tables.values():
-            if name in table:
-                yield from table[name].parameters()
-
-    def state_dict_of(self, name: str) -> dict[str, torch.Tensor]:
-        """`copies.<module path>.<param>` tensors of one adapter."""
-        state: dict[str, torch.Tensor] = {}
-        for key, table in self.tables.items():
-            if name in table:
-                path = key.replace("/", ".")
-                state.update({f"{PREFIX}{path}.{k}": v.detach() for k, v in table[name].state_dict().items()})
-        return state
-
-    def copy_of(self, name: str, path: str) -> nn.Module:
-        return self.tables[path.replace(".", "/")][name]
+def _copy_in(adapters: Mapping[str, Adapter], key: str, name: str) -> nn.Module | None:
+    return adapters[name].copies._modules.get(key) if name in adapters else None

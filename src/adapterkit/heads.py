@@ -7,6 +7,7 @@ head output (or, when routing, each row's head output).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,12 @@ def hookless_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def head_width(head: nn.Module) -> int | None:
+    """The number of outputs of a head: its last Linear's (None if it has none)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
 def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
     """A trainable copy of the base head, its last Linear resized to `num_labels` outputs."""
     head = hookless_copy(template)
@@ -67,34 +74,37 @@ def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
 
 
 class HeadSwitch:
-    """Replaces the base head's output with the active adapter's head (per row when routing)."""
+    """Replaces a base module's output with the active adapter's own module (per row when routing).
 
-    def __init__(self, module: nn.Module, heads: nn.ModuleDict, state: ActiveState) -> None:
-        self.heads, self.state = heads, state
+    `own(name)` is that adapter's module here (its task head, or its copy of this module), or None.
+    """
+
+    def __init__(self, module: nn.Module, own: Callable[[str], nn.Module | None], state: ActiveState) -> None:
+        self.own, self.state = own, state
         self.handle = module.register_forward_hook(self._after, with_kwargs=True)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         if self.state.route is not None:
             return self._routed(args, kwargs, output)
         owner = self.owner(self.state.setup)
-        return None if owner is None else self.heads[owner](*args, **kwargs)
+        return None if owner is None else self.own(owner)(*args, **kwargs)
 
     def owner(self, setup) -> str | None:
-        """The adapter whose head answers for a setup: the last one in it that has a head."""
+        """The adapter whose module answers for a setup: the last one in it that has one."""
         for name in reversed(names_in(setup)):
-            if name in self.heads:
+            if self.own(name) is not None:
                 return name
         return None
 
     def _routed(self, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
         names = self.state.route.names
-        used = sorted({n for n in names if n in self.heads})
+        used = sorted({n for n in names if n is not None and self.own(n) is not None})
         if not used:
             return None
         x, rest = args[0], args[1:]
         # Heads are tiny next to the body, so one call per distinct head in the batch is cheap;
         # label counts may differ, so narrower outputs are zero-padded on the right.
-        parts = {n: self.heads[n](x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs) for n in used}
+        parts = {n: self.own(n)(x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs) for n in used}
         width = max([p.shape[-1] for p in parts.values()] + [base_out.shape[-1]])
         out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
         out[..., : base_out.shape[-1]] = base_out

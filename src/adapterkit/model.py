@@ -1,13 +1,16 @@
 """AdaptedModel: one frozen base model, many named adapters, plain verbs.
 
-The model object is the only place that knows adapter names; sites only hold modules keyed by
-them, and methods know nothing of names at all.
+The model object is the only place that knows adapter names. It keeps one `Adapter` record per
+name (adapter.py) and one `Fusion` record per trained AdapterFusion; the sites and head switches
+only hold references to the records' modules for the forward pass, and methods know nothing of
+names at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import re
@@ -18,12 +21,14 @@ import torch
 from torch import nn
 
 from . import combine as combining
-from .composition import Average, Fuse, Setup, Stack, names_in
+from .adapter import Adapter, Fusion, module_key, module_path
+from .composition import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .config import MethodConfig
-from .copies import ModuleCopies
+from .copies import CopySwitches
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head, new_head
 from .methods import SiteShape, build_model_method, build_site_method, is_model_level
+from .methods.fusion import FusionLayer
 from .site import ActiveState, Route, Site
 from .targets import default_targets, find_sites, matches
 
@@ -38,18 +43,20 @@ class AdaptedModel(nn.Module):
         self.base = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.sites = nn.ModuleDict()  # keyed by module name with "." -> "/"
-        self.heads = nn.ModuleDict()  # adapter name -> its task head
-        self.model_level = nn.ModuleDict()  # adapter name -> prompt / prefix module
+        self.loaded = nn.ModuleDict()  # adapter name -> Adapter: the one registry of adapters
+        self.fusions = nn.ModuleDict()  # Fuse key -> Fusion
         self.state = ActiveState()
-        self.copies = ModuleCopies(model, self.state)  # per-adapter copies of base modules
-        self.configs: dict[str, MethodConfig] = {}
-        self.meta: dict[str, dict[str, Any]] = {}
+        # Hooks on the frozen modules, keyed by module path ("." -> "/"). A plain dict, not submodules:
+        # the modules they apply belong to the records above.
+        self.sites: dict[str, Site] = {}
+        self._copy_switches = CopySwitches(model, self.state, self.loaded)
         config = getattr(model, "config", None)
         self.base_name = base_name or getattr(config, "_name_or_path", None) or type(model).__name__
         self.head_path = find_head(model) if head == "auto" else head
+        self._fingerprint: str | None = None
         head_module = model.get_submodule(self.head_path) if self.head_path else None
-        self._head_switch = HeadSwitch(head_module, self.heads, self.state) if head_module is not None else None
+        own_head = functools.partial(_head_in, self.loaded)
+        self._head_switch = HeadSwitch(head_module, own_head, self.state) if head_module is not None else None
         self._model_hook = model.register_forward_pre_hook(self._prepare_call, with_kwargs=True)
 
     # --- calling ---------------------------------------------------------------------------
@@ -64,9 +71,9 @@ class AdaptedModel(nn.Module):
     def _prepare_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.state.route is not None:  # routing replaces the active setup for its block
             return None
-        live = [n for n in names_in(self.state.setup) if n in self.model_level]
-        for name in live:
-            args, kwargs = self.model_level[name].prepare(self.base, args, kwargs)
+        live = [m for m in (self.loaded[n].model_method for n in names_in(self.state.setup)) if m is not None]
+        for method in live:
+            args, kwargs = method.prepare(self.base, args, kwargs)
         return (args, kwargs) if live else None
 
     # --- adding and removing ---------------------------------------------------------------
@@ -75,29 +82,37 @@ class AdaptedModel(nn.Module):
         self, name: str, config: MethodConfig, *, labels: Sequence[str] | None = None,
         num_labels: int | None = None, head: bool | nn.Module | None = None,
     ) -> None:
-        """Attach a new adapter. `labels`/`num_labels`/`head=True` give it its own task head."""
+        """Attach a new adapter. `labels`/`num_labels`/`head=True` give it its own task head.
+
+        Everything is built before anything is attached, so a failure leaves the model as it was.
+        """
         self._check_new_name(name)
         if not isinstance(config, MethodConfig):
             raise TargetError(f"adapter {name!r}: expected a method config (ak.LoRA(...), ...), got {config!r}")
         config.validate()
-        copied = self.copies.check(name, config.modules_to_save, self.head_path)
+        copied = self._copy_switches.check(name, config.modules_to_save, self.head_path)
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)
-        head_module = self._build_head(name, labels, num_labels, head)
+        record = Adapter(name, config, {"labels": list(labels) if labels is not None else None})
+        record.head = self._build_head(name, labels, num_labels, head)
         if is_model_level(config):
-            self.model_level[name] = build_model_method(config, self.base).to(self._device())
+            record.model_method = build_model_method(config, self.base)
         else:
-            built = self._build_site_methods(name, config)
-            for module_name, method in built.items():
-                key = module_name.replace(".", "/")
-                if key not in self.sites:
-                    self.sites[key] = Site(module_name, self.base.get_submodule(module_name), self.state)
-                self.sites[key].adapters[name] = method
-        if head_module is not None:
-            self.heads[name] = head_module
-        self.copies.add(name, copied, self._device())
-        self.configs[name] = config
-        self.meta[name] = {"labels": list(labels) if labels is not None else None}
+            for module_name, method in self._build_site_methods(name, config).items():
+                record.site_methods[module_key(module_name)] = method
+        for path, copy in self._copy_switches.build(copied, self._device()).items():
+            record.copies[module_key(path)] = copy
+        record.to(self._device()).train(self.training)
+        self._attach(record)
+
+    def _attach(self, record: Adapter) -> None:
+        self.loaded[record.name] = record
+        for key, method in record.site_methods.items():
+            if key not in self.sites:
+                path = module_path(key)
+                self.sites[key] = Site(path, self.base.get_submodule(path), self.state)
+            self.sites[key].adapters[record.name] = method
+        self._copy_switches.attach(record)
 
     def _build_site_methods(self, name: str, config: MethodConfig) -> dict[str, nn.Module]:
         """Every module of the new adapter, built before any is attached, so errors leave no trace."""
@@ -138,7 +153,7 @@ class AdaptedModel(nn.Module):
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise CompositionError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
-        if name in self.configs:
+        if name in self.loaded:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded; delete it or pick another name")
 
     def delete(self, name: str, *, collect: bool = True) -> None:
@@ -147,26 +162,22 @@ class AdaptedModel(nn.Module):
         `collect=False` skips the full `gc.collect()` (about 0.5 s with transformers loaded), for
         servers that evict adapters between batches; reference counting still frees the tensors.
         """
-        self._require(name)
+        record = self.adapter(name)
         if name in self.state.merged:
             self.unmerge(name)
         if name in names_in(self.state.setup):
             self.state.setup = None
-        for key in list(self.sites):
+        for fusion in [f for f in self.fusions.values() if name in f.fuse.names]:
+            self.delete_fusion(fusion.fuse)
+        for key in record.site_methods:
             site = self.sites[key]
-            if name in site.adapters:
-                del site.adapters[name]
-                for fkey in [k for k in site.fusions if name in k[len("fuse:") :].split("+")]:
-                    del site.fusions[fkey]
-                site.forget_stacks()
+            del site.adapters[name]
+            site.forget_stacks()
             if len(site.adapters) == 0:
                 site.detach_hooks()
                 del self.sites[key]
-        for table in (self.heads, self.model_level):
-            if name in table:
-                del table[name]
-        self.copies.delete(name)
-        del self.configs[name], self.meta[name]
+        self._copy_switches.detach(record)
+        del self.loaded[name]
         if collect:
             gc.collect()
 
@@ -174,20 +185,38 @@ class AdaptedModel(nn.Module):
 
     @property
     def adapters(self) -> list[str]:
-        return list(self.configs)
+        """The names of the loaded adapters, in the order they were added."""
+        return list(self.loaded)
+
+    def adapter(self, name: str) -> Adapter:
+        """The record of a loaded adapter: config, meta and every module it owns."""
+        if not isinstance(name, str) or name not in self.loaded:
+            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
+        return self.loaded[name]
+
+    def fusion(self, fuse: Fuse) -> Fusion:
+        """The trained layers of an AdapterFusion (made when the Fuse is first activated)."""
+        if not isinstance(fuse, Fuse) or fuse.key not in self.fusions:
+            raise AdapterNotFoundError(f"no fusion {fuse!r} is set up; activate it first (or load its file)")
+        return self.fusions[fuse.key]
 
     @property
     def active(self) -> Setup:
         return self.state.setup
 
     def activate(self, setup: Setup) -> None:
-        """Use one adapter (a name), a Stack, a Fuse, an Average, or None (the base model)."""
+        """Use one adapter (a name), a Stack, a Fuse, an Average (nested as composition.py says), or None."""
         for name in names_in(setup):
-            self._require(name)
-        if isinstance(setup, Fuse):
-            self._add_fusion(setup)
-        if isinstance(setup, Fuse | Average) and any(n in self.model_level for n in setup.names):
-            raise CompositionError("prompt/prefix adapters can be used alone or in a Stack, not in Fuse or Average")
+            self.adapter(name)
+        whole_model = [n for f in _fuse_or_average_nodes(setup) for n in f.names
+                       if self.loaded[n].model_method is not None]
+        if whole_model:
+            raise CompositionError(
+                f"prompt/prefix adapters ({sorted(set(whole_model))}) can be used alone or in a Stack, "
+                "not in Fuse or Average"
+            )
+        for fuse in fuses_in(setup):
+            self.add_fusion(fuse)
         self.state.setup = setup
 
     def train_adapter(self, setup: str | Fuse) -> list[nn.Parameter]:
@@ -202,24 +231,38 @@ class AdaptedModel(nn.Module):
         return params
 
     def adapter_parameters(self, setup: str | Fuse) -> Iterator[nn.Parameter]:
+        """The parameters that training `setup` moves: an adapter's (with its head and copies), or a fusion's."""
         if isinstance(setup, Fuse):
-            for site in self.sites.values():
-                if setup.key in site.fusions:
-                    yield from site.fusions[setup.key].parameters()
-            return
-        self._require(setup)
-        for site in self.sites.values():
-            if setup in site.adapters:
-                yield from site.adapters[setup].parameters()
-        for table in (self.model_level, self.heads):
-            if setup in table:
-                yield from table[setup].parameters()
-        yield from self.copies.parameters_of(setup)
+            return self.fusion(setup).parameters()
+        return self.adapter(setup).parameters()
 
-    def _add_fusion(self, fuse: Fuse) -> None:
-        added = [site.add_fusion(fuse) for site in self.sites.values()]
-        if not any(added) and not any(fuse.key in s.fusions for s in self.sites.values()):
+    def add_fusion(self, fuse: Fuse) -> Fusion:
+        """The Fusion record of `fuse`, made with fresh layers at every site one of its adapters is at."""
+        if fuse.key in self.fusions:
+            return self.fusions[fuse.key]
+        fusion = Fusion(fuse)
+        for key, site in self.sites.items():
+            here = [site.adapters[n] for n in fuse.names if n in site.adapters]
+            if here:
+                device = next(here[0].parameters()).device
+                fusion.layers[key] = FusionLayer(site.fusion_width()).to(device)
+        if len(fusion.layers) == 0:
             raise CompositionError(f"{fuse}: none of these adapters has a per-site module to fuse")
+        fusion.train(self.training)
+        self.fusions[fuse.key] = fusion
+        for key, layer in fusion.layers.items():
+            self.sites[key].fusions[fuse.key] = layer
+        return fusion
+
+    def delete_fusion(self, fuse: Fuse) -> None:
+        """Remove a fusion's layers (deleting one of its adapters does this too)."""
+        fusion = self.fusion(fuse)
+        if any(fuse == f for f in fuses_in(self.state.setup)):
+            self.state.setup = None
+        for site_key in fusion.layers:
+            if site_key in self.sites:
+                del self.sites[site_key].fusions[fuse.key]
+        del self.fusions[fuse.key]
 
     @contextlib.contextmanager
     def route(self, names: Sequence[str | None]) -> Iterator[None]:
@@ -227,8 +270,7 @@ class AdaptedModel(nn.Module):
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise CompositionError("route() takes a non-empty list with one adapter name (or None) per row")
         for name in set(names) - {None}:
-            self._require(name)
-            if name in self.model_level:
+            if self.adapter(name).model_method is not None:
                 raise CompositionError(f"adapter {name!r}: per-row routing does not support prompt/prefix tuning")
         if self.state.merged:
             raise CompositionError(f"unmerge {sorted(self.state.merged)} before routing: merged weights change every row")
@@ -262,12 +304,12 @@ class AdaptedModel(nn.Module):
         self.state.merged.discard(name)
 
     def _mergeable_sites(self, name: str) -> list[Site]:
-        self._require(name)
-        sites = [s for s in self.sites.values() if name in s.adapters]
+        record = self.adapter(name)
+        sites = [self.sites[key] for key in record.site_methods]
         blocked = [s.module_name for s in sites if not s.adapters[name].mergeable]
-        if name in self.model_level or blocked:
+        if record.model_method is not None or blocked:
             raise CompositionError(
-                f"adapter {name!r} ({self.configs[name].method}) cannot be merged: only LoRA, IA³ and BitFit are "
+                f"adapter {name!r} ({record.config.method}) cannot be merged: only LoRA, IA³ and BitFit are "
                 "linear in the frozen weights; bottleneck adapters have a nonlinearity, prompt/prefix add tokens"
             )
         for site in sites:
@@ -287,25 +329,20 @@ class AdaptedModel(nn.Module):
 
     def combine(self, new_name: str, weights: dict[str, float]) -> None:
         """A new adapter whose delta is Σ w_i · delta_i (exact for LoRA, IA³ and BitFit)."""
-        for name in weights:
-            self._require(name)
-        config = combining.combined_config(self.configs, weights)
+        configs = {n: self.adapter(n).config for n in weights}
+        config = combining.combined_config(configs, weights)
         self.add(new_name, config)
         try:
-            for site in self.sites.values():
-                if new_name in site.adapters:
-                    parts = [(site.adapters[n] if n in site.adapters else None, w) for n, w in weights.items()]
-                    combining.fill(site.adapters[new_name], parts)
+            for key, new in self.loaded[new_name].site_methods.items():
+                site = self.sites[key]
+                parts = [(site.adapters[n] if n in site.adapters else None, w) for n, w in weights.items()]
+                combining.fill(new, parts)
         except Exception:
             self.delete(new_name)
             raise
-        self.meta[new_name]["combined_from"] = dict(weights)
+        self.loaded[new_name].meta["combined_from"] = dict(weights)
 
     # --- facts -------------------------------------------------------------------------------
-
-    def _require(self, name: str) -> None:
-        if not isinstance(name, str) or name not in self.configs:
-            raise AdapterNotFoundError(f"no adapter named {name!r} is loaded; loaded: {self.adapters}")
 
     def _device(self) -> torch.device:
         return next(iter(self.base.parameters()), torch.empty(0)).device
@@ -314,14 +351,13 @@ class AdaptedModel(nn.Module):
         return sum(p.numel() for p in self.base.parameters())
 
     def adapter_info(self, name: str) -> dict[str, Any]:
-        params = list(self.adapter_parameters(name))
-        count = sum(p.numel() for p in params)
+        record = self.adapter(name)
+        count = record.parameter_count()
         return {
-            "name": name, "method": self.configs[name].method, "params": count,
+            "name": name, "method": record.config.method, "params": count,
             "percent_of_base": 100.0 * count / max(1, self.base_parameter_count()),
-            "bytes": sum(p.numel() * p.element_size() for p in params),
-            "sites": sum(name in s.adapters for s in self.sites.values()),
-            "head": name in self.heads, "labels": self.meta[name].get("labels"),
+            "bytes": record.parameter_bytes(), "sites": len(record.site_methods),
+            "head": record.head is not None, "labels": record.meta.get("labels"),
             "merged": name in self.state.merged,
         }
 
@@ -337,37 +373,31 @@ class AdaptedModel(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the frozen weights' names, shapes and dtypes (the head left out)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256()
         for pname, p in sorted(self.base.state_dict().items()):
             if self.head_path and (pname.startswith(self.head_path + ".")):
                 continue
             digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
-        return digest.hexdigest()[:16]
+        self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     # --- tensors of one adapter, as files hold them --------------------------------------------
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """`sites.<module>.<param>`, `head.<param>` and `model.<param>` tensors of one adapter."""
-        self._require(name)
-        state: dict[str, torch.Tensor] = {}
-        for site in self.sites.values():
-            if name in site.adapters:
-                for pname, p in site.adapters[name].state_dict().items():
-                    state[f"sites.{site.module_name}.{pname}"] = p.detach()
-        for prefix, table in (("head", self.heads), ("model", self.model_level)):
-            if name in table:
-                state.update({f"{prefix}.{k}": v.detach() for k, v in table[name].state_dict().items()})
-        state.update(self.copies.state_dict_of(name))
-        return state
+        """`sites.<module>.<param>`, `model.<param>`, `head.<param>` and `copies.<module>.<param>` tensors."""
+        return self.adapter(name).tensors()
 
     def site_names(self, name: str) -> dict[str, str]:
         """Module name -> side ("input"/"output") of every site the adapter is attached to."""
-        return {s.module_name: s.adapters[name].side for s in self.sites.values() if name in s.adapters}
+        return {path: method.side for path, method in self.adapter(name).sites.items()}
 
     @torch.no_grad()
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors into an adapter after checking that every key and shape matches."""
-        expected = self.adapter_state_dict(name)
+    def load_adapter_state_dict(self, name: str | Fuse, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors into an adapter (or a fusion) after checking that every key and shape matches."""
+        record = self.fusion(name) if isinstance(name, Fuse) else self.adapter(name)
+        expected = record.tensors()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
@@ -382,20 +412,23 @@ class AdaptedModel(nn.Module):
                 )
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))
-        for site in self.sites.values():
-            site.forget_stacks()
+        for key in getattr(record, "site_methods", ()):
+            self.sites[key].forget_stacks()
 
-    # --- files (the io layer does the work) --------------------------------------------------
+    # --- files: the one delegate to the io layer --------------------------------------------
 
-    def save(self, name: str, path: str) -> None:
-        from .io.files import save_adapter
+    def save(self, what: str | Fuse, path: str) -> None:
+        """Write an adapter (by name) or a trained fusion (a Fuse) to `path` (see io/files.py)."""
+        from .io.files import save
 
-        save_adapter(self, name, path)
+        save(self, what, path)
 
-    def load(self, path: str, name: str | None = None) -> str:
-        from .io.files import load_adapter
+    def load(self, path: str, name: str | None = None) -> str | Fuse:
+        """Load an adapter file (ours, PEFT's or AdapterHub's) and return its name, or a fusion
+        file (once the adapters it fuses are loaded) and return its Fuse."""
+        from .io.files import load
 
-        return load_adapter(self, path, name=name)
+        return load(self, path, name=name)
 
 
 def _all_or_none(sites: list[Site], do, undo) -> None:
@@ -409,6 +442,18 @@ def _all_or_none(sites: list[Site], do, undo) -> None:
         for site in reversed(done):
             undo(site)
         raise
+
+
+def _head_in(loaded: nn.ModuleDict, name: str) -> nn.Module | None:
+    return loaded[name].head if name in loaded else None
+
+
+def _fuse_or_average_nodes(setup: Setup) -> list[Fuse | Average]:
+    if isinstance(setup, Fuse | Average):
+        return [setup]
+    if isinstance(setup, Stack):
+        return [n for c in setup.children for n in _fuse_or_average_nodes(c)]
+    return []
 
 
 def adapt(model: nn.Module, base_name: str | None = None, head: str | None = "auto") -> AdaptedModel:

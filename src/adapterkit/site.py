@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import Average, Fuse, Setup, Stack
+from .composition import Average, Fuse, Setup, Stack, names_in
 from .errors import CompositionError
 from .methods.base import SiteMethod, SiteShape, features_last
-from .methods.fusion import FusionLayer
 
 
 @dataclass
@@ -132,54 +131,61 @@ class Site(nn.Module):
 
     # --- one setup for the whole batch -------------------------------------------------------
 
-    def _live(self, names: tuple[str, ...], side: str) -> list[tuple[str, SiteMethod]]:
-        return [
-            (n, self.adapters[n])
-            for n in names
-            if n in self.adapters and n not in self.state.merged and self.adapters[n].side == side
-        ]
+    def _live(self, name: str, side: str) -> SiteMethod | None:
+        """The adapter `name` here, if it is attached, not merged, and acts on `side`."""
+        adapter = self.adapters._modules.get(name)
+        if adapter is None or adapter.side != side or name in self.state.merged:
+            return None
+        return adapter
+
+    def _touches(self, setup: Setup, side: str) -> bool:
+        return any(self._live(n, side) is not None for n in names_in(setup))
 
     def _run_setup(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if isinstance(setup, str | Stack):
-            names = (setup,) if isinstance(setup, str) else setup.names
-            inplace = self._owns_output()
-            for _, adapter in self._live(names, side):
-                if side == "input":
-                    h = adapter(x)
-                elif inplace and getattr(adapter, "adds_in_place", False):
-                    h = adapter(x, h, inplace=True)
-                else:
-                    h = adapter(x, h)
+        return self._apply(setup, side, x, h, inplace=side == "output" and self._owns_output())
+
+    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """One node of the setup tree at this site; on the input side, h is the module's input.
+
+        `inplace`: h is a fresh tensor only this hook holds, so a name or a Stack may add into it;
+        Average and Fuse read h again after each child, so their children never do.
+        """
+        if isinstance(setup, str):
+            adapter = self._live(setup, side)
+            if adapter is None:
+                return h
+            if side == "input":
+                return adapter(h)
+            if inplace and getattr(adapter, "adds_in_place", False):
+                return adapter(x, h, inplace=True)
+            return adapter(x, h)
+        if isinstance(setup, Stack):
+            for child in setup.children:
+                h = self._apply(child, side, x, h, inplace)
             return h
         if isinstance(setup, Average):
-            weights = dict(setup.weights)
-            live = self._live(setup.names, side)
             base = h
-            for name, adapter in live:
-                out = adapter(x) if side == "input" else adapter(x, base)
-                h = h + weights[name] * (out - base)
+            for child, weight in setup.weights:
+                if self._touches(child, side):
+                    h = h + weight * (self._apply(child, side, x, base, False) - base)
             return h
         if isinstance(setup, Fuse):
-            live = self._live(setup.names, side)
+            live = [c for c in setup.children if self._touches(c, side)]
             if side == "input":
                 if live:
                     raise CompositionError(f"{self.module_name}: Fuse cannot combine input-side (IA³ input) adapters")
                 return h
-            if setup.key not in self.fusions or not live:
+            layer = self.fusions._modules.get(setup.key)
+            if layer is None or not live:
                 return h
-            outs = [features_last(adapter(x, h), self.shape)[0] for _, adapter in live]
+            outs = [features_last(self._apply(c, side, x, h, False), self.shape)[0] for c in live]
             h_last, restore = features_last(h, self.shape)
-            return restore(self.fusions[setup.key](h_last, outs))
+            return restore(layer(h_last, outs))
         return h
 
-    def add_fusion(self, fuse: Fuse) -> bool:
-        """Create this site's fusion layer if at least one fused adapter lives here."""
-        if fuse.key in self.fusions or not any(n in self.adapters for n in fuse.names):
-            return False
-        device = next(self.adapters[n] for n in fuse.names if n in self.adapters).parameters()
-        layer = FusionLayer(self.shape.out_features).to(next(device).device)
-        self.fusions[fuse.key] = layer
-        return True
+    def fusion_width(self) -> int:
+        """The features a fusion layer here attends over."""
+        return self.shape.out_features
 
     # --- per-row routing ---------------------------------------------------------------------
 

@@ -1,6 +1,11 @@
-"""Adapter files (safetensors + JSON manifest) and Hugging Face PEFT interop."""
+"""Adapter files: our own (safetensors + JSON manifest), Hugging Face PEFT and AdapterHub.
 
-from .files import load_adapter, read_adapter, save_adapter
-from .peft import export_peft_lora, load_peft_lora
+Every reader ends in `install` (io/install.py): manifest + tensors -> an attached adapter.
+"""
 
-__all__ = ["export_peft_lora", "load_adapter", "load_peft_lora", "read_adapter", "save_adapter"]
+from .files import load, load_adapter, read_adapter, save, save_adapter
+from .install import install, install_fusion
+from .peft import export_peft_lora, load_peft_lora, read_peft_lora
+
+__all__ = ["export_peft_lora", "install", "install_fusion", "load", "load_adapter", "load_peft_lora", "read_adapter",
+           "read_peft_lora", "save", "save_adapter"]

@@ -4,6 +4,9 @@ A saved adapter is a folder holding
     adapter.safetensors   `sites.<module>.<param>`, `head.<param>`, `model.<param>` tensors
     adapter.json          format version, method config, base identity, head, labels, sites
 or one `.safetensors` file carrying the same JSON in its header metadata.
+
+A trained AdapterFusion is saved the same way, with `"kind": "fusion"`, its setup, and the names
+and fingerprints of the adapters it fuses instead of a method config.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import save as save_tensors
 
-from ..config import FORMAT_VERSION, config_from_dict
-from ..errors import AdapterConfigError, AdapterFileError
+from ..composition import Fuse
+from ..config import FORMAT_VERSION
+from ..errors import AdapterFileError
+from ..heads import head_width
+from .install import install, install_fusion
 from .storage import PICKLE_SUFFIXES, atomic_folder, atomic_write, load_tensors
 
 if TYPE_CHECKING:
@@ -27,36 +33,60 @@ TENSORS, MANIFEST = "adapter.safetensors", "adapter.json"
 
 
 def manifest_of(am: AdaptedModel, name: str) -> dict[str, Any]:
-    info = am.adapter_info(name)
+    record = am.adapter(name)
     head = None
-    if name in am.heads:
-        head = {"path": am.head_path, "num_labels": _head_width(am.heads[name])}
+    if record.head is not None:
+        head = {"path": am.head_path, "num_labels": head_width(record.head)}
     return {
         "format": "adapterkit",
         "format_version": FORMAT_VERSION,
         "name": name,
-        "config": am.configs[name].to_dict(),
+        "config": record.config.to_dict(),
         "base": {"name": am.base_name, "fingerprint": am.fingerprint()},
         "head": head,
-        "labels": am.meta[name].get("labels"),
+        "labels": record.meta.get("labels"),
         "sites": am.site_names(name),
-        "params": info["params"],
-        "meta": {k: v for k, v in am.meta[name].items() if k != "labels"},
+        "params": record.parameter_count(),
+        "meta": {k: v for k, v in record.meta.items() if k != "labels"},
     }
+
+
+def fusion_manifest_of(am: AdaptedModel, fuse: Fuse) -> dict[str, Any]:
+    fusion = am.fusion(fuse)
+    return {
+        "format": "adapterkit",
+        "format_version": FORMAT_VERSION,
+        "kind": "fusion",
+        "setup": fuse.to_dict(),
+        "fused": {n: am.adapter(n).fingerprint() for n in fuse.names},
+        "base": {"name": am.base_name, "fingerprint": am.fingerprint()},
+        "sites": sorted(p for p, _ in fusion.parts()),
+        "params": sum(p.numel() for p in fusion.parameters()),
+    }
+
+
+def save(am: AdaptedModel, what: str | Fuse, path: str | os.PathLike) -> Path:
+    """Write one adapter (a name) or one trained fusion (a Fuse) to a folder or a `.safetensors` file."""
+    if isinstance(what, Fuse):
+        return _write(path, fusion_manifest_of(am, what), am.fusion(what).tensors())
+    return _write(path, manifest_of(am, what), am.adapter_state_dict(what))
 
 
 def save_adapter(am: AdaptedModel, name: str, path: str | os.PathLike) -> Path:
     """Write one adapter to a folder (or a single `.safetensors` file); atomic, no pickle."""
+    return save(am, name, path)
+
+
+def _write(path: str | os.PathLike, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise AdapterFileError(f"{path}: adapterkit writes safetensors only, never pickle")
-    manifest = manifest_of(am, name)
-    tensors = {k: v.contiguous().cpu() for k, v in am.adapter_state_dict(name).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
-        blob = save(tensors, metadata={"adapterkit": json.dumps(manifest)})
+        blob = save_tensors(tensors, metadata={"adapterkit": json.dumps(manifest)})
         atomic_write(path, blob)
         return path
-    atomic_folder(path, {TENSORS: save(tensors), MANIFEST: json.dumps(manifest, indent=2).encode()})
+    atomic_folder(path, {TENSORS: save_tensors(tensors), MANIFEST: json.dumps(manifest, indent=2).encode()})
     return path
 
 
@@ -89,7 +119,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         manifest = json.loads(header)
     else:
         raise AdapterFileError(f"{path}: no such adapter folder or .safetensors file")
-    if manifest.get("format") != "adapterkit" or "config" not in manifest:
+    wanted = "setup" if manifest.get("kind") == "fusion" else "config"
+    if manifest.get("format") != "adapterkit" or wanted not in manifest:
         raise AdapterFileError(f"{path}: adapter.json is not an adapterkit manifest")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
         import warnings
@@ -98,43 +129,43 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     return manifest, tensors
 
 
-def load_adapter(am: AdaptedModel, path: str | os.PathLike, name: str | None = None, check_base: bool = True) -> str:
-    """Load a saved adapter into `am` under `name` (default: its saved name); returns the name."""
+def load(am: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str | Fuse:
+    """Load an adapter file into `am` and return its name, or a fusion file and return its Fuse.
+
+    Our folders and `.safetensors` files, PEFT LoRA folders and AdapterHub folders are told apart
+    by the files they hold; each goes through `install`, so a failure leaves `am` as it was.
+    """
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / MANIFEST).exists():
+        if _written_by_adapterhub(path / "adapter_config.json"):
+            from .adapterhub import load_adapterhub
+
+            return load_adapterhub(am, path, name=name)
         from .peft import load_peft_lora
 
         return load_peft_lora(am, path, name=name or path.name)
     manifest, tensors = read_adapter(path)
-    name = name or manifest.get("name") or path.stem
-    try:
-        config = config_from_dict(manifest["config"])
-    except AdapterConfigError as err:
-        raise AdapterFileError(f"{path}: adapter {name!r}: {err}") from None
-    base = manifest.get("base", {})
-    if check_base and base.get("fingerprint") != am.fingerprint():
-        raise AdapterFileError(
-            f"adapter {name!r} ({path}) was trained on base {base.get('name')!r} (fingerprint "
-            f"{base.get('fingerprint')}), not on this model {am.base_name!r} ({am.fingerprint()})"
-        )
-    head = manifest.get("head")
-    labels = manifest.get("labels")
-    am.add(name, config, labels=labels, num_labels=(head or {}).get("num_labels") if labels is None else None,
-           head=bool(head))
-    try:
-        saved_sites = manifest.get("sites")
-        if saved_sites is not None and saved_sites != am.site_names(name):
-            raise AdapterFileError(
-                f"adapter {name!r}: saved for modules {sorted(saved_sites)[:4]}…, which this model does not match"
-            )
-        am.load_adapter_state_dict(name, tensors)
-    except Exception:
-        am.delete(name)
-        raise
-    am.meta[name].update(manifest.get("meta") or {})
-    return name
+    if manifest.get("kind") == "fusion":
+        if name is not None:
+            raise AdapterFileError(f"{path}: a fusion is named by the adapters it fuses; load it without name=")
+        return install_fusion(am, manifest, tensors, source=str(path))
+    return install(am, manifest, tensors, name=name or manifest.get("name") or path.stem, source=str(path))
 
 
-def _head_width(head: torch.nn.Module) -> int | None:
-    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
-    return linears[-1].out_features if linears else None
+def load_adapter(am: AdaptedModel, path: str | os.PathLike, name: str | None = None, check_base: bool = True) -> str:
+    """Load a saved adapter into `am` under `name` (default: its saved name); returns the name."""
+    path = Path(path)
+    manifest, tensors = read_adapter(path)
+    if manifest.get("kind") == "fusion":
+        raise AdapterFileError(f"{path}: a fusion file; load it with am.load(path)")
+    return install(am, manifest, tensors, name=name or manifest.get("name") or path.stem, source=str(path),
+                   check_base=check_base)
+
+
+def _written_by_adapterhub(config_file: Path) -> bool:
+    """PEFT's adapter_config.json names its `peft_type`; AdapterHub's nests the method `config`."""
+    try:
+        data = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(data, dict) and "peft_type" not in data and isinstance(data.get("config"), dict)

@@ -27,7 +27,8 @@ from safetensors.torch import save
 from torch import nn
 
 from ..config import LoRA
-from ..errors import AdapterFileError, CompositionError, TargetError
+from ..errors import AdapterFileError, CompositionError
+from .install import install
 from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
 
 if TYPE_CHECKING:
@@ -86,17 +87,17 @@ def export_peft_lora(
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise AdapterFileError(f"{path}: adapterkit writes safetensors only, never pickle")
-    am._require(name)
-    config = am.configs[name]
+    record = am.adapter(name)
+    config = record.config
     if not isinstance(config, LoRA):
         raise CompositionError(
             f"adapter {name!r} is a {config.method} adapter; only LoRA adapters have a Hugging Face PEFT layout "
             "(use am.save() for adapterkit's own format)"
         )
-    sites = _lora_sites(am, name)
+    sites = record.sites
     task_type = _task_type(am.base)
-    copied = am.copies.paths_of(name)
-    modules_to_save = ([am.head_path] if name in am.heads else []) + copied or None
+    copied = record.copied_paths
+    modules_to_save = ([am.head_path] if record.head is not None else []) + copied or None
     _check_not_inside_saved_modules(sites, (modules_to_save or []) + _AUTO_MODULES_TO_SAVE.get(task_type, []))
 
     tensors: dict[str, torch.Tensor] = {}
@@ -106,11 +107,11 @@ def export_peft_lora(
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{module_name}.{a_key}"] = adapter.lora_A.detach()
         tensors[f"{PEFT_PREFIX}{module_name}.{b_key}"] = adapter.lora_B.detach()
-    if name in am.heads:
-        for pname, value in am.heads[name].state_dict().items():
+    if record.head is not None:
+        for pname, value in record.head.state_dict().items():
             tensors[f"{PEFT_PREFIX}{am.head_path}.{pname}"] = value.detach()
     for module_path in copied:
-        for pname, value in am.copies.copy_of(name, module_path).state_dict().items():
+        for pname, value in record.copy_of(module_path).state_dict().items():
             tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = value.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
 
@@ -141,11 +142,6 @@ def export_peft_lora(
         CONFIG_FILE: json.dumps(peft_config, indent=2).encode(),
     })
     return path
-
-
-def _lora_sites(am: AdaptedModel, name: str) -> dict[str, nn.Module]:
-    """Module name -> LoRAAdapter of adapter `name`, in model order."""
-    return {site.module_name: site.adapters[name] for site in am.sites.values() if name in site.adapters}
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -208,17 +204,23 @@ def _check_peft_computes_the_same(module_name: str, module: nn.Module, kind: str
 def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str:
     """Add the PEFT LoRA adapter in folder `path` to `am` as `name` (default: the folder name).
 
-    Every check that can fail runs before or right after `am.add`; on any failure the adapter is
-    deleted again, so nothing is left half-added.
+    The folder is checked and translated into our manifest and keys (`read_peft_lora`), then
+    installed like any adapter file: all of it, or on any failure nothing.
     """
     path = Path(path)
-    name = name or path.name
+    manifest, tensors = read_peft_lora(am, path)
+    return install(am, manifest, tensors, name=name or path.name, source=str(path), check_base=False,
+                   hint=" (is this PEFT adapter for another base model?)")
+
+
+def read_peft_lora(am: AdaptedModel, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT LoRA folder as our manifest and tensors, checked against this model's modules."""
+    path = Path(path)
     peft_config, tensors = _read_peft_folder(path)
     _check_peft_config(path, peft_config)
     saved = peft_config.get("modules_to_save") or []
     lora, head, copies = _split_keys(am, path, tensors, saved if isinstance(saved, list) else [saved])
     _check_lora_modules(am, path, lora, int(peft_config["r"]))
-
     config = LoRA(
         r=int(peft_config["r"]),
         alpha=_plain_number(peft_config.get("lora_alpha", 8)),
@@ -228,33 +230,19 @@ def load_peft_lora(am: AdaptedModel, path: str | os.PathLike, name: str | None =
         modules_to_save=sorted(copies),
     )
     num_labels = _head_num_labels(am, path, head) if head else None
-    try:
-        am.add(name, config, num_labels=num_labels, head=True if head else None)
-    except TargetError as err:
-        raise AdapterFileError(f"{path}: {err}") from None
-    try:
-        found = set(am.site_names(name))
-        if found != set(lora):
-            extra, missing = sorted(found - set(lora)), sorted(set(lora) - found)
-            raise AdapterFileError(
-                f"{path}: adapter {name!r}: this model's sites do not match the file's modules "
-                f"(not in the file: {extra[:4]}, not attached here: {missing[:4]})"
-            )
-        ours = {f"sites.{module}.{param}": t for module, params in lora.items() for param, t in params.items()}
-        ours.update({f"head.{k}": v for k, v in head.items()})
-        ours.update({f"copies.{module}.{k}": v for module, params in copies.items() for k, v in params.items()})
-        try:
-            am.load_adapter_state_dict(name, ours)
-        except AdapterFileError as err:
-            raise AdapterFileError(f"{path}: {err} (is this PEFT adapter for another base model?)") from None
-    except BaseException:
-        am.delete(name)
-        raise
-    am.meta[name]["imported_from"] = {
-        "format": "peft", "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
-        "task_type": peft_config.get("task_type"),
+    ours = {f"sites.{module}.{param}": t for module, params in lora.items() for param, t in params.items()}
+    ours.update({f"head.{k}": v for k, v in head.items()})
+    ours.update({f"copies.{module}.{k}": v for module, params in copies.items() for k, v in params.items()})
+    manifest = {
+        "format": "adapterkit", "config": config.to_dict(),
+        "head": {"path": am.head_path, "num_labels": num_labels} if head else None,
+        "sites": dict.fromkeys(lora),
+        "meta": {"imported_from": {
+            "format": "peft", "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
+            "task_type": peft_config.get("task_type"),
+        }},
     }
-    return name
+    return manifest, ours
 
 
 def _read_peft_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -405,4 +393,4 @@ def _head_num_labels(am: AdaptedModel, path: Path, head: dict[str, torch.Tensor]
     return int(head[key].shape[0])
 
 
-__all__ = ["export_peft_lora", "load_peft_lora"]
+__all__ = ["export_peft_lora", "load_peft_lora", "read_peft_lora"]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 
-from ..config import config_from_dict
+from ..adapter import Adapter
 from ..errors import AdapterError
-from ..heads import hookless_copy, new_head
+from ..heads import head_width
+from ..io.install import install
 from ..model import AdaptedModel
 from .errors import InvalidAdapter
 
@@ -55,7 +55,6 @@ class AdapterCache:
         self._entries: OrderedDict[AdapterKey, Resident] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
-        self._template = hookless_copy(am.base.get_submodule(am.head_path)) if am.head_path else None
 
     # --- any thread ---------------------------------------------------------------------------
 
@@ -97,41 +96,18 @@ class AdapterCache:
         existing = self.get(key)
         if existing is not None:
             return existing
-        am, internal = self.am, key.internal
         try:
-            config = config_from_dict(manifest["config"])
-            head_info = manifest.get("head") or None
-            labels = manifest.get("labels")
-            width = len(labels) if labels else (head_info or {}).get("num_labels")
-            head: nn.Module | bool = False
-            if head_info:
-                if self._template is None:
-                    raise InvalidAdapter("the adapter has a task head but this base model has no head module")
-                # built here from a hook-free copy of the base head: copying the live head would
-                # also deep-copy the hook that switches heads, and with it every loaded head
-                head = new_head(self._template, width)
-            am.add(internal, config, labels=labels, head=head)
-        except (AdapterError, KeyError, TypeError, ValueError) as err:
+            # the store checked the base fingerprint when the adapter was uploaded
+            internal = install(self.am, manifest, tensors, name=key.internal, source=f"adapter {key.public!r}",
+                               check_base=False)
+        except AdapterError as err:
             raise InvalidAdapter(f"adapter {key.public!r} does not fit this model: {err}") from None
-        try:
-            saved_sites = manifest.get("sites")
-            if saved_sites is not None and saved_sites != am.site_names(internal):
-                raise InvalidAdapter(f"adapter {key.public!r} was saved for other modules than this model has")
-            am.load_adapter_state_dict(internal, tensors)
-        except (AdapterError, InvalidAdapter) as err:
-            am.delete(internal, collect=False)
-            raise InvalidAdapter(f"adapter {key.public!r}: {err}") from None
-        am.meta[internal].update(manifest.get("meta") or {})
-        for site in am.sites.values():
-            if internal in site.adapters:
-                site.adapters[internal].eval()
-        if internal in am.heads:
-            am.heads[internal].eval()
-        for path in am.copies.paths_of(internal):
-            am.copies.copy_of(internal, path).eval()
-        if labels is None and head_info and width:
-            labels = [f"LABEL_{i}" for i in range(width)]
-        entry = Resident(key, internal, _resident_bytes(am, internal), config.method, labels if head_info else None)
+        record = self.am.adapter(internal)
+        labels = record.meta.get("labels")
+        if record.head is not None and not labels:
+            labels = [f"LABEL_{i}" for i in range(head_width(record.head) or 0)]
+        entry = Resident(key, internal, _resident_bytes(record), record.config.method,
+                         labels if record.head is not None else None)
         with self._lock:
             self._entries[key] = entry
         return entry
@@ -161,10 +137,7 @@ class AdapterCache:
             return victims
 
 
-def _resident_bytes(am: AdaptedModel, name: str) -> int:
+def _resident_bytes(record: Adapter) -> int:
     """Parameters, plus their copy in the sites' routing stacks (rebuilt when adapters change)."""
-    total = sum(p.numel() * p.element_size() for p in am.adapter_parameters(name))
-    stacked = sum(
-        p.numel() * p.element_size() for s in am.sites.values() if name in s.adapters for p in s.adapters[name].parameters()
-    )
-    return total + stacked
+    stacked = sum(p.numel() * p.element_size() for m in record.site_methods.values() for p in m.parameters())
+    return record.parameter_bytes() + stacked

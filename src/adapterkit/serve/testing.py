@@ -149,4 +149,4 @@ class Reference:
         return out.hidden_states[-1][0].mean(0).tolist()
 
     def labels(self, folder: str | Path) -> list[str]:
-        return self.am.meta[self._name(folder)]["labels"]
+        return self.am.adapter(self._name(folder)).meta["labels"]

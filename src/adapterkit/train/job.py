@@ -180,7 +180,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     test = trainer.evaluate(test_ds)
     adapter_dir = run_dir / "adapter"
-    am.meta[spec.name].update({"task": spec.task, "max_length": spec.max_length, "base_path": spec.base})
+    am.adapter(spec.name).meta.update({"task": spec.task, "max_length": spec.max_length, "base_path": spec.base})
     am.save(spec.name, adapter_dir)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)

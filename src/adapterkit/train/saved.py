@@ -116,13 +116,14 @@ def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) 
     am.merge(name)
     model = am.base
     # the adapter's own copies and head replace the base modules
-    replacements = {m: am.copies.copy_of(name, m) for m in am.copies.paths_of(name)}
-    if name in am.heads and am.head_path:
-        replacements[am.head_path] = am.heads[name]
+    record = am.adapter(name)
+    replacements = {m: record.copy_of(m) for m in record.copied_paths}
+    if record.head is not None and am.head_path:
+        replacements[am.head_path] = record.head
     for module_path, module in replacements.items():
         parent, _, attr = module_path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, module)
-    if name in am.heads and am.head_path:
+    if record.head is not None and am.head_path:
         labels = manifest.get("labels")
         if labels:
             model.config.num_labels = len(labels)

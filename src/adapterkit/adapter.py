@@ -1,0 +1,124 @@
+"""One adapter, one record: its config, its facts and every module it owns.
+
+An `AdaptedModel` keeps one `Adapter` per name and nothing else about adapters: deleting one,
+counting or saving its parameters, moving it to a device or switching it to eval mode all walk
+`parts()`, the same iteration PEFT does over one adapter's layers. The sites and head switches
+hold references to these modules for the forward pass; the record is what owns them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+
+#: the key prefixes of an adapter's tensors in files: sites.<module>.*, model.*, head.*, copies.<module>.*
+SITES, MODEL, HEAD, COPIES = "sites", "model", "head", "copies"
+
+
+def module_key(path: str) -> str:
+    """A module path as an nn.ModuleDict key ("." is not allowed in one)."""
+    return path.replace(".", "/")
+
+
+def module_path(key: str) -> str:
+    return key.replace("/", ".")
+
+
+class Adapter(nn.Module):
+    """Everything one named adapter is.
+
+    - `config`: its method config; `meta`: facts that travel in its file (labels, task, origin).
+    - `site_methods`: the method's module at each site, keyed by the site's module path.
+    - `model_method`: a prompt / prefix module that acts on the whole model's call, or None.
+    - `head`: its own task head (a copy of the base model's), or None.
+    - `copies`: its trainable copies of base modules (`modules_to_save`), keyed by module path.
+    """
+
+    def __init__(self, name: str, config: MethodConfig, meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.site_methods = nn.ModuleDict()
+        self.copies = nn.ModuleDict()
+        self.model_method: nn.Module | None = None
+        self.head: nn.Module | None = None
+
+    def parts(self) -> Iterator[tuple[str, nn.Module]]:
+        """(file key prefix, module) for every module the adapter owns."""
+        for key, method in self.site_methods.items():
+            yield f"{SITES}.{module_path(key)}", method
+        if self.model_method is not None:
+            yield MODEL, self.model_method
+        if self.head is not None:
+            yield HEAD, self.head
+        for key, copy in self.copies.items():
+            yield f"{COPIES}.{module_path(key)}", copy
+
+    @property
+    def sites(self) -> dict[str, nn.Module]:
+        """Module path -> the method's module there."""
+        return {module_path(k): m for k, m in self.site_methods.items()}
+
+    @property
+    def copied_paths(self) -> list[str]:
+        return [module_path(k) for k in self.copies]
+
+    def copy_of(self, path: str) -> nn.Module:
+        return self.copies[module_key(path)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the keys its file uses (detached, not copied)."""
+        return {f"{prefix}.{k}": v.detach() for prefix, module in self.parts() for k, v in module.state_dict().items()}
+
+    def fingerprint(self) -> str:
+        """A hash of the adapter's tensor values: what a fusion trained on top of it depends on."""
+        return tensor_fingerprint(self.tensors())
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, method={self.config.method!r}"
+
+
+class Fusion(nn.Module):
+    """A trained AdapterFusion: one fusion layer per site, over the outputs of `fuse`'s children.
+
+    It belongs to the adapters it fuses: deleting one of them deletes it. Saved as a file of its
+    own, with the fused adapters' names and fingerprints, so it is only ever loaded onto the
+    adapters it was trained with.
+    """
+
+    def __init__(self, fuse: Any) -> None:
+        super().__init__()
+        self.fuse = fuse
+        self.layers = nn.ModuleDict()  # site module path ("." → "/") -> FusionLayer
+
+    def parts(self) -> Iterator[tuple[str, nn.Module]]:
+        for key, layer in self.layers.items():
+            yield f"{SITES}.{module_path(key)}", layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": v.detach() for prefix, module in self.parts() for k, v in module.state_dict().items()}
+
+    def extra_repr(self) -> str:
+        return f"{self.fuse!r}"
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
