@@ -13,7 +13,6 @@ import difflib
 import functools
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import nn
 
 from .adapter import Adapter, module_path
@@ -57,9 +56,9 @@ class CopySwitches:
             checked.append(path)
         return checked
 
-    def build(self, paths: list[str], device: torch.device) -> dict[str, nn.Module]:
+    def build(self, paths: list[str]) -> dict[str, nn.Module]:
         """Fresh copies (frozen until train_adapter), without the switch hooks of the originals."""
-        return {path: new_head(self.base.get_submodule(path), None).to(device) for path in paths}
+        return {path: new_head(self.base.get_submodule(path), None) for path in paths}
 
     def attach(self, adapter: Adapter) -> None:
         for key in adapter.copies:

@@ -22,15 +22,14 @@ from torch import nn
 
 from . import combine as combining
 from .adapter import Adapter, Fusion, module_key, module_path
+from .build import build_adapter
 from .composition import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .config import MethodConfig
 from .copies import CopySwitches
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
-from .heads import HeadSwitch, find_head, new_head
-from .methods import SiteShape, build_model_method, build_site_method, is_model_level
+from .heads import HeadSwitch, find_head
 from .methods.fusion import FusionLayer
 from .site import ActiveState, Route, Site
-from .targets import default_targets, find_sites, matches
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -93,14 +92,9 @@ class AdaptedModel(nn.Module):
         copied = self._copy_switches.check(name, config.modules_to_save, self.head_path)
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)
-        record = Adapter(name, config, {"labels": list(labels) if labels is not None else None})
-        record.head = self._build_head(name, labels, num_labels, head)
-        if is_model_level(config):
-            record.model_method = build_model_method(config, self.base)
-        else:
-            for module_name, method in self._build_site_methods(name, config).items():
-                record.site_methods[module_key(module_name)] = method
-        for path, copy in self._copy_switches.build(copied, self._device()).items():
+        record = build_adapter(self.base, name, config, self.head_path, labels=labels, num_labels=num_labels,
+                               head=head)
+        for path, copy in self._copy_switches.build(copied).items():
             record.copies[module_key(path)] = copy
         record.to(self._device()).train(self.training)
         self._attach(record)
@@ -113,42 +107,6 @@ class AdaptedModel(nn.Module):
                 self.sites[key] = Site(path, self.base.get_submodule(path), self.state)
             self.sites[key].adapters[record.name] = method
         self._copy_switches.attach(record)
-
-    def _build_site_methods(self, name: str, config: MethodConfig) -> dict[str, nn.Module]:
-        """Every module of the new adapter, built before any is attached, so errors leave no trace."""
-        if config.targets is None:
-            targets, input_targets = default_targets(self.base, config)
-        else:
-            targets = [config.targets] if isinstance(config.targets, str) else list(config.targets)
-            input_targets = list(getattr(config, "input_targets", None) or [])
-        exclude = list(config.exclude) + ([rf"(^|\.){re.escape(self.head_path)}$"] if self.head_path else [])
-        # a module the adapter copies is replaced whole while it is active, so no site goes inside it
-        exclude += [rf"^{re.escape(p)}(\.|$)" for p in config.modules_to_save]
-        found = find_sites(self.base, targets + input_targets, exclude, method=f"adapter {name!r}")
-        device = self._device()
-        built = {}
-        for module_name in found:
-            module = self.base.get_submodule(module_name)
-            on_input = any(matches(module_name, module, t) for t in input_targets)
-            try:
-                method = build_site_method(config, SiteShape.of(module, module_name), module, on_input)
-            except TargetError as err:
-                raise TargetError(f"adapter {name!r} at module {module_name!r}: {err}") from None
-            built[module_name] = method.to(device)
-        return built
-
-    def _build_head(self, name: str, labels, num_labels, head) -> nn.Module | None:
-        if labels is not None:
-            if num_labels is not None and num_labels != len(labels):
-                raise CompositionError(f"adapter {name!r}: {len(labels)} labels but num_labels={num_labels}")
-            num_labels = len(labels)
-        if isinstance(head, nn.Module):
-            return head.to(self._device())
-        if head is False or (head is None and num_labels is None):
-            return None
-        if self.head_path is None:
-            raise TargetError(f"adapter {name!r}: this model has no head module to copy; pass head=<module>")
-        return new_head(self.base.get_submodule(self.head_path), num_labels)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
