@@ -56,6 +56,12 @@ class Bottleneck(MethodConfig):
     `placement`: "pfeiffer" (after the FFN output), "houlsby" (after attention output and FFN
     output), "parallel" (beside the FFN output module, reading its input) or "custom" (use `targets`).
     Give either `reduction` (features / bottleneck) or `bottleneck_size`.
+
+    `renorm` (serial, LayerNorm sites only): the delta joins the sum the norm reads and the frozen
+    norm runs again, h' = LN(x + s·up(act(down(h)))) with h = LN(x). On a post-norm block
+    (x = sublayer output + residual) this is AdapterHub's `original_ln_before` placement
+    (Pfeiffer et al. 2020): the adapter reads the normalised output, its residual is the sum.
+    In a Stack, a later renorm adapter at the same site reads the earlier one's output as h.
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -66,6 +72,7 @@ class Bottleneck(MethodConfig):
     dropout: float = 0.0
     scaling: float = 1.0
     parallel: bool | None = None  # derived from placement when None
+    renorm: bool = False
 
     @property
     def is_parallel(self) -> bool:
@@ -86,6 +93,10 @@ class Bottleneck(MethodConfig):
             raise AdapterConfigError("Bottleneck bottleneck_size must be >= 1")
         if not 0 <= self.dropout < 1:
             raise AdapterConfigError("Bottleneck dropout must be in [0, 1)")
+        if not isinstance(self.renorm, bool):
+            raise AdapterConfigError(f"Bottleneck renorm must be true or false, not {self.renorm!r}")
+        if self.renorm and self.is_parallel:
+            raise AdapterConfigError("Bottleneck renorm is a serial placement; it cannot be combined with parallel")
 
     @property
     def default_targets_key(self) -> str | None:

@@ -2,6 +2,11 @@
 
     serial:    h' = h + s · up(act(down(h)))
     parallel:  h' = f(x) + s · up(act(down(x)))
+    renorm:    h' = LN(x + s · up(act(down(h)))),  h = LN(x)   (serial, on a LayerNorm site)
+
+renorm puts the delta inside a post-norm block's residual sum: the site is the block's LayerNorm,
+x the sum it normalises (sublayer output + residual), and the frozen norm runs again on x + delta.
+That is AdapterHub's `original_ln_before` placement (Pfeiffer et al. 2020).
 
 `up` starts at zero, so a new adapter is the identity. On convolutional sites the bottleneck
 works over channels: a Linear over the channel dim is exactly a 1×1 convolution.
@@ -27,9 +32,17 @@ class BottleneckAdapter(SiteMethod):
     #: forward accepts inplace=True: the site lets it add into an output it owns
     adds_in_place = True
 
-    def __init__(self, config: Bottleneck, shape: SiteShape) -> None:
+    def __init__(self, config: Bottleneck, shape: SiteShape, module: nn.Module | None = None) -> None:
         super().__init__(shape)
         self.parallel = config.is_parallel
+        self.renorm = config.renorm
+        if self.renorm and not isinstance(module, nn.LayerNorm):
+            raise TargetError(
+                f"a renorm bottleneck adds its delta before a LayerNorm and runs the norm again, so its site must be "
+                f"an nn.LayerNorm, not a {type(module).__name__}"
+            )
+        # The frozen norm, read (never owned) for renorm: a plain attribute keeps it out of state_dict.
+        object.__setattr__(self, "norm", module if self.renorm else None)
         reads = shape.in_features if self.parallel else shape.out_features
         if reads is None:
             raise TargetError(f"a parallel bottleneck needs a site with a known input width, not a {shape.kind}")
@@ -45,7 +58,7 @@ class BottleneckAdapter(SiteMethod):
     @classmethod
     def build(cls, config: Bottleneck, shape: SiteShape, module: nn.Module,
               on_input: bool = False) -> BottleneckAdapter:
-        return cls(config, shape)
+        return cls(config, shape, module)
 
     def delta(self, z: torch.Tensor) -> torch.Tensor:
         return self.scaling * self.up(self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(z))))
@@ -57,11 +70,15 @@ class BottleneckAdapter(SiteMethod):
         return features_last(_on_output_grid(x, h, self.shape) if self.parallel else h, self.shape)[0]
 
     def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h' = h + s·up(act(down(z))), z = h (serial) or x (parallel), written as the equation."""
+        """h' = h + s·up(act(down(z))), z = h (serial) or x (parallel); renorm: h' = LN(x + s·up(act(down(h))))."""
+        if self.renorm:
+            return _renormed(self.norm, x, self.delta(h))
         h_last, restore = features_last(h, self.shape)
         return restore(h_last + self.delta(self._source(x, h)))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if self.renorm:
+            return self.reference(x, h)
         hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(self._source(x, h))))
         h_last, restore = features_last(h, self.shape)
         return restore(kernels.add_product(h_last, hidden, self.up.weight, self.scaling, self.up.bias,
@@ -78,9 +95,9 @@ class BottleneckAdapter(SiteMethod):
     @classmethod
     def combined_config(cls, configs: list[Bottleneck]) -> Bottleneck:
         """θ = Σ w_i θ_i: parameter averaging, an approximation (as in AdapterHub)."""
-        shapes = {(c.bottleneck_size, c.reduction, c.is_parallel, c.activation, c.placement) for c in configs}
+        shapes = {(c.bottleneck_size, c.reduction, c.is_parallel, c.activation, c.placement, c.renorm) for c in configs}
         if len(shapes) != 1:
-            raise CompositionError("combining bottleneck adapters needs equal size, placement and activation")
+            raise CompositionError("combining bottleneck adapters needs equal size, placement, renorm and activation")
         return dataclasses.replace(configs[0], scaling=1.0)
 
     @torch.no_grad()
@@ -90,7 +107,7 @@ class BottleneckAdapter(SiteMethod):
                             for p, w in parts))
 
     def route_group(self) -> tuple:
-        return (self.parallel, self.activation)
+        return (self.parallel, self.activation, self.renorm)
 
     @classmethod
     def stack(cls, adapters: list[BottleneckAdapter]) -> dict:
@@ -109,6 +126,7 @@ class BottleneckAdapter(SiteMethod):
             "up_b": torch.stack(up_b + [zeros(up_b)]).unsqueeze(1),
             "parallel": first.parallel,
             "activation": first.activation,
+            "norm": first.norm,  # the site's frozen LayerNorm when renorm, else None
         }
 
     @classmethod
@@ -119,6 +137,10 @@ class BottleneckAdapter(SiteMethod):
         act = ACTIVATION_FUNCTIONS[stacked["activation"]]
         pick = lambda name: stacked[name].index_select(0, rows)  # noqa: E731
         hidden = act(torch.baddbmm(pick("down_b"), z, pick("down").transpose(1, 2)))
+        if stacked["norm"] is not None:  # renorm: a zero slot gives LN(x) = h back
+            x_rows, _ = as_rows(x, shape)
+            return restore(_renormed(stacked["norm"], x_rows, torch.baddbmm(pick("up_b"), hidden,
+                                                                            pick("up").transpose(1, 2))))
         if not h_rows.is_contiguous():  # keep h's memory layout, as forward does
             return restore(h_rows + torch.baddbmm(pick("up_b"), hidden, pick("up").transpose(1, 2)))
         if inplace:
@@ -126,6 +148,12 @@ class BottleneckAdapter(SiteMethod):
         else:
             out = torch.baddbmm(h_rows, hidden, pick("up").transpose(1, 2))
         return restore(out.add_(pick("up_b")))
+
+
+def _renormed(norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """LN(x + delta) with the frozen norm's parameters, called functionally so that its hooks
+    (the site's own among them) do not run again."""
+    return F.layer_norm(x + delta, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _on_output_grid(x: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch.Tensor:
