@@ -264,3 +264,34 @@ def test_an_adapter_with_its_own_pooler_serves_beside_others(engine, folders, re
         source = folder if name == "pooled" else folders[name][0] if name else None
         labels = reference.labels(source) if name else engine.base_labels
         assert_matches(answer["results"][0], reference.scores(source, text), labels)
+
+
+def test_a_failing_row_fails_its_own_request_only():
+    """Rows of several requests share one forward; one that raises must not fail the others."""
+    from adapterkit.serve.batcher import Batcher, Request
+    from adapterkit.serve.metrics import ServeMetrics
+
+    class NoCache:
+        def touch(self, key):
+            return None
+
+        def over_budget(self, pinned):
+            return []
+
+    def execute(kind, items):
+        if any(req.rows[i] == [666] for req, i in items):
+            raise KeyError("a label this adapter does not have")
+        return [sum(req.rows[i]) for req, i in items]
+
+    metrics = ServeMetrics()
+    batcher = Batcher(NoCache(), lambda key: ({}, {}), execute, metrics, max_batch=64, max_wait_ms=200)
+    try:
+        good = [Request("classify", None, [[1, 2], [3]]) for _ in range(3)]
+        bad = Request("classify", None, [[5], [666]])
+        futures = [batcher.submit(r) for r in (good[0], bad, good[1], good[2])]
+        assert [f.result(timeout=30) for f in (futures[0], *futures[2:])] == [[3, 3]] * 3
+        with pytest.raises(KeyError, match="does not have"):
+            futures[1].result(timeout=30)
+        assert metrics.isolated_batches._value.get() >= 1
+    finally:
+        batcher.close()

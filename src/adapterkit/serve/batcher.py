@@ -212,7 +212,15 @@ class Batcher:
             results = self.execute(kind, items)
             self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
         except BaseException as err:  # noqa: BLE001 - one bad batch must not stop the server
-            for req in {id(r): r for r, _ in items}.values():
+            requests = list({id(r): r for r, _ in items}.values())
+            if len(requests) > 1 and kind == "encode":
+                # A failing row fails its own request only: the batch runs again one request at a
+                # time. (Generation streams tokens as it goes, so a generation batch is not re-run.)
+                self.metrics.isolated_batches.inc()
+                for req in requests:
+                    self._run_batch(kind, [(r, i) for r, i in items if r is req])
+                return
+            for req in requests:
                 self._fail(req, err)
             return
         done = []

@@ -35,6 +35,10 @@ class ServeMetrics:
             "adapterkit_batch_seconds", "Time of one batched forward (or generation batch)", ["kind"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.isolated_batches = Counter(
+            "adapterkit_isolated_batches", "Failed batches re-run one request at a time, so a bad row fails alone",
+            registry=r,
+        )
         self.hot_load = Histogram(
             "adapterkit_adapter_load_seconds", "Time to load an adapter from the store until it serves",
             buckets=LOAD_BUCKETS, registry=r,
