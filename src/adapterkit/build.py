@@ -22,20 +22,27 @@ from .targets import default_targets, find_sites, matches
 def build_adapter(
     base: nn.Module, name: str, config: MethodConfig, head_path: str | None, *,
     labels: Sequence[str] | None = None, num_labels: int | None = None, head: bool | nn.Module | None = None,
+    sites: dict[str, str | None] | None = None,
 ) -> Adapter:
-    """The record of a new adapter `name` on `base` (its module copies are added by the caller)."""
+    """The record of a new adapter `name` on `base` (its module copies are added by the caller).
+
+    `sites`: exactly these modules (name -> side, None: the config decides), not the targets' matches.
+    """
     record = Adapter(name, config, {"labels": list(labels) if labels is not None else None})
     record.head = build_head(base, name, head_path, labels, num_labels, head)
     if is_model_level(config):
         record.model_method = build_model_method(config, base)
     else:
-        for module_name, method in build_site_methods(base, name, config, head_path).items():
+        for module_name, method in build_site_methods(base, name, config, head_path, sites).items():
             record.site_methods[module_key(module_name)] = method
     return record
 
 
-def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_path: str | None) -> dict[str, nn.Module]:
-    """Module name -> the method's module there, for every site the config's targets find."""
+def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_path: str | None,
+                       sites: dict[str, str | None] | None = None) -> dict[str, nn.Module]:
+    """Module name -> the method's module there, for every site the config's targets find (or `sites`)."""
+    if sites is not None:
+        return _build_at(base, name, config, head_path, sites)
     if config.targets is None:
         targets, input_targets = default_targets(base, config)
     else:
@@ -52,6 +59,30 @@ def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_pa
             built[module_name] = build_site_method(config, SiteShape.of(module, module_name), module, on_input)
         except TargetError as err:
             raise TargetError(f"adapter {name!r} at module {module_name!r}: {err}") from None
+    return built
+
+
+def _build_at(base: nn.Module, name: str, config: MethodConfig, head_path: str | None,
+              sites: dict[str, str | None]) -> dict[str, nn.Module]:
+    """The method at exactly the named modules: looked up by name, never matched by a pattern."""
+    modules = dict(base.named_modules())
+    fenced = ([head_path] if head_path else []) + list(config.modules_to_save)
+    built = {}
+    for module_name, side in sites.items():
+        module = modules.get(module_name) if isinstance(module_name, str) and module_name else None
+        if module is None:
+            raise TargetError(f"adapter {name!r}: this model has no module {module_name!r}")
+        if any(module_name == f or module_name.startswith(f + ".") for f in fenced):
+            raise TargetError(f"adapter {name!r}: module {module_name!r} is the task head or a module it copies")
+        try:
+            method = build_site_method(config, SiteShape.of(module, module_name), module, side == "input")
+        except TargetError as err:
+            raise TargetError(f"adapter {name!r} at module {module_name!r}: {err}") from None
+        if side is not None and method.side != side:
+            raise TargetError(f"adapter {name!r}: at {module_name!r} the method acts on its {method.side}, not {side}")
+        built[module_name] = method
+    if not built:
+        raise TargetError(f"adapter {name!r}: no sites given")
     return built
 
 

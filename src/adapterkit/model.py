@@ -80,9 +80,12 @@ class AdaptedModel(nn.Module):
     def add(
         self, name: str, config: MethodConfig, *, labels: Sequence[str] | None = None,
         num_labels: int | None = None, head: bool | nn.Module | None = None,
+        sites: dict[str, str | None] | None = None,
     ) -> None:
         """Attach a new adapter. `labels`/`num_labels`/`head=True` give it its own task head.
 
+        `sites` (module name -> "input"/"output"/None) attaches it at exactly those modules instead
+        of the ones the config's targets match, as a saved file lists them: no pattern is run.
         Everything is built before anything is attached, so a failure leaves the model as it was.
         """
         self._check_new_name(name)
@@ -93,7 +96,7 @@ class AdaptedModel(nn.Module):
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)
         record = build_adapter(self.base, name, config, self.head_path, labels=labels, num_labels=num_labels,
-                               head=head)
+                               head=head, sites=sites)
         for path, copy in self._copy_switches.build(copied).items():
             record.copies[module_key(path)] = copy
         record.to(self._device()).train(self.training)

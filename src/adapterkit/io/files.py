@@ -105,7 +105,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
                 raise AdapterFileError(f"{path}: not an adapter folder, {needed.name} is missing")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise AdapterFileError(f"{manifest_path}: truncated or not JSON ({err})") from None
         tensors = load_tensors(tensor_path)
     elif path.suffix == ".safetensors" and path.exists():
@@ -116,13 +116,21 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
             header = (handle.metadata() or {}).get("adapterkit")
         if header is None:
             raise AdapterFileError(f"{path}: a safetensors file without an adapterkit header")
-        manifest = json.loads(header)
+        try:
+            manifest = json.loads(header)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise AdapterFileError(f"{path}: the adapterkit header is not JSON ({err})") from None
     else:
         raise AdapterFileError(f"{path}: no such adapter folder or .safetensors file")
+    if not isinstance(manifest, dict):
+        raise AdapterFileError(f"{path}: the manifest is a {type(manifest).__name__}, not a JSON object")
     wanted = "setup" if manifest.get("kind") == "fusion" else "config"
     if manifest.get("format") != "adapterkit" or wanted not in manifest:
         raise AdapterFileError(f"{path}: adapter.json is not an adapterkit manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterFileError(f"{path}: manifest field 'format_version' must be an integer, not {version!r}")
+    if version > FORMAT_VERSION:
         import warnings
 
         warnings.warn(f"{path}: written by a newer adapterkit (format {manifest['format_version']})", stacklevel=2)

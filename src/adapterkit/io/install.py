@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..adapter import SITES
+from ..build import build_site_methods
 from ..composition import Fuse, setup_from_dict
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterError, AdapterExistsError, AdapterFileError, CompositionError
+from ..methods import is_model_level
 
 if TYPE_CHECKING:
     from ..model import AdaptedModel
@@ -27,21 +30,30 @@ def install(
     """Attach the adapter that `manifest` describes, with `tensors`, as `name` (default: its saved
     name); returns the name. `source` names where it came from in every error; `hint` is added to
     errors that say the file does not match this model."""
+    check_manifest(manifest, source)
     name = name or manifest.get("name")
     if not isinstance(name, str):
         raise AdapterFileError(f"{source}: the adapter has no name; pass name=")
     try:
         config = config_from_dict(manifest["config"])
-    except (AdapterConfigError, KeyError, TypeError) as err:
-        raise AdapterFileError(f"{source}: adapter {name!r}: {err}") from None
+        config.validate()
+    except (AdapterConfigError, KeyError, TypeError, ValueError) as err:
+        raise AdapterFileError(f"{source}: adapter {name!r}: manifest field 'config': {err}") from None
     if check_base:
         _check_base(am, manifest, f"adapter {name!r} ({source})")
     head = manifest.get("head") or None
     labels = manifest.get("labels")
+    num_labels = (head or {}).get("num_labels") if labels is None else None
+    sites = manifest.get("sites")
     try:
-        am.add(name, config, labels=labels, num_labels=(head or {}).get("num_labels") if labels is None else None,
-               head=bool(head))
+        if head:
+            _check_head_width(tensors, len(labels) if labels is not None else num_labels, source)
+        if sites is not None and not is_model_level(config):
+            _check_shapes_before_building(am, name, config, sites, tensors, source, hint)
+        am.add(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites)
     except AdapterExistsError:
+        raise
+    except AdapterFileError:
         raise
     except (AdapterError, ValueError) as err:
         raise AdapterFileError(f"{source}: {err}") from None
@@ -52,6 +64,7 @@ def install(
         except AdapterFileError as err:
             raise AdapterFileError(f"{source}: {err}{hint}") from None
         am.adapter(name).meta.update(manifest.get("meta") or {})
+        _check_finite(am, name, source)
     except BaseException:
         am.delete(name, collect=False)
         raise
@@ -89,6 +102,67 @@ def install_fusion(am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str
     return fuse
 
 
+def check_manifest(manifest: Any, source: str = "adapter") -> None:
+    """Every field an install reads has the type and range it needs; AdapterFileError names the field."""
+    def bad(field: str, why: str) -> AdapterFileError:
+        return AdapterFileError(f"{source}: manifest field {field!r} {why}")
+
+    if not isinstance(manifest, dict):
+        raise AdapterFileError(f"{source}: the manifest is a {type(manifest).__name__}, not a JSON object")
+    if not isinstance(manifest.get("config"), dict) or not isinstance(manifest["config"].get("method"), str):
+        raise bad("config", "must be an object with a 'method' name")
+    if manifest.get("name") is not None and not isinstance(manifest["name"], str):
+        raise bad("name", "must be a string")
+    sites = manifest.get("sites")
+    if sites is not None and not (isinstance(sites, dict) and sites and all(
+            isinstance(k, str) and k and (v is None or isinstance(v, str)) for k, v in sites.items())):
+        raise bad("sites", "must map module names to 'input' / 'output'")
+    labels = manifest.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise bad("labels", "must be a non-empty list of label names (strings)")
+        if len(set(labels)) != len(labels):
+            raise bad("labels", "lists a label twice")
+    head = manifest.get("head")
+    if head is not None:
+        if not isinstance(head, dict):
+            raise bad("head", "must be an object or null")
+        width = head.get("num_labels")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise bad("head.num_labels", "must be a positive integer")
+        if labels is not None and width is not None and width != len(labels):
+            raise bad("head.num_labels", f"is {width} but there are {len(labels)} labels")
+    if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
+        raise bad("meta", "must be an object")
+    if manifest.get("base") is not None and not isinstance(manifest["base"], dict):
+        raise bad("base", "must be an object")
+
+
+def _check_head_width(tensors: dict[str, torch.Tensor], width: int | None, source: str) -> None:
+    """The head's output width must be one the file's head tensors have, before a head is built."""
+    widths = {t.shape[0] for k, t in tensors.items() if k.startswith("head.") and t.dim() >= 1}
+    if width is not None and width not in widths:
+        raise AdapterFileError(f"{source}: the head is said to have {width} outputs, but no head tensor has that size")
+
+
+def _check_shapes_before_building(am: AdaptedModel, name: str, config: Any, sites: dict[str, str | None],
+                                  tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
+    """Build the site modules on the meta device (no memory) and compare their shapes with the file's,
+    so that a config asking for a huge rank or bottleneck fails before anything is allocated."""
+    with torch.device("meta"):
+        built = build_site_methods(am.base, name, config, am.head_path, sites)
+    for module_name, method in built.items():
+        for pname, p in method.state_dict().items():
+            key = f"{SITES}.{module_name}.{pname}"
+            if key not in tensors:
+                raise AdapterFileError(f"{source}: adapter {name!r}: tensor {key!r} is missing{hint}")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise AdapterFileError(
+                    f"{source}: adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
+                    f"config makes {tuple(p.shape)}{hint}"
+                )
+
+
 def _check_base(am: AdaptedModel, manifest: dict[str, Any], what: str) -> None:
     base = manifest.get("base") or {}
     if base.get("fingerprint") != am.fingerprint():
@@ -110,3 +184,9 @@ def _check_sites(am: AdaptedModel, name: str, saved: dict[str, str | None] | Non
             f"{source}: adapter {name!r} was saved for other modules than this model has (not in the file: "
             f"{extra[:4]}, not found here: {missing[:4]}, other side: {sides[:4]}){hint}"
         )
+
+
+def _check_finite(am: AdaptedModel, name: str, source: str) -> None:
+    bad = [k for k, t in am.adapter(name).tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterFileError(f"{source}: adapter {name!r}: tensors {bad[:4]} hold NaN or infinite values")
