@@ -241,10 +241,11 @@ def _no_trace(am, model, hooks_before):
 
 
 def test_every_source_installs_all_or_nothing_with_one_error_type(make_minilm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     from adapterkit.io.peft import export_peft_lora
     from adapterkit.serve.cache import AdapterCache, AdapterKey
     from adapterkit.serve.errors import InvalidAdapter
-    from safetensors.torch import load_file, save_file
 
     donor = ak.adapt(make_minilm())
     donor.add("x", ak.LoRA(r=2), num_labels=2)
