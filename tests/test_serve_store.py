@@ -220,3 +220,77 @@ def test_keys_file_is_reread_when_it_changes(tmp_path):
     keys.write_text("{half written")
     os.utime(keys, (2, 2))
     assert tenants.lookup("key-globex-001").tenant == "globex"  # the last good keys stay
+
+
+def test_version_numbers_survive_a_delete_and_a_publish_after_a_delete_fails(store, folders):
+    assert store.add("acme", "s", folders["a"]) == 1
+    assert store.add("acme", "s", folders["a"]) == 2
+    store.delete("acme", "s")
+    assert store.add("acme", "s", folders["b"]) == 3  # never v1 again: v1's weights are gone
+    with store.staging() as staging:
+        version = store.reserve("acme", "s", store.copy_in(folders["a"], staging))
+    store.delete("acme", "s")  # a DELETE between reserve and publish
+    with pytest.raises(Conflict, match="deleted while"):
+        store.publish("acme", "s", version)
+    with pytest.raises(NotFound):
+        store.resolve("acme", "s")
+
+
+def test_quotas_and_kept_versions(tmp_path, builder, folders):
+    from adapterkit.serve.errors import QuotaExceeded
+    from adapterkit.serve.store import Quota
+
+    store = AdapterStore(tmp_path / "q", fingerprint=builder.fingerprint(),
+                         quota=Quota(max_adapters=2, keep_versions=2, max_bytes=50 * 1024**2))
+    store.add("acme", "one", folders["a"])
+    store.add("acme", "two", folders["a"])
+    with pytest.raises(QuotaExceeded, match="2 adapters"):
+        store.add("acme", "three", folders["a"])
+    store.add("globex", "three", folders["a"])  # another tenant's quota
+    for _ in range(3):
+        store.add("acme", "one", folders["b"])
+    assert store.versions("acme", "one") == [3, 4] and store.record("acme", "one")["versions"] == [3, 4]
+    small = AdapterStore(tmp_path / "small", fingerprint=builder.fingerprint(), quota=Quota(max_bytes=1000))
+    with pytest.raises(QuotaExceeded, match="bytes on disk"):
+        small.add("acme", "one", folders["a"])
+    assert small.names("acme") == []
+
+
+def test_start_up_sweeps_what_a_crash_left(tmp_path, builder, folders):
+    root = tmp_path / "crashed"
+    store = AdapterStore(root, fingerprint=builder.fingerprint())
+    store.add("acme", "s", folders["a"])
+    with store.staging() as staging:
+        orphan = store.reserve("acme", "s", store.copy_in(folders["b"], staging))  # killed before publish
+    leftovers = [root / ".staging" / "dead", root / ".trash" / "old", root / ".spool" / "upload-1"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    assert store.record("acme", "s")["versions"] == [1]  # a version that never went live is not listed
+    old = 10_000
+    for path in [*leftovers, store.path("acme", "s", orphan)]:
+        os.utime(path, (path.stat().st_atime - old, path.stat().st_mtime - old))
+    fresh = root / ".staging" / "in-flight"  # another process's upload, still going
+    fresh.mkdir()
+    AdapterStore(root, fingerprint=builder.fingerprint())
+    assert not any(p.exists() for p in leftovers) and not store.path("acme", "s", orphan).exists()
+    assert fresh.exists() and store.resolve("acme", "s") == 1
+
+
+def test_uploads_with_non_finite_weights_or_bad_fields_are_refused(store, folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for case in ("nan", "labels"):
+        bad = tmp_path / case
+        bad.mkdir()
+        manifest = json.loads((folders["a"] / "adapter.json").read_text())
+        tensors = load_file(folders["a"] / "adapter.safetensors")
+        if case == "nan":
+            key = next(iter(tensors))
+            tensors[key] = tensors[key].clone().fill_(float("inf"))
+        else:
+            manifest["labels"] = {"neg": 0}
+        save_file(tensors, bad / "adapter.safetensors")
+        (bad / "adapter.json").write_text(json.dumps(manifest))
+        with pytest.raises(InvalidAdapter, match="NaN or infinite" if case == "nan" else "'labels'"):
+            store.add("acme", case, bad)

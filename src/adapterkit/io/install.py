@@ -114,7 +114,7 @@ def check_manifest(manifest: Any, source: str = "adapter") -> None:
     if manifest.get("name") is not None and not isinstance(manifest["name"], str):
         raise bad("name", "must be a string")
     sites = manifest.get("sites")
-    if sites is not None and not (isinstance(sites, dict) and sites and all(
+    if sites is not None and not (isinstance(sites, dict) and all(
             isinstance(k, str) and k and (v is None or isinstance(v, str)) for k, v in sites.items())):
         raise bad("sites", "must map module names to 'input' / 'output'")
     labels = manifest.get("labels")

@@ -193,14 +193,21 @@ class Engine:
         try:
             manifest, tensors = read_adapter(self.store.path(tenant, name, version))
             self.batcher.call(lambda: self.cache.install(key, manifest, tensors)).result()
+            self.store.publish(tenant, name, version)
         except BaseException:
+            self.batcher.doom([key])
             self.store.discard(tenant, name, version)
             raise
-        self.store.publish(tenant, name, version)
+        self._unload_old(tenant, name, version)
         return {**self.store.record(tenant, name), "loaded": True}
+
+    def _unload_old(self, tenant: str, name: str, live: int) -> None:
+        """Versions other than the live one leave memory as soon as their last request is done."""
+        self.batcher.doom([k for k in self.cache.keys() if (k.tenant, k.name) == (tenant, name) and k.version != live])
 
     def rollback(self, tenant: str, name: str) -> dict[str, Any]:
         previous, live = self.store.rollback(tenant, name)
+        self._unload_old(tenant, name, live)
         return {**self.store.record(tenant, name), "rolled_back_from": previous}
 
     def delete(self, tenant: str, name: str) -> dict[str, Any]:

@@ -35,6 +35,12 @@ class Forbidden(ServeError):
     status, code = 403, "forbidden"
 
 
+class QuotaExceeded(Forbidden):
+    """The tenant's quota of adapters or bytes on disk is used up."""
+
+    code = "quota_exceeded"
+
+
 class NotFound(ServeError):
     """Unknown adapter, or one that belongs to another tenant (the two read the same)."""
 

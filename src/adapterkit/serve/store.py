@@ -8,6 +8,12 @@ a method that can be routed per row) in a staging folder, moved to v<N>, and onl
 by an atomic rewrite of state.json; readers see the old version or the new, never a half.
 Adapter folders placed directly in the store (`<store>/<name>/adapter.json`) are adopted at start
 as versions of tenant "default".
+
+Version numbers are never reused, not even after a delete (`.versions.json` keeps the last one
+given out), so a version number always names the same weights. Each tenant has a quota (adapters,
+bytes on disk), and only the newest `keep_versions` versions of an adapter are kept for rollback.
+At start, what a crash left behind is swept: staging folders, the trash, spooled uploads, and
+versions that never went live.
 """
 
 from __future__ import annotations
@@ -18,31 +24,89 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
 from ..io.files import MANIFEST, TENSORS, read_adapter
+from ..io.install import check_manifest
 from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
 from ..methods import is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
-from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, not_found
+from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
 from .tenants import DEFAULT_TENANT, valid_name
 
 STATE = "state.json"
+COUNTERS = ".versions.json"
+SPOOL, STAGING, TRASH = ".spool", ".staging", ".trash"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one tenant may keep in the store."""
+
+    max_adapters: int = 1000
+    max_bytes: int = 20 << 30
+    #: versions kept per adapter (the live one and the newest before it, for rollback)
+    keep_versions: int = 5
 
 
 class AdapterStore:
-    def __init__(self, root: str | os.PathLike, fingerprint: str | None = None, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, root: str | os.PathLike, fingerprint: str | None = None, max_bytes: int = MAX_BYTES,
+                 quota: Quota | None = None, sweep_after_s: float = 600.0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
+        self.quota = quota or Quota()
         self._lock = threading.RLock()
         self._live: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
+        self.sweep(older_than_s=sweep_after_s)
+
+    @property
+    def spool(self) -> Path:
+        """Where uploads are written while they arrive (swept at start)."""
+        folder = self.root / SPOOL
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def sweep(self, older_than_s: float = 600.0) -> list[str]:
+        """Remove what an interrupted upload, publish or delete left behind; returns what went.
+
+        Only entries older than `older_than_s` go, so that another process sharing the store can
+        finish the upload it is in the middle of.
+        """
+        now, removed = time.time(), []
+
+        def old(path: Path) -> bool:
+            try:
+                return now - path.stat().st_mtime > older_than_s
+            except OSError:
+                return False
+
+        with self._locked():
+            for area in (STAGING, SPOOL):
+                for entry in (self.root / area).glob("*"):
+                    if old(entry):
+                        _remove(entry)
+                        removed.append(str(entry.relative_to(self.root)))
+            for entry in (self.root / TRASH).glob("*"):  # deleted adapters: nothing else refers to them
+                _remove(entry)
+                removed.append(str(entry.relative_to(self.root)))
+            for tenant, name in self.names():
+                for version in sorted(set(self.versions(tenant, name)) - set(self._kept(tenant, name))):
+                    path = self.path(tenant, name, version)
+                    if old(path):
+                        _remove(path)
+                        removed.append(str(path.relative_to(self.root)))
+        return removed
 
     # --- layout and reading ------------------------------------------------------------------
 
@@ -78,6 +142,12 @@ class AdapterStore:
         self._live[(tenant, name)] = (stamp, state["live"])
         return state["live"]
 
+    def _kept(self, tenant: str, name: str) -> list[int]:
+        """The live version and the history: the versions that count (others are in flight or orphans)."""
+        state = self.state(tenant, name) or {}
+        live = state.get("live")
+        return [v for v in [*state.get("history", []), live] if isinstance(v, int)]
+
     def versions(self, tenant: str, name: str) -> list[int]:
         folder = self.folder(tenant, name)
         if not folder.is_dir():
@@ -94,7 +164,8 @@ class AdapterStore:
             manifest = {}
         config = manifest.get("config") or {}
         return {
-            "tenant": tenant, "name": name, "version": live, "versions": self.versions(tenant, name),
+            "tenant": tenant, "name": name, "version": live,
+            "versions": sorted(set(self.versions(tenant, name)) & set(self._kept(tenant, name))),
             "method": config.get("method"), "labels": manifest.get("labels"), "params": manifest.get("params"),
             "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0,
         }
@@ -128,10 +199,17 @@ class AdapterStore:
         if links:
             raise BadUpload(f"symbolic links are refused ({links})")
         try:
-            manifest, _ = read_adapter(folder)
+            manifest, tensors = read_adapter(folder)
+            if manifest.get("kind") == "fusion":
+                raise InvalidAdapter("a fusion file is not an adapter that can be routed per row")
+            check_manifest(manifest, "the upload")
             config = config_from_dict(manifest["config"])
-        except (AdapterFileError, AdapterConfigError) as err:
+            config.validate()
+        except (AdapterFileError, AdapterConfigError, TypeError, ValueError) as err:
             raise InvalidAdapter(f"not a valid adapter: {err}") from None
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise InvalidAdapter(f"not a valid adapter: tensors {bad[:4]} hold NaN or infinite values")
         base = manifest.get("base") or {}
         if self.fingerprint is not None and base.get("fingerprint") != self.fingerprint:
             raise InvalidAdapter(
@@ -149,7 +227,7 @@ class AdapterStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh folder inside the store (same filesystem, so a version moves in by rename)."""
-        folder = self.root / ".staging" / uuid.uuid4().hex
+        folder = self.root / STAGING / uuid.uuid4().hex
         folder.mkdir(parents=True)
         try:
             yield folder
@@ -196,25 +274,57 @@ class AdapterStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def reserve(self, tenant: str, name: str, folder: Path) -> int:
-        """Move a checked folder in as the next version, not yet live; returns its number."""
+        """Move a checked folder in as the next version, not yet live; returns its number.
+
+        The number is one more than any this adapter ever had, deleted ones included.
+        """
         with self._locked():
-            state = self.state(tenant, name) or {}
-            taken = self.versions(tenant, name) + [state.get("live") or 0] + list(state.get("history", []))
+            self._check_quota(tenant, name, folder)
+            counters = self._counters()
+            taken = self.versions(tenant, name) + self._kept(tenant, name) + [counters.get(f"{tenant}/{name}", 0)]
             version = max(taken, default=0) + 1
+            counters[f"{tenant}/{name}"] = version
+            atomic_write(self.root / COUNTERS, json.dumps(counters).encode())
             target = self.path(tenant, name, version)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(folder, target)
             fsync_dir(target.parent)
             return version
 
-    def publish(self, tenant: str, name: str, version: int) -> None:
-        """Make `version` live; the one live before goes on the history for rollback."""
+    def publish(self, tenant: str, name: str, version: int) -> list[int]:
+        """Make `version` live; the one live before goes on the history for rollback. Returns the
+        versions pruned beyond the quota's `keep_versions`. Conflict if the version was deleted meanwhile."""
         with self._locked():
+            if not self.path(tenant, name, version).is_dir():
+                raise Conflict(f"adapter {name!r} was deleted while this version was uploaded; upload it again")
             state = self.state(tenant, name) or {"live": None, "history": []}
+            history = list(state.get("history", []))
             if state.get("live") is not None and state["live"] != version:
-                state["history"] = [*state.get("history", []), state["live"]]
-            state["live"] = version
+                history.append(state["live"])
+            keep = max(0, self.quota.keep_versions - 1)
+            pruned = history[: len(history) - keep] if len(history) > keep else []
+            state = {"live": version, "history": history[len(pruned):]}
             self._write_state(tenant, name, state)
+            for old in pruned:
+                _remove(self.path(tenant, name, old))
+            return pruned
+
+    def _counters(self) -> dict[str, int]:
+        try:
+            data = json.loads((self.root / COUNTERS).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _check_quota(self, tenant: str, name: str, folder: Path) -> None:
+        names = {n for t, n in self.names(tenant)}
+        if name not in names and len(names) >= self.quota.max_adapters:
+            raise QuotaExceeded(f"tenant {tenant!r} has {len(names)} adapters, its quota; delete one first")
+        used = _folder_bytes(self.root / tenant) + _folder_bytes(folder)
+        if used > self.quota.max_bytes:
+            raise QuotaExceeded(
+                f"tenant {tenant!r} would use {used} bytes on disk, over its quota of {self.quota.max_bytes}"
+            )
 
     def discard(self, tenant: str, name: str, version: int) -> None:
         with self._locked():
@@ -239,7 +349,7 @@ class AdapterStore:
         with self._locked():
             self.resolve(tenant, name)
             versions = self.versions(tenant, name)
-            trash = self.root / ".trash" / uuid.uuid4().hex
+            trash = self.root / TRASH / uuid.uuid4().hex
             trash.parent.mkdir(exist_ok=True)
             os.rename(self.folder(tenant, name), trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -267,3 +377,16 @@ class AdapterStore:
 
     def _write_state(self, tenant: str, name: str, state: dict[str, Any]) -> None:
         atomic_write(self.folder(tenant, name) / STATE, json.dumps(state).encode())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
