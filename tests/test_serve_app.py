@@ -320,3 +320,70 @@ def test_tar_helper_roundtrip():
     data = tar_bytes({"a.txt": b"hi"})
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.extractfile("a.txt").read() == b"hi"
+
+
+def test_the_key_is_checked_before_the_body_is_read_and_bodies_are_bounded_on_the_stream(engine):
+    app = create_app(engine, KEYS, max_json_bytes=1 << 20)
+    sent = []
+
+    def chunks(n):
+        for i in range(n):  # 64 chunks of 64 kB, sent chunked (no Content-Length)
+            sent.append(i)
+            yield b"x" * (64 << 10)
+
+    with TestClient(app) as c:
+        r = c.post("/v1/classify", content=chunks(64), headers={"X-API-Key": "wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert len(sent) < 64  # the server answered without taking the body
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(engine):
+    from adapterkit.serve.app import _MetricsMiddleware
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app ran with an oversized body")
+
+    pulled, sent = [], []
+
+    async def chunked():  # 64 chunks of 64 kB and no Content-Length
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * (64 << 10), "more_body": len(pulled) < 64}
+
+    async def send(message):
+        sent.append(message)
+
+    door = _MetricsMiddleware(app, engine.metrics, max_json=1 << 20, tenants=None)
+    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
+    asyncio.run(asyncio.wait_for(door(scope, chunked, send), 10))
+    assert sent[0]["status"] == 413 and len(pulled) == 17  # 17 × 64 kB: the first read past 1 MB
+
+
+def test_errors_keep_the_envelope(client, engine):
+    r = client.post("/v1/classify", content=b'{"inputs": ["\xff\xfe"]}', headers={**ACME, "content-type": "application/json"})
+    assert r.status_code in (400, 422) and "error" in r.json() and "detail" not in r.json()
+    r = client.post("/v1/generate", json={"prompt": "hi", "stream": True}, headers=ACME)
+    assert r.status_code == 400 and "causal-LM" in r.json()["error"]["message"]
+    r = client.get("/v1/adapters", params={"tenant": "../../etc"}, headers=ADMIN)
+    assert r.status_code == 400 and "not a path" in r.json()["error"]["message"]
+    r = client.get("/v1/nowhere", headers=ACME)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_body_that_stalls_times_out(engine):
+    from adapterkit.serve.app import _MetricsMiddleware
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app ran without a body")
+
+    async def stalled():
+        await asyncio.sleep(30)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    door = _MetricsMiddleware(app, engine.metrics, tenants=None, body_timeout_s=0.2)
+    scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
+    asyncio.run(asyncio.wait_for(door(scope, stalled, send), 10))
+    assert sent[0]["status"] == 408

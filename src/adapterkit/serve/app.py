@@ -23,15 +23,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterError
 from .engine import Engine
-from .errors import BadRequest, BadUpload, Forbidden, PayloadTooLarge, ServeError
+from .errors import BadRequest, BadUpload, Forbidden, PayloadTooLarge, RequestTimeout, ServeError
 from .metrics import ServeMetrics
-from .tenants import SINGLE_TENANT, Principal, Tenants
+from .tenants import SINGLE_TENANT, Principal, Tenants, valid_name
 
 MAX_UPLOAD = 256 << 20
 MAX_JSON = 16 << 20
+BODY_TIMEOUT_S = 30.0
+#: paths anyone may call without a key
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 ARCHIVE = {"schema": {"type": "string", "format": "binary"}}
 UPLOAD_DOC = {"requestBody": {"content": {
     "application/x-tar": ARCHIVE, "application/gzip": ARCHIVE, "application/zip": ARCHIVE,
@@ -61,7 +65,7 @@ class GenerateIn(BaseModel):
 
 def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None = None, *,
                max_upload_bytes: int = MAX_UPLOAD, max_json_bytes: int = MAX_JSON,
-               close_engine: bool = False) -> FastAPI:
+               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = False) -> FastAPI:
     tenants = keys if isinstance(keys, Tenants) or keys is None else Tenants(keys)
     metrics = engine.metrics
 
@@ -73,7 +77,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
 
     app = FastAPI(title="adapterkit serve", version="1", lifespan=lifespan,
                   description="Many adapters on one base model: per-request routing, hot load, tenants.")
-    app.add_middleware(_MetricsMiddleware, metrics=metrics, max_json=max_json_bytes)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics, max_json=max_json_bytes, max_upload=max_upload_bytes,
+                       tenants=tenants, body_timeout_s=body_timeout_s)
 
     async def principal(request: Request) -> Principal:
         if tenants is None:
@@ -111,6 +116,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = adapter_of(request, who, body.adapter)
         options = {"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "seed": body.seed}
+        if engine.task != "causal_lm":  # before a stream starts: once it has, the status is 200
+            raise BadRequest(f"generation needs a causal-LM base; this server's base is a {engine.task} model")
         if not body.stream:
             return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
         return StreamingResponse(_stream(engine, body.prompt, name, tenant, options), media_type="text/event-stream")
@@ -119,6 +126,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
 
     @app.get("/v1/adapters", summary="Your adapters: live version, method, size, loaded or not")
     async def list_adapters(tenant: str | None = None, who: Principal = Depends(principal)) -> Any:
+        if tenant is not None and not valid_name(tenant):
+            raise BadRequest(f"tenant {tenant!r}: a tenant name, not a path")
         scope = (tenant if who.admin else who.tenant)
         records = await run_in_threadpool(engine.adapters, scope)
         return {"adapters": [_public(r, who) for r in records]}
@@ -142,7 +151,7 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
             root = engine.store.root if who.admin else engine.store.root / who.tenant
             record = await run_in_threadpool(engine.put, tenant, adapter, source=root / source, source_root=root)
         else:
-            path = await _spool_upload(request, kind, max_upload_bytes)
+            path = await _spool_upload(request, kind, max_upload_bytes, engine.store.spool)
             try:
                 record = await run_in_threadpool(engine.put, tenant, adapter, archive=path)
             finally:
@@ -185,6 +194,13 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     async def adapter_error(request: Request, err: AdapterError) -> JSONResponse:
         request.state.error = "invalid_adapter"
         return JSONResponse({"error": {"code": "invalid_adapter", "message": str(err)}}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        request.state.error = code
+        return JSONResponse({"error": {"code": code, "message": str(err.detail)}}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -246,9 +262,9 @@ async def _json_body(request: Request) -> dict:
     return data
 
 
-async def _spool_upload(request: Request, kind: str, limit: int) -> Path:
-    """The uploaded archive in a temporary file, at most `limit` bytes."""
-    fd, name = tempfile.mkstemp(prefix="adapterkit-upload-")
+async def _spool_upload(request: Request, kind: str, limit: int, folder: Path) -> Path:
+    """The uploaded archive in a temporary file in `folder`, at most `limit` bytes."""
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=folder)
     path = Path(name)
     size = 0
     try:
@@ -278,10 +294,17 @@ async def _spool_upload(request: Request, kind: str, limit: int) -> Path:
 
 
 class _MetricsMiddleware:
-    """Counts and times every request by route template, adapter and status (pure ASGI, cheap)."""
+    """Counts and times every request by route template, adapter and status (pure ASGI, cheap).
 
-    def __init__(self, app: Any, metrics: ServeMetrics, max_json: int = MAX_JSON) -> None:
-        self.app, self.metrics, self.max_json = app, metrics, max_json
+    It is also the door: the API key is checked before any body is read, and a body is read
+    within `body_timeout_s` and up to its limit, counted on the byte stream (chunked or not),
+    so no request makes the server hold more than the limit in memory.
+    """
+
+    def __init__(self, app: Any, metrics: ServeMetrics, max_json: int = MAX_JSON, max_upload: int = MAX_UPLOAD,
+                 tenants: Tenants | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+        self.app, self.metrics, self.max_json, self.max_upload = app, metrics, max_json, max_upload
+        self.tenants, self.body_timeout_s = tenants, body_timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -298,12 +321,18 @@ class _MetricsMiddleware:
             await send(message)
 
         try:
-            if scope["method"] == "POST" and _content_length(scope) > self.max_json:
-                err = PayloadTooLarge(f"request bodies are limited to {self.max_json} bytes")
+            try:
+                self._check_key(scope)
+                if scope["method"] == "PUT":  # uploads stream to disk, bounded there; here only timed
+                    receive = self._timed(receive)
+                elif scope["method"] in ("POST", "PATCH"):
+                    receive = await self._buffered(scope, receive)
+            except ServeError as err:
                 state["error"] = err.code
-                await JSONResponse(err.as_json(), status_code=err.status)(scope, receive, send_status)
-            else:
-                await self.app(scope, receive, send_status)
+                headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+                await JSONResponse(err.as_json(), status_code=err.status, headers=headers)(scope, receive, send_status)
+                return
+            await self.app(scope, receive, send_status)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -312,6 +341,51 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
             if status >= 400:
                 self.metrics.errors.labels(path, adapter, state.get("error", str(status))).inc()
+
+    def _check_key(self, scope: dict) -> None:
+        if self.tenants is None or scope.get("path") in OPEN_PATHS:
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        key = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if not key and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        self.tenants.lookup(key)  # Unauthorized before a byte of the body is read
+
+    async def _buffered(self, scope: dict, receive: Any) -> Any:
+        """Read the whole (small, JSON) body now, bounded in size and time, and replay it to the app."""
+        if _content_length(scope) > self.max_json:
+            raise PayloadTooLarge(f"request bodies are limited to {self.max_json} bytes")
+        chunks, size, more = [], 0, True
+        deadline = time.monotonic() + self.body_timeout_s
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+            if message["type"] == "http.disconnect":
+                break
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_json:
+                raise PayloadTooLarge(f"request bodies are limited to {self.max_json} bytes")
+            chunks.append(body)
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        return replayed
+
+    def _timed(self, receive: Any) -> Any:
+        async def timed() -> dict:
+            try:
+                return await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no upload data for {self.body_timeout_s:g} s") from None
+
+        return timed
 
 
 def _content_length(scope: dict) -> int:

@@ -51,6 +51,10 @@ class Conflict(ServeError):
     status, code = 409, "conflict"
 
 
+class RequestTimeout(ServeError):
+    status, code = 408, "request_timeout"
+
+
 class PayloadTooLarge(ServeError):
     status, code = 413, "too_large"
 
