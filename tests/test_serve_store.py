@@ -294,3 +294,27 @@ def test_uploads_with_non_finite_weights_or_bad_fields_are_refused(store, folder
         (bad / "adapter.json").write_text(json.dumps(manifest))
         with pytest.raises(InvalidAdapter, match="NaN or infinite" if case == "nan" else "'labels'"):
             store.add("acme", case, bad)
+
+
+def test_archives_keep_only_the_adapter_and_no_big_extras(store, folders, tmp_path):
+    good = _manifest_files(folders["a"])
+    plain = io.BytesIO()
+    with zipfile.ZipFile(plain, "w") as zf:  # writestr(name, data): no file-type bits in the mode
+        for k, v in good.items():
+            zf.writestr(k, v)
+        zf.writestr("README.md", b"notes")
+    path = tmp_path / "plain.zip"
+    path.write_bytes(plain.getvalue())
+    with store.staging() as staging:
+        root = store.unpack(path, staging)
+        assert sorted(p.name for p in root.iterdir()) == ["adapter.json", "adapter.safetensors"]
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for k, v in good.items():
+            zf.writestr(k, v)
+        zf.writestr("padding.bin.txt", b"\0" * (64 << 20))  # 64 MB that compresses to ~64 kB
+    path = tmp_path / "bomb.zip"
+    path.write_bytes(bomb.getvalue())
+    assert path.stat().st_size < 1 << 20
+    with store.staging() as staging, pytest.raises(PayloadTooLarge, match="only adapter.safetensors may be larger"):
+        store.unpack(path, staging)

@@ -15,12 +15,14 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from ..io.files import MANIFEST
+from ..io.files import MANIFEST, TENSORS
 from ..io.storage import PICKLE_SUFFIXES
 from .errors import BadUpload, PayloadTooLarge
 
 MAX_FILES = 64
 MAX_BYTES = 1 << 30
+#: any member but the tensors (the manifest, a README, ...) is small; only these names are kept
+MAX_SMALL_MEMBER = 1 << 20
 
 
 def extract_adapter_archive(archive: Path, dest: Path, max_bytes: int = MAX_BYTES, max_files: int = MAX_FILES) -> Path:
@@ -75,6 +77,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
                 raise BadUpload(f"archive member {member.name!r}: links are not allowed")
             if not (member.isfile() or member.isdir()):
                 raise BadUpload(f"archive member {member.name!r}: only regular files and folders are allowed")
+            _check_member_size(member.name, path, member.size)
             total += member.size
             members.append((member, path))
             _check_limits(len(members), total, max_files, max_bytes)
@@ -99,8 +102,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise BadUpload(f"archive member {info.filename!r}: links are not allowed")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # ZipFile.writestr and many Windows tools write no file-type bits at all (S_IFMT 0)
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise BadUpload(f"archive member {info.filename!r}: only regular files and folders are allowed")
+            _check_member_size(info.filename, path, info.file_size)
             total += info.file_size
             _check_limits(count, total, max_files, max_bytes)
             checked.append((info, path))
@@ -111,6 +116,13 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
                 continue
             with zf.open(info) as source:
                 _copy(source, target, info.file_size, info.filename)
+
+
+def _check_member_size(name: str, path: PurePosixPath, size: int) -> None:
+    if path.name != TENSORS and size > MAX_SMALL_MEMBER:
+        raise PayloadTooLarge(
+            f"archive member {name!r} is {size} bytes; only {TENSORS} may be larger than {MAX_SMALL_MEMBER}"
+        )
 
 
 def _check_limits(count: int, total: int, max_files: int, max_bytes: int) -> None:

@@ -235,9 +235,16 @@ class AdapterStore:
             shutil.rmtree(folder, ignore_errors=True)
 
     def unpack(self, archive: Path, staging: Path) -> Path:
+        """The checked adapter folder of an uploaded archive: its manifest and tensors, nothing else."""
         root = extract_adapter_archive(archive, staging / "upload", max_bytes=self.max_bytes)
-        self.check(root)
-        return root
+        kept = staging / "adapter"
+        kept.mkdir()
+        for name in (MANIFEST, TENSORS):
+            if (root / name).is_file():
+                os.rename(root / name, kept / name)
+        shutil.rmtree(staging / "upload", ignore_errors=True)
+        self.check(kept)
+        return kept
 
     def copy_in(self, source: Path, staging: Path, allowed: Path | None = None) -> Path:
         """Copy an adapter folder (inside `allowed`, if given) into staging: regular files only."""
