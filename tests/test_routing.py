@@ -358,3 +358,32 @@ def test_property_model_adapters_are_not_identity():
     am, x, singles = _small()
     for name in NAMES:
         assert not torch.allclose(singles[name], singles[None], atol=1e-4), name
+
+
+def test_a_large_rank_routes_apart_and_is_counted_with_its_padding():
+    """One tenant's rank-384 LoRA must not pad the routing stacks of everyone else's rank-8 ones."""
+    from adapterkit.serve.cache import _resident_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512)).eval()
+    am = ak.adapt(model, head=None)
+    for name, r in (("a", 8), ("b", 4), ("big", 384)):
+        am.add(name, ak.LoRA(r=r, targets=["0"]))
+        randomize(am, name)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        with am.route(["a", "b", "a"]):
+            routed = model(x)
+        stacks = am.sites["0"]._stacks
+        assert [s["rank"] for s in (c.stacked for c in stacks.values())] == [8]  # "big" is not in there
+        with am.route(["a", "big", None]):
+            mixed = model(x)
+        for i, name in enumerate(["a", "big", None]):
+            am.activate(name)
+            torch.testing.assert_close(mixed[i], model(x[i : i + 1])[0])
+        for i, name in enumerate(["a", "b", "a"]):
+            am.activate(name)
+            torch.testing.assert_close(routed[i], model(x[i : i + 1])[0])
+    own = am.adapter("big").parameter_bytes()
+    assert _resident_bytes(am.adapter("big")) == own + own * 512 // 384
+    assert _resident_bytes(am.adapter("b")) == 3 * am.adapter("b").parameter_bytes()

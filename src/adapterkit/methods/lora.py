@@ -119,7 +119,14 @@ class LoRAAdapter(SiteMethod):
         self.lora_B.copy_(pad_to(b, self.lora_B.shape[1], 1))
 
     def route_group(self) -> tuple:
-        return (self.shape.kind,)
+        # Ranks route in power-of-two buckets: the stacks pad every rank to the largest in the group,
+        # so without buckets one adapter of rank 384 would make every routed batch pay rank 384.
+        return (self.shape.kind, rank_bucket(self.r))
+
+    def routed_bytes(self) -> int:
+        """What this adapter's slot in the routing stacks can take: its parameters padded to its bucket."""
+        own = sum(p.numel() * p.element_size() for p in self.parameters())
+        return own * rank_bucket(self.r) // self.r
 
     @classmethod
     def stack(cls, adapters: list[LoRAAdapter]) -> dict:
@@ -167,3 +174,8 @@ class LoRAAdapter(SiteMethod):
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def rank_bucket(r: int) -> int:
+    """8 for ranks up to 8, else the next power of two."""
+    return 8 if r <= 8 else 1 << (r - 1).bit_length()

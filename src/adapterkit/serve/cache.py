@@ -138,6 +138,10 @@ class AdapterCache:
 
 
 def _resident_bytes(record: Adapter) -> int:
-    """Parameters, plus their copy in the sites' routing stacks (rebuilt when adapters change)."""
-    stacked = sum(p.numel() * p.element_size() for m in record.site_methods.values() for p in m.parameters())
+    """Parameters, plus their copy in the sites' routing stacks (rebuilt when adapters change),
+    padding included: a method with `routed_bytes()` says how much its slot can take."""
+    stacked = 0
+    for method in record.site_methods.values():
+        padded = getattr(method, "routed_bytes", None)
+        stacked += padded() if padded is not None else sum(p.numel() * p.element_size() for p in method.parameters())
     return record.parameter_bytes() + stacked
