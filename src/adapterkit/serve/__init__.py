@@ -51,12 +51,15 @@ def serve_command(
         )
     import uvicorn
 
+    from .protocol import with_header_timeout
     from .tenants import Tenants as KeyFile
 
     tenants = KeyFile(keys) if keys is not None else None  # a bad keys file fails before the model loads
     engine = Engine(base, store, max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_bytes)
     app = create_app(engine, tenants, close_engine=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # a deadline for request headers (uvicorn has none) and a short one for idle keep-alive connections
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=with_header_timeout(10.0),
+                timeout_keep_alive=5)
 
 
 __all__ = [
