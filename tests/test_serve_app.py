@@ -227,6 +227,22 @@ def test_bad_uploads_leave_the_live_version_serving(client, engine, src):
         "not an archive": (b"hello world" * 50, 400),
         "empty": (b"", 400),
     }
+    manifest = json.loads(files["adapter.json"])
+    for label, change in {
+        "labels as a dict": lambda m: m.update(labels={"neg": 0, "pos": 1}),
+        "meta not an object": lambda m: m.update(meta=5),
+        "format_version text": lambda m: m.update(format_version="abc"),
+        "config a string": lambda m: m.update(config="lora"),
+        "r as text": lambda m: m["config"].update(r="4"),
+        "huge head": lambda m: (m.update(labels=None), m.update(head={"num_labels": 3_000_000})),
+        "huge rank": lambda m: m["config"].update(r=50000),
+        "negative head": lambda m: (m.update(labels=None), m.update(head={"num_labels": -1})),
+        "a list": lambda m: (m.clear(), m.update(x=[1])),
+    }.items():
+        hostile = json.loads(json.dumps(manifest))
+        change(hostile)
+        body = json.dumps(list(hostile.values()) if label == "a list" else hostile).encode()
+        bad[label] = (tar_bytes({**files, "adapter.json": body}), 422)
     before = client.post("/v1/classify", json={"adapter": "sent", "inputs": ["x"]}, headers=ACME).json()
     for label, (data, status) in bad.items():
         r = client.put("/v1/adapters/sent", content=data, headers={**ACME, "content-type": "application/x-tar"})
@@ -387,3 +403,23 @@ def test_a_body_that_stalls_times_out(engine):
     scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
     asyncio.run(asyncio.wait_for(door(scope, stalled, send), 10))
     assert sent[0]["status"] == 408
+
+
+def test_a_backtracking_target_pattern_in_an_upload_is_never_run(client, src, monkeypatch):
+    """The freeze of issue 15: install attaches to the file's own list of sites, looked up by name."""
+    import adapterkit.targets
+
+    def no_matching(*args, **kwargs):
+        raise AssertionError("a target pattern from an upload was matched")
+
+    monkeypatch.setattr(adapterkit.targets, "find_sites", no_matching)
+    monkeypatch.setattr("adapterkit.build.find_sites", no_matching)
+    files = {f.name: f.read_bytes() for f in src["s2"].iterdir()}
+    manifest = json.loads(files["adapter.json"])
+    manifest["config"]["targets"] = ["re:(.|\\w)*Q"]
+    data = tar_bytes({**files, "adapter.json": json.dumps(manifest).encode()})
+    r = client.put("/v1/adapters/regex", content=data, headers={**ACME, "content-type": "application/x-tar"})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/classify", json={"adapter": "regex", "inputs": ["fine"]}, headers=ACME)
+    assert r.status_code == 200
+    assert client.delete("/v1/adapters/regex", headers=ACME).status_code == 200
