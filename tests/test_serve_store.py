@@ -318,3 +318,13 @@ def test_archives_keep_only_the_adapter_and_no_big_extras(store, folders, tmp_pa
     assert path.stat().st_size < 1 << 20
     with store.staging() as staging, pytest.raises(PayloadTooLarge, match="only adapter.safetensors may be larger"):
         store.unpack(path, staging)
+
+
+def test_a_padded_tensor_file_is_refused_before_extraction(store, folders, tmp_path):
+    good = _manifest_files(folders["a"])
+    padded = tar_bytes({**good, "adapter.safetensors": good["adapter.safetensors"] + b"\0" * (4 << 20)})
+    path = tmp_path / "padded.tar"
+    path.write_bytes(padded)
+    with store.staging() as staging, pytest.raises(BadUpload, match="header declares"):
+        store.unpack(path, staging)
+    assert not list((store.root / ".staging").rglob("adapter.safetensors"))

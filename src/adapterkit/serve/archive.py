@@ -7,6 +7,7 @@ below the destination, so a hostile archive can never write outside it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import tarfile
@@ -82,6 +83,9 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
             members.append((member, path))
             _check_limits(len(members), total, max_files, max_bytes)
         for member, path in members:
+            if path.name == TENSORS and member.isfile():
+                _check_tensor_size(tar.extractfile(member), member.size, member.name)
+        for member, path in members:
             target = _target(dest, path)
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -110,6 +114,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, max_files: int) -> N
             _check_limits(count, total, max_files, max_bytes)
             checked.append((info, path))
         for info, path in checked:
+            if path.name == TENSORS and not info.is_dir():
+                with zf.open(info) as source:
+                    _check_tensor_size(source, info.file_size, info.filename)
+        for info, path in checked:
             target = _target(dest, path)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -122,6 +130,28 @@ def _check_member_size(name: str, path: PurePosixPath, size: int) -> None:
     if path.name != TENSORS and size > MAX_SMALL_MEMBER:
         raise PayloadTooLarge(
             f"archive member {name!r} is {size} bytes; only {TENSORS} may be larger than {MAX_SMALL_MEMBER}"
+        )
+
+
+def _check_tensor_size(source: IO[bytes] | None, size: int, name: str) -> None:
+    """A safetensors member must be exactly as long as its own header says, read before extracting:
+    the unpacked upload is then no bigger than the tensors it declares."""
+    if source is None:
+        raise BadUpload(f"archive member {name!r}: cannot be read")
+    prefix = source.read(8)
+    if len(prefix) < 8:
+        raise BadUpload(f"archive member {name!r}: not a safetensors file")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > min(size, MAX_SMALL_MEMBER * 16):
+        raise BadUpload(f"archive member {name!r}: a safetensors header of {header_len} bytes")
+    try:
+        header = json.loads(source.read(header_len))
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise BadUpload(f"archive member {name!r}: an unreadable safetensors header ({err})") from None
+    if 8 + header_len + end != size:
+        raise BadUpload(
+            f"archive member {name!r} is {size} bytes but its header declares {8 + header_len + end}"
         )
 
 
