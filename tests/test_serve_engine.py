@@ -295,3 +295,16 @@ def test_a_failing_row_fails_its_own_request_only():
         assert metrics.isolated_batches._value.get() >= 1
     finally:
         batcher.close()
+
+
+def test_replaced_versions_leave_memory_once_drained(engine, folders):
+    for version in range(3):
+        engine.put("default", "churn", source=folders["a2"][version % 2])
+        assert engine.submit("classify", ["x"], adapter="churn").result(timeout=60)["results"]
+    live = engine.store.resolve("default", "churn")
+    engine.batcher.call(lambda: None).result(timeout=60)  # one more turn of the model thread
+    resident = [k.version for k in engine.cache.keys() if k.name == "churn"]
+    assert resident == [live]
+    engine.delete("default", "churn")
+    engine.batcher.call(lambda: None).result(timeout=60)
+    assert not [k for k in engine.cache.keys() if k.name == "churn"]
