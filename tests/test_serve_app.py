@@ -377,6 +377,9 @@ def test_a_chunked_body_is_cut_off_at_the_limit(engine):
 def test_errors_keep_the_envelope(client, engine):
     r = client.post("/v1/classify", content=b'{"inputs": ["\xff\xfe"]}', headers={**ACME, "content-type": "application/json"})
     assert r.status_code in (400, 422) and "error" in r.json() and "detail" not in r.json()
+    r = client.post("/v1/classify", content=b'{"inputs": ["a\\ud800b"]}',
+                    headers={**ACME, "content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
     r = client.post("/v1/generate", json={"prompt": "hi", "stream": True}, headers=ACME)
     assert r.status_code == 400 and "causal-LM" in r.json()["error"]["message"]
     r = client.get("/v1/adapters", params={"tenant": "../../etc"}, headers=ADMIN)

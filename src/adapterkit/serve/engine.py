@@ -243,6 +243,10 @@ class Engine:
         for i, text in enumerate(inputs):
             if len(text) > self.max_input_chars:
                 raise PayloadTooLarge(f"inputs[{i}] has {len(text)} characters; at most {self.max_input_chars}")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate such as "\ud800", which JSON lets through
+                raise BadRequest(f"inputs[{i}] is not valid Unicode text (a lone surrogate)") from None
         with self._tok_lock:
             if self._encoder is not None:
                 rows = [e.ids for e in self._encoder.encode_batch(inputs)]
