@@ -15,7 +15,7 @@ import adapterkit as ak
 from adapterkit.io.adapterhub import export_adapterhub, load_adapterhub, read_adapterhub
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
-SUPPORTED = ["seq_bn", "double_seq_bn", "lora", "seq_bn_ln_after_false"]
+SUPPORTED = ["seq_bn", "double_seq_bn", "par_bn", "lora", "seq_bn_ln_after_false"]
 ATOL = 1e-5
 
 
@@ -166,9 +166,35 @@ def test_am_load_tells_adapterhub_folders_apart(am, recorded):
     torch.testing.assert_close(output(am, "double_seq_bn", inputs), outputs["double_seq_bn"], atol=ATOL, rtol=0)
 
 
-def test_parallel_adapters_are_refused_with_the_reason(am):
-    with pytest.raises(ak.AdapterFileError, match=r"is_parallel=True.*residual input"):
-        load_adapterhub(am, FIXTURES / "par_bn")
+def test_parallel_adapters_land_on_the_blocks_residual_input(am):
+    manifest, tensors = read_adapterhub(FIXTURES / "par_bn", am)
+    assert manifest["sites"] == {f"encoder.layer.{i}.output": "input" for i in range(2)}
+    assert sorted(tensors) == sorted(f"sites.encoder.layer.{i}.output.{p}.{t}"
+                                     for i in range(2) for p in ("down", "up") for t in ("weight", "bias"))
+    config = ak.config.config_from_dict(manifest["config"])
+    assert (config.input_arg, config.scaling, config.reduction, config.is_parallel) == (1, 4.0, 4, False)
+
+
+def test_parallel_adapter_computes_the_librarys_equation(am):
+    """BertOutput(x, r) = LN(dropout(dense(x)) + r); par_bn: LN(d + r + s·up(relu(down(r))))."""
+    load_adapterhub(am, FIXTURES / "par_bn")
+    block = am.base.encoder.layer[0].output
+    adapter = am.adapter("par_bn").sites["encoder.layer.0.output"]
+    x, r = torch.randn(2, 5, 64), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        d = block.dense(x)
+        expected = block.LayerNorm(d + r + 4.0 * adapter.up(torch.relu(adapter.down(r))))
+        am.activate("par_bn")
+        torch.testing.assert_close(block(x, r), expected)
+        torch.testing.assert_close(block(x, input_tensor=r), expected)  # by keyword too
+        am.activate(None)
+        torch.testing.assert_close(block(x, r), block.LayerNorm(d + r))
+
+
+def test_parallel_adapters_without_the_blocks_norm_are_refused(am, tmp_path):
+    folder = edit_config(copy_fixture("par_bn", tmp_path), original_ln_after=False)
+    with pytest.raises(ak.AdapterFileError, match=r"original_ln_after=False with is_parallel=True"):
+        load_adapterhub(am, folder)
     assert am.adapters == []
 
 
@@ -250,10 +276,11 @@ def test_export_refuses_what_adapterhub_cannot_express(am, tmp_path):
     am.add("par", ak.Bottleneck(placement="parallel", bottleneck_size=4))
     am.add("attn_lora", ak.LoRA(targets=["attention.output.dense"]))
     am.add("rs", ak.LoRA(rslora=True))
+    am.add("first_arg", ak.Bottleneck(placement="custom", targets=[r"re:layer\.\d+\.output$"], input_arg=0))
     am.add("uneven", ak.Bottleneck(placement="custom", bottleneck_size=2, renorm=True,
                                    targets=["encoder.layer.0.output.LayerNorm", "encoder.layer.1.attention.output.LayerNorm"]))
-    for name, match in (("par", "parallel"), ("attn_lora", "not at a place"), ("rs", "rsLoRA"),
-                        ("uneven", "different layers")):
+    for name, match in (("par", "input_arg=1 at the block"), ("attn_lora", "not at a place"), ("rs", "rsLoRA"),
+                        ("uneven", "different layers"), ("first_arg", "input_arg=0")):
         with pytest.raises(ak.CompositionError, match=match):
             export_adapterhub(am, name, tmp_path / name)
         assert not (tmp_path / name).exists()

@@ -174,6 +174,51 @@ def test_fuse_refuses_input_side_adapters():
         model(torch.randn(2, 4))
 
 
+class _Residual(nn.Module):
+    """A post-norm-style block f(x, r) = dense(x) + r: its residual r is its second argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(4, 6)
+
+    def forward(self, x, r):
+        return self.dense(x) + r
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = _Residual()
+
+    def forward(self, x, r):
+        return self.block(x, r)
+
+
+def test_input_side_adapters_on_two_arguments_compose_by_hand():
+    """Stack, Average and Fuse on adapters reading argument 0 and argument 1 of one module."""
+    model = _TwoInputs().eval()
+    am = ak.adapt(model, head=None)
+    for name, arg in (("p", 1), ("q", 1), ("z", 0)):
+        am.add(name, ak.Bottleneck(placement="custom", bottleneck_size=2, targets=["block"], input_arg=arg))
+        randomize(am, name, scale=0.5)
+    x, r = torch.randn(3, 4), torch.randn(3, 6)
+    f = lambda x, r: F.linear(x, model.block.dense.weight, model.block.dense.bias) + r  # noqa: E731
+    p, q, z = (_ad(am, "block", n) for n in ("p", "q", "z"))
+    with torch.no_grad():
+        for setup, want in (("p", f(x, _bn(p, r))), ("z", f(_bn(z, x), r)),
+                            (ak.Stack("z", "p"), f(_bn(z, x), _bn(p, r))),
+                            (ak.Stack("p", "q"), f(x, _bn(q, _bn(p, r)))),
+                            (ak.Average({"p": 0.5, "q": 0.25, "z": 2.0}),
+                             f(x + 2.0 * (_bn(z, x) - x), r + 0.5 * (_bn(p, r) - r) + 0.25 * (_bn(q, r) - r)))):
+            am.activate(setup)
+            torch.testing.assert_close(model(x, r), want)
+        am.activate(ak.Fuse("p", "q"))
+        with pytest.raises(ak.CompositionError, match="Fuse cannot combine input-side"):
+            model(x, r)
+    am.activate(None)
+
+
 # --- Average and combine ------------------------------------------------------------------------
 
 

@@ -89,3 +89,35 @@ def test_lora_fast_form_keeps_gradients(grad):
             torch.testing.assert_close(a, b)
     else:
         torch.testing.assert_close(out, adapter.reference(x, h), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(["linear", "conv"]), rows=st.integers(1, 4), tokens=st.integers(1, 5),
+       d_in=st.integers(1, 9), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 1000))
+def test_bottleneck_on_an_input_equals_its_reference(kind, rows, tokens, d_in, sizes, dtype, seed):
+    """input_arg: x' = x + s·up(act(down(x))) on the argument, whole batch and routed; x itself is kept."""
+    module, shape = site(kind, d_in, 3)
+    group = []
+    for i, size in enumerate(sizes):
+        adapter = build_site_method(ak.Bottleneck(input_arg=0, bottleneck_size=size, scaling=0.6), shape, module)
+        gen = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.5)
+        group.append(adapter.to(dtype).eval())
+    x, _ = tensors(kind, rows, tokens, d_in, 3, dtype, seed)
+    kept, tol = x.clone(), TOLERANCE[dtype]
+    with torch.no_grad():
+        for adapter in group:
+            x_last = x.movedim(1, -1) if kind == "conv" else x
+            want = x_last + 0.6 * adapter.up(torch.relu(adapter.down(x_last)))
+            want = want.movedim(-1, 1) if kind == "conv" else want
+            torch.testing.assert_close(adapter.reference(x), want, **tol)
+            torch.testing.assert_close(adapter(x), want, **tol)
+        picks = torch.randint(0, len(group) + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+        got = type(group[0]).route(type(group[0]).stack(group), picks, x, None, shape, inplace=True)
+        for i, slot in enumerate(picks.tolist()):
+            want = x[i : i + 1] if slot == len(group) else group[slot].reference(x[i : i + 1])
+            torch.testing.assert_close(got[i : i + 1], want, **tol)
+    assert torch.equal(x, kept)  # the caller's argument is never written

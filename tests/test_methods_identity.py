@@ -125,6 +125,55 @@ def test_bottleneck_identity_on_module_kinds(kind, parallel):
     _check_identity_then_change(am, model, x, "a", exact=kind not in ("lstm", "gru_seq_first"))
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "gpt2_conv1d", "lstm", "gru_seq_first"])
+def test_bottleneck_on_the_input_is_the_identity_at_init(kind):
+    make_module, make_x = MODULES[kind]
+    model = One(_seeded(make_module)).eval()
+    x = _seeded(make_x, 1)
+    am = ak.adapt(model)
+    am.add("a", ak.Bottleneck(placement="custom", input_arg=0, bottleneck_size=2, targets=["m"]))
+    assert am.site_names("a") == {"m": "input"}
+    _check_identity_then_change(am, model, x, "a", exact=kind not in ("lstm", "gru_seq_first"))
+
+
+class _Hidden(nn.Module):
+    """A tiny BERT whose forward returns its last hidden state (a tensor, as the checks want)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=32))
+
+    def forward(self, ids):
+        return self.bert(ids).last_hidden_state
+
+
+def test_bottleneck_on_a_blocks_residual_input_is_the_identity_at_init():
+    """input_arg=1 at BERT's output blocks (AdapterHub's par_bn): LN(d + r + f(r)) with f = 0 at init."""
+    model = _seeded(_Hidden).eval()
+    am = ak.adapt(model)
+    am.add("a", ak.Bottleneck(placement="custom", targets=[r"re:layer\.\d+\.(attention\.)?output$"], input_arg=1,
+                              reduction=4, scaling=4.0))
+    assert set(am.site_names("a").values()) == {"input"} and len(am.site_names("a")) == 4
+    _check_identity_then_change(am, model, _ids(), "a")
+
+
+def test_bottleneck_input_arg_is_validated_and_written():
+    assert ak.Bottleneck().to_dict()["input_arg"] is None
+    assert ak.Bottleneck(input_arg=1).to_dict()["input_arg"] == 1
+    for bad in (-1, True, 1.0, "1"):
+        with pytest.raises(ak.AdapterConfigError, match="input_arg"):
+            ak.Bottleneck(input_arg=bad).validate()
+    for clash in ({"renorm": True}, {"placement": "parallel"}, {"parallel": True}):
+        with pytest.raises(ak.AdapterConfigError, match="input_arg"):
+            ak.Bottleneck(input_arg=0, **clash).validate()
+    am = ak.adapt(One(nn.Linear(6, 5)))
+    with pytest.raises(ak.TargetError, match=r"input_arg=1: Linear.forward takes 1 positional"):
+        am.add("a", ak.Bottleneck(placement="custom", targets=["m"], input_arg=1))
+
+
 @pytest.mark.parametrize("placement", ["pfeiffer", "houlsby", "parallel"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
 def test_bottleneck_identity_on_minilm(make_minilm, minilm_inputs, placement, activation):

@@ -130,6 +130,34 @@ def test_routing_mixes_methods_on_cnn_and_gpt2():
     check_rows(gpt2, torch.randint(0, 100, (5, 6), generator=_gen()), ["emb", "lora", "ia3", "bitfit", "par"])
 
 
+def test_routing_a_residual_input_adapter_beside_ordinary_ones_on_bert():
+    """AdapterHub's par_bn form (a bottleneck on the block's second argument, the residual r) routes
+    beside a bottleneck on the same blocks' first argument, input-side IA³ there and LoRA: the same
+    class on two arguments of one module never shares a group, and each row equals itself run alone."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=32)).eval()
+    am = ak.adapt(model)
+    blocks = r"re:(^|\.)layer\.\d+\.(attention\.)?output$"
+    for name, cfg in (("par", ak.Bottleneck(placement="custom", targets=[blocks], input_arg=1, reduction=4,
+                                            scaling=4.0)),
+                      ("first", ak.Bottleneck(placement="custom", targets=[r"re:layer\.\d+\.output$"], input_arg=0,
+                                              bottleneck_size=3)),
+                      ("ia3", ak.IA3(targets=[], input_targets=[r"re:layer\.\d+\.output$"])),
+                      ("lora", ak.LoRA(r=2))):
+        am.add(name, cfg)
+        randomize(am, name, scale=0.3)
+    site = next(s for s in am.sites.values() if s.module_name == "bert.encoder.layer.0.output")
+    assert am.site_names("par")["bert.encoder.layer.0.output"] == "input"
+    assert {arg: sorted(g.names for g in groups.values()) for arg, groups in site._layout().inputs.items()} == {
+        0: [("first",), ("ia3",)], 1: [("par",)]}
+    x = torch.randint(0, 100, (6, 7), generator=_gen())
+    check_rows(am, x, ["par", "lora", None, "first", "par", "ia3"])
+    check_rows(am, x, ["first", "par", "par", "first", "lora", None])
+
+
 def test_routing_with_heads_of_different_label_counts(make_minilm, minilm_inputs):
     model = make_minilm()
     am = ak.adapt(model)

@@ -62,6 +62,12 @@ class Bottleneck(MethodConfig):
     (x = sublayer output + residual) this is AdapterHub's `original_ln_before` placement
     (Pfeiffer et al. 2020): the adapter reads the normalised output, its residual is the sum.
     In a Stack, a later renorm adapter at the same site reads the earlier one's output as h.
+
+    `input_arg` (None: act on the output, as above): the adapter acts on the module's positional
+    argument number k before the module runs, u' = u + s·up(act(down(u))). Argument 0 has the
+    module's input width; a later one is taken to be a residual input of its output width. On a
+    BERT-style block LN(dropout(dense(x)) + r), `input_arg=1` gives LN(d + r + s·up(act(down(r)))):
+    AdapterHub's parallel adapter (par_bn), whose residual r is the input of no inner module.
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -73,6 +79,7 @@ class Bottleneck(MethodConfig):
     scaling: float = 1.0
     parallel: bool | None = None  # derived from placement when None
     renorm: bool = False
+    input_arg: int | None = None
 
     @property
     def is_parallel(self) -> bool:
@@ -97,6 +104,13 @@ class Bottleneck(MethodConfig):
             raise AdapterConfigError(f"Bottleneck renorm must be true or false, not {self.renorm!r}")
         if self.renorm and self.is_parallel:
             raise AdapterConfigError("Bottleneck renorm is a serial placement; it cannot be combined with parallel")
+        if self.input_arg is not None:
+            if isinstance(self.input_arg, bool) or not isinstance(self.input_arg, int) or self.input_arg < 0:
+                raise AdapterConfigError(f"Bottleneck input_arg must be null or an argument index >= 0, "
+                                         f"not {self.input_arg!r}")
+            if self.renorm or self.is_parallel:
+                raise AdapterConfigError("Bottleneck input_arg (acting on an input) cannot be combined with "
+                                         "renorm or parallel, which act on the output")
 
     @property
     def default_targets_key(self) -> str | None:

@@ -2,7 +2,9 @@
 
 The frozen module is not replaced or wrapped, so the base model keeps its structure and
 state-dict names. Two hooks apply the active setup: a pre-hook for input-side methods (IA³ on
-inputs) and a forward hook for everything that reads the module's output.
+inputs, a bottleneck on a block's residual input), which replaces each positional argument that
+some attached input-side adapter reads (its `input_arg`), and a forward hook for everything that
+reads the module's output.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from .composition import Average, Fuse, Setup, Stack, names_in
 from .errors import CompositionError
-from .methods.base import SiteMethod, SiteShape, features_last
+from .methods.base import SiteMethod, SiteShape, features_last, positional_parameters
 
 
 @dataclass
@@ -61,6 +63,20 @@ class _Group:
 
 
 @dataclass
+class _Layout:
+    """How a site's adapters route, derived once per version of them: every hooked forward reads it.
+
+    Output-side groups are keyed (class, route_group()); input-side ones (class, route_group(),
+    argument), one dict per argument index that some input-side adapter reads, in ascending order.
+    Adapters reading different arguments never share a group, a stack or a row index.
+    """
+
+    version: int = -1
+    output: dict[tuple, _Group] = field(default_factory=dict)
+    inputs: dict[int, dict[tuple, _Group]] = field(default_factory=dict)
+
+
+@dataclass
 class ActiveState:
     """Shared by the model and all its sites; the hooks read it on every forward."""
 
@@ -80,7 +96,8 @@ class Site(nn.Module):
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
         self._stacks: dict[tuple, _Stack] = {}
-        self._group_cache: tuple[int, dict[str, dict[tuple, _Group]]] = (-1, {"input": {}, "output": {}})
+        self._layout_cache = _Layout()
+        self._arg_names: tuple[str, ...] | None = None  # the frozen forward's positional ones, read when needed
         self._handles = [
             module.register_forward_pre_hook(self._before, with_kwargs=True),
             module.register_forward_hook(self._after, with_kwargs=True),
@@ -95,25 +112,54 @@ class Site(nn.Module):
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         # The state check comes first: it is what every plain base-model forward hits.
-        if (self.state.setup is None and self.state.route is None) or not self._input_side:
+        if self.state.setup is None and self.state.route is None:
             return None
-        args, kwargs, x = _take_input(args, kwargs)
-        if self.state.route is not None:
-            x = self._routed("input", x, None)
-        else:
-            x = self._run_setup(self.state.setup, "input", x, x)
-        return _put_input(args, kwargs, x)
+        inputs = self._layout().inputs
+        if not inputs:
+            return None
+        for arg, groups in inputs.items():
+            where = self._where(args, kwargs, arg)
+            x = _get(args, kwargs, where)
+            if x is None:
+                if self._uses(groups, arg):
+                    raise CompositionError(f"{self.module_name}: an input-side adapter reads argument {arg} of "
+                                           "this module, which this call does not pass")
+                continue
+            if self.state.route is not None:
+                new = self._routed(groups, "input", x, None)
+            else:
+                new = self._apply(self.state.setup, "input", x, x, inplace=False, arg=arg)
+            if new is not x:
+                args, kwargs = _put(args, kwargs, where, new)
+        return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.state.setup is None and self.state.route is None:
             return None
         h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
-        x = _take_input(args, kwargs)[2]
+        x = args[0] if args else _get(args, kwargs, _first(args, kwargs))
         if self.state.route is not None:
-            h = self._routed("output", x, h)
+            h = self._routed(self._layout().output, "output", x, h)
         else:
-            h = self._run_setup(self.state.setup, "output", x, h)
+            h = self._apply(self.state.setup, "output", x, h, inplace=self._owns_output())
         return h if rest is None else (h, *rest)
+
+    def _uses(self, groups: dict[tuple, _Group], arg: int) -> bool:
+        """Whether the active setup or route applies any of `groups` (the adapters reading `arg`)."""
+        if self.state.route is not None:
+            return any(n in g.slot for g in groups.values() for n in self.state.route.names)
+        return self._touches(self.state.setup, "input", arg)
+
+    def _where(self, args: tuple, kwargs: dict, arg: int) -> int | str | None:
+        """Where argument `arg` of this call is: its position, its keyword, or None (not passed)."""
+        if arg < len(args):
+            return arg
+        if arg == 0:
+            return _first(args, kwargs)
+        if self._arg_names is None:
+            self._arg_names = positional_parameters(self.frozen)[0]
+        names = self._arg_names
+        return names[arg] if arg < len(names) and names[arg] in kwargs else None
 
     def _owns_output(self) -> bool:
         """Whether adapters may add their deltas into the site's output in place.
@@ -125,33 +171,31 @@ class Site(nn.Module):
         """
         return not torch.is_grad_enabled() and self.shape.kind in ("linear", "hf_conv1d")
 
-    @property
-    def _input_side(self) -> bool:
-        return bool(self._groups("input"))
-
     # --- one setup for the whole batch -------------------------------------------------------
 
-    def _live(self, name: str, side: str) -> SiteMethod | None:
-        """The adapter `name` here, if it is attached, not merged, and acts on `side`."""
+    def _live(self, name: str, side: str, arg: int = 0) -> SiteMethod | None:
+        """The adapter `name` here, if it is attached, not merged, and acts on `side` (on the input
+        side: on argument `arg`)."""
         adapter = self.adapters._modules.get(name)
         if adapter is None or adapter.side != side or name in self.state.merged:
             return None
+        if side == "input" and adapter.input_arg != arg:
+            return None
         return adapter
 
-    def _touches(self, setup: Setup, side: str) -> bool:
-        return any(self._live(n, side) is not None for n in names_in(setup))
+    def _touches(self, setup: Setup, side: str, arg: int) -> bool:
+        return any(self._live(n, side, arg) is not None for n in names_in(setup))
 
-    def _run_setup(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._apply(setup, side, x, h, inplace=side == "output" and self._owns_output())
-
-    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """One node of the setup tree at this site; on the input side, h is the module's input.
+    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor, inplace: bool,
+               arg: int = 0) -> torch.Tensor:
+        """One node of the setup tree at this site; on the input side, h is the module's argument
+        number `arg` and only the adapters reading that argument act.
 
         `inplace`: h is a fresh tensor only this hook holds, so a name or a Stack may add into it;
         Average and Fuse read h again after each child, so their children never do.
         """
         if isinstance(setup, str):
-            adapter = self._live(setup, side)
+            adapter = self._live(setup, side, arg)
             if adapter is None:
                 return h
             if side == "input":
@@ -161,19 +205,20 @@ class Site(nn.Module):
             return adapter(x, h)
         if isinstance(setup, Stack):
             for child in setup.children:
-                h = self._apply(child, side, x, h, inplace)
+                h = self._apply(child, side, x, h, inplace, arg)
             return h
         if isinstance(setup, Average):
             base = h
             for child, weight in setup.weights:
-                if self._touches(child, side):
-                    h = h + weight * (self._apply(child, side, x, base, False) - base)
+                if self._touches(child, side, arg):
+                    h = h + weight * (self._apply(child, side, x, base, False, arg) - base)
             return h
         if isinstance(setup, Fuse):
-            live = [c for c in setup.children if self._touches(c, side)]
+            live = [c for c in setup.children if self._touches(c, side, arg)]
             if side == "input":
                 if live:
-                    raise CompositionError(f"{self.module_name}: Fuse cannot combine input-side (IA³ input) adapters")
+                    raise CompositionError(f"{self.module_name}: Fuse cannot combine input-side adapters (IA³ on "
+                                           "inputs, bottlenecks on an input)")
                 return h
             layer = self.fusions._modules.get(setup.key)
             if layer is None or not live:
@@ -189,19 +234,24 @@ class Site(nn.Module):
 
     # --- per-row routing ---------------------------------------------------------------------
 
-    def _groups(self, side: str) -> dict[tuple, _Group]:
-        """Adapters that route together: same class, same side, same routing-relevant settings.
+    def _layout(self) -> _Layout:
+        """Adapters that route together: same class, same side (and argument), same routing-relevant
+        settings.
 
-        Cached per version of the attached adapters: every forward of a routed batch asks, at every site.
+        Cached per version of the attached adapters: every hooked forward asks, at every site.
         """
-        if self._group_cache[0] != self.adapters.version:
-            found: dict[str, dict[tuple, list[str]]] = {"input": {}, "output": {}}
+        if self._layout_cache.version != self.adapters.version:
+            output: dict[tuple, list[str]] = {}
+            inputs: dict[int, dict[tuple, list[str]]] = {}
             for name, adapter in self.adapters.items():
-                found[adapter.side].setdefault((type(adapter), adapter.route_group()), []).append(name)
-            groups = {s: {k: _Group(tuple(v), {n: i for i, n in enumerate(v)}) for k, v in g.items()}
-                      for s, g in found.items()}
-            self._group_cache = (self.adapters.version, groups)
-        return self._group_cache[1][side]
+                key = (type(adapter), adapter.route_group())
+                if adapter.side == "input":
+                    inputs.setdefault(adapter.input_arg, {}).setdefault((*key, adapter.input_arg), []).append(name)
+                else:
+                    output.setdefault(key, []).append(name)
+            self._layout_cache = _Layout(self.adapters.version, _grouped(output),
+                                         {arg: _grouped(inputs[arg]) for arg in sorted(inputs)})
+        return self._layout_cache
 
     def _stacked(self, key: tuple, names: tuple[str, ...], used: tuple[str, ...]) -> dict:
         """The stacked parameters of `names`, rebuilt when the names change or when an adapter that
@@ -226,7 +276,9 @@ class Site(nn.Module):
         self._stacks[key] = cached
         return cached.stacked
 
-    def _routed(self, side: str, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    def _routed(self, groups: dict[tuple, _Group], side: str, x: torch.Tensor,
+                h: torch.Tensor | None) -> torch.Tensor:
+        """Apply each of `groups` to its rows; on the input side x is the argument they read."""
         route = self.state.route
         target = x if side == "input" else h
         batch = target.shape[self.shape.batch_dim % target.dim()]
@@ -234,7 +286,7 @@ class Site(nn.Module):
             raise CompositionError(
                 f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
             )
-        for key, group in self._groups(side).items():
+        for key, group in groups.items():
             names, slot = group.names, group.slot
             if torch.is_grad_enabled():  # stacks are rebuilt per step, so only of the adapters used
                 wanted = set(route.names)
@@ -288,19 +340,24 @@ def _parameters_of(module: nn.Module) -> list[torch.Tensor]:
     return params
 
 
-def _take_input(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
-    if args:
-        return args, kwargs, args[0]
-    for value in kwargs.values():
-        if isinstance(value, torch.Tensor):
-            return args, kwargs, value
-    return args, kwargs, None
+def _grouped(found: dict[tuple, list[str]]) -> dict[tuple, _Group]:
+    return {key: _Group(tuple(names), {n: i for i, n in enumerate(names)}) for key, names in found.items()}
 
 
-def _put_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+def _first(args: tuple, kwargs: dict) -> int | str | None:
+    """Where a call's input is: its first positional argument, else its first tensor keyword argument."""
     if args:
-        return (x, *args[1:]), kwargs
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            return args, {**kwargs, key: x}
-    return args, kwargs
+        return 0
+    return next((key for key, value in kwargs.items() if isinstance(value, torch.Tensor)), None)
+
+
+def _get(args: tuple, kwargs: dict, where: int | str | None) -> Any:
+    if where is None:
+        return None
+    return args[where] if isinstance(where, int) else kwargs[where]
+
+
+def _put(args: tuple, kwargs: dict, where: int | str, value: torch.Tensor) -> tuple[tuple, dict]:
+    if isinstance(where, int):
+        return (*args[:where], value, *args[where + 1:]), kwargs
+    return args, {**kwargs, where: value}

@@ -4,26 +4,25 @@ A folder holds `adapter_config.json` ({"config": {...}, "name", "model_type", "h
 "model_class", "model_name", "version"}) and `adapter.safetensors` (AdapterHub's
 `save_adapter(..., use_safetensors=True)`), or `pytorch_adapter.bin`, a pickle we refuse.
 
-BERT-style blocks (`attention.output` and `output`) compute LN(dropout(dense(x)) + r). With
-d = dense(x), z = d + r, f(u) = s·up(act(down(u))), AdapterHub's serial placements map to sites:
+BERT-style blocks (`attention.output` and `output`) compute LN(dropout(dense(x)) + r), r their second
+argument. With d = dense(x), z = d + r, f(u) = s·up(act(down(u))), AdapterHub's placements map to sites:
 
     original_ln_before  original_ln_after  residual_before_ln  AdapterHub computes   adapterkit site
     False (Houlsby)     True               any bool            LN(d + f(d) + r)      serial at <block>.dense
     True (Pfeiffer)     True               True                LN(z + f(LN z))       renorm at <block>.LayerNorm
     True                False              False               LN z + f(LN z)        serial at <block>.LayerNorm
+    is_parallel=True (par_bn): original_ln_after True, the other two unused:
+                                                               LN(d + r + f(r))      input_arg=1 at <block>
 
 mh_adapter is the `attention.output` block, output_adapter the `output` block; leave_out becomes
 `exclude`. LoRA: selfattn_lora with attn_matrices q/k/v -> attention.self.query/key/value,
 intermediate_lora -> intermediate.dense, output_lora -> output.dense; s = alpha / r in both.
-Tensors: <block>.adapters.<name>.adapter_down.0.* / adapter_up.* <-> sites.<block>.<leaf>.down.* /
+Tensors: <block>.adapters.<name>.adapter_down.0.* / adapter_up.* <-> sites.<block>[.<leaf>].down.* /
 up.*, and <linear>.loras.<name>.lora_A / lora_B <-> sites.<linear>.lora_A / lora_B (same shapes).
 
 Dropout (training only) sits elsewhere: AdapterHub drops the scaled up-projection and reads d after
 the block's dropout, adapterkit drops the bottleneck activations and reads d before it. In eval
 mode both are identities, so outputs match exactly; further training differs slightly.
-
-Parallel adapters (par_bn) read r, the block's residual input, which is the input of no single
-module of these models: adapterkit's sites see one module's input and output, so they are refused.
 
 This module never imports `adapters` (a file format needs no library); tests/fixtures/adapterhub/
 make_fixtures.py checks both directions against the real library.
@@ -41,8 +40,9 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..config import FORMAT_VERSION, Bottleneck, LoRA, config_from_dict
-from ..errors import AdapterError, AdapterFileError, CompositionError
+from ..config import FORMAT_VERSION, Bottleneck, LoRA
+from ..errors import AdapterFileError, CompositionError
+from .install import install
 from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
 
 if TYPE_CHECKING:
@@ -117,41 +117,19 @@ def read_adapterhub(path: str | os.PathLike, am: AdaptedModel) -> tuple[dict[str
     name = saved.get("name") or path.name
     config = _lora_config(raw, source) if raw.get("architecture") == "lora" else _bottleneck_config(raw, source)
     tensors, sites = _our_tensors(load_tensors(path / WEIGHTS_FILE), name, raw, am, source)
-    manifest = {
-        "format": "adapterkit",
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "config": config.to_dict(),
-        "base": {"name": saved.get("model_name") or None, "fingerprint": None},
-        "head": None,
-        "labels": None,
-        "sites": sites,
-        "params": sum(t.numel() for t in tensors.values()),
-        "meta": {"imported_from": {"format": "adapterhub", "path": str(path), "version": saved.get("version"),
-                                   "model_name": saved.get("model_name"), "model_class": saved.get("model_class"),
-                                   "config": raw}},
-    }
-    return manifest, tensors
+    imported = {"format": "adapterhub", "path": str(path), "version": saved.get("version"),
+                "model_name": saved.get("model_name"), "model_class": saved.get("model_class"), "config": raw}
+    return {"format": "adapterkit", "format_version": FORMAT_VERSION, "name": name, "config": config.to_dict(),
+            "base": {"name": saved.get("model_name") or None, "fingerprint": None}, "head": None, "labels": None,
+            "sites": sites, "params": sum(t.numel() for t in tensors.values()),
+            "meta": {"imported_from": imported}}, tensors
 
 
 def load_adapterhub(am: AdaptedModel, path: str | os.PathLike, name: str | None = None) -> str:
-    """Read an AdapterHub folder and attach it to `am` as `name` (default: its saved name)."""
+    """Read an AdapterHub folder and attach it to `am` as `name` (default: its saved name), all or nothing."""
     manifest, tensors = read_adapterhub(path, am)
-    name = name or manifest["name"]
-    try:
-        am.add(name, config_from_dict(manifest["config"]))
-    except AdapterError as err:
-        raise AdapterFileError(f"AdapterHub adapter {path}: {err}") from None
-    try:
-        if am.site_names(name) != manifest["sites"]:
-            raise AdapterFileError(f"AdapterHub adapter {path}: its modules {sorted(manifest['sites'])[:4]} are "
-                                   f"not the ones its config selects here {sorted(am.site_names(name))[:4]}")
-        am.load_adapter_state_dict(name, tensors)
-        am.adapter(name).meta.update(manifest["meta"])
-    except BaseException:
-        am.delete(name, collect=False)
-        raise
-    return name
+    return install(am, manifest, tensors, name=name or manifest["name"], source=f"AdapterHub adapter {path}",
+                   check_base=False)
 
 
 def _pickle_message(folder: Path, filename: str) -> str:
@@ -226,38 +204,38 @@ def _unsupported(config: dict[str, Any], checks: dict[str, Any], source: str) ->
             raise AdapterFileError(f"{source}: option {key}={value!r} is not supported by adapterkit's import")
 
 
+def _placement(raw: dict[str, Any], source: str) -> tuple[str, bool]:
+    """(the site below the block: "dense", "LayerNorm" or "" for the block itself; renorm)."""
+    before, after, res_before = raw["original_ln_before"], raw["original_ln_after"], raw["residual_before_ln"]
+    if raw["is_parallel"]:  # ParallelAdapter.pre_forward ignores the other two; without `after`: d + f(r)
+        if after:
+            return "", False
+        raise AdapterFileError(f"{source}: option original_ln_after=False with is_parallel=True is not supported")
+    if not before and after and isinstance(res_before, bool):
+        return "dense", False
+    if before and isinstance(after, bool) and res_before is after:  # (True, True, True) renorm, (True, False, False)
+        return "LayerNorm", after
+    raise AdapterFileError(
+        f"{source}: options original_ln_before={before!r}, original_ln_after={after!r}, "
+        f"residual_before_ln={res_before!r} are not supported (adapterkit maps (False, True, *), "
+        "(True, True, True) and (True, False, False), and is_parallel with original_ln_after=True)"
+    )
+
+
 def _bottleneck_config(raw: dict[str, Any], source: str) -> Bottleneck:
-    if raw["is_parallel"]:
-        raise AdapterFileError(
-            f"{source}: option is_parallel=True (par_bn) is not supported: AdapterHub's parallel adapter reads the "
-            "block's residual input, which is the input of no single module here, and adapterkit's sites see one "
-            "module's input and output"
-        )
     _unsupported(raw, {"ln_before": False, "ln_after": False, "use_gating": False, "phm_layer": False,
                        "inv_adapter": None, "cross_adapter": False, "stochastic_depth": lambda v: not v,
                        "scaling": lambda v: isinstance(v, float | int) and not isinstance(v, bool),
                        "non_linearity": lambda v: str(v).lower() in _ACT_IN}, source)
-    before, after, res_before = raw["original_ln_before"], raw["original_ln_after"], raw["residual_before_ln"]
-    if not before and after and isinstance(res_before, bool):
-        leaf, renorm = "dense", False
-    elif before and after and res_before is True:
-        leaf, renorm = "LayerNorm", True
-    elif before and not after and res_before is False:
-        leaf, renorm = "LayerNorm", False
-    else:
-        raise AdapterFileError(
-            f"{source}: options original_ln_before={before!r}, original_ln_after={after!r}, "
-            f"residual_before_ln={res_before!r} are not supported (adapterkit maps (False, True, *), "
-            "(True, True, True) and (True, False, False))"
-        )
+    leaf, renorm = _placement(raw, source)
     blocks = [b for b in _BLOCKS if raw[b]]
     if not blocks:
         raise AdapterFileError(f"{source}: neither mh_adapter nor output_adapter is set: the adapter has no site")
-    targets = [rf"re:(^|\.)layer\.\d+\.{_BLOCKS[b]}\.{leaf}$" for b in blocks]
-    return Bottleneck(placement="custom", targets=targets, exclude=_leave_out(raw["leave_out"]),
-                      reduction=_reduction(raw["reduction_factor"], source),
+    below = rf"\.{leaf}" if leaf else ""
+    return Bottleneck(placement="custom", targets=[rf"re:(^|\.)layer\.\d+\.{_BLOCKS[b]}{below}$" for b in blocks],
+                      exclude=_leave_out(raw["leave_out"]), reduction=_reduction(raw["reduction_factor"], source),
                       activation=_ACT_IN[raw["non_linearity"].lower()], dropout=float(raw["dropout"]),
-                      scaling=float(raw["scaling"]), renorm=renorm)
+                      scaling=float(raw["scaling"]), renorm=renorm, input_arg=1 if raw["is_parallel"] else None)
 
 
 def _reduction(value: Any, source: str) -> float:
@@ -291,9 +269,11 @@ def _leave_out(layers: list[int]) -> list[str]:
 def _our_tensors(state: dict[str, torch.Tensor], name: str, raw: dict[str, Any], am: AdaptedModel,
                  source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     lora = raw.get("architecture") == "lora"
-    leaf = "" if lora else ("LayerNorm" if raw["original_ln_before"] else "dense")
+    leaf = "" if lora else _placement(raw, source)[0]
+    side = "input" if not lora and raw["is_parallel"] else "output"
     modules = dict(am.base.named_modules())
     tensors: dict[str, torch.Tensor] = {}
+    sites: dict[str, str] = {}
     for key, value in state.items():
         for old in _LEGACY_NAMES:
             key = key.replace(old, "adapters")
@@ -306,13 +286,14 @@ def _our_tensors(state: dict[str, torch.Tensor], name: str, raw: dict[str, Any],
         if module is None:
             raise AdapterFileError(f"{source}: tensor {key!r} belongs to module {match['module']!r}, "
                                    "which this model does not have")
+        site = f"{module}.{leaf}" if leaf else module
+        sites[site] = side
         if lora:
-            tensors[f"sites.{module}.{match['param']}"] = value
+            tensors[f"sites.{site}.{match['param']}"] = value
         else:
             param = "down" if match["param"] == "adapter_down.0" else "up"
-            tensors[f"sites.{module}.{leaf}.{param}.{match['t']}"] = value
-    sites = sorted({k[len("sites."):].rsplit(".", 2 if not lora else 1)[0] for k in tensors})
-    return tensors, {site: "output" for site in sites}
+            tensors[f"sites.{site}.{param}.{match['t']}"] = value
+    return tensors, dict(sorted(sites.items()))
 
 
 def _our_module(theirs: str, modules: dict[str, nn.Module], base: nn.Module) -> str | None:
@@ -363,12 +344,12 @@ def export_adapterhub(am: AdaptedModel, name: str, path: str | os.PathLike) -> P
     return path
 
 
-def _place(path: str, forms: dict[str, str], what: str) -> tuple[int, str, str]:
-    """(layer, place, prefix) of a site path `<prefix>layer.N.<form>`, or a refusal."""
+def _place(path: str, forms: dict[str, str], what: str) -> tuple[int, str]:
+    """(layer, place) of a site path `<prefix>layer.N.<form>`, or a refusal."""
     for place, form in forms.items():
-        match = re.match(rf"^(?P<prefix>(?:.*\.)?)layer\.(?P<n>\d+)\.{form}$", path)
+        match = re.match(rf"^(?:.*\.)?layer\.(?P<n>\d+)\.{form}$", path)
         if match:
-            return int(match["n"]), place, match["prefix"]
+            return int(match["n"]), place
     raise CompositionError(f"{what}: site {path!r} is not at a place AdapterHub has for this method")
 
 
@@ -387,18 +368,21 @@ def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, 
                     what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if config.is_parallel:
         raise CompositionError(f"{what}: a parallel bottleneck reads its module's input; AdapterHub's parallel "
-                               "adapter reads the block's residual input, so it would compute something else")
+                               "adapter reads the block's residual input (input_arg=1 at the block computes that)")
+    if config.input_arg not in (None, 1):
+        raise CompositionError(f"{what}: input_arg={config.input_arg}; AdapterHub's parallel adapter is input_arg=1")
     if config.activation not in _ACT_OUT:
         raise CompositionError(f"{what}: activation {config.activation!r} has no AdapterHub name")
-    leaf = "LayerNorm" if any(p.endswith(".LayerNorm") for p in sites) else "dense"
-    forms = {b: rf"{_BLOCKS[b]}\.{leaf}" for b in _BLOCKS}
+    parallel = config.input_arg == 1
+    leaf = "" if parallel else "LayerNorm" if any(p.endswith(".LayerNorm") for p in sites) else "dense"
+    forms = {b: _BLOCKS[b] + (rf"\.{leaf}" if leaf else "") for b in _BLOCKS}
     found: dict[str, set[int]] = {}
     tensors: dict[str, torch.Tensor] = {}
     sizes = set()
     for path, method in sites.items():
-        layer, block, _ = _place(path, forms, what)
+        layer, block = _place(path, forms, what)
         found.setdefault(block, set()).add(layer)
-        module = path.rsplit(".", 1)[0]
+        module = path if parallel else path.rsplit(".", 1)[0]
         for ours, theirs in (("down", "adapter_down.0"), ("up", "adapter_up")):
             for t in ("weight", "bias"):
                 tensors[f"{module}.adapters.{name}.{theirs}.{t}"] = getattr(getattr(method, ours), t)
@@ -407,8 +391,10 @@ def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, 
     if len(sizes) != 1 or sizes != {max(1, int(hidden // factor))}:
         raise CompositionError(f"{what}: bottleneck sizes {sorted(sizes)} are not AdapterHub's int({hidden} // "
                                f"reduction_factor) for one reduction_factor")
-    placement = {"original_ln_before": leaf == "LayerNorm", "original_ln_after": config.renorm or leaf == "dense",
-                 "residual_before_ln": config.renorm or leaf == "dense"}
+    placement = {"original_ln_before": leaf == "LayerNorm", "original_ln_after": config.renorm or leaf != "LayerNorm",
+                 "residual_before_ln": config.renorm or leaf != "LayerNorm"}
+    if parallel:  # the library's par_bn preset; init_weights only decides how a new adapter starts
+        placement.update(is_parallel=True, init_weights="mam_adapter")
     return {**_BN_DEFAULTS, **placement, "mh_adapter": "mh_adapter" in found,
             "output_adapter": "output_adapter" in found,
             "leave_out": _same_layers(found, layers, what), "reduction_factor": _plain(factor),
@@ -426,7 +412,7 @@ def _lora_out(config: LoRA, sites: dict[str, nn.Module], name: str, layers: int,
         if method.shape.kind != "linear":
             raise CompositionError(f"{what}: site {path!r} is a {method.shape.kind}; "
                                    "AdapterHub's BERT LoRA wraps Linears only")
-        layer, place, _ = _place(path, _LORA_PLACES, what)
+        layer, place = _place(path, _LORA_PLACES, what)
         found.setdefault(place, set()).add(layer)
         tensors[f"{path}.loras.{name}.lora_A"] = method.lora_A
         tensors[f"{path}.loras.{name}.lora_B"] = method.lora_B

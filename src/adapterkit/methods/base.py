@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,17 @@ def features_last(t: torch.Tensor, shape: SiteShape) -> tuple[torch.Tensor, Call
     return t.movedim(shape.feature_dim, -1), lambda r: r.movedim(-1, shape.feature_dim)
 
 
+def positional_parameters(module: nn.Module) -> tuple[tuple[str, ...], bool]:
+    """The names of the positional parameters of `module.forward`, and whether it takes *args."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature: assume anything goes
+        return (), True
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (tuple(p.name for p in params if p.kind in kinds),
+            any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params))
+
+
 def union_targets(target_lists: list) -> list | None:
     """The targets of a combined adapter: every target of the parts, in order, once."""
     if any(t is None for t in target_lists):
@@ -149,7 +161,9 @@ class SiteMethod(nn.Module):
     """One adapter's delta at one site.
 
     `side` says which hook applies it: "output" methods map (x, h) -> h', "input" methods map
-    x -> x' before the frozen module runs. Routing is a classmethod pair: `stack` turns the
+    x -> x' before the frozen module runs, where x is the module's positional argument number
+    `input_arg` (0: the first, or the first tensor keyword argument when none is positional; a
+    later one is read by name when passed by keyword). Routing is a classmethod pair: `stack` turns the
     adapters present at a site into batched tensors once, `route` applies them per row.
 
     A method owns all of its own behaviour: `build` (from its config), `merge_into`/`unmerge_from`
@@ -159,6 +173,7 @@ class SiteMethod(nn.Module):
     """
 
     side = "output"
+    input_arg = 0
     mergeable = False
 
     def __init__(self, shape: SiteShape) -> None:

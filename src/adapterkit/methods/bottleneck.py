@@ -3,10 +3,15 @@
     serial:    h' = h + s · up(act(down(h)))
     parallel:  h' = f(x) + s · up(act(down(x)))
     renorm:    h' = LN(x + s · up(act(down(h)))),  h = LN(x)   (serial, on a LayerNorm site)
+    input k:   u' = u + s · up(act(down(u))), u = argument k of f, before f runs   (input_arg=k)
 
 renorm puts the delta inside a post-norm block's residual sum: the site is the block's LayerNorm,
 x the sum it normalises (sublayer output + residual), and the frozen norm runs again on x + delta.
 That is AdapterHub's `original_ln_before` placement (Pfeiffer et al. 2020).
+
+input k acts before the module runs, on its k-th positional argument (0: of the module's input width,
+later ones: of its output width). On a BERT-style block f(x, r) = LN(dropout(dense(x)) + r), k = 1 gives
+LN(d + r + s·up(act(down(r)))), AdapterHub's parallel adapter (par_bn).
 
 `up` starts at zero, so a new adapter is the identity. On convolutional sites the bottleneck
 works over channels: a Linear over the channel dim is exactly a 1×1 convolution.
@@ -23,7 +28,7 @@ from torch import nn
 from ..config import Bottleneck
 from ..errors import CompositionError, TargetError
 from . import kernels
-from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to
+from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to, positional_parameters
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -43,12 +48,20 @@ class BottleneckAdapter(SiteMethod):
             )
         # The frozen norm, read (never owned) for renorm: a plain attribute keeps it out of state_dict.
         object.__setattr__(self, "norm", module if self.renorm else None)
-        reads = shape.in_features if self.parallel else shape.out_features
-        if reads is None:
-            raise TargetError(f"a parallel bottleneck needs a site with a known input width, not a {shape.kind}")
-        size = config.size_for(shape.out_features)
+        if config.input_arg is not None:
+            self.side, self.input_arg = "input", config.input_arg
+            _check_argument(module, config.input_arg)
+            width = shape.in_features if config.input_arg == 0 else shape.out_features
+            if width is None:
+                raise TargetError(f"a bottleneck on input 0 needs a site with a known input width, not a {shape.kind}")
+            reads = writes = width
+        else:
+            reads, writes = (shape.in_features if self.parallel else shape.out_features), shape.out_features
+            if reads is None:
+                raise TargetError(f"a parallel bottleneck needs a site with a known input width, not a {shape.kind}")
+        size = config.size_for(writes)
         self.down = nn.Linear(reads, size)
-        self.up = nn.Linear(size, shape.out_features)
+        self.up = nn.Linear(size, writes)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
         self.activation = config.activation
@@ -69,14 +82,19 @@ class BottleneckAdapter(SiteMethod):
             raise TargetError("a parallel bottleneck cannot read token ids; use a serial placement")
         return features_last(_on_output_grid(x, h, self.shape) if self.parallel else h, self.shape)[0]
 
-    def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """h' = h + s·up(act(down(z))), z = h (serial) or x (parallel); renorm: h' = LN(x + s·up(act(down(h))))."""
+    def reference(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """h' = h + s·up(act(down(z))), z = h (serial) or x (parallel); renorm: h' = LN(x + s·up(act(down(h))));
+        on an input (x: the argument it reads; h unused): x' = x + s·up(act(down(x)))."""
+        if self.side == "input":
+            h = x
         if self.renorm:
             return _renormed(self.norm, x, self.delta(h))
         h_last, restore = features_last(h, self.shape)
         return restore(h_last + self.delta(self._source(x, h)))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+        if self.side == "input":  # the serial form on the argument; never in place: the caller holds it
+            h, inplace = x, False
         if self.renorm:
             return self.reference(x, h)
         hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(self._source(x, h))))
@@ -95,9 +113,11 @@ class BottleneckAdapter(SiteMethod):
     @classmethod
     def combined_config(cls, configs: list[Bottleneck]) -> Bottleneck:
         """θ = Σ w_i θ_i: parameter averaging, an approximation (as in AdapterHub)."""
-        shapes = {(c.bottleneck_size, c.reduction, c.is_parallel, c.activation, c.placement, c.renorm) for c in configs}
+        shapes = {(c.bottleneck_size, c.reduction, c.is_parallel, c.activation, c.placement, c.renorm, c.input_arg)
+                  for c in configs}
         if len(shapes) != 1:
-            raise CompositionError("combining bottleneck adapters needs equal size, placement, renorm and activation")
+            raise CompositionError("combining bottleneck adapters needs equal size, placement, renorm, input_arg "
+                                   "and activation")
         return dataclasses.replace(configs[0], scaling=1.0)
 
     @torch.no_grad()
@@ -107,7 +127,7 @@ class BottleneckAdapter(SiteMethod):
                             for p, w in parts))
 
     def route_group(self) -> tuple:
-        return (self.parallel, self.activation, self.renorm)
+        return (self.parallel, self.activation, self.renorm, self.side)
 
     @classmethod
     def stack(cls, adapters: list[BottleneckAdapter]) -> dict:
@@ -125,12 +145,15 @@ class BottleneckAdapter(SiteMethod):
             "up": torch.stack(up + [zeros(up)]),
             "up_b": torch.stack(up_b + [zeros(up_b)]).unsqueeze(1),
             "parallel": first.parallel,
+            "input": first.side == "input",
             "activation": first.activation,
             "norm": first.norm,  # the site's frozen LayerNorm when renorm, else None
         }
 
     @classmethod
     def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
+        if stacked["input"]:  # the serial form on the argument x, which the caller holds
+            h, inplace = x, False
         source = _on_output_grid(x, h, shape) if stacked["parallel"] else h
         z, _ = as_rows(source, shape)
         h_rows, restore = as_rows(h, shape)
@@ -148,6 +171,16 @@ class BottleneckAdapter(SiteMethod):
         else:
             out = torch.baddbmm(h_rows, hidden, pick("up").transpose(1, 2))
         return restore(out.add_(pick("up_b")))
+
+
+def _check_argument(module: nn.Module | None, index: int) -> None:
+    """The site's forward must take a positional argument number `index`."""
+    if module is None:
+        return
+    names, var_args = positional_parameters(module)
+    if index >= len(names) and not var_args:
+        raise TargetError(f"input_arg={index}: {type(module).__name__}.forward takes {len(names)} positional "
+                          f"argument(s) {list(names)}")
 
 
 def _renormed(norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
