@@ -329,7 +329,11 @@ class _MetricsMiddleware:
                     receive = await self._buffered(scope, receive)
             except ServeError as err:
                 state["error"] = err.code
-                headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+                # The body was not read (or not all of it): close the connection rather than let the
+                # client go on sending, or drain its rest to keep the connection alive.
+                headers = {"connection": "close"}
+                if err.status == 401:
+                    headers["WWW-Authenticate"] = "Bearer"
                 await JSONResponse(err.as_json(), status_code=err.status, headers=headers)(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)
