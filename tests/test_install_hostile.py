@@ -85,3 +85,14 @@ def test_the_saved_sites_are_the_ones_attached(saved, make_minilm):
     assert sorted(am.site_names("x")) == sorted(manifest["sites"])
     for key, t in tensors.items():
         assert torch.equal(am.adapter_state_dict("x")[key], t)
+
+
+@pytest.mark.parametrize("field, value", [("alpha", "16"), ("r", True), ("rslora", "yes"), ("targets", [1, 2]),
+                                          ("exclude", "re:.*"), ("dropout", None)])
+def test_config_fields_of_the_wrong_type_are_named(field, value, saved, make_minilm):
+    manifest, tensors = copy.deepcopy(saved[0]), dict(saved[1])
+    manifest["config"][field] = value
+    am = ak.adapt(make_minilm())
+    with pytest.raises(AdapterFileError, match=f"field {field!r} must be"):
+        install(am, manifest, tensors, name="x")
+    assert am.adapters == []

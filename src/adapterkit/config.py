@@ -215,6 +215,31 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
             f"{cls.__name__} config: ignoring unknown keys {unknown} (written by a newer adapterkit?)",
             stacklevel=2,
         )
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key in fields and not _has_type(value, str(fields[key])):
+            raise AdapterConfigError(f"{cls.__name__} field {key!r} must be {fields[key]}, not {value!r}")
     config = cls(**{k: v for k, v in data.items() if k in known})
     config.validate()
     return config
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                            "None": (type(None),)}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a value read from JSON fits a field's annotation (as this module writes them)."""
+    annotation = {"Targets": "list[str] | str | None"}.get(annotation, annotation)
+    for part in (p.strip() for p in annotation.split("|")):
+        if part.startswith("list[") and part.endswith("]"):
+            if isinstance(value, list) and all(_has_type(v, part[5:-1]) for v in value):
+                return True
+        elif part in _JSON_TYPES:
+            if isinstance(value, bool) and part in ("int", "float"):
+                continue  # JSON true is not a number
+            if isinstance(value, _JSON_TYPES[part]):
+                return True
+        else:
+            return True  # a type this check does not know: validate() has the last word
+    return False
