@@ -25,7 +25,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,31 +40,15 @@ import psutil  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, percentile  # noqa: E402
+from serve_load import free_port, percentile, start_server  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
-from adapterkit.serve.testing import load_minilm, make_adapter, minilm_path, tar_bytes  # noqa: E402
+from adapterkit.serve.testing import load_minilm, make_adapter, tar_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_hostile.json"
 KEYS = {"key-acme-0001": {"tenant": "acme"}, "key-globex-001": {"tenant": "globex"}}
 ACME = {"X-API-Key": "key-acme-0001"}
 GLOBEX = {"X-API-Key": "key-globex-001"}
-
-
-def start(store: Path, keys: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "adapterkit.serve", "--base", minilm_path(), "--store", str(store), "--port",
-           str(port), "--keys", str(keys), "--threads", "2", "--max-wait-ms", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # bounded: 120 s
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in 120 s")
 
 
 class Victim(threading.Thread):
@@ -217,7 +200,7 @@ def main() -> None:
     keys.write_text(json.dumps(KEYS))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(work / "store", keys, port)
+    proc = start_server(work / "store", port, threads=2, max_batch=32, max_wait_ms=5, extra=("--keys", str(keys)))
     results: dict = {"attacks": {}}
     try:
         with httpx.Client(base_url=url, timeout=120) as client:

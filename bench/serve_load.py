@@ -63,10 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: Path, port: int, threads: int, max_batch: int, max_wait_ms: float) -> subprocess.Popen:
+def start_server(store: Path, port: int, threads: int, max_batch: int, max_wait_ms: float,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "adapterkit.serve", "--base", minilm_path(), "--store", str(store),
            "--port", str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms)]
+           "--max-wait-ms", str(max_wait_ms), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
