@@ -96,3 +96,22 @@ def test_config_fields_of_the_wrong_type_are_named(field, value, saved, make_min
     with pytest.raises(AdapterFileError, match=f"field {field!r} must be"):
         install(am, manifest, tensors, name="x")
     assert am.adapters == []
+
+
+def test_an_overflowing_rank_and_labels_in_meta_are_refused_or_ignored(saved, make_minilm):
+    am = ak.adapt(make_minilm())
+    manifest, tensors = copy.deepcopy(saved[0]), dict(saved[1])
+    manifest["config"]["r"] = 10**30
+    with pytest.raises(AdapterFileError):
+        install(am, manifest, tensors, name="x")
+    manifest = copy.deepcopy(saved[0])
+    manifest["meta"] = {"labels": 5, "task": "sentiment"}
+    install(am, manifest, tensors, name="y")
+    assert am.adapter("y").meta["labels"] == ["neg", "pos"] and am.adapter("y").meta["task"] == "sentiment"
+
+
+def test_the_base_fingerprint_follows_a_dtype_change(make_minilm):
+    am = ak.adapt(make_minilm())
+    before = am.fingerprint()
+    am.half()
+    assert am.fingerprint() != before

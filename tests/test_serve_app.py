@@ -426,3 +426,15 @@ def test_a_backtracking_target_pattern_in_an_upload_is_never_run(client, src, mo
     r = client.post("/v1/classify", json={"adapter": "regex", "inputs": ["fine"]}, headers=ACME)
     assert r.status_code == 200
     assert client.delete("/v1/adapters/regex", headers=ACME).status_code == 200
+
+
+def test_put_bodies_are_bounded_too(engine):
+    with TestClient(create_app(engine, KEYS, max_json_bytes=1000, max_upload_bytes=10_000)) as c:
+        r = c.put("/v1/adapters/x", content=json.dumps({"source": "y" * 5000}),
+                  headers={**ACME, "content-type": "application/json"})
+        assert r.status_code == 413
+        r = c.put("/v1/adapters/x", content=(b"x" * 4096 for _ in range(600)),
+                  headers={**ACME, "content-type": "application/x-tar"})
+        assert r.status_code == 413
+        r = c.put("/v1/adapters/x", files={"file": ("a.tar", b"x" * (3 << 20))}, headers=ACME)
+        assert r.status_code == 413

@@ -328,3 +328,33 @@ def test_a_padded_tensor_file_is_refused_before_extraction(store, folders, tmp_p
     with store.staging() as staging, pytest.raises(BadUpload, match="header declares"):
         store.unpack(path, staging)
     assert not list((store.root / ".staging").rglob("adapter.safetensors"))
+
+
+def test_an_upload_must_list_its_sites_and_live_never_goes_back(store, folders, tmp_path):
+    manifest = json.loads((folders["a"] / "adapter.json").read_text())
+    del manifest["sites"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter.json").write_text(json.dumps(manifest))
+    (bare / "adapter.safetensors").write_bytes((folders["a"] / "adapter.safetensors").read_bytes())
+    with pytest.raises(InvalidAdapter, match="'sites' is required"):
+        store.add("acme", "bare", bare)
+    with store.staging() as staging:
+        older = store.reserve("acme", "race", store.copy_in(folders["a"], staging))
+    with store.staging() as staging:
+        newer = store.reserve("acme", "race", store.copy_in(folders["b"], staging))
+    store.publish("acme", "race", newer)
+    with pytest.raises(Conflict, match="newer version"):
+        store.publish("acme", "race", older)
+    assert store.resolve("acme", "race") == newer
+
+
+def test_a_first_upload_that_never_went_live_is_swept(tmp_path, builder, folders):
+    root = tmp_path / "first"
+    store = AdapterStore(root, fingerprint=builder.fingerprint())
+    with store.staging() as staging:
+        version = store.reserve("acme", "new", store.copy_in(folders["a"], staging))  # killed before publish
+    path = store.path("acme", "new", version)
+    os.utime(path, (path.stat().st_atime - 10_000, path.stat().st_mtime - 10_000))
+    AdapterStore(root, fingerprint=builder.fingerprint())
+    assert not path.exists()

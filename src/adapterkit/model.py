@@ -52,7 +52,6 @@ class AdaptedModel(nn.Module):
         config = getattr(model, "config", None)
         self.base_name = base_name or getattr(config, "_name_or_path", None) or type(model).__name__
         self.head_path = find_head(model) if head == "auto" else head
-        self._fingerprint: str | None = None
         head_module = model.get_submodule(self.head_path) if self.head_path else None
         own_head = functools.partial(_head_in, self.loaded)
         self._head_switch = HeadSwitch(head_module, own_head, self.state) if head_module is not None else None
@@ -334,15 +333,12 @@ class AdaptedModel(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of the frozen weights' names, shapes and dtypes (the head left out)."""
-        if self._fingerprint is not None:
-            return self._fingerprint
         digest = hashlib.sha256()
         for pname, p in sorted(self.base.state_dict().items()):
             if self.head_path and (pname.startswith(self.head_path + ".")):
                 continue
             digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
-        self._fingerprint = digest.hexdigest()[:16]
-        return self._fingerprint
+        return digest.hexdigest()[:16]
 
     # --- tensors of one adapter, as files hold them --------------------------------------------
 

@@ -55,7 +55,7 @@ def install(
         raise
     except AdapterFileError:
         raise
-    except (AdapterError, ValueError) as err:
+    except (AdapterError, ValueError, TypeError, OverflowError) as err:  # e.g. r = 10**30
         raise AdapterFileError(f"{source}: {err}") from None
     try:
         _check_sites(am, name, manifest.get("sites"), source, hint)
@@ -63,7 +63,8 @@ def install(
             am.load_adapter_state_dict(name, tensors)
         except AdapterFileError as err:
             raise AdapterFileError(f"{source}: {err}{hint}") from None
-        am.adapter(name).meta.update(manifest.get("meta") or {})
+        # the labels were checked above and belong to the head; a "labels" in meta must not replace them
+        am.adapter(name).meta.update({k: v for k, v in (manifest.get("meta") or {}).items() if k != "labels"})
         _check_finite(am, name, source)
     except BaseException:
         am.delete(name, collect=False)
@@ -102,8 +103,11 @@ def install_fusion(am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str
     return fuse
 
 
-def check_manifest(manifest: Any, source: str = "adapter") -> None:
-    """Every field an install reads has the type and range it needs; AdapterFileError names the field."""
+def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = False) -> None:
+    """Every field an install reads has the type and range it needs; AdapterFileError names the field.
+
+    `need_sites`: a per-site adapter must list its sites (uploads: without them its config's target
+    patterns would be matched, and its sizes built before anything checks them)."""
     def bad(field: str, why: str) -> AdapterFileError:
         return AdapterFileError(f"{source}: manifest field {field!r} {why}")
 
@@ -117,6 +121,8 @@ def check_manifest(manifest: Any, source: str = "adapter") -> None:
     if sites is not None and not (isinstance(sites, dict) and all(
             isinstance(k, str) and k and (v is None or isinstance(v, str)) for k, v in sites.items())):
         raise bad("sites", "must map module names to 'input' / 'output'")
+    if need_sites and sites is None and manifest["config"].get("method") not in ("prompt", "prefix"):
+        raise bad("sites", "is required: the modules the adapter is attached to")
     labels = manifest.get("labels")
     if labels is not None:
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):

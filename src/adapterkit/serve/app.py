@@ -27,13 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterError
 from .engine import Engine
-from .errors import BadRequest, BadUpload, Forbidden, PayloadTooLarge, RequestTimeout, ServeError
+from .errors import BadRequest, BadUpload, Forbidden, PayloadTooLarge, RequestTimeout, ServeError, not_found
 from .metrics import ServeMetrics
 from .tenants import SINGLE_TENANT, Principal, Tenants, valid_name
 
 MAX_UPLOAD = 256 << 20
 MAX_JSON = 16 << 20
 BODY_TIMEOUT_S = 30.0
+UPLOAD_DEADLINE_S = 600.0
 #: paths anyone may call without a key
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 ARCHIVE = {"schema": {"type": "string", "format": "binary"}}
@@ -136,6 +137,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     async def get_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, adapter = adapter_of(request, who, name)
         records = [r for r in await run_in_threadpool(engine.adapters, tenant) if r["name"] == adapter]
+        if not records:  # deleted between the lookup and the listing
+            raise not_found(tenant, adapter)
         return _public(records[0], who)
 
     @app.put("/v1/adapters/{name:path}", status_code=201, openapi_extra=UPLOAD_DOC,
@@ -271,14 +274,17 @@ async def _spool_upload(request: Request, kind: str, limit: int, folder: Path) -
         with os.fdopen(fd, "wb") as out:
             if kind == "multipart/form-data":
                 form = await request.form(max_files=1, max_fields=4)
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    raise BadUpload("multipart upload: put the archive in a form field named 'file'")
-                while chunk := await upload.read(1 << 20):
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
-                    out.write(chunk)
+                try:
+                    upload = form.get("file")
+                    if not isinstance(upload, UploadFile):
+                        raise BadUpload("multipart upload: put the archive in a form field named 'file'")
+                    while chunk := await upload.read(1 << 20):
+                        size += len(chunk)
+                        if size > limit:
+                            raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+                        out.write(chunk)
+                finally:
+                    await form.close()  # starlette's own temporary file of the part
             else:
                 async for chunk in request.stream():
                     size += len(chunk)
@@ -323,9 +329,9 @@ class _MetricsMiddleware:
         try:
             try:
                 self._check_key(scope)
-                if scope["method"] == "PUT":  # uploads stream to disk, bounded there; here only timed
-                    receive = self._timed(receive)
-                elif scope["method"] in ("POST", "PATCH"):
+                if scope["method"] == "PUT" and _content_type(scope) != "application/json":
+                    receive = self._counted(receive)  # archives stream to disk, bounded here and there
+                elif scope["method"] in ("POST", "PATCH", "PUT"):
                     receive = await self._buffered(scope, receive)
             except ServeError as err:
                 state["error"] = err.code
@@ -382,14 +388,32 @@ class _MetricsMiddleware:
 
         return replayed
 
-    def _timed(self, receive: Any) -> Any:
-        async def timed() -> dict:
-            try:
-                return await asyncio.wait_for(receive(), self.body_timeout_s)
-            except asyncio.TimeoutError:
-                raise RequestTimeout(f"no upload data for {self.body_timeout_s:g} s") from None
+    def _counted(self, receive: Any) -> Any:
+        """An upload's body: at most `max_upload` bytes (plus room for multipart framing), each piece
+        within `body_timeout_s`, the whole within `UPLOAD_DEADLINE_S`."""
+        limit, seen = self.max_upload + (1 << 20), [0]
+        deadline = time.monotonic() + UPLOAD_DEADLINE_S
 
-        return timed
+        async def counted() -> dict:
+            wait = min(self.body_timeout_s, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, wait))
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"the upload did not arrive in time ({self.body_timeout_s:g} s without data, "
+                                     f"or {UPLOAD_DEADLINE_S:g} s in all)") from None
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > limit:
+                raise PayloadTooLarge(f"uploads are limited to {self.max_upload} bytes")
+            return message
+
+        return counted
+
+
+def _content_type(scope: dict) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            return value.decode("latin-1").split(";")[0].strip().lower()
+    return ""
 
 
 def _content_length(scope: dict) -> int:

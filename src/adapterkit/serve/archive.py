@@ -147,7 +147,7 @@ def _check_tensor_size(source: IO[bytes] | None, size: int, name: str) -> None:
     try:
         header = json.loads(source.read(header_len))
         end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"] or [0])
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError) as err:
         raise BadUpload(f"archive member {name!r}: an unreadable safetensors header ({err})") from None
     if 8 + header_len + end != size:
         raise BadUpload(

@@ -100,7 +100,7 @@ class AdapterStore:
             for entry in (self.root / TRASH).glob("*"):  # deleted adapters: nothing else refers to them
                 _remove(entry)
                 removed.append(str(entry.relative_to(self.root)))
-            for tenant, name in self.names():
+            for tenant, name in self._all_folders():
                 for version in sorted(set(self.versions(tenant, name)) - set(self._kept(tenant, name))):
                     path = self.path(tenant, name, version)
                     if old(path):
@@ -141,6 +141,11 @@ class AdapterStore:
             raise not_found(tenant, name)
         self._live[(tenant, name)] = (stamp, state["live"])
         return state["live"]
+
+    def _all_folders(self) -> list[tuple[str, str]]:
+        """Every (tenant, name) folder, with a state.json or not (a first upload that never went live)."""
+        return [(t.name, n.name) for t in sorted(self.root.iterdir()) if t.is_dir() and valid_name(t.name)
+                for n in sorted(t.iterdir()) if n.is_dir() and valid_name(n.name)]
 
     def _kept(self, tenant: str, name: str) -> list[int]:
         """The live version and the history: the versions that count (others are in flight or orphans)."""
@@ -202,9 +207,8 @@ class AdapterStore:
             manifest, tensors = read_adapter(folder)
             if manifest.get("kind") == "fusion":
                 raise InvalidAdapter("a fusion file is not an adapter that can be routed per row")
-            check_manifest(manifest, "the upload")
+            check_manifest(manifest, "the upload", need_sites=True)
             config = config_from_dict(manifest["config"])
-            config.validate()
         except (AdapterFileError, AdapterConfigError, TypeError, ValueError) as err:
             raise InvalidAdapter(f"not a valid adapter: {err}") from None
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -305,6 +309,8 @@ class AdapterStore:
             if not self.path(tenant, name, version).is_dir():
                 raise Conflict(f"adapter {name!r} was deleted while this version was uploaded; upload it again")
             state = self.state(tenant, name) or {"live": None, "history": []}
+            if isinstance(state.get("live"), int) and version < state["live"]:
+                raise Conflict(f"adapter {name!r}: a newer version (v{state['live']}) went live meanwhile")
             history = list(state.get("history", []))
             if state.get("live") is not None and state["live"] != version:
                 history.append(state["live"])
