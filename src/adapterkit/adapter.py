@@ -75,7 +75,7 @@ class Adapter(nn.Module):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors under the keys its file uses (detached, not copied)."""
-        return {f"{prefix}.{k}": v.detach() for prefix, module in self.parts() for k, v in module.state_dict().items()}
+        return tensors_of(self.parts())
 
     def fingerprint(self) -> str:
         """A hash of the adapter's tensor values: what a fusion trained on top of it depends on."""
@@ -109,7 +109,7 @@ class Fusion(nn.Module):
             yield f"{SITES}.{module_path(key)}", layer
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": v.detach() for prefix, module in self.parts() for k, v in module.state_dict().items()}
+        return tensors_of(self.parts())
 
     def extra_repr(self) -> str:
         return f"{self.fuse!r}"
@@ -122,3 +122,8 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def tensors_of(parts: Iterator[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """`<prefix>.<param>` -> tensor (detached, not copied) for every (prefix, module) of a record."""
+    return {f"{prefix}.{k}": v.detach() for prefix, module in parts for k, v in module.state_dict().items()}
