@@ -136,6 +136,8 @@ class Site(nn.Module):
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.state.setup is None and self.state.route is None:
             return None
+        if not self._layout().output:  # only input-side adapters here: nothing to do after the module
+            return None
         h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
         x = args[0] if args else _get(args, kwargs, _first(args, kwargs))
         if self.state.route is not None:

@@ -84,11 +84,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     async def principal(request: Request) -> Principal:
         if tenants is None:
             return SINGLE_TENANT
-        key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if not key and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        return tenants.lookup(key)
+        # the middleware looked the key up before the body was read
+        return getattr(request.state, "principal", None) or tenants.lookup(_api_key(request.scope))
 
     def adapter_of(request: Request, who: Principal, ref: str | None) -> tuple[str, str | None]:
         if ref is None:
@@ -355,12 +352,8 @@ class _MetricsMiddleware:
     def _check_key(self, scope: dict) -> None:
         if self.tenants is None or scope.get("path") in OPEN_PATHS:
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        key = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if not key and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        self.tenants.lookup(key)  # Unauthorized before a byte of the body is read
+        # Unauthorized before a byte of the body is read; the route's dependency reuses the answer
+        scope["state"]["principal"] = self.tenants.lookup(_api_key(scope))
 
     async def _buffered(self, scope: dict, receive: Any) -> Any:
         """Read the whole (small, JSON) body now, bounded in size and time, and replay it to the app."""
@@ -407,6 +400,19 @@ class _MetricsMiddleware:
             return message
 
         return counted
+
+
+def _api_key(scope: dict) -> str | None:
+    """The key of `X-API-Key`, else of `Authorization: Bearer` (the first of each header)."""
+    key = auth = None
+    for name, value in scope.get("headers", ()):
+        if name == b"x-api-key" and key is None:
+            key = value.decode("latin-1")
+        elif name == b"authorization" and auth is None:
+            auth = value.decode("latin-1")
+    if not key and auth and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
 
 
 def _content_type(scope: dict) -> str:
