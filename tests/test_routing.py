@@ -415,3 +415,38 @@ def test_a_large_rank_routes_apart_and_is_counted_with_its_padding():
     own = am.adapter("big").parameter_bytes()
     assert _resident_bytes(am.adapter("big")) == own + own * 512 // 384
     assert _resident_bytes(am.adapter("b")) == 3 * am.adapter("b").parameter_bytes()
+
+
+_LORA_MIX: dict = {}
+
+
+def _lora_mix():
+    """Small and large ranks on one site: the large ones run per adapter, the others skip foreign rows."""
+    if not _LORA_MIX:
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(24, 24), nn.GELU(), nn.Linear(24, 24)).eval()
+        am = ak.adapt(model, head=None)
+        for name, r in (("s1", 2), ("s2", 8), ("l1", 64), ("l2", 96)):
+            am.add(name, ak.LoRA(r=r, targets=["0", "2"]))
+            randomize(am, name, scale=0.3)
+        x = torch.randn(8, 5, 24, generator=_gen(4))  # [rows, tokens, features]
+        with torch.no_grad():
+            singles = {}
+            for name in ("s1", "s2", "l1", "l2", None):
+                am.activate(name)
+                singles[name] = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
+            am.activate(None)
+        _LORA_MIX.update(am=am, x=x, singles=singles)
+    return _LORA_MIX["am"], _LORA_MIX["x"], _LORA_MIX["singles"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(["s1", "s2", "l1", "l2", None]), min_size=1, max_size=8))
+def test_property_lora_rank_groups_match_single_adapter_runs(route):
+    am, x, singles = _lora_mix()
+    with torch.no_grad(), am.route(route):
+        batched = am(x[: len(route)])
+    expected = torch.stack([singles[name][i] for i, name in enumerate(route)])
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
+    for name in ("l1", "l2"):
+        assert not torch.allclose(singles[name], singles[None], atol=1e-3)

@@ -308,3 +308,34 @@ def test_replaced_versions_leave_memory_once_drained(engine, folders):
     engine.delete("default", "churn")
     engine.batcher.call(lambda: None).result(timeout=60)
     assert not [k for k in engine.cache.keys() if k.name == "churn"]
+
+
+def test_uploads_run_niced_and_one_per_tenant_at_a_time(engine, folders, monkeypatch):
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        worker = engine._uploads.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        assert worker == min(19, own + 10)
+    running, most = [0], [0]
+    real = engine._put
+
+    def counting(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(engine, "_put", counting)
+    threads = [threading.Thread(target=engine.put, args=("t1", f"p{i}"), kwargs={"source": folders["a0"][0]})
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert most[0] == 1
+    assert {r["name"] for r in engine.adapters("t1")} == {"p0", "p1", "p2"}

@@ -149,15 +149,15 @@ class LoRAAdapter(SiteMethod):
     @classmethod
     def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
         rank, n_rows = stacked["rank"], rows.shape[0]
-        # index_select, not stacked["B"][rows]: the same gather, several times faster on CPU
-        b_sel = stacked["B"].index_select(0, rows)  # [rows, out, r]
         if shape.kind == "embedding":
+            b_sel = b_sel_of(stacked, rows)
             low = F.embedding(x, stacked["A_all"].T, padding_idx=stacked["padding_idx"])
             low = low.view(n_rows, -1, low.shape[-1] // rank, rank)
             low = low[torch.arange(n_rows, device=rows.device), :, rows]  # [rows, T, r]
             h_rows, restore = as_rows(h, shape)
             return restore(h_rows + torch.bmm(low, b_sel.transpose(1, 2)))
         if shape.kind == "conv":
+            b_sel = b_sel_of(stacked, rows)
             conv = _CONV[x.dim() - 2]
             low = conv(x, stacked["A_all"], **stacked["conv"])  # [rows, (N+1)·r, *spatial]
             low = low.view(n_rows, -1, rank, low[0, 0].numel())
@@ -165,12 +165,49 @@ class LoRAAdapter(SiteMethod):
             return h + torch.bmm(b_sel, low).view(h.shape)
         z, _ = as_rows(x, shape)
         h_rows, restore = as_rows(h, shape)
-        # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
-        # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
-        low = torch.bmm(stacked["A"].index_select(0, rows), z.transpose(1, 2)).transpose(1, 2)
-        if inplace:
-            return restore(h_rows.baddbmm_(low, b_sel.transpose(1, 2)))
-        return restore(torch.baddbmm(h_rows, low, b_sel.transpose(1, 2)))
+        if torch.compiler.is_compiling():  # a compiled graph cannot branch on the rows' values
+            slots, mine, by_adapter = [], range(n_rows), False
+        else:
+            slots = rows.tolist()
+            zero = stacked["A"].shape[0] - 1
+            mine = [i for i, s in enumerate(slots) if s != zero]
+            by_adapter = rank >= 64 and len(set(slots)) < len(slots)
+        if len(mine) == n_rows and not by_adapter:
+            # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
+            # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
+            low = torch.bmm(stacked["A"].index_select(0, rows), z.transpose(1, 2)).transpose(1, 2)
+            if inplace:
+                return restore(h_rows.baddbmm_(low, b_sel_of(stacked, rows).transpose(1, 2)))
+            return restore(torch.baddbmm(h_rows, low, b_sel_of(stacked, rows).transpose(1, 2)))
+        # Rows of other groups (or of the base) are left out rather than run through the zero slot,
+        # so a tenant's rank-384 adapter costs nothing to the rows beside it in the batch. A large
+        # rank shared by several rows runs once per adapter: gathering its A and B per row would copy
+        # them row by row (bench/serve_hostile.py, rank_384_traffic).
+        if not mine:
+            return h
+        out = h_rows if inplace else h_rows.clone()
+        if by_adapter:
+            groups: dict[int, list[int]] = {}
+            for i in mine:
+                groups.setdefault(slots[i], []).append(i)
+            for slot, idx in groups.items():
+                a, b = stacked["A"][slot], stacked["B"][slot]
+                if len(idx) == n_rows:
+                    out.add_(torch.matmul(torch.matmul(z, a.T), b.T))
+                    continue
+                sel = torch.tensor(idx, device=rows.device)
+                out.index_add_(0, sel, torch.matmul(torch.matmul(z.index_select(0, sel), a.T), b.T))
+            return restore(out)
+        sel = torch.tensor(mine, device=rows.device)
+        mine_rows = rows.index_select(0, sel)
+        low = torch.bmm(stacked["A"].index_select(0, mine_rows), z.index_select(0, sel).transpose(1, 2)).transpose(1, 2)
+        out.index_add_(0, sel, torch.bmm(low, b_sel_of(stacked, mine_rows).transpose(1, 2)))
+        return restore(out)
+
+
+def b_sel_of(stacked: dict, rows: torch.Tensor) -> torch.Tensor:
+    # index_select, not stacked["B"][rows]: the same gather, several times faster on CPU
+    return stacked["B"].index_select(0, rows)  # [rows, out, r]
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

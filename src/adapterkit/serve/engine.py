@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,11 @@ class Engine:
         self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows)
         self.metrics.watch(self.stats)
+        # Uploads are unpacked, hashed and checked on two low-priority threads, one upload per tenant
+        # at a time: a tenant's stream of uploads takes CPU from nobody's requests but its own.
+        self._uploads = ThreadPoolExecutor(2, thread_name_prefix="adapterkit-upload", initializer=_lower_priority)
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._upload_locks_lock = threading.Lock()
         self._warm_up()
 
     # --- inference: sync, future and asyncio flavours -----------------------------------------
@@ -181,6 +186,13 @@ class Engine:
         then made live; on any failure the previous version stays live and nothing is left behind."""
         check_name(tenant, "tenant name")
         check_name(name)
+        with self._upload_locks_lock:
+            lock = self._upload_locks.setdefault(tenant, threading.Lock())
+        with lock:
+            return self._uploads.submit(self._put, tenant, name, archive, source, source_root).result()
+
+    def _put(self, tenant: str, name: str, archive: str | os.PathLike | None, source: str | os.PathLike | None,
+             source_root: str | os.PathLike | None) -> dict[str, Any]:
         with self.store.staging() as staging:
             if archive is not None:
                 folder = self.store.unpack(Path(archive), staging)
@@ -226,6 +238,7 @@ class Engine:
 
     def close(self) -> None:
         self.batcher.close()
+        self._uploads.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Engine:
         return self
@@ -326,6 +339,12 @@ class Engine:
     def _warm_up(self) -> None:
         ids = self._tokenize(["warm up"])
         self.batcher.submit(Request("embed", None, ids)).result()
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux schedules threads one by one); elsewhere a no-op."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _then(future: Future, fn: Callable[[Any], Any]) -> Future:
