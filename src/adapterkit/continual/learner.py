@@ -212,10 +212,15 @@ class Learner:
         return torch.cat(out)
 
     @torch.no_grad()
-    def route(self, inputs: Inputs, strategy: str = "prototype") -> list[str]:
-        """The task each input belongs to, without being told."""
-        names = self._need_tasks()
+    def route(self, inputs: Inputs, strategy: str = "prototype", candidates: Sequence[str] | None = None) -> list[str]:
+        """The task each input belongs to, without being told. `candidates` ("entropy" and
+        "perplexity" only): adapter names to choose among, default every learned task."""
+        names = self._need_tasks() if candidates is None else list(candidates)
+        if not names:
+            raise ContinualError("no candidate adapters to route to")
         if strategy == "prototype":
+            if candidates is not None:
+                raise ContinualError("prototype routing uses the learned tasks' prototypes; leave candidates out")
             feats = self.features(inputs)
             keys = torch.cat([self.prototypes[n] for n in names])
             owner = torch.tensor([i for i, n in enumerate(names) for _ in range(len(self.prototypes[n]))])
@@ -256,7 +261,8 @@ class Learner:
             raise ContinualError("entropy routing needs one prediction per input; use 'perplexity' for language models")
         scores = []
         for j, name in enumerate(names):  # heads differ in width: each adapter's own columns only
-            p = logits[:, j, : len(self.tasks[name].labels)].softmax(-1)
+            width = len(self.tasks[name].labels) if name in self.tasks else logits.shape[-1]
+            p = logits[:, j, :width].softmax(-1)
             scores.append(-(p * p.clamp_min(1e-12).log()).sum(-1))
         return torch.stack(scores, 1)
 
