@@ -361,13 +361,7 @@ def _small():
         for n in NAMES:
             randomize(am, n, scale=0.3)
         x = torch.randn(8, 2, 4, 4, generator=_gen())
-        with torch.no_grad():
-            singles = {}
-            for name in [*NAMES, None]:
-                am.activate(name)
-                singles[name] = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
-            am.activate(None)
-        _CACHE.update(am=am, x=x, singles=singles)
+        _CACHE.update(am=am, x=x, singles=_singles(am, x, [*NAMES, None]))
     return _CACHE["am"], _CACHE["x"], _CACHE["singles"]
 
 
@@ -420,6 +414,17 @@ def test_a_large_rank_routes_apart_and_is_counted_with_its_padding():
 _LORA_MIX: dict = {}
 
 
+@torch.no_grad()
+def _singles(am, x, names):
+    """Each row of x run alone under each of `names`: name -> [rows, ...]."""
+    out = {}
+    for name in names:
+        am.activate(name)
+        out[name] = torch.cat([am.base(x[i : i + 1]) for i in range(len(x))])
+    am.activate(None)
+    return out
+
+
 def _lora_mix():
     """Small and large ranks on one site: the large ones run per adapter, the others skip foreign rows."""
     if not _LORA_MIX:
@@ -430,13 +435,7 @@ def _lora_mix():
             am.add(name, ak.LoRA(r=r, targets=["0", "2"]))
             randomize(am, name, scale=0.3)
         x = torch.randn(8, 5, 24, generator=_gen(4))  # [rows, tokens, features]
-        with torch.no_grad():
-            singles = {}
-            for name in ("s1", "s2", "l1", "l2", None):
-                am.activate(name)
-                singles[name] = torch.cat([model(x[i : i + 1]) for i in range(len(x))])
-            am.activate(None)
-        _LORA_MIX.update(am=am, x=x, singles=singles)
+        _LORA_MIX.update(am=am, x=x, singles=_singles(am, x, ["s1", "s2", "l1", "l2", None]))
     return _LORA_MIX["am"], _LORA_MIX["x"], _LORA_MIX["singles"]
 
 
