@@ -12,7 +12,6 @@ to the task's classes (task-incremental); without, all classes compete (class-in
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MethodConfig
+from ..heads import find_head
 from ..model import AdaptedModel
 from .data import Encoder, Inputs, Split, Task, TaskStream, tensor_encoder
 from .learner import batches, logits_of, take
@@ -48,7 +48,7 @@ class SharedLearner:
         if method is None:  # full fine-tuning: every weight trains, the head widened to all classes
             self.am = None
             self.model = base
-            _widen_head(self.model, AdaptedModel(copy.deepcopy(base), head=head).head_path, n)
+            _widen_head(self.model, find_head(base) if head == "auto" else head, n)
             self.params = list(self.model.parameters())
         else:
             self.am = AdaptedModel(base, head=head)
@@ -84,12 +84,12 @@ class SharedLearner:
         inputs, labels = _concat([(s.inputs, self._global(t, s.labels)) for t, s in parts])
         opt = torch.optim.AdamW(self.params, lr=self.lr)
         gen = torch.Generator().manual_seed(self.seed)
+        bx, by = _concat(self.buffer) if self.buffer else (None, None)
         self._set_train()
         for _ in range(self.epochs):
             for idx in batches(len(labels), self.batch_size, gen):
                 x, y = take(inputs, idx), labels[idx]
-                if self.buffer:
-                    bx, by = _concat(self.buffer)
+                if by is not None:
                     pick = torch.randint(len(by), (min(len(by), len(idx)),), generator=gen)
                     x, y = _concat([(x, y), (take(bx, pick), by[pick])])
                 args, kwargs = self.encode(x)
