@@ -230,3 +230,19 @@ def test_cli_continual_run_writes_the_matrix_metrics_and_plots(tmp_path):
     assert (tmp_path / "continual_split-mnist_naive.png").exists()
     bad = CliRunner().invoke(app, ["continual", "run", "--tasks", "nope", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "unknown stream" in bad.output
+
+
+def test_a_new_task_starts_from_the_most_similar_adapter():
+    stream = _synthetic(n_tasks=2)
+    learner = cl.Learner(ak.adapt(_digitnet(), head="head"), LORA, epochs=1, init_from_similar=True,
+                         route_features=["act3"])
+    assert learner.learn(stream[0])["initialised_from"] is None
+    learner.learn(stream[1])
+    t0 = stream[0]
+    look_alike = cl.Task("like-t0", ["like:bright", "like:dark"], t0.train, t0.test)  # t0's data, new labels
+    learner.epochs = 0  # no training: what the new adapter holds is what it started from
+    assert learner.learn(look_alike)["initialised_from"] == "t0"
+    source, copied = learner.am.adapter_state_dict("t0"), learner.am.adapter_state_dict("like-t0")
+    sites = [k for k in copied if k.startswith("sites.")]
+    assert sites and all(torch.equal(copied[k], source[k]) for k in sites)
+    assert not torch.equal(copied["head.weight"], source["head.weight"])  # heads are the task's own

@@ -23,7 +23,7 @@ from ..config import MethodConfig
 from ..heads import find_head
 from ..model import AdaptedModel
 from .data import Encoder, Inputs, Split, Task, TaskStream, tensor_encoder
-from .learner import batches, logits_of, take
+from .learner import batches, logits_of, predict_logits, take
 
 
 class SharedLearner:
@@ -131,14 +131,8 @@ class SharedLearner:
         kept.append((take(task.train.inputs, pick), self._global(task, task.train.labels[pick])))
         self.buffer = kept
 
-    @torch.no_grad()
     def logits(self, inputs: Inputs) -> torch.Tensor:
-        self.model.eval()
-        out = []
-        for idx in batches(len(inputs), 128):
-            args, kwargs = self.encode(take(inputs, idx))
-            out.append(logits_of(self.model(*args, **kwargs)))
-        return torch.cat(out)
+        return predict_logits(self.model, self.encode, inputs)
 
     def accuracy(self, task: Task, task_id: bool = True) -> float:
         logits = self.logits(task.test.inputs)

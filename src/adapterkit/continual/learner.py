@@ -47,6 +47,17 @@ def take(inputs: Inputs, idx: torch.Tensor) -> Inputs:
     return inputs[idx] if isinstance(inputs, torch.Tensor) else [inputs[i] for i in idx.tolist()]
 
 
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, encode: Encoder, inputs: Inputs, batch_size: int = 128) -> torch.Tensor:
+    """`model`'s logits on `inputs`, in batches, in eval mode."""
+    model.eval()
+    out = []
+    for idx in batches(len(inputs), batch_size):
+        args, kwargs = encode(take(inputs, idx))
+        out.append(logits_of(model(*args, **kwargs)))
+    return torch.cat(out)
+
+
 class Learner:
     def __init__(
         self, am: AdaptedModel, method: MethodConfig, *, encode: Encoder = tensor_encoder, epochs: int = 5,
@@ -175,11 +186,8 @@ class Learner:
                 lambda _m, args: seen[names[0]].append(_pooled(args[0])))]
         previous = self.am.active
         self.am.activate(None)
-        self.am.eval()
         try:
-            for idx in batches(len(inputs), 128):
-                args, kwargs = self.encode(take(inputs, idx))
-                self.am(*args, **kwargs)
+            predict_logits(self.am, self.encode, inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -200,16 +208,11 @@ class Learner:
         """Logits of `task`'s adapter and head (task-incremental: the task is given)."""
         if task not in self.tasks:
             raise ContinualError(f"no learned task {task!r} (learned: {list(self.tasks)})")
-        self.am.eval()
         self.am.activate(task)
-        out = []
         try:
-            for idx in batches(len(inputs), 128):
-                args, kwargs = self.encode(take(inputs, idx))
-                out.append(logits_of(self.am(*args, **kwargs)))
+            return predict_logits(self.am, self.encode, inputs)
         finally:
             self.am.activate(None)
-        return torch.cat(out)
 
     @torch.no_grad()
     def route(self, inputs: Inputs, strategy: str = "prototype", candidates: Sequence[str] | None = None) -> list[str]:
