@@ -6,8 +6,11 @@
 * replay: the same, with a fixed buffer of earlier examples (an equal share per task seen) mixed in;
 * joint: one shared adapter trained on all tasks at once, the upper bound.
 
-All share one head over every class of the stream. With a task id the head's columns are narrowed
-to the task's classes (task-incremental); without, all classes compete (class-incremental).
+All share one head over every class of the stream. Trained with `task_heads=True` (the default),
+each example's loss is taken over its own task's columns only (a multi-head model, as the
+task-incremental literature trains its baselines: the shared body is what can forget); with
+`task_heads=False` all classes compete in the loss too. With a task id the head's columns are
+narrowed to the task's classes (task-incremental); without, all classes compete (class-incremental).
 """
 
 from __future__ import annotations
@@ -33,26 +36,33 @@ class SharedLearner:
         self, make_base: Callable[[], nn.Module], stream: TaskStream, method: MethodConfig | None, *,
         kind: str = "naive", encode: Encoder = tensor_encoder, epochs: int = 5, lr: float = 3e-3,
         batch_size: int = 32, seed: int = 0, ewc_lambda: float = 100.0, buffer_size: int = 200, head: str | None = "auto",
+        task_heads: bool = True,
     ) -> None:
         if kind not in ("naive", "ewc", "replay", "joint"):
             raise ValueError(f"kind must be naive, ewc, replay or joint, not {kind!r}")
         self.stream, self.kind, self.encode = stream, kind, encode
         self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
-        self.ewc_lambda, self.buffer_size = ewc_lambda, buffer_size
+        self.ewc_lambda, self.buffer_size, self.task_heads = ewc_lambda, buffer_size, task_heads
         self.offset = {}
         n = 0
         for task in stream:
             self.offset[task.name] = n
             n += len(task.labels)
+        # the task each head column belongs to
+        self.column_task = torch.tensor([i for i, t in enumerate(stream) for _ in t.labels])
         base = make_base()
         if method is None:  # full fine-tuning: every weight trains, the head widened to all classes
             self.am = None
             self.model = base
-            _widen_head(self.model, find_head(base) if head == "auto" else head, n)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                _widen_head(self.model, find_head(base) if head == "auto" else head, n)
             self.params = list(self.model.parameters())
         else:
             self.am = AdaptedModel(base, head=head)
-            self.am.add("shared", method, num_labels=n)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.am.add("shared", method, num_labels=n)
             self.params = self.am.train_adapter("shared")
             self.model = self.am
         self.anchors: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # EWC: (θ*, Fisher) per task
@@ -93,7 +103,7 @@ class SharedLearner:
                     pick = torch.randint(len(by), (min(len(by), len(idx)),), generator=gen)
                     x, y = _concat([(x, y), (take(bx, pick), by[pick])])
                 args, kwargs = self.encode(x)
-                loss = F.cross_entropy(logits_of(self.model(*args, **kwargs)), y) + self._penalty()
+                loss = self._loss(logits_of(self.model(*args, **kwargs)), y) + self._penalty()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # clipped as in Learner: without it the shared adapter's last Split-MNIST task drove
@@ -101,6 +111,12 @@ class SharedLearner:
                 torch.nn.utils.clip_grad_norm_(self.params, 1.0)
                 opt.step()
         self.model.eval()
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task_heads:  # each example competes only among its own task's columns
+            own = self.column_task[None, :] == self.column_task[y][:, None]
+            logits = logits.masked_fill(~own, float("-inf"))
+        return F.cross_entropy(logits, y)
 
     def _penalty(self) -> torch.Tensor | float:
         if not self.anchors:
@@ -116,7 +132,7 @@ class SharedLearner:
         self._set_train()
         for i in range(n):
             args, kwargs = self.encode(take(task.train.inputs, torch.tensor([i])))
-            loss = F.cross_entropy(logits_of(self.model(*args, **kwargs)), self._global(task, task.train.labels[i : i + 1]))
+            loss = self._loss(logits_of(self.model(*args, **kwargs)), self._global(task, task.train.labels[i : i + 1]))
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             for f, g in zip(fisher, grads, strict=True):
                 if g is not None:

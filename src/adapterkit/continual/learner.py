@@ -93,7 +93,9 @@ class Learner:
             )
         features = self.features(task.train.inputs)
         start = time.perf_counter()
-        self.am.add(task.name, self.method, labels=list(task.labels))
+        with torch.random.fork_rng():  # the same adapter initialisation whatever ran before
+            torch.manual_seed(self.seed + len(self.tasks))
+            self.am.add(task.name, self.method, labels=list(task.labels))
         try:
             used = sum(self.am.adapter(n).parameter_bytes() for n in self.tasks) + self.am.adapter(task.name).parameter_bytes()
             if self.max_adapter_bytes is not None and used > self.max_adapter_bytes:

@@ -24,7 +24,7 @@ import torch
 from .data import ContinualError, Split, Task, TaskStream, package_file
 
 csv.field_size_limit(1 << 24)  # newsgroup posts are up to ~200 KB
-_URL = re.compile(r"https?://\S+")
+_URL = re.compile(r"\S*https?\S*")  # links, also cut-off ones ("http…")
 
 
 def tweets() -> tuple[list[str], list[str]]:
