@@ -297,3 +297,15 @@ def test_text_tasks_on_minilm_keep_their_answers(minilm_tokenizer):
     predicted = learner.predict(stream[1].test.inputs)
     assert all(p.split(":")[0] in ("reviews", "newsgroups") for p in predicted)
     assert learner.routing_accuracy(stream, "prototype") > 0.5
+
+
+def test_shared_baselines_train_each_example_on_its_own_tasks_columns(mnist):
+    stream = cl.TaskStream(mnist.tasks[:3])
+    multi = cl.SharedLearner(_digitnet, stream, LORA, kind="naive", epochs=1)
+    single = cl.SharedLearner(_digitnet, stream, LORA, kind="naive", epochs=1, task_heads=False)
+    logits = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 4])  # task 0's second class, task 2's first
+    own = torch.stack([F.cross_entropy(logits[0:1, 0:2], torch.tensor([1])),
+                       F.cross_entropy(logits[1:2, 4:6], torch.tensor([0]))]).mean()
+    torch.testing.assert_close(multi._loss(logits, y), own)
+    torch.testing.assert_close(single._loss(logits, y), F.cross_entropy(logits, y))
