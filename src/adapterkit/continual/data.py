@@ -11,7 +11,6 @@ turns a slice of them into the model's arguments.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..package_data import PackageDataError
+from ..package_data import package_file as shared_package_file
 
 Inputs = torch.Tensor | list[str]
 #: inputs -> (args, kwargs) for the model
@@ -97,17 +98,11 @@ class TaskStream:
 
 
 def package_file(package: str, relative: str) -> Path:
-    """A data file inside an installed package, found without importing the package's code."""
+    """A data file inside an installed package (continual's set-up named in the error)."""
     try:
-        spec = importlib.util.find_spec(package)  # a dotted name imports its parent only (a namespace here)
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ContinualError(f"package {package!r} is not installed (see the README's continual set-up)")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise ContinualError(f"{path} is missing from the installed {package!r}")
-    return path
+        return shared_package_file(package, relative, "see the README's continual set-up")
+    except PackageDataError as exc:
+        raise ContinualError(str(exc)) from None
 
 
 def _split_by_class(x: torch.Tensor, y: torch.Tensor, groups: Sequence[Sequence[int]], names: Sequence[str],

@@ -132,7 +132,7 @@ def text_setup(quick: bool = False) -> StreamSetup:
     stream = text_stream(per_class=30 if quick else 100, test_per_class=20 if quick else 50)
     return StreamSetup(make_base, stream, LoRA(r=8, targets=["query", "value"]), "classifier",
                        text_encoder(tokenizer, 64), None,
-                       {"epochs": 1 if quick else 3, "lr": 2e-3, "batch_size": 32, "seed": 0}, full_lr=5e-5)
+                       {"epochs": 1 if quick else 5, "lr": 2e-3, "batch_size": 32, "seed": 0}, full_lr=5e-5)
 
 
 STREAMS: dict[str, Callable[[bool], StreamSetup]] = {"split-mnist": vision_setup, "text": text_setup}
