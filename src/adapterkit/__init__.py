@@ -1,7 +1,7 @@
 """adapterkit: adapter layers on any PyTorch model, many named adapters on one frozen base."""
 
 from .composition import Average, Fuse, Stack
-from .config import IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, PromptTuning
+from .config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig, PrefixTuning, PromptTuning
 from .errors import (
     AdapterConfigError,
     AdapterError,
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3", "AdaptedModel", "AdapterConfigError", "AdapterError", "AdapterExistsError", "AdapterFileError",
-    "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "Fuse", "LoRA",
+    "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "Fuse", "LiteResidual",
+    "LoRA",
     "MethodConfig", "PrefixTuning", "PromptTuning", "Stack", "TargetError", "adapt",
 ]

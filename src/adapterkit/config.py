@@ -164,6 +164,26 @@ class BitFit(MethodConfig):
 
 
 @dataclass
+class LiteResidual(MethodConfig):
+    """TinyTL's lite residual (Cai et al. 2020): a branch beside a conv block that reads its input
+    downsampled, f(x) + up(W₂·relu(G(pool(x)))), so training keeps a small copy of x, not x.
+
+    `targets` are conv blocks (or convolutions); the branch's last 1×1 conv starts at zero.
+    """
+
+    method: ClassVar[str] = "lite_residual"
+    downsample: int = 2  # average-pool factor on every spatial dim
+    group_width: int = 8  # channels per group of the 3×3 (or 3-tap) group convolution
+    expansion: float = 0.5  # hidden channels = expansion × input channels (at least one group)
+
+    def validate(self) -> None:
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise AdapterConfigError("LiteResidual downsample must be an integer >= 1")
+        if self.group_width < 1 or self.expansion <= 0:
+            raise AdapterConfigError("LiteResidual needs group_width >= 1 and expansion > 0")
+
+
+@dataclass
 class PromptTuning(MethodConfig):
     """Prompt tuning: k learned vectors prepended to the input embeddings (transformers models)."""
 
@@ -197,7 +217,7 @@ class PrefixTuning(MethodConfig):
 ACTIVATIONS = {"relu", "gelu", "silu", "tanh"}
 
 CONFIGS: dict[str, type[MethodConfig]] = {
-    c.method: c for c in (Bottleneck, LoRA, IA3, BitFit, PromptTuning, PrefixTuning)
+    c.method: c for c in (Bottleneck, LoRA, IA3, BitFit, LiteResidual, PromptTuning, PrefixTuning)
 }
 
 

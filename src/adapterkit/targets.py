@@ -111,7 +111,7 @@ def matches(name: str, module: nn.Module, target: str | type) -> bool:
         return bool(is_linear) and not any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS)
     if target.startswith("re:"):
         return re.search(target[3:], name) is not None
-    if target == type(module).__name__:
+    if any(target == cls.__name__ for cls in type(module).__mro__[:-2]):  # a class name matches subclasses too
         return True
     return name == target or name.endswith("." + target)
 

@@ -210,8 +210,10 @@ def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float) -> tor
 
 def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[Batch], *, epochs: int,
                 lr: float, optimizer: str, loss_fn: LossFn, measure: bool = True,
-                prepare: Callable[[], None] = lambda: None) -> tuple[MemoryReport | None, list[float], int]:
-    """The training loop every edge setup shares; the peak writable memory of any step when `measure`."""
+                prepare: Callable[[], None] = lambda: None,
+                limit: int | None = None) -> tuple[MemoryReport | None, list[float], int]:
+    """The training loop every edge setup shares; the peak writable memory of any step when `measure`.
+    A step measured over `limit` stops training with a BudgetError (the steps before it are kept)."""
     opt = make_optimizer(params, optimizer, lr)
     _, flash = split_parameters(model)
     size = sum(tensor_bytes(p) for p in params)
@@ -230,13 +232,16 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             steps += 1
-            total, count = total + float(loss) * len(y), count + len(y)
+            total, count = total + float(loss.detach()) * len(y), count + len(y)
             if measure:
                 grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
                 step = MemoryReport(int(x.shape[0]), meter.saved_bytes, size, grads, optimizer_bytes(opt),
                                     meter.working, flash, meter.by_layer(), measured=True)
                 if peak is None or step.writable > peak.writable:
                     peak = step
+                if limit is not None and step.writable > limit:
+                    raise BudgetError(f"step {steps} measured {step.describe()}, over the budget of {human(limit)}; "
+                                      f"a batch larger than the planned one? (planned at {x.shape[0]} rows)")
         losses.append(total / max(count, 1))
     return peak, losses, steps
 
@@ -255,7 +260,8 @@ def fit(am: AdaptedModel, name: str, loader: Iterable[Batch], *, budget: int | s
     params = am.train_adapter(name)
     try:
         peak, losses, steps = train_steps(am, params, loader, epochs=epochs, lr=lr, optimizer=optimizer,
-                                          loss_fn=loss_fn, measure=measure, prepare=lambda: _prepare(am, name))
+                                          loss_fn=loss_fn, measure=measure, prepare=lambda: _prepare(am, name),
+                                          limit=checked.budget)
     finally:
         am.eval()
     return FitReport(checked, peak or checked.report, losses, steps, time.perf_counter() - start)

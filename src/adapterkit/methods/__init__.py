@@ -12,12 +12,23 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..config import CONFIGS, IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, PromptTuning
+from ..config import (
+    CONFIGS,
+    IA3,
+    BitFit,
+    Bottleneck,
+    LiteResidual,
+    LoRA,
+    MethodConfig,
+    PrefixTuning,
+    PromptTuning,
+)
 from ..errors import AdapterConfigError
 from .base import SiteMethod, SiteShape
 from .bitfit import BitFitAdapter
 from .bottleneck import BottleneckAdapter
 from .ia3 import IA3Adapter
+from .lite_residual import LiteResidualAdapter
 from .lora import LoRAAdapter
 from .prefix import PrefixTuningAdapter
 from .prompt import PromptTuningAdapter
@@ -67,7 +78,7 @@ def build_model_method(config: MethodConfig, model: nn.Module) -> nn.Module:
 
 
 for _config, _method in ((Bottleneck, BottleneckAdapter), (LoRA, LoRAAdapter), (IA3, IA3Adapter),
-                         (BitFit, BitFitAdapter)):
+                         (BitFit, BitFitAdapter), (LiteResidual, LiteResidualAdapter)):
     register(_config, _method)
 register(PromptTuning, PromptTuningAdapter, model_level=True)
 register(PrefixTuning, PrefixTuningAdapter, model_level=True)

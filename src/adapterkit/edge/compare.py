@@ -1,0 +1,187 @@
+"""One recipe, every way of adapting it: full fine-tuning, last layer, BitFit, each adapter method,
+and an int8 base, each trained the same way and measured the same way (what bench/edge.py runs).
+
+Every setup gets the same new head (the source's rows copied for the classes the target shares),
+the same batches, epochs and learning rate, and the lean frozen path (edge/lean.py). What each
+keeps writable is measured at every step; the step time is the median of steps timed after
+training, without the meter's hooks.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig
+from ..heads import new_head
+from ..model import AdaptedModel, adapt
+from .fit import fit, train_steps
+from .lean import lean
+from .memory import split_parameters, tensor_bytes
+from .quant import quantize_int8
+from .recipe import EpochLoader, Recipe, accuracy
+
+
+def methods_for(recipe: Recipe) -> dict[str, MethodConfig]:
+    """The adapter methods compared on a recipe, all at the recipe's adapter sites."""
+    sites = recipe.adapter_targets
+    last = recipe.info.get("last_block_targets")
+    found: dict[str, MethodConfig] = {
+        "bitfit": BitFit(targets=recipe.info.get("bitfit_targets", sites)),
+        "bottleneck": Bottleneck(placement="custom", targets=sites, reduction=8),
+        "ia3": IA3(targets=sites),
+    }
+    if recipe.info.get("lora_targets"):
+        found["lora"] = LoRA(r=4, alpha=8, targets=recipe.info["lora_targets"])
+    if recipe.info.get("convolutional", True):
+        found["lite_residual"] = LiteResidual(targets=sites, **recipe.info.get("lite_residual", {}))
+        if last:
+            found["lite_residual_last"] = LiteResidual(targets=last, **recipe.info.get("lite_residual", {}))
+    if last:
+        found["bottleneck_last"] = Bottleneck(placement="custom", targets=last, reduction=4)
+    return found
+
+
+def warm_head(head: nn.Module, source: nn.Module, shared: int) -> None:
+    """Copy the source head's rows for the first `shared` classes into the new head."""
+    new = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    old = [m for m in source.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        new.weight[:shared] = old.weight[:shared]
+        if new.bias is not None and old.bias is not None:
+            new.bias[:shared] = old.bias[:shared]
+
+
+def _timed_steps(step: Callable[[], None], count: int = 10) -> float:
+    times = []
+    for _ in range(count + 2):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def _step_function(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> Callable:
+    opt = torch.optim.Adam(params, lr=1e-9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def run_plain(recipe: Recipe, kind: str, *, seed: int = 0) -> dict[str, Any]:
+    """Full fine-tuning (every weight, BatchNorm updating) or the last layer only (the rest frozen)."""
+    torch.manual_seed(seed)
+    model = recipe.make_source()
+    head = new_head(model.classifier, recipe.num_labels)
+    warm_head(head, model.classifier, recipe.info.get("shared_classes", 0))
+    model.classifier = head
+    lean(model)
+    if kind == "full_ft":
+        params = list(model.parameters())
+        prepare: Callable[[], None] = model.train
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = list(head.parameters())
+        prepare = model.eval
+    for p in params:
+        p.requires_grad_(True)
+    loader = EpochLoader(*recipe.train, recipe.batch_size, seed=seed)
+    start = time.perf_counter()
+    peak, losses, _ = train_steps(model, params, loader, epochs=recipe.epochs, lr=recipe.lr, optimizer="adam",
+                                  loss_fn=F.cross_entropy, prepare=prepare)
+    seconds = time.perf_counter() - start
+    result = {"accuracy": accuracy(model, *recipe.test), "writable_bytes": peak.writable, "peak": peak.as_dict(),
+              "trainable_bytes": sum(tensor_bytes(p) for p in params), "train_seconds": seconds,
+              "final_loss": losses[-1]}
+    prepare()
+    xb, yb = next(iter(loader))
+    result["step_seconds"] = _timed_steps(_step_function(model, params, xb, yb))
+    return result
+
+
+def run_adapter(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool = False, seed: int = 0,
+                budget: int | str | None = None) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    base = recipe.make_source()
+    if int8:
+        quantize_int8(base)
+    am = adapt(base)
+    am.add(name, config, num_labels=recipe.num_labels)
+    head = am.adapter(name).head
+    if head is not None:
+        warm_head(head, base.classifier, recipe.info.get("shared_classes", 0))
+    lean(am)
+    loader = EpochLoader(*recipe.train, recipe.batch_size, seed=seed)
+    report = fit(am, name, loader, budget=budget, epochs=recipe.epochs, lr=recipe.lr)
+    am.activate(name)
+    am.eval()
+    _, flash = split_parameters(base)
+    result = {"accuracy": accuracy(am, *recipe.test), "writable_bytes": report.peak.writable,
+              "planned_bytes": report.plan.report.writable, "peak": report.peak.as_dict(),
+              "adapter_bytes": sum(tensor_bytes(t) for t in am.adapter_state_dict(name).values()),
+              "base_flash_bytes": flash, "train_seconds": report.seconds, "final_loss": report.losses[-1]}
+    params = am.train_adapter(name)
+    am.base.eval()
+    xb, yb = next(iter(loader))
+    result["step_seconds"] = _timed_steps(_step_function(am, params, xb, yb))
+    am.eval()
+    return result
+
+
+def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
+            log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Every setup on `recipe`, then the summary bench/edge.py writes for it."""
+    methods = methods if methods is not None else methods_for(recipe)
+    runs: dict[str, dict[str, Any]] = {}
+    for kind in ("full_ft", "last_layer"):
+        runs[kind] = run_plain(recipe, kind)
+        log(f"{recipe.name} {kind}: {runs[kind]['accuracy']:.3f}, {runs[kind]['writable_bytes'] / 1024:.0f} KiB")
+    for name, config in methods.items():
+        runs[name] = run_adapter(recipe, name, config)
+        log(f"{recipe.name} {name}: {runs[name]['accuracy']:.3f}, {runs[name]['writable_bytes'] / 1024:.0f} KiB")
+    full = runs["full_ft"]
+    for run in runs.values():
+        run["memory_ratio_vs_full_ft"] = full["writable_bytes"] / run["writable_bytes"]
+        run["step_time_ratio_vs_full_ft"] = run["step_seconds"] / full["step_seconds"]
+    best = best_adapter(runs, list(methods))
+    runs["int8"] = run_adapter(recipe, best, methods[best], int8=True)
+    log(f"{recipe.name} int8 + {best}: {runs['int8']['accuracy']:.3f}")
+    return {
+        "full_ft_accuracy": full["accuracy"], "last_layer_accuracy": runs["last_layer"]["accuracy"],
+        "best_adapter_accuracy": runs[best]["accuracy"], "best_adapter_method": best,
+        "memory_ratio_vs_full_ft": runs[best]["memory_ratio_vs_full_ft"],
+        "adapter_bytes": runs[best]["adapter_bytes"], "int8_accuracy": runs["int8"]["accuracy"],
+        "int8_base_flash_bytes": runs["int8"]["base_flash_bytes"],
+        "fp32_base_flash_bytes": runs[best]["base_flash_bytes"], "runs": runs,
+    }
+
+
+def best_adapter(runs: dict[str, dict[str, Any]], names: list[str], memory_ratio: float = 8.0) -> str:
+    """The most accurate adapter among those at <= 1/`memory_ratio` of full fine-tuning's writable
+    memory (the issue's target tier); the most accurate of all when none is that small."""
+    small = [n for n in names if runs[n]["memory_ratio_vs_full_ft"] >= memory_ratio]
+    pool = small or names
+    return max(pool, key=lambda n: (round(runs[n]["accuracy"], 6), -runs[n]["writable_bytes"]))
+
+
+def adapted(recipe: Recipe, name: str, config: MethodConfig) -> AdaptedModel:
+    """The recipe's source model with one new adapter (and its warm head), ready for fit."""
+    base = recipe.make_source()
+    am = adapt(base)
+    am.add(name, config, num_labels=recipe.num_labels)
+    head = am.adapter(name).head
+    if head is not None:
+        warm_head(head, base.classifier, recipe.info.get("shared_classes", 0))
+    lean(am)
+    return am

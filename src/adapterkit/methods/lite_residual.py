@@ -1,0 +1,96 @@
+"""Lite residual (Cai et al., TinyTL, NeurIPS 2020): a small branch beside a frozen conv block.
+
+    h' = f(x) + up_r( W₂ · relu( G(pool_r(x)) ) )
+
+pool_r averages x over r×r (or r) positions, G is a 3×3 (or 3-tap) group convolution with
+`group_width` channels per group, W₂ a 1×1 convolution to f's output channels (starting at zero,
+so a new branch is the identity) and up_r interpolates back to h's grid. Backward needs pool_r(x),
+which is r² times smaller than x: that is where the training memory goes down.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LiteResidual
+from ..errors import TargetError
+from .base import SiteMethod, SiteShape
+
+
+class LiteResidualAdapter(SiteMethod):
+    def __init__(self, config: LiteResidual, shape: SiteShape, dims: int) -> None:
+        super().__init__(shape)
+        cin, cout = shape.in_features, shape.out_features
+        groups = max(1, round(cin * config.expansion / config.group_width))
+        hidden = groups * config.group_width
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.dims, self.downsample = dims, config.downsample
+        self.group = conv(cin, hidden, 3, padding=1, groups=_common_groups(cin, hidden, groups), bias=False)
+        self.out = conv(hidden, cout, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    @classmethod
+    def build(cls, config: LiteResidual, shape: SiteShape, module: nn.Module, on_input: bool = False) -> SiteMethod:
+        if shape.feature_dim != 1 or shape.in_features is None or shape.kind not in ("conv", "other"):
+            raise TargetError(f"a lite residual sits beside a convolution or a conv block, not a {shape.kind} "
+                              f"({type(module).__name__})")
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
+        if not convs:
+            raise TargetError(f"a lite residual needs a Conv1d/Conv2d block, and {type(module).__name__} has none")
+        return cls(config, shape, 2 if isinstance(convs[0], nn.Conv2d) else 1)
+
+    def delta(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        pooled = _Pool.apply(x, self.downsample) if self.downsample > 1 else x
+        small = self.out(F.relu(self.group(pooled)))
+        return F.interpolate(small, size=size, mode="nearest") if small.shape[2:] != size else small
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.dims + 2:
+            raise TargetError(f"a lite residual for {self.dims}-d convolutions got an input of shape {tuple(x.shape)}")
+        return h + self.delta(x, h.shape[2:])
+
+    @classmethod
+    def stack(cls, adapters: list[LiteResidualAdapter]) -> dict:
+        return {"adapters": adapters}
+
+    @classmethod
+    def route(cls, stacked: dict, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+              shape: SiteShape) -> torch.Tensor:
+        """Each adapter runs once, on its own rows (a conv per adapter; rows of other adapters skip it)."""
+        out = h
+        for index, adapter in enumerate(stacked["adapters"]):
+            mine = torch.nonzero(rows == index).flatten()
+            if len(mine):
+                out = out.index_add(0, mine, adapter.delta(x[mine], h.shape[2:]))
+        return out
+
+
+class _Pool(torch.autograd.Function):
+    """Average over r-wide tiles (the input zero-padded to a multiple of r). Its gradient is the
+    incoming one spread evenly over each tile, which needs no saved input: PyTorch's avg_pool
+    would keep x, the very tensor the branch exists not to keep."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.shape, ctx.r = x.shape, r
+        spatial = x.shape[2:]
+        x = F.pad(x, [p for n in reversed(spatial) for p in (0, (-n) % r)])
+        return F.avg_pool2d(x, r) if x.dim() == 4 else F.avg_pool1d(x, r)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        r, shape = ctx.r, ctx.shape
+        for dim in range(2, grad.dim()):
+            grad = grad.repeat_interleave(r, dim).narrow(dim, 0, shape[dim])
+        return grad / r ** (len(shape) - 2), None
+
+
+def _common_groups(cin: int, hidden: int, groups: int) -> int:
+    """The largest group count <= `groups` that divides both channel counts."""
+    for g in range(min(groups, cin, hidden), 0, -1):
+        if cin % g == 0 and hidden % g == 0:
+            return g
+    return 1
