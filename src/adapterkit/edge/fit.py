@@ -241,7 +241,7 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
                     peak = step
                 if limit is not None and step.writable > limit:
                     raise BudgetError(f"step {steps} measured {step.describe()}, over the budget of {human(limit)}; "
-                                      f"a batch larger than the planned one? (planned at {x.shape[0]} rows)")
+                                      f"this batch has {x.shape[0]} rows; was it larger than the planned one?")
         losses.append(total / max(count, 1))
     return peak, losses, steps
 
