@@ -38,7 +38,8 @@ def methods_for(recipe: Recipe) -> dict[str, MethodConfig]:
         "ia3": IA3(targets=sites),
     }
     if recipe.info.get("lora_targets"):
-        found["lora"] = LoRA(r=4, alpha=8, targets=recipe.info["lora_targets"])
+        found["lora"] = LoRA(r=4, alpha=8, targets=recipe.info["lora_targets"],
+                             exclude=recipe.info.get("lora_exclude", []))
     if recipe.info.get("convolutional", True):
         found["lite_residual"] = LiteResidual(targets=sites, **recipe.info.get("lite_residual", {}))
         if last:
