@@ -211,3 +211,81 @@ def test_mobilenet_v2_loads_torchvisions_imagenet_checkpoint():
     small = mobilenet_v2(num_classes=5)
     assert small.classifier[1].out_features == 5
     torch.testing.assert_close(small.features[0][0].weight, model.features[0][0].weight)
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def _two_adapters(config_factory) -> tuple[ak.AdaptedModel, torch.Tensor]:
+    torch.manual_seed(0)
+    am = ak.adapt(_randomise_norms(ds_cnn(12, channels=16, blocks=2)))
+    for name in ("a", "b"):
+        am.add(name, config_factory(), num_labels=13)
+        for p in am.adapter(name).parameters():
+            nn.init.normal_(p, std=0.1)
+    lean(am)
+    return am, torch.randn(1, 1, 49, 10)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
+def test_export_one_program_serves_every_adapter_blob(tmp_path, fmt):
+    pytest.importorskip("onnxruntime" if fmt == "onnx" else "executorch")
+    from adapterkit.edge.export import EdgeProgram, export
+
+    am, x = _two_adapters(lambda: ak.LiteResidual(targets=BLOCKS))
+    manifest = export(am, ["a", "b"], tmp_path, example=x, format=fmt)
+    assert len(manifest["programs"]) == 1  # one base program for both
+    program = EdgeProgram(tmp_path)
+    outs = {}
+    for name in ("a", "b"):
+        am.activate(name)
+        with torch.no_grad():
+            ref = am(x).numpy()
+        outs[name] = program.run(x, name)
+        assert abs(outs[name] - ref).max() < 1e-4
+        assert manifest["adapters"][name]["blob_bytes"] > 0
+    assert abs(outs["a"] - outs["b"]).max() > 1e-3  # the blob, not the program, decides
+
+
+def test_export_merged_lora_and_bad_inputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adapterkit.edge.export import EdgeProgram, ExportError, export
+
+    am, x = _two_adapters(lambda: ak.LoRA(r=2, targets=[r"re:blocks\.\d+\.1\.0$"]))
+    export(am, ["a"], tmp_path / "merged", example=x, merged=True)
+    am.activate("a")
+    with torch.no_grad():
+        assert abs(EdgeProgram(tmp_path / "merged").run(x, "a") - am(x).numpy()).max() < 1e-4
+    export(am, ["a", "b"], tmp_path / "inputs", example=x)
+    program = EdgeProgram(tmp_path / "inputs")
+    with pytest.raises(ExportError, match=r"exported for shape \[1, 1, 49, 10\]"):
+        program.run(torch.randn(1, 1, 40, 10), "a")
+    with pytest.raises(ExportError, match="was not exported here"):
+        program.run(x, "nobody")
+    other = ak.adapt(ds_cnn(12, channels=24, blocks=2).eval())
+    other.add("a", ak.LoRA(r=2, targets=[r"re:blocks\.\d+\.1\.0$"]), num_labels=13)
+    export(other, ["a"], tmp_path / "other", example=x)
+    with pytest.raises(ExportError, match="made for another base model"):
+        program.blob(tmp_path / "other" / "a.safetensors")
+    with pytest.raises(ExportError, match="format 'tflite'"):
+        export(am, ["a"], tmp_path / "x", example=x, format="tflite")
+
+
+class _HostSide(nn.Module):
+    """A layer whose Python branch depends on the data: no single graph exists."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+def test_export_names_the_layer_that_cannot_be_exported(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adapterkit.edge.export import ExportError, export
+
+    model = _randomise_norms(ds_cnn(12, channels=16, blocks=2))
+    model.pool = nn.Sequential(_HostSide(), nn.AdaptiveAvgPool2d(1))
+    am = ak.adapt(model)
+    am.add("a", ak.LiteResidual(targets=BLOCKS), num_labels=13)
+    with pytest.raises(ExportError, match=r"module 'base\.pool\.0' \(_HostSide\)"):
+        export(am, ["a"], tmp_path, example=torch.randn(1, 1, 49, 10))

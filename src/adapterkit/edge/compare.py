@@ -27,6 +27,8 @@ from .memory import split_parameters, tensor_bytes
 from .quant import quantize_int8
 from .recipe import EpochLoader, Recipe, accuracy
 
+FULL_FT_LR_FACTORS = (1.0, 1 / 3, 1 / 10)
+
 
 def methods_for(recipe: Recipe) -> dict[str, MethodConfig]:
     """The adapter methods compared on a recipe, all at the recipe's adapter sites."""
@@ -79,8 +81,9 @@ def _step_function(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor
     return step
 
 
-def run_plain(recipe: Recipe, kind: str, *, seed: int = 0) -> dict[str, Any]:
+def run_plain(recipe: Recipe, kind: str, *, seed: int = 0, lr: float | None = None) -> dict[str, Any]:
     """Full fine-tuning (every weight, BatchNorm updating) or the last layer only (the rest frozen)."""
+    lr = recipe.lr if lr is None else lr
     torch.manual_seed(seed)
     model = recipe.make_source()
     head = new_head(model.classifier, recipe.num_labels)
@@ -99,12 +102,12 @@ def run_plain(recipe: Recipe, kind: str, *, seed: int = 0) -> dict[str, Any]:
         p.requires_grad_(True)
     loader = EpochLoader(*recipe.train, recipe.batch_size, seed=seed)
     start = time.perf_counter()
-    peak, losses, _ = train_steps(model, params, loader, epochs=recipe.epochs, lr=recipe.lr, optimizer="adam",
+    peak, losses, _ = train_steps(model, params, loader, epochs=recipe.epochs, lr=lr, optimizer="adam",
                                   loss_fn=F.cross_entropy, prepare=prepare)
     seconds = time.perf_counter() - start
     result = {"accuracy": accuracy(model, *recipe.test), "writable_bytes": peak.writable, "peak": peak.as_dict(),
               "trainable_bytes": sum(tensor_bytes(p) for p in params), "train_seconds": seconds,
-              "final_loss": losses[-1]}
+              "final_loss": losses[-1], "lr": lr}
     prepare()
     xb, yb = next(iter(loader))
     result["step_seconds"] = _timed_steps(_step_function(model, params, xb, yb))
@@ -145,8 +148,13 @@ def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
     """Every setup on `recipe`, then the summary bench/edge.py writes for it."""
     methods = methods if methods is not None else methods_for(recipe)
     runs: dict[str, dict[str, Any]] = {}
+    # full fine-tuning gets the best of three learning rates (chosen on the test set: a choice that
+    # can only flatter the baseline the adapters are measured against)
+    tries = [run_plain(recipe, "full_ft", lr=recipe.lr * f) for f in FULL_FT_LR_FACTORS]
+    runs["full_ft"] = max(tries, key=lambda r: r["accuracy"])
+    runs["full_ft"]["lr_tried"] = {str(t["lr"]): t["accuracy"] for t in tries}
+    runs["last_layer"] = run_plain(recipe, "last_layer")
     for kind in ("full_ft", "last_layer"):
-        runs[kind] = run_plain(recipe, kind)
         log(f"{recipe.name} {kind}: {runs[kind]['accuracy']:.3f}, {runs[kind]['writable_bytes'] / 1024:.0f} KiB")
     for name, config in methods.items():
         runs[name] = run_adapter(recipe, name, config)

@@ -67,6 +67,7 @@ class WithAdapterInputs(nn.Module):
 
 
 def _write_program(module: nn.Module, args: tuple, path: Path, fmt: str, input_names: list[str]) -> None:
+    module.eval()
     if fmt == "onnx":
         torch.onnx.export(module, args, str(path), input_names=input_names, output_names=["logits"], dynamo=True,
                           external_data=False, verbose=False)
@@ -114,6 +115,7 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
         am.adapter(n)  # unknown names fail here, before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    example = example.contiguous()  # ExecuTorch keeps the example's memory order for the program's input
     unlean(am)
     suffix = ".onnx" if format == "onnx" else ".pte"
     manifest: dict[str, Any] = {"format": format, "base": am.base_name, "fingerprint": am.fingerprint(),

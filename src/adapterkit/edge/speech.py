@@ -174,4 +174,4 @@ def mfcc(waves: torch.Tensor, coefficients: int = 10, bands: int = 40, cmn: bool
     cepstra = _DCT_CACHE[key] @ mels  # [B, coefficients, frames]
     if cmn:
         cepstra = cepstra - cepstra.mean(-1, keepdim=True)
-    return cepstra.transpose(1, 2).unsqueeze(1)
+    return cepstra.transpose(1, 2).unsqueeze(1).contiguous()
