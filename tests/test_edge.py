@@ -289,3 +289,25 @@ def test_export_names_the_layer_that_cannot_be_exported(tmp_path):
     am.add("a", ak.LiteResidual(targets=BLOCKS), num_labels=13)
     with pytest.raises(ExportError, match=r"module 'base\.pool\.0' \(_HostSide\)"):
         export(am, ["a"], tmp_path, example=torch.randn(1, 1, 49, 10))
+
+
+def test_torchao_int8_linear_base_counts_stored_bytes_and_trains_lora():
+    pytest.importorskip("torchao")
+    from adapterkit.edge.memory import split_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 64)
+    reference = model(x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fp32_flash = split_parameters(model)[1]
+    assert quantize_int8(model, skip=("4",), linear="torchao") == 2
+    assert (model(x) - reference).abs().max() < 0.02
+    int8_flash = split_parameters(model)[1]
+    weights = 64 * 128 * 2
+    assert fp32_flash - int8_flash >= weights * 3 - 2 * 128 * 4  # 4 bytes -> 1 per weight, fp32 scales added
+    am = ak.adapt(model, head=None)
+    am.add("a", ak.LoRA(r=4, targets=["0", "2"]))
+    report = fit(am, "a", EpochLoader(x, torch.arange(4), 4), epochs=3, lr=1e-2)
+    assert report.losses[-1] < report.losses[0]

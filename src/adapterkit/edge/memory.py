@@ -87,12 +87,20 @@ class MemoryReport:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes as stored: a tensor subclass (torchao's int8 weights) by the tensors it holds inside."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.nbytes()
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (torchao) has no storage of its own
+        return id(t), tensor_bytes(t)
 
 
 class Meter:
