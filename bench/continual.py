@@ -1,6 +1,6 @@
 """Continual learning: per-task adapters against the usual baselines, on one stream per domain.
 
-    python bench/continual.py            # vision (Split-MNIST, ~70 s) and text (~13 min) on 2 CPU cores
+    python bench/continual.py            # vision (Split-MNIST, ~70 s), text (~17 min), sensor (~2 min), 2 cores
     python bench/continual.py --quick    # smoke run: fewer examples and epochs
     python bench/continual.py --streams text
 
@@ -51,15 +51,20 @@ def keys(r: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--streams", nargs="+", default=["split-mnist", "text"], choices=["split-mnist", "text"])
+    parser.add_argument("--streams", nargs="+", default=["split-mnist", "text", "sensor"],
+                        choices=["split-mnist", "text", "sensor"],
+                        help="streams to run; the others keep their results from the last run in the JSON")
     args = parser.parse_args()
     torch.set_num_threads(2)
     RESULTS.mkdir(exist_ok=True)
-    key = {"split-mnist": "vision", "text": "text"}
+    key = {"split-mnist": "vision", "text": "text", "sensor": "sensor"}
     detail = {key[s]: run_stream(s, quick=args.quick, plots=RESULTS) for s in args.streams}
     summary = {name: keys(r) for name, r in detail.items()}
-    out = {**summary, "detail": detail, "quick": args.quick}
-    (RESULTS / "continual.json").write_text(json.dumps(out, indent=2))
+    path = RESULTS / "continual.json"
+    previous = json.loads(path.read_text()) if path.exists() and not args.quick else {}
+    kept = {k: previous[k] for k in key.values() if k in previous and k not in summary}
+    out = {**kept, **summary, "detail": {**previous.get("detail", {}), **detail}, "quick": args.quick}
+    path.write_text(json.dumps(out, indent=2))
     print(json.dumps(summary, indent=2))
 
 

@@ -309,3 +309,17 @@ def test_shared_baselines_train_each_example_on_its_own_tasks_columns(mnist):
                        F.cross_entropy(logits[1:2, 4:6], torch.tensor([0]))]).mean()
     torch.testing.assert_close(multi._loss(logits, y), own)
     torch.testing.assert_close(single._loss(logits, y), F.cross_entropy(logits, y))
+
+
+@pytest.mark.slow
+def test_sensor_stream_drifts_and_adapters_do_not_forget():
+    from adapterkit.continual.run import run_stream, sensor_stream
+
+    stream = sensor_stream(per_class=4, test_per_class=4)
+    assert [t.name for t in stream] == ["month-1", "month-2", "month-3", "month-4"]
+    assert stream[0].labels[0] == "month-1:normal" and len(stream.classes) == 16
+    result = run_stream("sensor", quick=True, baselines=("naive",), log=lambda line: None)
+    adapters = result["adapters"]
+    assert adapters["bwt"] == 0.0 and adapters["first_task_logits_identical"]
+    assert 0.0 <= adapters["task_free_prototype"]["routing_accuracy"] <= 1.0
+    assert result["naive"]["matrix"][-1] is not None

@@ -221,7 +221,7 @@ app.add_typer(continual_app, name="continual")
 @continual_app.command("run")
 @clear_errors
 def continual_run(
-    tasks: Annotated[str, typer.Option(help="Task stream: split-mnist | text (four domains on MiniLM)")] = "split-mnist",
+    tasks: Annotated[str, typer.Option(help="Task stream: split-mnist | text (four domains on MiniLM) | sensor (a drifting vibration sensor)")] = "split-mnist",
     out: Annotated[str, typer.Option(help="Folder for results.json and the heat maps of R")] = "runs/continual",
     epochs: Annotated[int | None, typer.Option(help="Epochs per task (default 5; --quick 2)")] = None,
     baselines: Annotated[list[str] | None, typer.Option(

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import LoRA, MethodConfig
 from ..model import adapt
 from .baselines import SharedLearner
-from .data import ContinualError, Encoder, TaskStream, split_mnist, tensor_encoder, text_encoder
+from .data import ContinualError, Encoder, Split, Task, TaskStream, split_mnist, tensor_encoder, text_encoder
 from .learner import Learner
 from .metrics import plot_matrix, summarize
 from .vision import DigitNet, pretrained_digitnet
@@ -135,7 +135,58 @@ def text_setup(quick: bool = False) -> StreamSetup:
                        {"epochs": 1 if quick else 5, "lr": 2e-3, "batch_size": 32, "seed": 0}, full_lr=5e-5)
 
 
-STREAMS: dict[str, Callable[[bool], StreamSetup]] = {"split-mnist": vision_setup, "text": text_setup}
+def drifting_machine(month: int):
+    """The site's machine `month` months on: its mounting loosens (resonances fall, ring longer) and
+    the surroundings get noisier. Month 0 is the lab."""
+    from ..edge.vibration import Machine
+
+    return Machine(speed_hz=(24, 36), resonances_hz=tuple(f * (1 - 0.07 * month) for f in (3_000.0, 4_500.0, 5_400.0)),
+                   damping=0.05 + 0.012 * month, noise=0.15 + 0.06 * month, mount_gain_db=(0, -4, -8 - month))
+
+
+def sensor_stream(per_class: int = 40, test_per_class: int = 40, months: int = 4, seed: int = 0) -> TaskStream:
+    """A vibration sensor over time (continual/edge's bearing generator): each month is a task with
+    the same four conditions, heard through the machine as it is then (labels 'month-k:condition')."""
+    import numpy as np
+
+    from ..edge.vibration import CLASSES, bearing_set
+
+    rng = np.random.default_rng(seed + 1)
+    tasks = []
+    for month in range(1, months + 1):
+        machine = drifting_machine(month)
+        x, y = bearing_set(machine, per_class, rng)
+        xe, ye = bearing_set(machine, test_per_class, rng)
+        tasks.append(Task(f"month-{month}", [f"month-{month}:{c}" for c in CLASSES], Split(x, y), Split(xe, ye)))
+    return TaskStream(tasks, name="sensor")
+
+
+def sensor_setup(quick: bool = False) -> StreamSetup:
+    """A 1-D CNN pre-trained on lab bearings, then a site's machine drifting month by month; LoRA on
+    every convolution."""
+    import numpy as np
+
+    from ..edge.backbones import cnn1d
+    from ..edge.recipe import pretrain
+    from ..edge.vibration import CLASSES, LAB, bearing_set
+
+    rng = np.random.default_rng(0)
+    xs, ys = bearing_set(LAB, 60 if quick else 250, rng)
+    base = pretrain(cnn1d(len(CLASSES)), xs, ys, epochs=5 if quick else 15, lr=3e-3, seed=0)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def make_base() -> nn.Module:
+        model = cnn1d(len(CLASSES))
+        model.load_state_dict(state)
+        return model.eval()
+
+    stream = sensor_stream(per_class=15 if quick else 40, test_per_class=15 if quick else 40)
+    return StreamSetup(make_base, stream, LoRA(r=4, alpha=8, targets=["Conv1d"]), "classifier", tensor_encoder, None,
+                       {"epochs": 3 if quick else 15, "lr": 3e-3, "batch_size": 16, "seed": 0}, full_lr=1e-3)
+
+
+STREAMS: dict[str, Callable[[bool], StreamSetup]] = {"split-mnist": vision_setup, "text": text_setup,
+                                                     "sensor": sensor_setup}
 
 
 def run_stream(stream: str = "split-mnist", *, quick: bool = False, epochs: int | None = None,

@@ -172,6 +172,10 @@ def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
         "memory_ratio_vs_full_ft": runs[best]["memory_ratio_vs_full_ft"],
         "adapter_bytes": runs[best]["adapter_bytes"], "int8_accuracy": runs["int8"]["accuracy"],
         "int8_base_flash_bytes": runs["int8"]["base_flash_bytes"],
+        # the floor: any setup needs at least the frozen forward's working set, so no method can keep
+        # less than this fraction of what full fine-tuning keeps
+        "working_set_floor_ratio": full["writable_bytes"] / full["peak"]["working"],
+        "best_within_1_point": max(runs[n]["accuracy"] for n in methods) >= full["accuracy"] - 0.01,
         "fp32_base_flash_bytes": runs[best]["base_flash_bytes"], "runs": runs,
     }
 
