@@ -100,7 +100,7 @@ def camera_recipe(*, quick: bool = False, seed: int = 0, shots: int = 8) -> Reci
                   epochs=6 if quick else 15, lr=3e-3,
                   info={"labels": list(FINDINGS), "shots": shots, "shared_classes": len(FINDINGS),
                         "source_examples": len(ys), "last_block_targets": r"re:features\.(1[4-7])$",
-                        "bitfit_targets": ["Conv2d"], "lora_targets": ["Conv2d"],
+                        "bitfit_targets": ["BatchNorm2d"], "lora_targets": ["Conv2d"],
                         # LoRA on the 1×1 convolutions of the blocks: not the depthwise ones, stem or last conv
                         "lora_exclude": [r"conv\.1\.0$", r"^features\.1\.conv\.0\.0$", r"^features\.(0|18)\."],
                         "lite_residual": {"group_width": 8, "expansion": 0.5}})

@@ -31,7 +31,8 @@ FULL_FT_LR_FACTORS = (1.0, 1 / 3, 1 / 10)
 
 
 def methods_for(recipe: Recipe) -> dict[str, MethodConfig]:
-    """The adapter methods compared on a recipe, all at the recipe's adapter sites."""
+    """The adapter methods compared on a recipe, all at the recipe's adapter sites (BitFit: a bias
+    delta after every BatchNorm, as the frozen network's biases sit there)."""
     sites = recipe.adapter_targets
     last = recipe.info.get("last_block_targets")
     found: dict[str, MethodConfig] = {

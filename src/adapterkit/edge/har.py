@@ -108,7 +108,7 @@ def har_recipe(*, quick: bool = False, seed: int = 0, shots: int = 4) -> Recipe:
                   len(ACTIVITIES), adapter_targets=r"re:blocks\.\d+$", batch_size=6, epochs=12 if quick else 25,
                   lr=3e-3, info={"labels": list(ACTIVITIES), "source_users": len(users), "shots": shots,
                                  "shared_classes": len(ACTIVITIES), "last_block_targets": r"re:blocks\.3$",
-                                 "lora_targets": [r"re:blocks\.\d+\.net\.[03]$"], "bitfit_targets": ["Conv1d"]})
+                                 "lora_targets": [r"re:blocks\.\d+\.net\.[03]$"], "bitfit_targets": ["BatchNorm1d"]})
 
 
 # --- BasicMotions, read from the aeon wheel ----------------------------------------------------

@@ -79,6 +79,6 @@ def kws_recipe(*, quick: bool = False, seed: int = 0, shots: int = 8) -> Recipe:
                   info={"labels": list(TARGET_LABELS), "source_examples": len(ys), "source_speakers": len(speakers),
                         "target_speaker": TARGET_SPEAKER.voice, "shots": shots, "shared_classes": len(SOURCE_LABELS),
                         "last_block_targets": r"re:blocks\.3$", "lora_targets": [r"re:blocks\.\d+\.1\.0$"],
-                        "bitfit_targets": ["Conv2d"],
+                        "bitfit_targets": ["BatchNorm2d"],
                         # DS-CNN's blocks are narrow (64 channels): a branch of 16 channels in 4 groups
                         "lite_residual": {"group_width": 4, "expansion": 0.25}})

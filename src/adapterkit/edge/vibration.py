@@ -104,4 +104,4 @@ def vibration_recipe(*, quick: bool = False, seed: int = 0, shots: int = 10) -> 
                   len(CLASSES), adapter_targets=r"re:blocks\.\d+$", batch_size=8, epochs=10 if quick else 25,
                   lr=3e-3, info={"labels": list(CLASSES), "source_examples": len(ys), "shots": shots,
                                  "shared_classes": len(CLASSES), "last_block_targets": r"re:blocks\.3$",
-                                 "lora_targets": [r"re:blocks\.\d+\.0$"], "bitfit_targets": ["Conv1d"]})
+                                 "lora_targets": [r"re:blocks\.\d+\.0$"], "bitfit_targets": ["BatchNorm1d"]})

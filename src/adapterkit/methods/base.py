@@ -53,7 +53,8 @@ class SiteShape:
                 f"module {name!r} ({type(module).__name__}): cannot tell its output width; "
                 "target a Linear/Conv/Embedding/LSTM/GRU module or a block ending in one"
             )
-        conv_like = any(isinstance(m, nn.modules.conv._ConvNd | nn.BatchNorm2d) for m in module.modules())
+        # features at dim 1: convolutions, and every BatchNorm (also BatchNorm1d on [B, C] or [B, C, T])
+        conv_like = any(isinstance(m, nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm) for m in module.modules())
         return SiteShape("other", _input_width(module), width, feature_dim=1 if conv_like else -1)
 
 
