@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,14 @@ class StreamSetup:
     route_features: list[str] | None
     settings: dict[str, Any]  # epochs, lr, batch_size, seed
     full_lr: float  # naive full fine-tuning
+    learner_options: dict[str, Any] = field(default_factory=dict)  # the adapters' Learner only
 
 
 def run_adapters(setup: StreamSetup) -> dict:
     stream = setup.stream
     am = adapt(setup.make_base(), head=setup.head)
-    learner = Learner(am, setup.method, encode=setup.encode, route_features=setup.route_features, **setup.settings)
+    learner = Learner(am, setup.method, encode=setup.encode, route_features=setup.route_features, **setup.settings,
+                      **setup.learner_options)
     matrix = []
     start = time.perf_counter()
     first, first_logits = stream[0], None
@@ -182,7 +184,9 @@ def sensor_setup(quick: bool = False) -> StreamSetup:
 
     stream = sensor_stream(per_class=15 if quick else 40, test_per_class=15 if quick else 40)
     return StreamSetup(make_base, stream, LoRA(r=4, alpha=8, targets=["Conv1d"]), "classifier", tensor_encoder, None,
-                       {"epochs": 3 if quick else 15, "lr": 3e-3, "batch_size": 16, "seed": 0}, full_lr=1e-3)
+                       {"epochs": 3 if quick else 15, "lr": 3e-3, "batch_size": 16, "seed": 0}, full_lr=1e-3,
+                       # a drifting machine: each month starts from the adapter of the month most like it
+                       learner_options={"init_from_similar": True})
 
 
 STREAMS: dict[str, Callable[[bool], StreamSetup]] = {"split-mnist": vision_setup, "text": text_setup,
