@@ -118,15 +118,8 @@ def run_plain(recipe: Recipe, kind: str, *, seed: int = 0, lr: float | None = No
 def run_adapter(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool = False, seed: int = 0,
                 budget: int | str | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
-    base = recipe.make_source()
-    if int8:
-        quantize_int8(base)
-    am = adapt(base)
-    am.add(name, config, num_labels=recipe.num_labels)
-    head = am.adapter(name).head
-    if head is not None:
-        warm_head(head, base.classifier, recipe.info.get("shared_classes", 0))
-    lean(am)
+    am = adapted(recipe, name, config, int8=int8)
+    base = am.base
     loader = EpochLoader(*recipe.train, recipe.batch_size, seed=seed)
     report = fit(am, name, loader, budget=budget, epochs=recipe.epochs, lr=recipe.lr)
     am.activate(name)
@@ -189,9 +182,12 @@ def best_adapter(runs: dict[str, dict[str, Any]], names: list[str], memory_ratio
     return max(pool, key=lambda n: (round(runs[n]["accuracy"], 6), -runs[n]["writable_bytes"]))
 
 
-def adapted(recipe: Recipe, name: str, config: MethodConfig) -> AdaptedModel:
-    """The recipe's source model with one new adapter (and its warm head), ready for fit."""
+def adapted(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool = False) -> AdaptedModel:
+    """The recipe's source model (int8: its base quantized) with one new adapter and its warm head,
+    on the lean frozen path, ready for fit."""
     base = recipe.make_source()
+    if int8:
+        quantize_int8(base)
     am = adapt(base)
     am.add(name, config, num_labels=recipe.num_labels)
     head = am.adapter(name).head
