@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import MethodConfig
 from ..model import AdaptedModel
@@ -183,7 +184,7 @@ class Learner:
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         if self.route_features:
             hooks = [self.am.base.get_submodule(n).register_forward_hook(
-                lambda _m, _a, out, n=n: seen[n].append(_pooled(logits_of(out)))) for n in names]
+                lambda m, _a, out, n=n: seen[n].append(_pooled(logits_of(out), _over_time(m)))) for n in names]
         else:
             hooks = [self.am.base.get_submodule(names[0]).register_forward_pre_hook(
                 lambda _m, args: seen[names[0]].append(_pooled(args[0])))]
@@ -310,11 +311,17 @@ class Learner:
         return right / max(1, total)
 
 
-def _pooled(t: torch.Tensor) -> torch.Tensor:
-    """One feature vector per row: feature maps pooled to a 2x2 grid, token sequences at their first position."""
+def _over_time(module: nn.Module) -> bool:
+    """Whether a module's 3-d output is [rows, channels, time] (1-d convolutions), not [rows, tokens, features]."""
+    return any(isinstance(m, nn.Conv1d | nn.BatchNorm1d) for m in module.modules())
+
+
+def _pooled(t: torch.Tensor, over_time: bool = False) -> torch.Tensor:
+    """One feature vector per row: feature maps pooled to a 2x2 grid, 1-d convolution outputs to two
+    halves of their time axis, token sequences at their first position."""
     t = t.detach().float()
     if t.dim() == 4:
         return F.adaptive_avg_pool2d(t, 2).flatten(1)
     if t.dim() == 3:
-        return t[:, 0]
+        return F.adaptive_avg_pool1d(t, 2).flatten(1) if over_time else t[:, 0]
     return t.flatten(1)

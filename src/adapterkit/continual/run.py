@@ -174,7 +174,7 @@ def sensor_setup(quick: bool = False) -> StreamSetup:
 
     rng = np.random.default_rng(0)
     xs, ys = bearing_set(LAB, 60 if quick else 250, rng)
-    base = pretrain(cnn1d(len(CLASSES)), xs, ys, epochs=5 if quick else 15, lr=3e-3, seed=0)
+    base = pretrain(lambda: cnn1d(len(CLASSES)), xs, ys, epochs=5 if quick else 15, lr=3e-3, seed=0)
     state = {k: v.clone() for k, v in base.state_dict().items()}
 
     def make_base() -> nn.Module:
@@ -183,7 +183,8 @@ def sensor_setup(quick: bool = False) -> StreamSetup:
         return model.eval()
 
     stream = sensor_stream(per_class=15 if quick else 40, test_per_class=15 if quick else 40)
-    return StreamSetup(make_base, stream, LoRA(r=4, alpha=8, targets=["Conv1d"]), "classifier", tensor_encoder, None,
+    return StreamSetup(make_base, stream, LoRA(r=4, alpha=8, targets=["Conv1d"]), "classifier", tensor_encoder,
+                       ["blocks.0", "blocks.1", "blocks.2", "blocks.3"],
                        {"epochs": 3 if quick else 15, "lr": 3e-3, "batch_size": 16, "seed": 0}, full_lr=1e-3,
                        # a drifting machine: each month starts from the adapter of the month most like it
                        learner_options={"init_from_similar": True})

@@ -89,7 +89,7 @@ def camera_recipe(*, quick: bool = False, seed: int = 0, shots: int = 8) -> Reci
     model = mobilenet_v2(num_classes=len(FINDINGS)).eval()
     with torch.no_grad():  # the source head is trained on the frozen ImageNet features
         feats = torch.cat([model.features(xs[i:i + 64]).mean((2, 3)) for i in range(0, len(xs), 64)])
-    head = pretrain(torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(1280, len(FINDINGS))), feats, ys,
+    head = pretrain(lambda: torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(1280, len(FINDINGS))), feats, ys,
                     epochs=30 if quick else 60, lr=1e-2, seed=seed)
     model.classifier.load_state_dict(head.state_dict())
     xt, yt = surfaces(*TARGET_MACHINE, shots, rng)

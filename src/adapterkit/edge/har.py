@@ -101,7 +101,7 @@ def har_recipe(*, quick: bool = False, seed: int = 0, shots: int = 4) -> Recipe:
     rng = np.random.default_rng(seed)
     users = [random_user(rng) for _ in range(20)]
     xs, ys = imu_set(users, 60 if quick else 200, rng)
-    source = pretrain(tcn(6, len(ACTIVITIES)), xs, ys, epochs=5 if quick else 12, lr=3e-3, seed=seed)
+    source = pretrain(lambda: tcn(6, len(ACTIVITIES)), xs, ys, epochs=5 if quick else 12, lr=3e-3, seed=seed)
     xt, yt = imu_set([TARGET_USER], shots, rng)
     xe, ye = imu_set([TARGET_USER], 20 if quick else 60, rng)
     return Recipe("har", frozen_copy(source.state_dict(), lambda: tcn(6, len(ACTIVITIES))), (xt, yt), (xe, ye),
@@ -159,7 +159,7 @@ def basic_motions_recipe(*, quick: bool = False, seed: int = 0, shots: int = 3) 
     y_train = torch.tensor([labels.index(v) for v in l_train])
     y_test = torch.tensor([labels.index(v) for v in l_test])
     known = y_train < len(MOTIONS_SOURCE)
-    source = pretrain(lstm(6, len(MOTIONS_SOURCE), hidden=32), prepare(x_train[known]), y_train[known],
+    source = pretrain(lambda: lstm(6, len(MOTIONS_SOURCE), hidden=32), prepare(x_train[known]), y_train[known],
                       epochs=40 if quick else 100, lr=1e-2, batch_size=8, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     new = torch.nonzero(~known).flatten()

@@ -70,7 +70,7 @@ def kws_recipe(*, quick: bool = False, seed: int = 0, shots: int = 8) -> Recipe:
     xs, ys = utterances(SOURCE_LABELS, 40 if quick else 150, speakers, None, rng)
     mean, std = xs.mean(dim=(0, 2), keepdim=True)[0], xs.std(dim=(0, 2), keepdim=True)[0] + 1e-5
     xs = normalise(xs, mean, std)
-    source = pretrain(ds_cnn(len(SOURCE_LABELS)), xs, ys, epochs=6 if quick else 20, lr=3e-3, seed=seed)
+    source = pretrain(lambda: ds_cnn(len(SOURCE_LABELS)), xs, ys, epochs=6 if quick else 20, lr=3e-3, seed=seed)
     xt, yt = utterances(TARGET_LABELS, shots, None, TARGET_CHANNEL, rng, fixed=TARGET_SPEAKER)
     xe, ye = utterances(TARGET_LABELS, 10 if quick else 30, None, TARGET_CHANNEL, rng, fixed=TARGET_SPEAKER)
     return Recipe("kws", frozen_copy(source.state_dict(), lambda: ds_cnn(len(SOURCE_LABELS))),

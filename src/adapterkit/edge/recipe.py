@@ -62,10 +62,12 @@ class EpochLoader:
         return max(1, len(self.y) // self.batch_size)
 
 
-def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 3e-3,
+def pretrain(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 3e-3,
              batch_size: int = 32, seed: int = 0) -> nn.Module:
-    """Train every weight of `model` on the source domain; return it frozen-ready, in eval mode."""
+    """Build a model and train every weight on the source domain; return it in eval mode. The seed
+    is set before `build`, so the initial weights are the same in every run."""
     torch.manual_seed(seed)
+    model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * max(1, len(y) // batch_size))
     model.train()

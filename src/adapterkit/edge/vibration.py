@@ -97,7 +97,7 @@ def vibration_recipe(*, quick: bool = False, seed: int = 0, shots: int = 10) -> 
     """A 1-D CNN trained on lab signals; the target is the same four conditions at the site."""
     rng = np.random.default_rng(seed)
     xs, ys = bearing_set(LAB, 60 if quick else 250, rng)
-    source = pretrain(cnn1d(len(CLASSES)), xs, ys, epochs=5 if quick else 15, lr=3e-3, seed=seed)
+    source = pretrain(lambda: cnn1d(len(CLASSES)), xs, ys, epochs=5 if quick else 15, lr=3e-3, seed=seed)
     xt, yt = bearing_set(SITE, shots, rng)
     xe, ye = bearing_set(SITE, 15 if quick else 60, rng)
     return Recipe("vibration", frozen_copy(source.state_dict(), lambda: cnn1d(len(CLASSES))), (xt, yt), (xe, ye),
