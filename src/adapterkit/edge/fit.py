@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BitFit, MethodConfig
+from ..config import BitFit, LiteResidual, MethodConfig
 from ..heads import head_width
 from ..model import AdaptedModel
 from .memory import (
@@ -145,8 +145,8 @@ def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn
             break
     if not isinstance(record.config, BitFit):
         add("BitFit only", lambda b: _plan_temporary(am, BitFit(), record.head, b, loss_fn, optimizer))
-    lite = _lite_residual_config()
-    if lite is not None and type(record.config) is not type(lite):
+    lite = LiteResidual()
+    if not isinstance(record.config, LiteResidual):
         add(f"a lite residual branch ({lite})",
             lambda b: _plan_temporary(am, lite, record.head, b, loss_fn, optimizer))
     return found
@@ -162,14 +162,6 @@ def _largest_fitting_batch(batch: Batch, writable_at: Callable[[Batch], int], li
             return size, writable
         size //= 2
     return None
-
-
-def _lite_residual_config() -> MethodConfig | None:
-    try:
-        from ..config import LiteResidual
-    except ImportError:  # pragma: no cover - the method is optional for plans
-        return None
-    return LiteResidual()
 
 
 def _plan_temporary(am: AdaptedModel, config: MethodConfig, head: nn.Module | None, batch: Batch,
