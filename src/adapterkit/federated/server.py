@@ -1,0 +1,243 @@
+"""The server: strategies that check every reply, aggregate adapters, and checkpoint each round.
+
+    Guarded(strategy)       drops a reply that errs, comes from another base (fingerprint), has
+                            other tensor names or shapes, non-finite values or no positive example
+                            count, naming the client and why; skips a round with fewer than
+                            `min_available` good replies; saves the aggregate every round and
+                            resumes from the last one.
+    AdapterFedAvg(FedProx)  FedAvg weighted by examples (FedProx's μ goes to the clients), or a
+                            LoRA-exact rule (aggregate.py: "ffa", "svd").
+
+Differential privacy wraps AdapterFedAvg in Flower's fixed-clipping wrappers, inside Guarded, so a
+malformed reply never reaches the clipping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedProx, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+from safetensors.torch import load_file, save_file
+
+from ..model import AdaptedModel
+from .aggregate import aggregate
+from .records import ADAPTER, Participant, check_arrays
+
+
+class AdapterFedAvg(FedProx):
+    """FedAvg/FedProx whose aggregation is `rule` over the replies' travelling tensors."""
+
+    def __init__(self, rule: str = "fedavg", *, lr: float | None = None, local_epochs: int | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rule, self.lr, self.local_epochs = rule, lr, local_epochs
+        self.last_stats: dict[str, float] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        if self.lr is not None:
+            config["lr"] = self.lr
+        if self.local_epochs is not None:
+            config["local-epochs"] = self.local_epochs
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [m for m in replies if not m.has_error()]
+        if not replies:
+            return None, None
+        contents = [m.content for m in replies]
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        tensors = [c["arrays"].to_torch_state_dict() for c in contents]
+        out, stats = aggregate(self.rule, tensors, weights)
+        self.last_stats = stats
+        metrics = aggregate_metricrecords(contents, self.weighted_by_key)
+        for key, value in stats.items():
+            metrics[key] = value
+        return ArrayRecord({k: Array(v.numpy()) for k, v in out.items()}), metrics
+
+
+@dataclass
+class Dropped:
+    round: int
+    node_id: int
+    partition_id: int | None
+    reason: str
+
+
+class Checkpoints:
+    """`round-NNNN.safetensors` (an adapter file, or the full model's tensors) plus `state.json`."""
+
+    def __init__(self, folder: str | Path, part: Participant) -> None:
+        self.folder, self.part = Path(folder), part
+
+    def save(self, server_round: int, arrays: ArrayRecord, history: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.part.load(arrays)
+        path = self.folder / f"round-{server_round:04d}.safetensors"
+        if isinstance(self.part.model, AdaptedModel):
+            self.part.model.adapter(ADAPTER).meta["federated_round"] = server_round
+            self.part.model.save(ADAPTER, str(path))
+        else:
+            save_file({k: v.contiguous() for k, v in self.part.tensors().items()}, str(path))
+        state = {"round": server_round, "file": path.name, "fingerprint": self.part.fingerprint, "history": history}
+        tmp = self.folder / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.folder / "state.json")  # the pointer moves only once the file is whole
+        return path
+
+    def latest(self) -> tuple[int, ArrayRecord, dict[str, Any]] | None:
+        """(round, arrays, history) of the last checkpoint, or None when there is none."""
+        state_path = self.folder / "state.json"
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        if state.get("fingerprint") != self.part.fingerprint:
+            raise ValueError(f"{state_path}: checkpoint made for fingerprint {state.get('fingerprint')!r}, "
+                             f"this model is {self.part.fingerprint!r}; refusing to resume from it")
+        path = self.folder / state["file"]
+        if isinstance(self.part.model, AdaptedModel):
+            from ..io.files import read_adapter
+
+            _, tensors = read_adapter(path)
+            tensors = {k: v for k, v in tensors.items() if k in self.part.params}
+        else:
+            tensors = load_file(str(path))
+        record = ArrayRecord({k: Array(v.numpy()) for k, v in tensors.items()})
+        problem = check_arrays(record, self.part.template())
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        return int(state["round"]), record, state.get("history", {})
+
+
+class Guarded(Strategy):
+    """Checks every reply against the server's own participant before `inner` sees it."""
+
+    def __init__(self, inner: Strategy, part: Participant, *, min_available: int = 2,
+                 checkpoints: Checkpoints | None = None, round_offset: int = 0,
+                 history: dict[str, Any] | None = None) -> None:
+        self.inner, self.part, self.min_available = inner, part, min_available
+        self.checkpoints, self.offset = checkpoints, round_offset
+        self.template = part.template()
+        self.dropped: list[Dropped] = []
+        self.history: dict[str, Any] = history or {"rounds": {}}
+
+    def summary(self) -> None:
+        self.inner.summary()
+        log(INFO, "\t└──> Guarded: min_available=%d, checkpoints=%s", self.min_available,
+            self.checkpoints.folder if self.checkpoints else None)
+
+    def check(self, msg: Message, is_train: bool = True) -> str | None:
+        if msg.has_error():
+            return f"the client failed: {msg.error.reason}"
+        content = msg.content
+        meta = content.config_records.get("meta")
+        if meta is None or meta.get("fingerprint") != self.part.fingerprint:
+            found = None if meta is None else meta.get("fingerprint")
+            return f"base fingerprint {found!r} is not this server's {self.part.fingerprint!r}"
+        metrics = content.metric_records.get("metrics")
+        weight = None if metrics is None else metrics.get("num-examples")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            return f"num-examples is {weight!r}, not a positive number"
+        if not is_train:
+            return None
+        arrays = content.array_records.get("arrays")
+        if arrays is None or len(content.array_records) != 1:
+            return f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}"
+        return check_arrays(arrays, self.template)
+
+    def _filter(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
+        kept = []
+        for msg in replies:
+            reason = self.check(msg, is_train)
+            if reason is None:
+                kept.append(msg)
+                continue
+            meta = None if msg.has_error() else msg.content.config_records.get("meta")
+            pid = meta.get("partition-id") if meta is not None else None
+            drop = Dropped(server_round, int(msg.metadata.src_node_id), None if pid is None else int(pid), reason)
+            self.dropped.append(drop)
+            log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s", server_round,
+                drop.node_id, drop.partition_id, reason)
+        return kept
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        self._sent = len(messages := list(self.inner.configure_train(server_round + self.offset, arrays,
+                                                                     config, grid)))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        absolute = server_round + self.offset
+        replies = list(replies)
+        kept = self._filter(absolute, replies, is_train=True)
+        entry = {"sent": self._sent, "replied": len(replies), "kept": len(kept),
+                 "dropped": [d.__dict__ for d in self.dropped if d.round == absolute]}
+        self.history["rounds"][str(absolute)] = entry
+        if len(kept) < self.min_available:
+            log(WARNING, "round %d: %d good replies, fewer than min_available=%d; the adapter stays as it was",
+                absolute, len(kept), self.min_available)
+            entry["aggregated"] = False
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(absolute, kept)
+        entry["aggregated"] = arrays is not None
+        if metrics is not None:
+            entry["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if arrays is not None and self.checkpoints is not None:
+            self.checkpoints.save(absolute, arrays, self.history)
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        kept = self._filter(server_round + self.offset, replies, is_train=False)
+        if not kept:
+            return None
+        return aggregate_metricrecords([m.content for m in kept], "num-examples")
+
+
+def parse_dp(spec: str) -> tuple[str, float, float] | None:
+    """"server:noise=1.0,clip=0.5" -> ("server", 1.0, 0.5); "none" -> None."""
+    if spec in ("", "none"):
+        return None
+    match = re.fullmatch(r"(server|client):noise=([0-9.eE+-]+),clip=([0-9.eE+-]+)", spec)
+    if not match:
+        raise ValueError(f"dp {spec!r}: write server:noise=<σ>,clip=<C> or client:noise=<σ>,clip=<C> (or none)")
+    return match.group(1), float(match.group(2)), float(match.group(3))
+
+
+def dp_wrapped(strategy: Strategy, spec: str, num_sampled_clients: int) -> tuple[Strategy, dict[str, Any] | None]:
+    """`strategy` inside Flower's fixed-clipping DP wrapper named by `spec`, and what it adds:
+    the clipping norm, the noise multiplier and the Gaussian noise's standard deviation."""
+    parsed = parse_dp(spec)
+    if parsed is None:
+        return strategy, None
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    side, noise, clip = parsed
+    wrapper = DifferentialPrivacyServerSideFixedClipping if side == "server" else DifferentialPrivacyClientSideFixedClipping
+    wrapped = wrapper(strategy, noise_multiplier=noise, clipping_norm=clip, num_sampled_clients=num_sampled_clients)
+    return wrapped, {"clipping": side, "noise_multiplier": noise, "clipping_norm": clip,
+                     "noise_stdev": noise * clip / num_sampled_clients}
+
+
+def torch_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})

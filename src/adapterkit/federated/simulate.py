@@ -1,0 +1,277 @@
+"""Running it: the ServerApp, an in-process Grid, and Flower's Ray simulation engine.
+
+`server_app(settings)` and `client_app(...)` are the apps `flwr run` deploys against a SuperLink and
+SuperNodes. `simulate(settings)` runs both on this machine, on Flower's simulation engine
+(`backend="ray"`, Ray bounded to this machine's cores and a small object store) or in this process
+(`backend="inprocess"`: `LocalGrid` calls the ClientApp for each message, one at a time, and gives
+up on a reply after the round's timeout, as the SuperLink does).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import MethodConfig
+from .aggregate import AGGREGATIONS
+from .builtin import build_task, method_config
+from .client import _local, client_app, evaluate, make_participant
+from .faults import FaultsMod, parse_faults
+from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp
+from .tasks import FederatedError, FederatedTask
+
+
+@dataclass
+class Settings:
+    task: str = "tweets"
+    clients: int = 10
+    rounds: int = 10
+    partition: str = "dirichlet:0.3"
+    method: str = "lora"
+    aggregation: str = "fedavg"  # fedavg | ffa | svd (aggregate.py)
+    full_model: bool = False  # the baseline: every weight trains and travels
+    proximal_mu: float = 0.0  # FedProx
+    local_epochs: int | None = None  # None: the task's
+    lr: float | None = None
+    fraction_train: float = 1.0
+    evaluate_clients: bool = False  # also ask the clients to evaluate on their local data
+    min_available: int = 2
+    timeout: float = 600.0  # seconds the server waits for a round's replies
+    dp: str = "none"  # server:noise=σ,clip=C | client:noise=σ,clip=C
+    faults: str = ""  # faults.py
+    late_seconds: float = 5.0
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    per_client: int = 200
+    test_size: int = 1000
+    num_cpus: int = 2
+
+    def validate(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise FederatedError(f"aggregation {self.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+        if self.aggregation != "fedavg" and (self.full_model or self.method != "lora"):
+            raise FederatedError(f"aggregation {self.aggregation!r} is for LoRA adapters (method lora)")
+        if self.rounds < 1 or self.clients < 2:
+            raise FederatedError(f"need rounds >= 1 and clients >= 2, got {self.rounds}, {self.clients}")
+        if not 1 <= self.min_available <= self.clients:
+            raise FederatedError(f"min_available={self.min_available} must be between 1 and clients={self.clients}")
+        parse_dp(self.dp)
+        parse_faults(self.faults)
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.full_model else "ffa" if self.aggregation == "ffa" else "adapter"
+
+    def factory(self) -> Callable[[], FederatedTask]:
+        config: MethodConfig = method_config(self.task, self.method)
+        return functools.partial(build_task, self.task, clients=self.clients, partition=self.partition, seed=self.seed,
+                                 per_client=self.per_client, test_size=self.test_size, method=config)
+
+    def key(self) -> str:
+        return repr((self.task, self.clients, self.partition, self.method, self.seed, self.per_client, self.test_size))
+
+
+@dataclass
+class Outcome:
+    settings: dict[str, Any]
+    backend: str
+    rounds: dict[str, Any]  # round -> sent/kept/dropped, train metrics, central accuracy, reply bytes
+    dropped: list[dict[str, Any]]
+    accuracy: float  # central test accuracy after the last round
+    bytes_per_client_round: float  # what one client sends per round (ArrayRecord.count_bytes())
+    seconds_per_round: float
+    resumed_from: int = 0
+    dp: dict[str, Any] | None = None
+    arrays: ArrayRecord | None = field(default=None, repr=False)
+
+
+def run_server(grid: Grid, settings: Settings) -> Outcome:
+    """The ServerApp's body: build the server's participant, resume, run the strategy, report."""
+    settings.validate()
+    task, part = _local(settings.factory(), settings.key(), settings.mode)
+    num_nodes = len(list(grid.get_node_ids()))
+    inner = AdapterFedAvg(
+        "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
+        lr=settings.lr if settings.lr is not None else (task.full_lr if settings.full_model else task.lr),
+        local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu,
+        fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
+        min_train_nodes=2, min_evaluate_nodes=2 if settings.evaluate_clients else 0,
+        min_available_nodes=min(num_nodes, settings.min_available))
+    sampled = max(int(num_nodes * settings.fraction_train), 2)
+    strategy, dp = dp_wrapped(inner, settings.dp, sampled)
+    checkpoints = Checkpoints(settings.checkpoint_dir, part) if settings.checkpoint_dir else None
+    start, arrays, history = 0, part.arrays(), None
+    if checkpoints is not None and settings.resume and (found := checkpoints.latest()) is not None:
+        start, arrays, history = found
+    guarded = Guarded(strategy, part, min_available=settings.min_available, checkpoints=checkpoints,
+                      round_offset=start, history=history)
+
+    def central(server_round: int, record: ArrayRecord) -> MetricRecord:
+        part.load(record)
+        loss, acc = evaluate(task, part.model, task.test)
+        entry = guarded.history["rounds"].setdefault(str(server_round + start), {})
+        entry.update({"test_accuracy": acc, "test_loss": loss})
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    started = time.perf_counter()
+    remaining = settings.rounds - start
+    if remaining > 0:
+        result = guarded.start(grid, arrays, num_rounds=remaining, timeout=settings.timeout,
+                               train_config=ConfigRecord({"seed": settings.seed}), evaluate_fn=central)
+        arrays = result.arrays if len(result.arrays) else arrays
+    else:
+        central(0, arrays)
+    seconds = (time.perf_counter() - started) / max(1, remaining)
+    last = guarded.history["rounds"].get(str(settings.rounds), {})
+    return Outcome(asdict(settings), "", guarded.history["rounds"], [d.__dict__ for d in guarded.dropped],
+                   float(last.get("test_accuracy", float("nan"))), float(part.arrays().count_bytes()), seconds,
+                   resumed_from=start, dp=dp, arrays=arrays)
+
+
+def server_app(settings: Settings, outcome: list[Outcome] | None = None) -> ServerApp:
+    """The ServerApp; `outcome` (a list) receives the run's Outcome."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        done = run_server(grid, settings)
+        if outcome is not None:
+            outcome.append(done)
+
+    return app
+
+
+def make_client_app(settings: Settings) -> ClientApp:
+    faults = parse_faults(settings.faults)
+    mods = [FaultsMod(faults, settings.late_seconds)] if faults else []
+    dp = parse_dp(settings.dp)
+    return client_app(settings.factory(), settings.key(), mode=settings.mode, seed=settings.seed,
+                      clip_on_client=dp is not None and dp[0] == "client", mods=mods)
+
+
+class LocalGrid(Grid):
+    """An in-process Grid: each message runs the ClientApp here, one at a time, in a worker thread;
+    `send_and_receive` returns the replies that arrived before the timeout, as the SuperLink does."""
+
+    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+        self.app = app
+        self.nodes = {1000 + i: i for i in range(num_nodes)}
+        self.contexts = {nid: Context(run_id=0, node_id=nid, node_config={"partition-id": pid, "num-partitions": num_nodes},
+                                      state=RecordDict(), run_config={}) for nid, pid in self.nodes.items()}
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-grid")
+        self.pending: dict[str, Any] = {}
+        self._run = None
+
+    def set_run(self, run) -> None:  # noqa: ANN001 (flwr's Run)
+        self._run = run
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def _handle(self, msg: Message) -> Message:
+        try:
+            return self.app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as err:  # the client failed: the server sees an error reply, as from a SuperNode
+            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+            return Message(Error(code=0, reason=reason), reply_to=msg)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            self.pending[msg.metadata.message_id] = self.worker.submit(self._handle, msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        done = [i for i in message_ids if i in self.pending and self.pending[i].done()]
+        return [self.pending.pop(i).result() for i in done]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = list(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while ids and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(ids))
+            replies += got
+            answered = {m.metadata.reply_to_message_id for m in got}
+            ids = [i for i in ids if i not in answered]
+            if ids:
+                time.sleep(0.01)
+        for i in ids:  # too late: its reply will be thrown away when it comes
+            self.pending.pop(i, None)
+        return replies
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+
+
+def _in_process_identity() -> None:
+    """Messages take their run and source from the process's task identity, which a SuperLink (or
+    Flower's simulation) sets; here the server is this process (as Flower's compat runner sets it)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
+
+
+def ray_backend_config(num_cpus: int = 2, object_store_mb: int = 256) -> dict[str, Any]:
+    """Flower's Ray backend, bounded: `num_cpus` workers of one core, a small object store, no dashboard."""
+    return {"init_args": {"num_cpus": num_cpus, "num_gpus": 0, "object_store_memory": object_store_mb * 1024 ** 2,
+                          "include_dashboard": False, "logging_level": "warning"},
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+
+def simulate(settings: Settings, backend: str = "ray") -> Outcome:
+    """Run one federated training on this machine and return what it measured."""
+    settings.validate()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if backend == "inprocess":
+        _in_process_identity()
+        grid = LocalGrid(make_client_app(settings), settings.clients)
+        try:
+            outcome = run_server(grid, settings)
+        finally:
+            grid.close()
+    elif backend == "ray":
+        from flwr.simulation import run_simulation
+
+        holder: list[Outcome] = []
+        threads = torch.get_num_threads()
+        run_simulation(server_app(settings, holder), make_client_app(settings), num_supernodes=settings.clients,
+                       backend_name="ray", backend_config=ray_backend_config(settings.num_cpus))
+        torch.set_num_threads(threads)
+        if not holder:
+            raise FederatedError("the Ray simulation ended without a result; see Flower's log above")
+        outcome = holder[0]
+    else:
+        raise FederatedError(f"unknown backend {backend!r}; use ray or inprocess")
+    outcome.backend = backend
+    return outcome
+
+
+__all__ = ["LocalGrid", "Outcome", "Settings", "make_participant", "ray_backend_config", "run_server", "server_app",
+           "simulate"]
