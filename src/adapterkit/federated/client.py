@@ -39,14 +39,16 @@ def make_participant(task: FederatedTask, mode: str) -> Participant:
     am.add(ADAPTER, task.method, num_labels=len(task.labels))
     head = am.adapter(ADAPTER).head
     if head is not None and task.info.get("shared_head"):
-        _warm(head, base, len(task.labels))
+        _warm(head, base)
     return adapter_participant(am, freeze_lora_a=mode == "ffa")
 
 
 @torch.no_grad()
-def _warm(head: torch.nn.Module, source: torch.nn.Module, classes: int) -> None:
+def _warm(head: torch.nn.Module, source: torch.nn.Module) -> None:
+    """The new head starts from the source head's rows for the classes both know."""
     new = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
     old = [m for m in source.modules() if isinstance(m, torch.nn.Linear)][-1]
+    classes = min(new.out_features, old.out_features)
     new.weight[:classes] = old.weight[:classes]
     if new.bias is not None and old.bias is not None:
         new.bias[:classes] = old.bias[:classes]
@@ -72,7 +74,7 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, steps = total + float(loss), steps + 1
+            total, steps = total + float(loss.detach()), steps + 1
     return total / max(1, steps), steps
 
 

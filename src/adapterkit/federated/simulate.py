@@ -98,10 +98,11 @@ class Outcome:
     arrays: ArrayRecord | None = field(default=None, repr=False)
 
 
-def run_server(grid: Grid, settings: Settings) -> Outcome:
-    """The ServerApp's body: build the server's participant, resume, run the strategy, report."""
+def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTask] | None = None) -> Outcome:
+    """The ServerApp's body: build the server's participant, resume, run the strategy, report.
+    `factory` builds a task of your own (default: the built-in `settings.task`)."""
     settings.validate()
-    task, part = _local(settings.factory(), settings.key(), settings.mode)
+    task, part = _local(factory or settings.factory(), _key(settings, factory), settings.mode)
     num_nodes = len(list(grid.get_node_ids()))
     inner = AdapterFedAvg(
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
@@ -141,24 +142,30 @@ def run_server(grid: Grid, settings: Settings) -> Outcome:
                    resumed_from=start, dp=dp, arrays=arrays)
 
 
-def server_app(settings: Settings, outcome: list[Outcome] | None = None) -> ServerApp:
+def _key(settings: Settings, factory: Callable[[], FederatedTask] | None) -> str:
+    return settings.key() if factory is None else f"custom:{settings.task}:{settings.key()}"
+
+
+def server_app(settings: Settings, outcome: list[Outcome] | None = None,
+               factory: Callable[[], FederatedTask] | None = None) -> ServerApp:
     """The ServerApp; `outcome` (a list) receives the run's Outcome."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        done = run_server(grid, settings)
+        done = run_server(grid, settings, factory)
         if outcome is not None:
             outcome.append(done)
 
     return app
 
 
-def make_client_app(settings: Settings) -> ClientApp:
+def make_client_app(settings: Settings, factory: Callable[[], FederatedTask] | None = None) -> ClientApp:
+    """The ClientApp for `settings` (with its faults and client-side clipping, if any)."""
     faults = parse_faults(settings.faults)
     mods = [FaultsMod(faults, settings.late_seconds)] if faults else []
     dp = parse_dp(settings.dp)
-    return client_app(settings.factory(), settings.key(), mode=settings.mode, seed=settings.seed,
+    return client_app(factory or settings.factory(), _key(settings, factory), mode=settings.mode, seed=settings.seed,
                       clip_on_client=dp is not None and dp[0] == "client", mods=mods)
 
 
@@ -243,17 +250,19 @@ def ray_backend_config(num_cpus: int = 2, object_store_mb: int = 256) -> dict[st
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 
-def simulate(settings: Settings, backend: str = "ray") -> Outcome:
-    """Run one federated training on this machine and return what it measured."""
+def simulate(settings: Settings, backend: str = "ray", factory: Callable[[], FederatedTask] | None = None
+             ) -> Outcome:
+    """Run one federated training on this machine and return what it measured. `factory` (picklable,
+    light: Ray sends it with every call) builds a task of your own instead of `settings.task`."""
     settings.validate()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if backend == "inprocess":
         _in_process_identity()
-        grid = LocalGrid(make_client_app(settings), settings.clients)
+        grid = LocalGrid(make_client_app(settings, factory), settings.clients)
         try:
-            outcome = run_server(grid, settings)
+            outcome = run_server(grid, settings, factory)
         finally:
             grid.close()
     elif backend == "ray":
@@ -261,7 +270,8 @@ def simulate(settings: Settings, backend: str = "ray") -> Outcome:
 
         holder: list[Outcome] = []
         threads = torch.get_num_threads()
-        run_simulation(server_app(settings, holder), make_client_app(settings), num_supernodes=settings.clients,
+        run_simulation(server_app(settings, holder, factory), make_client_app(settings, factory),
+                       num_supernodes=settings.clients,
                        backend_name="ray", backend_config=ray_backend_config(settings.num_cpus))
         torch.set_num_threads(threads)
         if not holder:
