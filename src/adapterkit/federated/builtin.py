@@ -187,9 +187,12 @@ def _digits_task(clients: int, partition: str, seed: int, per_client: int, test_
     parts = (dirichlet_split(train.labels, clients, alpha, seed=seed) if kind == "dirichlet"
              else iid_split(pool, clients, seed=seed))
 
-    def make_base() -> nn.Module:
-        model = DigitsMLP()
-        model.load_state_dict(state)
+    def make_base() -> nn.Module:  # the source's head grown to ten digits, the new rows seeded
+        torch.manual_seed(seed)
+        model = DigitsMLP(10)
+        with torch.no_grad():
+            for key, value in state.items():
+                model.state_dict()[key][: len(value)].copy_(value)
         return model.eval()
 
     return FederatedTask(

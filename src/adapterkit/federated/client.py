@@ -8,6 +8,7 @@ arrays first, so one cached model serves every client a worker runs, one after a
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,8 @@ from .tasks import ClientData, FederatedTask
 
 MODES = ("adapter", "ffa", "full")
 _LOCAL: dict[tuple[str, str], tuple[FederatedTask, Participant]] = {}
+#: one model serves every client of a process: their calls take turns on it
+_TURNS: dict[tuple[str, str], threading.Lock] = {}
 
 
 def make_participant(task: FederatedTask, mode: str) -> Participant:
@@ -93,15 +96,26 @@ def evaluate(task: FederatedTask, model: torch.nn.Module, data: ClientData, batc
 
 
 def _local(factory: Callable[[], FederatedTask], key: str, mode: str) -> tuple[FederatedTask, Participant]:
-    if (key, mode) not in _LOCAL:
-        task = factory()
-        _LOCAL[(key, mode)] = (task, make_participant(task, mode))
+    with _BUILDING:
+        if (key, mode) not in _LOCAL:
+            task = factory()
+            _LOCAL[(key, mode)] = (task, make_participant(task, mode))
+            _TURNS[(key, mode)] = threading.Lock()
     return _LOCAL[(key, mode)]
+
+
+_BUILDING = threading.Lock()
+
+
+def _turn(factory: Callable[[], FederatedTask], key: str, mode: str) -> threading.Lock:
+    _local(factory, key, mode)
+    return _TURNS[(key, mode)]
 
 
 def forget_local() -> None:
     """Drop this process's cached tasks (tests build many)."""
     _LOCAL.clear()
+    _TURNS.clear()
 
 
 def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "adapter",
@@ -122,6 +136,10 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        with _turn(factory, key, mode):
+            return _train(msg, context)
+
+    def _train(msg: Message, context: Context) -> Message:
         started = time.perf_counter()
         task, part, pid, data = setup(msg, context)
         config = msg.content["config"]
@@ -136,8 +154,9 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
 
     @app.evaluate()
     def local_evaluate(msg: Message, context: Context) -> Message:
-        task, part, pid, data = setup(msg, context)
-        loss, acc = evaluate(task, part.model, data)
+        with _turn(factory, key, mode):
+            task, part, pid, data = setup(msg, context)
+            loss, acc = evaluate(task, part.model, data)
         content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "local-loss": loss,
                                                        "local-accuracy": acc}),
                               "meta": ConfigRecord({"fingerprint": part.fingerprint, "partition-id": pid})})

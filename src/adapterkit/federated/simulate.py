@@ -102,7 +102,8 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     """The ServerApp's body: build the server's participant, resume, run the strategy, report.
     `factory` builds a task of your own (default: the built-in `settings.task`)."""
     settings.validate()
-    task, part = _local(factory or settings.factory(), _key(settings, factory), settings.mode)
+    # its own copy, apart from any client's in this process (a late client may still be training)
+    task, part = _local(factory or settings.factory(), "server:" + _key(settings, factory), settings.mode)
     num_nodes = len(list(grid.get_node_ids()))
     inner = AdapterFedAvg(
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
@@ -170,15 +171,16 @@ def make_client_app(settings: Settings, factory: Callable[[], FederatedTask] | N
 
 
 class LocalGrid(Grid):
-    """An in-process Grid: each message runs the ClientApp here, one at a time, in a worker thread;
-    `send_and_receive` returns the replies that arrived before the timeout, as the SuperLink does."""
+    """An in-process Grid: each message runs the ClientApp here, in a thread per node (their training
+    takes turns on the one model); `send_and_receive` returns the replies that arrived before the
+    timeout, as the SuperLink does, so a slow client holds up no one."""
 
     def __init__(self, app: ClientApp, num_nodes: int) -> None:
         self.app = app
         self.nodes = {1000 + i: i for i in range(num_nodes)}
         self.contexts = {nid: Context(run_id=0, node_id=nid, node_config={"partition-id": pid, "num-partitions": num_nodes},
                                       state=RecordDict(), run_config={}) for nid, pid in self.nodes.items()}
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-grid")
+        self.worker = ThreadPoolExecutor(max_workers=num_nodes, thread_name_prefix="local-grid")
         self.pending: dict[str, Any] = {}
         self._run = None
 

@@ -1,0 +1,254 @@
+"""Federated adapters on Flower: what travels, how it is aggregated, bad replies, faults, checkpoints, DP.
+
+The fast tests drive the real strategies through `LocalGrid` (in this process); one test runs
+Flower's Ray simulation engine. The task is the built-in `digits`: scikit-learn's handwritten digits,
+an MLP pre-trained on digits 0-4, LoRA on its hidden layers learning all ten.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Array, ArrayRecord  # noqa: E402
+
+from adapterkit.federated import (  # noqa: E402
+    ADAPTER,
+    FederatedError,
+    Settings,
+    build_task,
+    check_arrays,
+    dirichlet_split,
+    fedavg,
+    make_participant,
+    parse_faults,
+    simulate,
+    svd_refactor,
+)
+from adapterkit.federated.client import _LOCAL, forget_local  # noqa: E402
+
+
+def digits(**kw) -> Settings:
+    base = {"task": "digits", "clients": 4, "rounds": 3, "per_client": 120, "timeout": 60.0}
+    return Settings(**{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tasks():
+    forget_local()
+    yield
+    forget_local()
+
+
+# --- aggregation ---------------------------------------------------------------------------------
+
+def _lora_reply(a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"sites.l.lora_A": a, "sites.l.lora_B": b, "head.weight": b.sum(1, keepdim=True)}
+
+
+def test_fedavg_weights_by_examples():
+    x = [{"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}]
+    assert torch.allclose(fedavg(x, [3, 1])["w"], torch.tensor([1.0, 3.0]))
+    with pytest.raises(ValueError, match="positive total"):
+        fedavg(x, [0, 0])
+
+
+def test_svd_refactor_is_exact_where_fedavg_of_factors_is_not():
+    gen = torch.Generator().manual_seed(0)
+    r, n_in, n_out = 2, 12, 10
+    # two clients whose updates share one rank-2 column space: the mean product has rank 2
+    u = torch.randn(n_out, r, generator=gen)
+    replies = [_lora_reply(torch.randn(r, n_in, generator=gen), u @ torch.randn(r, r, generator=gen))
+               for _ in range(2)]
+    out, refactor_error, fedavg_error = svd_refactor(replies, [1.0, 3.0])
+    target = sum(w / 4 * (t["sites.l.lora_B"] @ t["sites.l.lora_A"]) for t, w in zip(replies, [1.0, 3.0], strict=True))
+    assert torch.allclose(out["sites.l.lora_B"] @ out["sites.l.lora_A"], target, atol=1e-5)
+    assert refactor_error < 1e-6 < 0.05 < fedavg_error
+    assert out["sites.l.lora_A"].shape == (r, n_in) and out["sites.l.lora_B"].shape == (n_out, r)
+    assert torch.allclose(out["head.weight"], fedavg(replies, [1.0, 3.0])["head.weight"])  # others: FedAvg
+
+
+def test_svd_refactor_keeps_conv_lora_shapes():
+    gen = torch.Generator().manual_seed(1)
+    replies = [{"sites.c.lora_A": torch.randn(2, 3, 5, generator=gen), "sites.c.lora_B": torch.randn(4, 2, 1, generator=gen)}
+               for _ in range(3)]
+    out, _, _ = svd_refactor(replies, [1, 1, 1])
+    assert out["sites.c.lora_A"].shape == (2, 3, 5) and out["sites.c.lora_B"].shape == (4, 2, 1)
+
+
+def test_ffa_freezes_lora_a_so_averaging_b_is_the_average_product():
+    task = build_task("digits", clients=2, per_client=60)
+    part = make_participant(task, "ffa")
+    assert part.params and not any(k.endswith("lora_A") for k in part.params)
+    assert any(k.endswith("lora_B") for k in part.params)
+    full = make_participant(task, "adapter")
+    assert set(part.params) < set(full.params)
+    assert part.fingerprint != full.fingerprint  # the frozen A is part of what both sides must share
+
+
+# --- partitions ------------------------------------------------------------------------------------
+
+def test_dirichlet_split_uses_every_row_once_and_skews_with_small_alpha():
+    labels = torch.arange(10).repeat(100)
+    skewed = dirichlet_split(labels, 10, 0.1, seed=0)
+    even = dirichlet_split(labels, 10, 100.0, seed=0)
+    assert sorted(torch.cat(skewed).tolist()) == list(range(1000))
+
+    def spread(parts):  # mean share of a client's commonest class
+        return float(np.mean([torch.bincount(labels[p], minlength=10).max() / len(p) for p in parts]))
+
+    assert spread(skewed) > 0.4 > 0.2 > spread(even)
+    with pytest.raises(FederatedError, match="alpha > 0"):
+        dirichlet_split(labels, 10, 0.0)
+
+
+# --- the in-process run ------------------------------------------------------------------------------
+
+def test_in_process_run_learns_and_only_adapter_tensors_travel():
+    outcome = simulate(digits(rounds=4), backend="inprocess")
+    accuracies = [outcome.rounds[str(r)]["test_accuracy"] for r in range(5)]
+    assert accuracies[-1] > accuracies[0] + 0.15, accuracies  # ten digits from a model that knew five
+    task = build_task("digits", clients=4, per_client=120)
+    part = make_participant(task, "adapter")
+    base_bytes = sum(p.numel() * 4 for p in part.model.base.parameters())
+    assert outcome.bytes_per_client_round == part.arrays().count_bytes() < base_bytes / 2
+    assert outcome.bytes_per_client_round < part.count_bytes() + 200 * len(part.params)  # + names, shapes
+    assert all(k.startswith(("sites.", "head.")) for k in outcome.arrays.keys())
+    assert all(outcome.rounds[str(r)]["kept"] == 4 for r in range(1, 5))
+
+
+def test_full_model_fedavg_sends_every_weight():
+    outcome = simulate(digits(rounds=1, full_model=True), backend="inprocess")
+    model = build_task("digits", clients=4, per_client=120).make_base()
+    raw = sum(p.numel() * 4 for p in model.parameters())
+    assert raw <= outcome.bytes_per_client_round < raw * 1.05  # count_bytes adds names, dtypes, shapes
+
+
+def test_server_drops_bad_replies_and_says_which_and_why():
+    outcome = simulate(digits(rounds=2, clients=6, faults="drop:0@2,nan:1,shape:2@1,foreign:3"), backend="inprocess")
+    reasons = {(d["round"], d["partition_id"]): d["reason"] for d in outcome.dropped}
+    assert "non-finite" in reasons[(1, 1)] and "non-finite" in reasons[(2, 1)]
+    assert "shape" in reasons[(1, 2)] and (2, 2) not in reasons
+    assert "fingerprint" in reasons[(1, 3)]
+    drop = [d for d in outcome.dropped if d["round"] == 2 and d["partition_id"] is None]
+    assert len(drop) == 1 and "dropped out" in drop[0]["reason"]
+    assert outcome.rounds["1"]["kept"] == 3 and outcome.rounds["2"]["kept"] == 3
+    assert all(outcome.rounds[r]["aggregated"] for r in ("1", "2"))
+    assert all(np.isfinite(a.numpy()).all() for a in outcome.arrays.values())
+
+
+def test_late_client_is_left_out_of_its_round():
+    outcome = simulate(digits(rounds=1, clients=3, faults="late:2", late_seconds=4.0, timeout=2.0),
+                       backend="inprocess")
+    assert outcome.rounds["1"]["sent"] == 3 and outcome.rounds["1"]["replied"] == 2
+    assert outcome.rounds["1"]["aggregated"]
+
+
+def test_round_with_too_few_good_replies_keeps_the_adapter():
+    start = make_participant(build_task("digits", clients=3, per_client=120), "adapter").arrays()
+    outcome = simulate(digits(rounds=1, clients=3, min_available=2, faults="nan:0,nan:1"), backend="inprocess")
+    assert outcome.rounds["1"]["kept"] == 1 and not outcome.rounds["1"]["aggregated"]
+    for key in start.keys():
+        assert np.array_equal(start[key].numpy(), outcome.arrays[key].numpy())
+
+
+def test_checkpoint_each_round_and_resume_from_the_last(tmp_path):
+    first = simulate(digits(rounds=2, checkpoint_dir=str(tmp_path)), backend="inprocess")
+    assert sorted(p.name for p in tmp_path.glob("round-*.safetensors")) == ["round-0001.safetensors",
+                                                                           "round-0002.safetensors"]
+    forget_local()
+    resumed = simulate(digits(rounds=3, checkpoint_dir=str(tmp_path)), backend="inprocess")
+    assert resumed.resumed_from == 2
+    assert set(resumed.rounds) >= {"1", "2", "3"}  # the history carries over
+    assert resumed.rounds["2"]["test_accuracy"] == first.rounds["2"]["test_accuracy"]
+    # the checkpoint is an adapter file: it loads onto a fresh copy of the base
+    task = build_task("digits", clients=4, per_client=120)
+    part = make_participant(task, "adapter")
+    part.model.delete(ADAPTER)
+    name = part.model.load(str(tmp_path / "round-0003.safetensors"))
+    loaded = part.model.adapter_state_dict(name)
+    for key in resumed.arrays.keys():
+        assert np.allclose(loaded[key].numpy(), resumed.arrays[key].numpy())
+    # a checkpoint made for another model is refused, not resumed
+    forget_local()
+    with pytest.raises(ValueError, match="fingerprint"):
+        simulate(digits(rounds=4, checkpoint_dir=str(tmp_path), aggregation="ffa"), backend="inprocess")
+
+
+def test_client_side_clipping_bounds_each_update():
+    start = make_participant(build_task("digits", clients=3, per_client=120), "adapter").tensors()
+    clip = 0.05
+    outcome = simulate(digits(rounds=1, clients=3, dp=f"client:noise=0,clip={clip}"), backend="inprocess")
+    assert outcome.dp == {"clipping": "client", "noise_multiplier": 0.0, "clipping_norm": clip, "noise_stdev": 0.0}
+    change = math.sqrt(sum(float((torch.from_numpy(outcome.arrays[k].numpy()) - v).pow(2).sum())
+                           for k, v in start.items()))
+    assert 0 < change <= clip * 1.001  # the mean of updates each at most `clip` long
+
+
+def test_server_side_dp_reports_its_noise():
+    outcome = simulate(digits(rounds=1, clients=3, dp="server:noise=0.5,clip=1.0"), backend="inprocess")
+    assert outcome.dp["noise_stdev"] == pytest.approx(0.5 * 1.0 / 3)
+    assert outcome.rounds["1"]["aggregated"]
+
+
+def test_fedprox_keeps_local_updates_closer_to_the_global_adapter():
+    def change(mu: float) -> float:
+        forget_local()
+        start = make_participant(build_task("digits", clients=2, per_client=120), "adapter").tensors()
+        out = simulate(digits(rounds=1, clients=2, proximal_mu=mu), backend="inprocess").arrays
+        return sum(float((torch.from_numpy(out[k].numpy()) - v).pow(2).sum()) for k, v in start.items())
+
+    assert change(50.0) < 0.7 * change(0.0)
+
+
+def test_bad_settings_say_what_to_write():
+    with pytest.raises(FederatedError, match="aggregation"):
+        simulate(digits(aggregation="median"), backend="inprocess")
+    with pytest.raises(FederatedError, match="for LoRA"):
+        Settings(method="bottleneck", aggregation="svd").validate()
+    with pytest.raises(ValueError, match="server:noise"):
+        Settings(dp="gaussian").validate()
+    with pytest.raises(ValueError, match="kind:partition"):
+        parse_faults("drop-3")
+    with pytest.raises(FederatedError, match="natural"):
+        build_task("tweets", partition="natural")
+    with pytest.raises(FederatedError, match="splits by user"):
+        build_task("har", partition="dirichlet:0.3")
+
+
+def test_check_arrays_names_the_problem():
+    task = build_task("digits", clients=2, per_client=60)
+    part = make_participant(task, "adapter")
+    template = part.template()
+    good = part.arrays()
+    assert check_arrays(good, template) is None
+    key = next(iter(good.keys()))
+    missing = ArrayRecord({k: v for k, v in good.items() if k != key})
+    assert "missing" in check_arrays(missing, template)
+    ints = ArrayRecord({**dict(good.items()), key: Array(np.zeros(good[key].shape, dtype=np.int64))})
+    assert "dtype" in check_arrays(ints, template)
+
+
+def test_frozen_base_never_changes():
+    simulate(digits(rounds=1, clients=2), backend="inprocess")
+    fresh = build_task("digits", clients=2, per_client=120).make_base().state_dict()
+    held = [part for (key, _), (_, part) in _LOCAL.items()]
+    assert len(held) == 2  # the server's copy and the clients'
+    for part in held:
+        assert all(torch.equal(fresh[k], v) for k, v in part.model.base.state_dict().items() if k in fresh)
+
+
+# --- Flower's Ray simulation engine ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ray_simulation_engine_runs_the_same_apps():
+    outcome = simulate(digits(rounds=2, clients=3, faults="nan:2"), backend="ray")
+    assert outcome.backend == "ray"
+    assert outcome.rounds["2"]["kept"] == 2 and outcome.rounds["2"]["aggregated"]
+    assert outcome.rounds["2"]["test_accuracy"] > outcome.rounds["0"]["test_accuracy"]
+    assert any("non-finite" in d["reason"] for d in outcome.dropped)
