@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig
+from ..errors import AdapterError
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 
-class FederatedError(ValueError):
+class FederatedError(AdapterError):
     """Federated settings or data that cannot run."""
 
 
