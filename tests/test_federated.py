@@ -252,3 +252,14 @@ def test_ray_simulation_engine_runs_the_same_apps():
     assert outcome.rounds["2"]["kept"] == 2 and outcome.rounds["2"]["aggregated"]
     assert outcome.rounds["2"]["test_accuracy"] > outcome.rounds["0"]["test_accuracy"]
     assert any("non-finite" in d["reason"] for d in outcome.dropped)
+
+
+@pytest.mark.slow
+def test_har_clients_are_users_of_the_on_device_recipe():
+    task = build_task("har", clients=3, partition="natural", per_client=40, test_size=60)
+    assert [c.group for c in task.clients] == ["user 0", "user 1", "user 2"]
+    assert all(len(c) == 40 for c in task.clients)
+    outcome = simulate(Settings(task="har", clients=3, rounds=3, partition="natural", method="bottleneck",
+                                per_client=40, test_size=60, timeout=120.0), backend="inprocess")
+    assert outcome.rounds["3"]["aggregated"]
+    assert outcome.rounds["3"]["test_accuracy"] >= outcome.rounds["0"]["test_accuracy"]

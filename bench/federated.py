@@ -1,0 +1,116 @@
+"""Federated adapters vs full-model FedAvg vs centralized training, in one run (issue 12).
+
+    python bench/federated.py                    # MiniLM, tweets, 10 clients, Dirichlet 0.3
+    python bench/federated.py --rounds 5 --per-client 100
+
+Measures, on the same clients and test set:
+- bytes one client sends per round (ArrayRecord.count_bytes()): LoRA adapter vs every weight;
+- test accuracy after N rounds: adapter FedAvg (Flower's Ray simulation engine), the LoRA-exact
+  `svd` aggregation, full-model FedAvg, and centralized LoRA training on the union of the clients'
+  data for the same number of epochs (N rounds × local epochs);
+- wall time per round.
+Writes bench/results/federated.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from adapterkit.federated import Settings, build_task, evaluate, local_train, make_participant, simulate  # noqa: E402
+from adapterkit.federated.builtin import method_config  # noqa: E402
+from adapterkit.federated.client import forget_local  # noqa: E402
+from adapterkit.federated.tasks import ClientData  # noqa: E402
+
+
+def centralized(settings: Settings) -> tuple[float, float]:
+    """LoRA trained on the union of the clients' data, as many epochs as the federated run saw."""
+    task = build_task(settings.task, clients=settings.clients, partition=settings.partition, seed=settings.seed,
+                      per_client=settings.per_client, test_size=settings.test_size,
+                      method=method_config(settings.task, settings.method))
+    task.info["seed"] = settings.seed
+    part = make_participant(task, "adapter")
+    union = _union(task.clients)
+    started = time.perf_counter()
+    epochs = settings.rounds * (settings.local_epochs or task.local_epochs)
+    for epoch in range(epochs):
+        local_train(task, part, union, epochs=1, lr=task.lr, seed=settings.seed * 7 + epoch)
+    _, acc = evaluate(task, part.model, task.test)
+    return acc, time.perf_counter() - started
+
+
+def _union(clients: list[ClientData]) -> ClientData:
+    first = clients[0]
+    if isinstance(first.inputs, dict):
+        inputs = {k: torch.cat([c.inputs[k] for c in clients]) for k in first.inputs}
+    else:
+        inputs = torch.cat([c.inputs for c in clients])
+    return ClientData(inputs, torch.cat([c.labels for c in clients]), "union")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="tweets")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--per-client", type=int, default=150)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--partition", default="dirichlet:0.3")
+    parser.add_argument("--skip-full", action="store_true", help="leave out full-model FedAvg (the slowest)")
+    parser.add_argument("--out", default="bench/results/federated.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    common = dict(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
+                  per_client=args.per_client, test_size=args.test_size, timeout=3600.0)
+    runs = {}
+    for name, extra, backend in [("adapter_fedavg", {}, "ray"), ("adapter_svd", {"aggregation": "svd"}, "inprocess"),
+                                 ("full_fedavg", {"full_model": True}, "inprocess")]:
+        if name == "full_fedavg" and args.skip_full:
+            continue
+        forget_local()
+        started = time.perf_counter()
+        outcome = simulate(Settings(**common, **extra), backend=backend)
+        runs[name] = {"accuracy": outcome.accuracy, "bytes_per_round": outcome.bytes_per_client_round,
+                      "seconds_per_round": outcome.seconds_per_round, "backend": outcome.backend,
+                      "wall_seconds": time.perf_counter() - started,
+                      "accuracy_by_round": {r: e.get("test_accuracy") for r, e in outcome.rounds.items()},
+                      "product_error_by_round": {r: e.get("metrics", {}).get("product_error")
+                                                 for r, e in outcome.rounds.items() if "metrics" in e}}
+        print(name, json.dumps({k: v for k, v in runs[name].items() if "by_round" not in k}), flush=True)
+    forget_local()
+    central_acc, central_seconds = centralized(Settings(**common))
+    print("centralized", central_acc, flush=True)
+    full = runs.get("full_fedavg", {})
+    adapter = runs["adapter_fedavg"]
+    full_bytes = full.get("bytes_per_round") or float(sum(
+        p.numel() * p.element_size() for p in build_task(args.task, clients=args.clients, per_client=args.per_client,
+                                                         partition=args.partition).make_base().parameters()))
+    result = {
+        "task": args.task, "clients": args.clients, "partition": args.partition, "per_client": args.per_client,
+        "rounds": args.rounds, "ray_backend": adapter["backend"] == "ray",
+        "adapter_bytes_per_round": adapter["bytes_per_round"], "full_bytes_per_round": full_bytes,
+        "bytes_ratio": full_bytes / adapter["bytes_per_round"],
+        "federated_accuracy": adapter["accuracy"], "svd_accuracy": runs["adapter_svd"]["accuracy"],
+        "centralized_accuracy": central_acc, "full_model_fedavg_accuracy": full.get("accuracy"),
+        "federated_minus_centralized": adapter["accuracy"] - central_acc,
+        "seconds_per_round": {k: v["seconds_per_round"] for k, v in runs.items()},
+        "centralized_seconds": central_seconds, "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
