@@ -23,7 +23,6 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx, Strategy
@@ -238,6 +237,3 @@ def dp_wrapped(strategy: Strategy, spec: str, num_sampled_clients: int) -> tuple
     return wrapped, {"clipping": side, "noise_multiplier": noise, "clipping_norm": clip,
                      "noise_stdev": noise * clip / num_sampled_clients}
 
-
-def torch_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in tensors.items()})

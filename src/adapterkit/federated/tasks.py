@@ -117,6 +117,3 @@ def parse_partition(spec: str) -> tuple[str, float]:
         return kind, 0.0
     raise FederatedError(f"unknown partition {spec!r}; use dirichlet:<alpha>, iid or natural")
 
-
-def label_histograms(clients: list[ClientData], num_labels: int) -> list[list[int]]:
-    return [torch.bincount(c.labels, minlength=num_labels).tolist() for c in clients]
