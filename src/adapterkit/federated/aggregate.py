@@ -47,6 +47,20 @@ def _matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b.reshape(b.shape[0], b.shape[1]).double() @ a.reshape(a.shape[0], -1).double()
 
 
+def _mean_product(tensors: list[dict[str, torch.Tensor]], weights: list[float], ka: str, kb: str) -> torch.Tensor:
+    total = float(sum(weights))
+    return sum(_matrix(t[ka], t[kb]) * (w / total) for t, w in zip(tensors, weights, strict=True))
+
+
+def product_error(out: dict[str, torch.Tensor], tensors: list[dict[str, torch.Tensor]], weights: list[float]) -> float:
+    """The worst relative distance, over LoRA sites, of the aggregate's B·A from the mean of B_i·A_i."""
+    worst = 0.0
+    for ka, kb in lora_pairs(list(tensors[0])):
+        target = _mean_product(tensors, weights, ka, kb)
+        worst = max(worst, float((_matrix(out[ka], out[kb]) - target).norm()) / (float(target.norm()) or 1.0))
+    return worst
+
+
 def svd_refactor(tensors: list[dict[str, torch.Tensor]], weights: list[float]
                  ) -> tuple[dict[str, torch.Tensor], float, float]:
     """FedAvg for every key but LoRA pairs, which average their products and re-factor them.
@@ -54,12 +68,11 @@ def svd_refactor(tensors: list[dict[str, torch.Tensor]], weights: list[float]
     Returns the tensors, the worst relative error of the re-factored product, and (for comparison)
     the worst relative error plain FedAvg's (mean B)(mean A) makes on the same replies."""
     out = fedavg(tensors, weights)
-    total = float(sum(weights))
-    refactor_error = fedavg_error = 0.0
+    fedavg_error = product_error(out, tensors, weights)
+    refactor_error = 0.0
     for ka, kb in lora_pairs(list(tensors[0])):
-        target = sum(_matrix(t[ka], t[kb]) * (w / total) for t, w in zip(tensors, weights, strict=True))
+        target = _mean_product(tensors, weights, ka, kb)
         norm = float(target.norm()) or 1.0
-        fedavg_error = max(fedavg_error, float((_matrix(out[ka], out[kb]) - target).norm()) / norm)
         r = tensors[0][ka].shape[0]
         u, s, vh = torch.linalg.svd(target, full_matrices=False)
         root = s[:r].sqrt()
@@ -76,11 +89,9 @@ def aggregate(rule: str, tensors: list[dict[str, torch.Tensor]], weights: list[f
     """The aggregate under `rule` and what it measured about itself."""
     if rule in ("fedavg", "ffa"):
         out = fedavg(tensors, weights)
-        pairs = lora_pairs(list(tensors[0]))
-        if not pairs:
+        if not lora_pairs(list(tensors[0])):
             return out, {}
-        _, _, error = svd_refactor(tensors, weights)
-        return out, {"product_error": error}  # how far mean(B)·mean(A) is from mean(B·A)
+        return out, {"product_error": product_error(out, tensors, weights)}
     if rule == "svd":
         out, refactor_error, fedavg_error = svd_refactor(tensors, weights)
         return out, {"product_error": refactor_error, "fedavg_product_error": fedavg_error}
