@@ -8,6 +8,11 @@ routing, whatever adapters they name. Rows for adapters still loading wait aside
 the files are read on an I/O thread, so a cold adapter holds up nobody else for longer than the
 few milliseconds its install takes between two batches.
 Adapter versions with queued or running rows are pinned: eviction passes over them.
+
+Generation is scheduled at every step when the batcher has a `decoder` (continuous batching): each
+pass of the model thread admits waiting prompts up to `max_batch` running rows, runs one decode step
+for all of them, and hands back the rows that finished; a cancelled row leaves before the next step.
+Encode batches run between two steps. Without a decoder a generation batch runs to its end.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .cache import AdapterCache, AdapterKey
 from .errors import Overloaded
@@ -48,13 +53,26 @@ class Request:
         return "generate" if self.kind == "generate" else "encode"
 
 
+class Decoder(Protocol):
+    """A running decode (see decode.py), its rows named by (request, row index) handles."""
+
+    @property
+    def running(self) -> int: ...
+    def admit(self, items: Items) -> list[tuple[tuple[Request, int], Any]]: ...
+    def step(self) -> list[tuple[tuple[Request, int], Any]]: ...
+    def drop(self, gone: Callable[[Any], bool]) -> list[Any]: ...
+    def abort(self) -> list[Any]: ...
+
+
 class Batcher:
     def __init__(
         self, cache: AdapterCache, read: Callable[[AdapterKey], tuple[dict, dict]],
         execute: Callable[[str, Items], list[Any]], metrics: ServeMetrics, *,
         max_batch: int = 32, max_wait_ms: float = 5.0, max_queue_rows: int = 4096, name: str = "adapterkit-model",
+        decoder: Decoder | None = None,
     ) -> None:
         self.cache, self.read, self.execute, self.metrics = cache, read, execute, metrics
+        self.decoder = decoder
         self.max_batch, self.max_wait, self.max_queue_rows = max(1, max_batch), max_wait_ms / 1000.0, max_queue_rows
         self._cond = threading.Condition()
         self._queues: dict[str, deque[tuple[Request, int]]] = {"encode": deque(), "generate": deque()}
@@ -166,37 +184,79 @@ class Batcher:
 
     # --- the model thread ---------------------------------------------------------------------
 
+    def _decoding(self) -> int:
+        return self.decoder.running if self.decoder is not None else 0
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._ops or self._queues["encode"] or self._queues["generate"] or self._closed):
+                while not (self._ops or self._queues["encode"] or self._queues["generate"] or self._decoding()
+                           or self._closed):
                     self._cond.wait()
                 if self._closed:
                     break
                 ops, self._ops = self._ops, []
             for op in ops:
                 op()
-            kind, items = self._collect()
-            if items:
-                self._run_batch(kind, items)
+            if self.decoder is None:
+                kind, items = self._collect()
+                if items:
+                    self._run_batch(kind, items)
+            else:
+                self._continuous_pass()
             self._maintain()
         self._shutdown()
 
-    def _collect(self) -> tuple[str, Items]:
+    def _continuous_pass(self) -> None:
+        """Encode rows or newcomers to the decode (the older first), then one decode step."""
+        dropped = self.decoder.drop(lambda item: item[0].future.done())
+        if dropped:
+            with self._cond:
+                for req, _ in dropped:
+                    self._unpin(req)
+        room = self.max_batch - self.decoder.running
+        kind, items = self._collect(room=room, wait=self.decoder.running == 0)
+        if kind == "encode" and items:
+            self._run_batch(kind, items)
+        elif items:
+            self._decode("generate", lambda: self.decoder.admit(items), items)
+        if self.decoder.running:
+            self._decode("generate", self.decoder.step, None)
+
+    def _decode(self, kind: str, run: Callable[[], list], items: Items | None) -> None:
+        """Admit (`items`) or step (None: every running row); a failure fails exactly those rows."""
+        start = time.perf_counter()
+        try:
+            finished = run()
+        except BaseException as err:  # noqa: BLE001 - one bad batch must not stop the server
+            failed = items if items is not None else self.decoder.abort()
+            for req in list({id(r): r for r, _ in failed}.values()):
+                self._fail(req, err)
+            return
+        if items is None:
+            self.metrics.batch_rows.labels(kind).observe(self.decoder.running + len(finished))
+            self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
+        self._complete(finished)
+
+    def _collect(self, room: int | None = None, wait: bool = True) -> tuple[str, Items]:
+        """The oldest queue's next batch: up to `max_batch` rows (generation rows: up to `room`),
+        waiting up to `max_wait` after its oldest row for more, if `wait`."""
         with self._cond:
-            waiting = [(q[0][0].arrived, kind) for kind, q in self._queues.items() if q]
+            waiting = [(q[0][0].arrived, kind) for kind, q in self._queues.items()
+                       if q and (kind == "encode" or room is None or room > 0)]
             if not waiting:
                 return "", []
             kind = min(waiting)[1]
             queue = self._queues[kind]
-            deadline = queue[0][0].arrived + self.max_wait
-            while len(queue) < self.max_batch and not self._ops and not self._closed:
+            limit = self.max_batch if kind == "encode" or room is None else room
+            deadline = queue[0][0].arrived + (self.max_wait if wait else 0.0)
+            while len(queue) < limit and not self._ops and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             items: Items = []
-            while queue and len(items) < self.max_batch:
+            while queue and len(items) < limit:
                 req, i = queue.popleft()
                 self._queued_rows -= 1
                 if req.future.done():  # a failed or cancelled request: drop its rows, free its adapter
@@ -223,8 +283,11 @@ class Batcher:
             for req in requests:
                 self._fail(req, err)
             return
+        self._complete(list(zip(items, results, strict=True)))
+
+    def _complete(self, finished: list[tuple[tuple[Request, int], Any]]) -> None:
         done = []
-        for (req, i), result in zip(items, results, strict=True):
+        for (req, i), result in finished:
             req.results[i] = result
             req.remaining -= 1
             if req.remaining == 0:
@@ -266,6 +329,7 @@ class Batcher:
             op()
         with self._cond:
             pending = [r for q in self._queues.values() for r, _ in q]
+            pending += [r for r, _ in (self.decoder.abort() if self.decoder is not None else [])]
             pending += list(itertools.chain.from_iterable(self._parked.values()))
             self._queues = {"encode": deque(), "generate": deque()}
             self._parked.clear()

@@ -32,6 +32,7 @@ from ..model import AdaptedModel
 from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
 from .batcher import Batcher, Items, Request
 from .cache import AdapterCache, AdapterKey
+from .decode import ContinuousDecoder
 from .errors import BadRequest, NotFound, PayloadTooLarge, not_found
 from .generate import GenerationRow, generate_batch
 from .metrics import ServeMetrics
@@ -44,8 +45,10 @@ class Engine:
         self, base: str | os.PathLike | nn.Module, store: str | os.PathLike, *, tokenizer: Any = None, max_batch: int = 32,
         max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, max_inputs: int = 64, max_input_chars: int = 20_000,
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
-        threads: int | None = None, adopt: bool = True, padding_cost: int = 32,
+        threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
     ) -> None:
+        if scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
             torch.set_num_threads(threads)
         if isinstance(base, str | os.PathLike):
@@ -77,8 +80,12 @@ class Engine:
             self.store.adopt_flat()
         self.metrics = ServeMetrics()
         self.cache = AdapterCache(self.am, cache_bytes)
+        self.scheduling = scheduling
+        decoder = None
+        if self.task == "causal_lm" and scheduling == "continuous":
+            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe)
         self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
-                               max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows)
+                               max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder)
         self.metrics.watch(self.stats)
         # Uploads are unpacked, hashed and checked on two low-priority threads, one upload per tenant
         # at a time: a tenant's stream of uploads takes CPU from nobody's requests but its own.
@@ -287,13 +294,16 @@ class Engine:
         return out
 
     def _names(self, items: Items) -> list[str | None]:
-        names = []
-        for req, _ in items:
-            entry = self.cache.get(req.key) if req.key is not None else None
-            if req.key is not None and entry is None:  # cannot happen: queued rows pin their adapter
-                raise NotFound(f"adapter {req.key.name!r} is no longer loaded")
-            names.append(entry.internal if entry else None)
-        return names
+        return [self._name(req) for req, _ in items]
+
+    def _name(self, req: Request) -> str | None:
+        entry = self.cache.get(req.key) if req.key is not None else None
+        if req.key is not None and entry is None:  # cannot happen: queued rows pin their adapter
+            raise NotFound(f"adapter {req.key.name!r} is no longer loaded")
+        return entry.internal if entry else None
+
+    def _describe(self, item: tuple[Request, int]) -> tuple[GenerationRow, str | None]:
+        return item[0].options["row"], self._name(item[0])
 
     def _execute(self, kind: str, items: Items) -> list[Any]:
         names = self._names(items)

@@ -10,6 +10,7 @@ import tarfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,21 +91,49 @@ WORDS = ("the a cat dog sat ran on in mat park we like green tea it rained all d
          "red blue big small one two three yes no good bad").split()
 
 
-def tiny_gpt2(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny random GPT-2 and a word-level tokenizer for it, saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+#: a chat template for the word-level tokenizer: "user: ... assistant:" turns
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
 
-    folder = Path(folder)
-    vocab = {tok: i for i, tok in enumerate(["[UNK]", "[PAD]", "[EOS]", *WORDS])}
+
+def _word_tokenizer() -> tuple[Any, dict[str, int]]:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["[UNK]", "[PAD]", "[EOS]", *WORDS, "user", "assistant", "system", ":"])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=64,
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer, vocab
+
+
+def tiny_gpt2(folder: str | Path, seed: int = 0, positions: int = 64) -> Path:
+    """A tiny random GPT-2 and a word-level tokenizer for it, saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer, vocab = _word_tokenizer()
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=positions,
                         bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"])
+    return _save(GPT2LMHeadModel, config, tokenizer, Path(folder), seed)
+
+
+def tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, positions: int = 128) -> Path:
+    """A tiny random Llama (grouped-query attention, rotary positions) with the word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, vocab = _word_tokenizer()
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
+                         max_position_embeddings=positions, bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"],
+                         pad_token_id=vocab["[PAD]"], tie_word_embeddings=False)
+    return _save(LlamaForCausalLM, config, tokenizer, Path(folder), seed)
+
+
+def _save(cls: type, config: Any, tokenizer: Any, folder: Path, seed: int) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config).eval()
+        model = cls(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,0 +1,182 @@
+"""Continuous batching: rows join and leave a running decode at every step, each routed and sampled
+on its own, and every row's tokens equal to the same request run alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.serve.decode import ContinuousDecoder
+from adapterkit.serve.generate import GenerationRow, generate_batch
+from adapterkit.serve.testing import WORDS, gpt2_builder, make_adapter, tiny_gpt2, tiny_llama
+
+pytest.importorskip("fastapi")
+
+from adapterkit.serve import Engine  # noqa: E402
+
+EOS = 2  # "[EOS]" in the word-level tokenizer of serve.testing
+
+
+def _adapted(folder, kind: str):
+    am = gpt2_builder(folder)
+    targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    for i in range(3):
+        am.add(f"a{i}", ak.LoRA(r=4, targets=targets))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in am.adapter_parameters(f"a{i}"):
+                p.add_(torch.randn(p.shape, generator=gen))
+    am.eval()
+    return am
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    folder = tiny_gpt2(root / "m") if request.param == "gpt2" else tiny_llama(root / "m")
+    return _adapted(folder, request.param)
+
+
+def _requests(seed: int, n: int = 10) -> list[tuple[GenerationRow, str | None]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, 3 + len(WORDS)) for _ in range(rng.randint(1, 9))]
+        temperature = rng.choice([0.0, 0.0, 1.3])
+        out.append((GenerationRow(prompt, rng.randint(1, 12), temperature, seed=rng.randrange(1000)),
+                    rng.choice(["a0", "a1", "a2", None])))
+    return out
+
+
+def _alone(am, row: GenerationRow, name: str | None, eos: int | None) -> list[int]:
+    return generate_batch(am, [GenerationRow(row.prompt, row.max_new_tokens, row.temperature, row.seed)], [name],
+                          pad_id=1, eos_id=eos)[0].tokens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_arrivals_equal_each_request_alone(model, seed):
+    """Requests arrive in a random order at random steps; each one's tokens (greedy, or sampled with
+    its own seed) are those of the request run alone."""
+    requests = _requests(seed)
+    rng = random.Random(100 + seed)
+    order = rng.sample(range(len(requests)), len(requests))
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=EOS, describe=lambda i: requests[i])
+    results: dict[int, list[int]] = {}
+    widths, steps = [], 0
+    while order or decoder.running:
+        if order and (not decoder.running or rng.random() < 0.4):
+            newcomers = [order.pop() for _ in range(min(len(order), rng.randint(1, 3)))]
+            for i, out in decoder.admit(newcomers):
+                results[i] = out.tokens
+        for i, out in decoder.step():
+            results[i] = out.tokens
+        widths.append(decoder.running)
+        steps += 1
+        assert steps < 500
+    assert sorted(results) == list(range(len(requests)))
+    for i, (row, name) in enumerate(requests):
+        assert results[i] == _alone(model, row, name, EOS), (i, row, name)
+    assert max(widths) > 1  # rows really shared steps
+
+
+def test_cancelled_rows_leave_and_the_others_go_on(model):
+    requests = [(GenerationRow([5, 6, 7], 10), "a0"), (GenerationRow([8], 10), "a1"), (GenerationRow([9, 10], 10), None)]
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: requests[i])
+    decoder.admit([0, 1])
+    decoder.step()
+    decoder.admit([2])
+    decoder.step()
+    assert decoder.drop(lambda i: i == 0) == [0] and decoder.running == 2
+    cache_rows = {layer.keys.shape[0] for layer in decoder._cache.layers}
+    assert cache_rows == {2}  # the cancelled row's keys and values are gone
+    results = {}
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+    for i in (1, 2):
+        assert results[i] == _alone(model, *requests[i], None)
+    assert decoder.abort() == []
+
+
+def test_a_failed_admission_leaves_the_running_rows_untouched(model):
+    requests = {0: (GenerationRow([5, 6], 6), "a0"), 1: (GenerationRow([7], 6), "nonexistent")}
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: requests[i])
+    decoder.admit([0])
+    with pytest.raises(Exception, match="nonexistent"):
+        decoder.admit([1])
+    results = {}
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+    assert results[0] == _alone(model, *requests[0], None)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continuous")
+    base = tiny_gpt2(root / "gpt2", positions=256)
+    builder = gpt2_builder(base)
+    folders = {f"g{i}": make_adapter(builder, f"g{i}", root / f"g{i}", config=ak.LoRA(r=4, targets=["c_attn"]),
+                                     labels=None, seed=i, scale=1.0) for i in range(2)}
+    made = {}
+    for scheduling in ("continuous", "static"):
+        engine = Engine(base, root / f"store-{scheduling}", max_wait_ms=5, max_new_tokens=200, scheduling=scheduling)
+        for name, folder in folders.items():
+            engine.store.add("default", name, folder)
+        made[scheduling] = engine
+    yield made
+    for engine in made.values():
+        engine.close()
+
+
+def test_a_newcomer_joins_at_the_next_step_and_leaves_when_done(engines):
+    """A short request sent while a long one decodes finishes long before the long one does
+    (static batching makes it wait for the whole long generation)."""
+    engine = engines["continuous"]
+    seen, short, sent = [], [], threading.Event()
+
+    def on_token(token: int) -> None:
+        seen.append(token)
+        if len(seen) == 3 and not sent.is_set():
+            sent.set()
+            future = engine.submit_generate("hello world", adapter="g1", max_new_tokens=4)
+            future.add_done_callback(lambda _: short.append(len(seen)))
+
+    # eos_id is the tiny model's own; a random model may stop early, so the prompt is checked below
+    long = engine.submit_generate("the cat sat on", adapter="g0", max_new_tokens=150, on_token=on_token)
+    out = long.result(timeout=120)
+    if out["finish_reason"] == "stop" and out["tokens"] < 20:
+        pytest.skip("the random model ended the long generation early")
+    deadline = time.monotonic() + 30
+    while not short and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert short and short[0] < 3 + 4 + 3  # joined at once, left after its 4 tokens
+    assert engine.batcher.decoder.running == 0 and not engine.batcher._pins
+
+
+def test_cancelling_frees_the_row(engines):
+    engine = engines["continuous"]
+    tokens, go = [], threading.Event()
+    future = engine.submit_generate("the cat", adapter="g0", max_new_tokens=200,
+                                    on_token=lambda t: (tokens.append(t), len(tokens) == 2 and go.set()))
+    assert go.wait(60)
+    future.cancel()
+    deadline = time.monotonic() + 30
+    while (engine.batcher.decoder.running or engine.batcher._pins) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.batcher.decoder.running == 0 and not engine.batcher._pins
+    assert len(tokens) < 200
+    assert engine.generate("the cat", adapter="g1", max_new_tokens=3)["tokens"] <= 3  # still serving
+
+
+def test_continuous_and_static_give_the_same_tokens(engines):
+    prompts = [("the cat sat on", "g0"), ("hello world", None), ("we like green tea", "g1"), ("red", "g0")]
+    answers = {}
+    for scheduling, engine in engines.items():
+        futures = [engine.submit_generate(p, adapter=a, max_new_tokens=n, temperature=t, seed=7)
+                   for (p, a), n, t in zip(prompts, [9, 3, 12, 6], [0.0, 0.0, 1.2, 0.8], strict=True)]
+        answers[scheduling] = [f.result(timeout=120)["token_ids"] for f in futures]
+    assert answers["continuous"] == answers["static"]
