@@ -27,8 +27,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterError
 from .engine import Engine
-from .errors import BadRequest, BadUpload, Forbidden, PayloadTooLarge, RequestTimeout, ServeError, not_found
+from .errors import (
+    BadRequest,
+    BadUpload,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServeError,
+    error_body,
+    not_found,
+)
 from .metrics import ServeMetrics
+from .openai_api import OPENAI_PATHS, add_openai_routes
 from .tenants import SINGLE_TENANT, Principal, Tenants, valid_name
 
 MAX_UPLOAD = 256 << 20
@@ -66,7 +76,9 @@ class GenerateIn(BaseModel):
 
 def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None = None, *,
                max_upload_bytes: int = MAX_UPLOAD, max_json_bytes: int = MAX_JSON,
-               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = False) -> FastAPI:
+               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = False,
+               served_name: str | None = None) -> FastAPI:
+    """`served_name`: the base model's name in the OpenAI API (default: the last part of its path or id)."""
     tenants = keys if isinstance(keys, Tenants) or keys is None else Tenants(keys)
     metrics = engine.metrics
 
@@ -119,6 +131,8 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
         if not body.stream:
             return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
         return StreamingResponse(_stream(engine, body.prompt, name, tenant, options), media_type="text/event-stream")
+
+    add_openai_routes(app, engine, principal, served_name)
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -193,13 +207,13 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, err: AdapterError) -> JSONResponse:
         request.state.error = "invalid_adapter"
-        return JSONResponse({"error": {"code": "invalid_adapter", "message": str(err)}}, status_code=422)
+        return JSONResponse(error_body("invalid_adapter", str(err), 422), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         request.state.error = code
-        return JSONResponse({"error": {"code": code, "message": str(err.detail)}}, status_code=err.status_code,
+        return JSONResponse(error_body(code, str(err.detail), err.status_code), status_code=err.status_code,
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -207,12 +221,15 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
         problems = err.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             request.state.error = "invalid_json"
-            return JSONResponse({"error": {"code": "invalid_json", "message": "the request body is not valid JSON"}},
-                                status_code=400)
+            return JSONResponse(error_body("invalid_json", "the request body is not valid JSON", 400), status_code=400)
         request.state.error = "invalid_request"
         message = "; ".join(f"{'.'.join(str(x) for x in p.get('loc', ())[1:]) or 'body'}: {p.get('msg')}"
                             for p in problems[:5])
-        return JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422)
+        # OpenAI's API answers a malformed request with 400 (its clients raise BadRequestError)
+        status = 400 if request.url.path in OPENAI_PATHS else 422
+        where = problems[0].get("loc", ())[1:] if problems else ()
+        param = ".".join(str(x) for x in where) or None
+        return JSONResponse(error_body("invalid_request", message, status, param), status_code=status)
 
     return app
 
@@ -236,7 +253,7 @@ async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str, op
         except ServeError as err:
             yield _event(err.as_json())
         except Exception as err:  # noqa: BLE001 - the stream has started; report in band
-            yield _event({"error": {"code": "internal_error", "message": str(err)}})
+            yield _event(error_body("internal_error", str(err), 500))
     finally:
         future.cancel()
 

@@ -128,8 +128,8 @@ class ContinuousDecoder:
 
     def _advance(self, r: _Running, logits: torch.Tensor) -> Generated | None:
         """Sample r's next token; the finished result if this ends the row."""
-        token = _sample(logits, r.row.temperature, r.generator)
-        if self.eos_id is not None and token == self.eos_id:
+        token = _sample(logits, r.row.temperature, r.generator, r.row.top_p)
+        if self.eos_id is not None and token == self.eos_id and not r.row.ignore_eos:
             r.finish = "stop"
         else:
             r.tokens.append(token)

@@ -111,26 +111,32 @@ class Engine:
 
     def submit_generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
                         max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
-                        on_token: Callable[[int], None] | None = None) -> Future:
+                        on_token: Callable[[int], None] | None = None, top_p: float = 1.0,
+                        ignore_eos: bool = False, prompt_ids: list[int] | None = None) -> Future:
+        """Queue a generation; the future gives {"adapter", "version", "text", "tokens", "token_ids",
+        "prompt_tokens", "finish_reason"}. `prompt_ids`: the prompt already tokenised (then `prompt`
+        is not read), as the chat endpoint has it from the chat template."""
         if self.task != "causal_lm":
             raise BadRequest("generation needs a causal-LM base; this server's base is a " + self.task + " model")
-        if not isinstance(prompt, str) or not prompt:
+        if prompt_ids is None and (not isinstance(prompt, str) or not prompt):
             raise BadRequest("prompt: a non-empty string")
         if not 1 <= int(max_new_tokens) <= self.max_new_tokens:
             raise PayloadTooLarge(f"max_new_tokens must be between 1 and {self.max_new_tokens}")
         if temperature < 0:
             raise BadRequest("temperature must be >= 0 (0: greedy)")
-        ids = self._tokenize([prompt])[0]
+        if not 0 < top_p <= 1:
+            raise BadRequest("top_p must be in (0, 1]")
+        ids = self._tokenize([prompt])[0] if prompt_ids is None else self._check_ids(prompt_ids)
         if len(ids) + max_new_tokens > self.max_tokens:
             raise PayloadTooLarge(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {self.max_tokens}")
         key = self.key(tenant, adapter)
-        row = GenerationRow(ids, int(max_new_tokens), float(temperature), seed, on_token)
+        row = GenerationRow(ids, int(max_new_tokens), float(temperature), seed, on_token, float(top_p), bool(ignore_eos))
         req = Request("generate", key, [ids], {"row": row})
 
         def respond(results: list) -> dict:
             out = results[0]
             return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
-                    "token_ids": out.tokens, "finish_reason": out.finish_reason}
+                    "token_ids": out.tokens, "prompt_tokens": len(ids), "finish_reason": out.finish_reason}
 
         return _then(self.batcher.submit(req), respond)
 
@@ -278,6 +284,12 @@ class Engine:
             if len(row) > self.max_tokens:
                 raise PayloadTooLarge(f"inputs[{i}] has {len(row)} tokens; this model takes at most {self.max_tokens}")
         return rows
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = len(self.tokenizer)
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise BadRequest(f"prompt token ids: a non-empty list of integers in [0, {vocab})")
+        return ids
 
     def _read(self, key: AdapterKey) -> tuple[dict, dict]:
         try:

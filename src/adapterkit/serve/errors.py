@@ -9,12 +9,14 @@ class ServeError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message, self.param = message, param
 
     def as_json(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+        """The error body; its fields are OpenAI's (message, type, param, code), so one shape serves
+        both this API and the OpenAI-compatible one."""
+        return error_body(self.code, self.message, self.status, self.param)
 
 
 class BadRequest(ServeError):
@@ -72,3 +74,17 @@ class Overloaded(ServeError):
 def not_found(tenant: str, name: str) -> NotFound:
     """The one message for 'no such adapter', whether or not another tenant has one by that name."""
     return NotFound(f"adapter {name!r} not found")
+
+
+#: OpenAI's error types by HTTP status
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(code: str, message: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "type": error_type(status), "param": param}}

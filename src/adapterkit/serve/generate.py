@@ -25,6 +25,8 @@ class GenerationRow:
     temperature: float = 0.0
     seed: int | None = None
     on_token: Callable[[int], None] | None = None
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much probability
+    ignore_eos: bool = False  # decode max_new_tokens whatever comes (as vLLM's ignore_eos, for benchmarks)
 
 
 @dataclass
@@ -59,8 +61,8 @@ def generate_batch(
                 if finish[i]:
                     chosen.append(pad_id)
                     continue
-                token = _sample(logits[i], row.temperature, generators[i])
-                if eos_id is not None and token == eos_id:
+                token = _sample(logits[i], row.temperature, generators[i], row.top_p)
+                if eos_id is not None and token == eos_id and not row.ignore_eos:
                     finish[i] = "stop"
                 else:
                     tokens[i].append(token)
@@ -80,10 +82,14 @@ def generate_batch(
     return [Generated(t, f or "length") for t, f in zip(tokens, finish, strict=True)]
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0) -> int:
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
