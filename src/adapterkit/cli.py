@@ -205,13 +205,17 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="How long the batcher waits to fill a batch")] = 5.0,
     cache_bytes: Annotated[int, typer.Option(help="Byte budget of resident adapters")] = 512 << 20,
     keys: Annotated[str | None, typer.Option(help="keys.json mapping API keys to tenants")] = None,
+    scheduling: Annotated[str, typer.Option(help="generation: continuous (rows join and leave at every step) | static")] = "continuous",
+    served_model_name: Annotated[str | None, typer.Option(help="The base model's name in the OpenAI API")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="The most tokens one generation may ask for")] = 256,
 ) -> None:
-    """Serve many adapters on one base model over HTTP (FastAPI)."""
+    """Serve many adapters on one base model over HTTP (FastAPI), with an OpenAI-compatible API."""
     from .serve import serve_command
     from .train.job import default_base
 
     serve_command(base=base or default_base(), store=store, port=port, host=host, max_batch=max_batch,
-                  max_wait_ms=max_wait_ms, cache_bytes=cache_bytes, keys=keys)
+                  max_wait_ms=max_wait_ms, cache_bytes=cache_bytes, keys=keys, scheduling=scheduling,
+                  served_name=served_model_name, max_new_tokens=max_new_tokens)
 
 
 continual_app = typer.Typer(no_args_is_help=True, help="Continual learning: one frozen adapter per task.")

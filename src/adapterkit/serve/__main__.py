@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-bytes", type=int, default=512 << 20)
     parser.add_argument("--keys", default=None, help="keys.json: API key -> tenant")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--scheduling", choices=["continuous", "static"], default="continuous",
+                        help="generation: rows join and leave at every step, or a batch decodes to its end")
+    parser.add_argument("--served-model-name", default=None, help="the base model's name in the OpenAI API")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one generation may ask for")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -26,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     from . import serve_command
 
     serve_command(args.base, args.store, port=args.port, host=args.host, max_batch=args.max_batch,
-                  max_wait_ms=args.max_wait_ms, cache_bytes=args.cache_bytes, keys=args.keys)
+                  max_wait_ms=args.max_wait_ms, cache_bytes=args.cache_bytes, keys=args.keys,
+                  scheduling=args.scheduling, served_name=args.served_model_name, max_new_tokens=args.max_new_tokens)
 
 
 if __name__ == "__main__":
