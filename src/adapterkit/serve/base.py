@@ -97,3 +97,18 @@ def raw_encoder(tokenizer: Any) -> Any:
     encoder.no_truncation()
     encoder.no_padding()
     return encoder
+
+
+def quantize_base(model: nn.Module, quantize: str | None, skip: str | None = None) -> int:
+    """Quantize the base's Linear weights in place (torchao int8 weight-only; `skip`: the task
+    head's path, which adapters replace anyway); the number quantized. None: nothing."""
+    if quantize is None:
+        return 0
+    if quantize != "int8":
+        raise ValueError(f"quantize: 'int8' or None, not {quantize!r}")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    names = {n for n, m in model.named_modules()
+             if type(m) is nn.Linear and not (skip and (n == skip or n.startswith(skip + ".")))}
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in names)
+    return len(names)

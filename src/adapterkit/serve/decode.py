@@ -18,6 +18,7 @@ off. Positions count each row's real tokens, so a row's tokens do not depend on 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,10 @@ class ContinuousDecoder:
     (None: the base model); handles are the caller's own names for rows."""
 
     def __init__(self, am: AdaptedModel, pad_id: int, eos_id: int | None,
-                 describe: Callable[[Any], tuple[GenerationRow, str | None]]) -> None:
+                 describe: Callable[[Any], tuple[GenerationRow, str | None]],
+                 routing: Callable[[list[str | None]], ContextManager] | None = None) -> None:
         self.am, self.pad_id, self.eos_id, self.describe = am, pad_id, eos_id, describe
+        self.routing = routing or am.route
         self._keyword = cache_keyword(am.base)
         self._extra = last_logits_only(am.base)
         self._rows: list[_Running] = []
@@ -74,7 +77,7 @@ class ContinuousDecoder:
         rows = [_Running(h, row, name, _generator(row.seed), [], len(row.prompt)) for h, row, name in entries]
         input_ids, mask = pad([r.row.prompt for r in rows], self.pad_id, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self.am.route([r.name for r in rows]):
+        with self.routing([r.name for r in rows]):
             out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           **{self._keyword: None}, **self._extra)
         cache = output_cache(out)
@@ -96,7 +99,7 @@ class ContinuousDecoder:
         mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype)], dim=1)
         input_ids = torch.tensor([r.next_token for r in self._rows], dtype=torch.long).unsqueeze(1)
         positions = torch.tensor([r.position for r in self._rows], dtype=torch.long).unsqueeze(1)
-        with self.am.route([r.name for r in self._rows]):
+        with self.routing([r.name for r in self._rows]):
             out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           **{self._keyword: self._cache}, **self._extra)
         self._cache, self._mask = output_cache(out), mask

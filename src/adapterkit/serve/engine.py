@@ -29,12 +29,13 @@ from ..errors import AdapterFileError
 from ..hf_names import last_logits_only
 from ..io.files import read_adapter
 from ..model import AdaptedModel
-from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
+from .base import length_groups, load_base, max_positions, pad, quantize_base, raw_encoder, task_of
 from .batcher import Batcher, Items, Request
 from .cache import AdapterCache, AdapterKey
 from .decode import ContinuousDecoder
 from .errors import BadRequest, NotFound, PayloadTooLarge, not_found
 from .generate import GenerationRow, generate_batch
+from .merged import DominantMerge
 from .metrics import ServeMetrics
 from .store import AdapterStore
 from .tenants import DEFAULT_TENANT, check_name, valid_name
@@ -46,7 +47,10 @@ class Engine:
         max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, max_inputs: int = 64, max_input_chars: int = 20_000,
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
+        merge_after: int = 8, quantize: str | None = None,
     ) -> None:
+        """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
+        (0: never merge). `quantize="int8"`: torchao int8 weight-only Linear layers in the base."""
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
@@ -62,7 +66,10 @@ class Engine:
         self.am.eval()
         self.base_name = self.am.base_name
         self.task = task_of(model, self.am.head_path)
-        self.fingerprint = self.am.fingerprint()
+        self.fingerprint = self.am.fingerprint()  # of the full-precision base, which adapters were made for
+        self.quantized = quantize_base(model, quantize, skip=self.am.head_path)
+        self.merging = DominantMerge(self.am, merge_after) if merge_after else None
+        self._routing = self.merging.routing if self.merging is not None else self.am.route
         self.tokenizer = tokenizer
         self._tok_lock = threading.Lock()
         self._encoder = raw_encoder(tokenizer)
@@ -83,7 +90,7 @@ class Engine:
         self.scheduling = scheduling
         decoder = None
         if self.task == "causal_lm" and scheduling == "continuous":
-            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe)
+            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe, self._routing)
         self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder)
         self.metrics.watch(self.stats)
@@ -321,7 +328,7 @@ class Engine:
         names = self._names(items)
         if kind == "generate":
             rows = [req.options["row"] for req, _ in items]
-            return generate_batch(self.am, rows, names, self.pad_id, self.eos_id)
+            return generate_batch(self.am, rows, names, self.pad_id, self.eos_id, self._routing)
         results: list[Any] = [None] * len(items)
         for group in length_groups([len(req.rows[i]) for req, i in items], self.padding_cost):
             part = self._encode([items[k] for k in group], [names[k] for k in group])
@@ -334,7 +341,7 @@ class Engine:
         input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
         embed = any(req.kind == "embed" for req, _ in items)
         extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
-        with torch.inference_mode(), self.am.route(names):
+        with torch.inference_mode(), self._routing(names):
             out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
         if embed:
             hidden = out.hidden_states[-1].float()

@@ -8,6 +8,7 @@ own seeded generator (temperature 0: greedy), so a row's tokens do not depend on
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,8 @@ class Generated:
 
 @torch.inference_mode()
 def generate_batch(
-    am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None
+    am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None,
+    routing: Callable[[list[str | None]], ContextManager] | None = None,
 ) -> list[Generated]:
     n = len(rows)
     input_ids, mask = pad([r.prompt for r in rows], pad_id, left=True)
@@ -50,7 +52,7 @@ def generate_batch(
     if keyword is None:
         raise TargetError(f"{type(am.base).__name__}.forward takes no key/value cache, so it cannot generate here")
     past = None
-    with am.route(list(names)):
+    with (routing or am.route)(list(names)):
         for _ in range(max(r.max_new_tokens for r in rows)):
             out = am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                      **{keyword: past}, **extra)

@@ -47,7 +47,9 @@ def make_adapter(
     labels: Sequence[str] | None = ("neg", "pos"), seed: int = 0, scale: float = 0.05,
 ) -> Path:
     """Add an adapter to `am`, move it (and its head) away from the identity, save it, remove it."""
-    am.add(name, config or LoRA(r=4, targets=["query", "value"]), labels=list(labels) if labels else None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the new head's own initialisation too: the same adapter in every process
+        am.add(name, config or LoRA(r=4, targets=["query", "value"]), labels=list(labels) if labels else None)
     gen = torch.Generator().manual_seed(seed)
     for p in am.adapter_parameters(name):
         p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))

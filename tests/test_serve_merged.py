@@ -1,0 +1,104 @@
+"""The dominant adapter served from merged weights, and an int8 base with adapters routed on top."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.serve import Engine  # noqa: E402
+from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
+
+TEXTS = ["the cat sat on the mat", "what a lovely day", "we like green tea a lot more than coffee",
+         "the service was slow and the food cold", "it rained all day"]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    builder = ak.adapt(load_minilm())
+    root = tmp_path_factory.mktemp("merged")
+    out = {f"lora{i}": make_adapter(builder, f"lora{i}", root / f"lora{i}", seed=i, scale=0.3) for i in range(2)}
+    out["ia3"] = make_adapter(builder, "ia3", root / "ia3", seed=7, scale=0.3,
+                              config=ak.IA3(targets=["key", "value", "output.dense"]))
+    out["bottleneck"] = make_adapter(builder, "bottleneck", root / "bottleneck", seed=8, scale=0.3,
+                                     config=ak.Bottleneck(reduction=16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_tokenizer):
+    return Reference(ak.adapt(load_minilm()), minilm_tokenizer)
+
+
+def _engine(folders, root, **options) -> Engine:
+    engine = Engine(minilm_path(), root, max_wait_ms=1, **options)
+    for name, folder in folders.items():
+        engine.store.add("default", name, folder)
+    return engine
+
+
+def _check(engine, folders, reference, name: str) -> None:
+    out = engine.classify(TEXTS, adapter=name)["results"]
+    for text, answer in zip(TEXTS, out, strict=True):
+        expected = reference.scores(folders[name], text)
+        got = [answer["scores"][label] for label in reference.labels(folders[name])]
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < ATOL, (name, text)
+
+
+def test_one_adapter_traffic_is_served_merged_and_mixed_traffic_unmerges(folders, reference, tmp_path):
+    with _engine(folders, tmp_path / "store", merge_after=3) as engine:
+        merging = engine.merging
+        for _ in range(4):
+            _check(engine, folders, reference, "lora0")
+        assert merging.merged == "default__lora0__v1" and merging.merges == 1
+        assert engine.am.state.merged == {"default__lora0__v1"}
+        _check(engine, folders, reference, "lora1")  # another adapter: unmerged first, then routed
+        assert merging.merged is None and merging.unmerges == 1 and not engine.am.state.merged
+        futures = [engine.submit("classify", [t], adapter=n) for t in TEXTS for n in ("lora0", "lora1", None)]
+        assert all(f.result(timeout=60) for f in futures) and merging.merged is None
+        for _ in range(4):
+            _check(engine, folders, reference, "ia3")
+        assert merging.merged == "default__ia3__v1"
+        for _ in range(4):  # a bottleneck adapter has a nonlinearity: never merged
+            _check(engine, folders, reference, "bottleneck")
+        assert merging.merged is None
+        _check(engine, folders, reference, "lora0")
+
+
+def test_a_merged_adapter_that_is_evicted_leaves_the_base_clean(folders, reference, tmp_path):
+    with _engine(folders, tmp_path / "store", merge_after=2) as engine:
+        for _ in range(3):
+            _check(engine, folders, reference, "lora1")
+        assert engine.merging.merged is not None
+        engine.unload("default", "lora1")
+        engine.classify(["x"])  # the base, after the eviction
+        assert not engine.am.state.merged and engine.merging.merged is None
+        base = engine.classify(TEXTS)["results"]
+        with _engine(folders, tmp_path / "fresh", merge_after=0) as fresh:
+            again = fresh.classify(TEXTS)["results"]
+        for a, b in zip(base, again, strict=True):
+            assert max(abs(a["scores"][k] - b["scores"][k]) for k in a["scores"]) < ATOL
+        _check(engine, folders, reference, "lora1")
+
+
+def test_int8_base_routes_adapters_and_agrees_with_fp32(folders, reference, tmp_path):
+    with _engine(folders, tmp_path / "int8", quantize="int8", merge_after=2) as engine:
+        assert engine.quantized > 0
+        deviations, clear, agree = [], 0, 0
+        for name in ("lora0", "lora1"):
+            out = engine.classify(TEXTS, adapter=name)["results"]
+            labels = reference.labels(folders[name])
+            for text, answer in zip(TEXTS, out, strict=True):
+                expected = reference.scores(folders[name], text)
+                got = [answer["scores"][label] for label in labels]
+                deviations += [abs(x - y) for x, y in zip(got, expected, strict=True)]
+                if max(expected) > 0.7:  # a clear fp32 answer: int8 must give the same label
+                    clear += 1
+                    agree += answer["label"] == labels[expected.index(max(expected))]
+        assert agree == clear
+        assert 0 < sum(deviations) / len(deviations) < 0.1  # int8 weights: near fp32, not equal
+        for _ in range(3):  # int8 weights cannot take a merge: the adapter stays routed
+            engine.classify(TEXTS, adapter="lora0")
+        assert engine.merging.merged is None and not engine.am.state.merged
