@@ -208,6 +208,8 @@ def serve(
     scheduling: Annotated[str, typer.Option(help="generation: continuous (rows join and leave at every step) | static")] = "continuous",
     served_model_name: Annotated[str | None, typer.Option(help="The base model's name in the OpenAI API")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="The most tokens one generation may ask for")] = 256,
+    merge_after: Annotated[int, typer.Option(help="Forwards in a row for one mergeable adapter before it is served merged (0: never)")] = 8,
+    quantize: Annotated[str | None, typer.Option(help="int8: int8 weight-only Linear layers in the base (torchao)")] = None,
 ) -> None:
     """Serve many adapters on one base model over HTTP (FastAPI), with an OpenAI-compatible API."""
     from .serve import serve_command
@@ -215,7 +217,8 @@ def serve(
 
     serve_command(base=base or default_base(), store=store, port=port, host=host, max_batch=max_batch,
                   max_wait_ms=max_wait_ms, cache_bytes=cache_bytes, keys=keys, scheduling=scheduling,
-                  served_name=served_model_name, max_new_tokens=max_new_tokens)
+                  served_name=served_model_name, max_new_tokens=max_new_tokens, merge_after=merge_after,
+                  quantize=quantize)
 
 
 continual_app = typer.Typer(no_args_is_help=True, help="Continual learning: one frozen adapter per task.")

@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="generation: rows join and leave at every step, or a batch decodes to its end")
     parser.add_argument("--served-model-name", default=None, help="the base model's name in the OpenAI API")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one generation may ask for")
+    parser.add_argument("--merge-after", type=int, default=8,
+                        help="forwards in a row for one mergeable adapter before it is served merged (0: never)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only Linear layers in the base")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
 
     serve_command(args.base, args.store, port=args.port, host=args.host, max_batch=args.max_batch,
                   max_wait_ms=args.max_wait_ms, cache_bytes=args.cache_bytes, keys=args.keys,
-                  scheduling=args.scheduling, served_name=args.served_model_name, max_new_tokens=args.max_new_tokens)
+                  scheduling=args.scheduling, served_name=args.served_model_name, max_new_tokens=args.max_new_tokens,
+                  merge_after=args.merge_after, quantize=args.quantize)
 
 
 if __name__ == "__main__":
