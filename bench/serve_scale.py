@@ -234,14 +234,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["scale", "merged", "int8"], help="run one part (nothing is written)")
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.rounds = 120, 300, 1
     torch.set_num_threads(args.threads)
+    parts = {"scale": scale, "merged": merged, "int8": int8}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        summary = {"scale": scale(root / "scale", args), "merged": merged(root / "merged", args),
-                   "int8": int8(root / "int8", args)}
+        if args.only:
+            print(json.dumps({k: v for k, v in parts[args.only](root / args.only, args).items() if k != "phases"}))
+            return
+        summary = {name: part(root / name, args) for name, part in parts.items()}
     flat = {
         "evicting_vs_resident_throughput": summary["scale"]["evicting_vs_resident_throughput"],
         "evicting_p99_ratio": summary["scale"]["evicting_p99_ratio"],

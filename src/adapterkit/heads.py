@@ -64,7 +64,8 @@ def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
     nn.init.normal_(fresh.weight, std=0.02)
     if fresh.bias is not None:
         nn.init.zeros_(fresh.bias)
-    fresh.to(old.weight.device)
+    if not fresh.weight.is_meta:  # built on meta, it is given the file's tensors (io/install.py)
+        fresh.to(old.weight.device)
     if last == "":
         return fresh
     parent_name, _, attr = last.rpartition(".")

@@ -87,6 +87,18 @@ class AdaptedModel(nn.Module):
         of the ones the config's targets match, as a saved file lists them: no pattern is run.
         Everything is built before anything is attached, so a failure leaves the model as it was.
         """
+        self.attach(self.build(name, config, labels=labels, num_labels=num_labels, head=head, sites=sites))
+
+    def build(
+        self, name: str, config: MethodConfig, *, labels: Sequence[str] | None = None,
+        num_labels: int | None = None, head: bool | nn.Module | None = None,
+        sites: dict[str, str | None] | None = None, on_meta: bool = False,
+    ) -> Adapter:
+        """The record `add` attaches, built and not attached: this reads the model and changes nothing.
+
+        `on_meta`: its new parameters on the meta device, neither allocated nor initialised, for a
+        loader that assigns the file's tensors to them (io/install.py) and then calls `attach`.
+        """
         self._check_new_name(name)
         if not isinstance(config, MethodConfig):
             raise TargetError(f"adapter {name!r}: expected a method config (ak.LoRA(...), ...), got {config!r}")
@@ -94,11 +106,18 @@ class AdaptedModel(nn.Module):
         copied = self._copy_switches.check(name, config.modules_to_save, self.head_path)
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)
-        record = build_adapter(self.base, name, config, self.head_path, labels=labels, num_labels=num_labels,
-                               head=head, sites=sites)
-        for path, copy in self._copy_switches.build(copied).items():
-            record.copies[module_key(path)] = copy
-        record.to(self._device()).train(self.training)
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            record = build_adapter(self.base, name, config, self.head_path, labels=labels, num_labels=num_labels,
+                                   head=head, sites=sites)
+            for path, copy in self._copy_switches.build(copied).items():
+                record.copies[module_key(path)] = copy
+        if not on_meta:
+            record.to(self._device())
+        return record.train(self.training)
+
+    def attach(self, record: Adapter) -> None:
+        """Attach a record from `build` (its tensors real, no longer meta): the one step that changes the model."""
+        self._check_new_name(record.name)
         self._attach(record)
 
     def _attach(self, record: Adapter) -> None:
@@ -132,7 +151,6 @@ class AdaptedModel(nn.Module):
         for key in record.site_methods:
             site = self.sites[key]
             del site.adapters[name]
-            site.forget_stacks()
             if len(site.adapters) == 0:
                 site.detach_hooks()
                 del self.sites[key]
@@ -368,9 +386,7 @@ class AdaptedModel(nn.Module):
                     f"the module here needs {tuple(target.shape)}"
                 )
         for key, target in expected.items():
-            target.copy_(tensors[key].to(target.dtype))
-        for key in getattr(record, "site_methods", ()):
-            self.sites[key].forget_stacks()
+            target.copy_(tensors[key].to(target.dtype))  # bumps the version the routing stacks check
 
     # --- files: the one delegate to the io layer --------------------------------------------
 

@@ -18,6 +18,7 @@ from torch import nn
 from .composition import Average, Fuse, Setup, Stack, names_in
 from .errors import CompositionError
 from .methods.base import SiteMethod, SiteShape, features_last, positional_parameters
+from .stacks import Group, SlotStack, assign_slots, stack_of
 
 
 @dataclass
@@ -55,14 +56,6 @@ class AttachedAdapters(nn.ModuleDict):
 
 
 @dataclass
-class _Group:
-    """Adapters of one site that route together, and each one's slot in the stacked tensors."""
-
-    names: tuple[str, ...]
-    slot: dict[str, int]
-
-
-@dataclass
 class _Layout:
     """How a site's adapters route, derived once per version of them: every hooked forward reads it.
 
@@ -72,8 +65,8 @@ class _Layout:
     """
 
     version: int = -1
-    output: dict[tuple, _Group] = field(default_factory=dict)
-    inputs: dict[int, dict[tuple, _Group]] = field(default_factory=dict)
+    output: dict[tuple, Group] = field(default_factory=dict)
+    inputs: dict[int, dict[tuple, Group]] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +88,8 @@ class Site(nn.Module):
         # A plain attribute, not a submodule: the frozen module belongs to the base model only.
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
-        self._stacks: dict[tuple, _Stack] = {}
+        self._stacks: dict[tuple, SlotStack] = {}
+        self._slots: dict[tuple, list[str | None]] = {}  # group key -> the adapter in each slot
         self._layout_cache = _Layout()
         self._arg_names: tuple[str, ...] | None = None  # the frozen forward's positional ones, read when needed
         self._handles = [
@@ -146,7 +140,7 @@ class Site(nn.Module):
             h = self._apply(self.state.setup, "output", x, h, inplace=self._owns_output())
         return h if rest is None else (h, *rest)
 
-    def _uses(self, groups: dict[tuple, _Group], arg: int) -> bool:
+    def _uses(self, groups: dict[tuple, Group], arg: int) -> bool:
         """Whether the active setup or route applies any of `groups` (the adapters reading `arg`)."""
         if self.state.route is not None:
             return any(n in g.slot for g in groups.values() for n in self.state.route.names)
@@ -251,13 +245,23 @@ class Site(nn.Module):
                     inputs.setdefault(adapter.input_arg, {}).setdefault((*key, adapter.input_arg), []).append(name)
                 else:
                     output.setdefault(key, []).append(name)
-            self._layout_cache = _Layout(self.adapters.version, _grouped(output),
-                                         {arg: _grouped(inputs[arg]) for arg in sorted(inputs)})
+            self._slots = {key: assign_slots(self._slots.get(key), names)
+                           for key, names in [*output.items(), *(g for arg in inputs.values() for g in arg.items())]}
+            self._stacks = {key: stack for key, stack in self._stacks.items() if key in self._slots}
+            self._layout_cache = _Layout(self.adapters.version, self._grouped(output),
+                                         {arg: self._grouped(inputs[arg]) for arg in sorted(inputs)})
         return self._layout_cache
 
-    def _stacked(self, key: tuple, names: tuple[str, ...], used: tuple[str, ...]) -> dict:
-        """The stacked parameters of `names`, rebuilt when the names change or when an adapter that
-        this batch uses has changed (in place, or swapped for another module).
+    def _grouped(self, found: dict[tuple, list[str]]) -> dict[tuple, Group]:
+        groups = {}
+        for key in found:
+            names = tuple(self._slots[key])
+            groups[key] = Group(names, {n: i for i, n in enumerate(names) if n is not None})
+        return groups
+
+    def _stacked(self, key: tuple, group: Group, used: tuple[str, ...]) -> dict:
+        """The stacked parameters of `group`, updated slot by slot when its adapters change, or when
+        an adapter that this batch uses has changed (in place, or swapped for another module).
 
         Only the adapters in `used` are checked: a changed adapter that no row uses cannot affect
         this forward, and it is checked again when a batch names it. That keeps the per-forward
@@ -267,18 +271,17 @@ class Site(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # The stack is part of the autograd graph, so it cannot be reused across steps; a compiled
             # graph stacks inside itself (its guards cannot read the cache's storage pointers).
-            return key[0].stack([attached[n] for n in names])
+            return stack_of(key[0], group, attached)
+        version = self.adapters.version
         cached = self._stacks.get(key)
-        if cached is not None and cached.version == self.adapters.version:
-            if all(cached.modules[n] is attached[n] and cached.signature(n) == cached.signatures[n] for n in used):
-                return cached.stacked
-        adapters = [attached[n] for n in names]
-        with torch.no_grad():
-            cached = _Stack(names, adapters, key[0].stack(adapters), self.adapters.version)
+        if cached is not None and (cached.current(group, attached, used, version)
+                                   or cached.update(group, attached, used, version)):
+            return cached.stacked
+        cached = SlotStack(key[0], group, attached, version)
         self._stacks[key] = cached
         return cached.stacked
 
-    def _routed(self, groups: dict[tuple, _Group], side: str, x: torch.Tensor,
+    def _routed(self, groups: dict[tuple, Group], side: str, x: torch.Tensor,
                 h: torch.Tensor | None) -> torch.Tensor:
         """Apply each of `groups` to its rows; on the input side x is the argument they read."""
         route = self.state.route
@@ -289,22 +292,22 @@ class Site(nn.Module):
                 f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
             )
         for key, group in groups.items():
-            names, slot = group.names, group.slot
             if torch.is_grad_enabled():  # stacks are rebuilt per step, so only of the adapters used
                 wanted = set(route.names)
-                names = tuple(n for n in names if n in wanted)
-                slot = {n: i for i, n in enumerate(names)}
+                names = tuple(n for n in group.names if n is not None and n in wanted)
+                group = Group(names, {n: i for i, n in enumerate(names)})
             row_key = (self.module_name, key, self.adapters.version, torch.is_grad_enabled())
             found = route.rows.get(row_key)
             if found is None:
-                idx = [slot.get(n, len(names)) for n in route.names]
+                slot = group.slot
+                idx = [slot.get(n, group.zero) for n in route.names]
                 used = tuple({n: None for n in route.names if n in slot})
                 found = (torch.tensor(idx, device=target.device) if used else None, used)
                 route.rows[row_key] = found
             rows, used = found
             if rows is None:
                 continue
-            stacked = self._stacked(key, names, used)
+            stacked = self._stacked(key, group, used)
             if side == "output" and self._owns_output() and getattr(key[0], "adds_in_place", False):
                 result = key[0].route(stacked, rows, x, h, self.shape, inplace=True)
             else:
@@ -314,36 +317,6 @@ class Site(nn.Module):
             else:
                 h = result
         return x if side == "input" else h
-
-    def forget_stacks(self) -> None:
-        self._stacks.clear()
-
-
-class _Stack:
-    """A site's stacked parameters for one routing group, and what they were built from."""
-
-    def __init__(self, names: tuple[str, ...], adapters: list[nn.Module], stacked: dict, version: int) -> None:
-        self.names, self.stacked, self.version = names, stacked, version
-        self.modules = dict(zip(names, adapters, strict=True))
-        self.params = {n: _parameters_of(a) for n, a in self.modules.items()}
-        self.signatures = {n: self.signature(n) for n in names}
-
-    def signature(self, name: str) -> tuple:
-        # data_ptr: `.to(dtype/device)` swaps a parameter's storage without bumping its version.
-        return tuple((p._version, p.data_ptr()) for p in self.params[name])
-
-
-def _parameters_of(module: nn.Module) -> list[torch.Tensor]:
-    """module.parameters() without its generator machinery (3x faster)."""
-    params = [p for p in module._parameters.values() if p is not None]
-    for child in module._modules.values():
-        if child is not None:
-            params += _parameters_of(child)
-    return params
-
-
-def _grouped(found: dict[tuple, list[str]]) -> dict[tuple, _Group]:
-    return {key: _Group(tuple(names), {n: i for i, n in enumerate(names)}) for key, names in found.items()}
 
 
 def _first(args: tuple, kwargs: dict) -> int | str | None:

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapter import SITES
-from ..build import build_site_methods
+from ..adapter import Adapter
 from ..composition import Fuse, setup_from_dict
 from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterError, AdapterExistsError, AdapterFileError, CompositionError
@@ -30,6 +29,24 @@ def install(
     """Attach the adapter that `manifest` describes, with `tensors`, as `name` (default: its saved
     name); returns the name. `source` names where it came from in every error; `hint` is added to
     errors that say the file does not match this model."""
+    record = prepare(am, manifest, tensors, name=name, source=source, check_base=check_base, hint=hint)
+    am.attach(record)
+    return record.name
+
+
+def prepare(
+    am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], *, name: str | None = None,
+    source: str = "adapter", check_base: bool = True, hint: str = "", reuse: Adapter | None = None,
+) -> Adapter:
+    """Everything `install` does but the attaching: the record built, filled and checked.
+
+    It reads the model and changes nothing, so a server can prepare on an I/O thread while the model
+    thread serves, and attach between two batches (serve/cache.py). The per-site modules are built on
+    the meta device and given the file's tensors, so nothing is allocated before the sizes are checked
+    and nothing is initialised only to be overwritten.
+
+    `reuse`: a deleted record that a server kept; when it has this adapter's config, sites and tensor
+    shapes, the file's tensors are copied into it instead of building a new one (serve/cache.py)."""
     check_manifest(manifest, source)
     name = name or manifest.get("name")
     if not isinstance(name, str):
@@ -45,31 +62,52 @@ def install(
     labels = manifest.get("labels")
     num_labels = (head or {}).get("num_labels") if labels is None else None
     sites = manifest.get("sites")
+    if head:
+        _check_head_width(tensors, len(labels) if labels is not None else num_labels, source)
+    if reuse is not None and _refill(reuse, name, config, labels, sites, tensors):
+        return _finish(reuse, manifest, source)
+    # prompt / prefix modules may be initialised from the base model's embeddings: built for real
+    on_meta = not is_model_level(config)
     try:
-        if head:
-            _check_head_width(tensors, len(labels) if labels is not None else num_labels, source)
-        if sites is not None and not is_model_level(config):
-            _check_shapes_before_building(am, name, config, sites, tensors, source, hint)
-        am.add(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites)
+        record = am.build(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites,
+                          on_meta=on_meta)
     except AdapterExistsError:
-        raise
-    except AdapterFileError:
         raise
     except (AdapterError, ValueError, TypeError, OverflowError) as err:  # e.g. r = 10**30
         raise AdapterFileError(f"{source}: {err}") from None
-    try:
-        _check_sites(am, name, manifest.get("sites"), source, hint)
-        try:
-            am.load_adapter_state_dict(name, tensors)
-        except AdapterFileError as err:
-            raise AdapterFileError(f"{source}: {err}{hint}") from None
-        # the labels were checked above and belong to the head; a "labels" in meta must not replace them
-        am.adapter(name).meta.update({k: v for k, v in (manifest.get("meta") or {}).items() if k != "labels"})
-        _check_finite(am, name, source)
-    except BaseException:
-        am.delete(name, collect=False)
-        raise
-    return name
+    _check_sites(record, sites, source, hint)
+    _check_tensors(record, tensors, source, hint)
+    _fill(record, tensors, am._device())
+    if any(t.is_meta for t in [*record.parameters(), *record.buffers()]):  # state the file cannot hold
+        record = am.build(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites)
+        _fill(record, tensors, am._device())
+    return _finish(record, manifest, source)
+
+
+def _finish(record: Adapter, manifest: dict[str, Any], source: str) -> Adapter:
+    # the labels were checked above and belong to the head; a "labels" in meta must not replace them
+    record.meta.update({k: v for k, v in (manifest.get("meta") or {}).items() if k != "labels"})
+    _check_finite(record, source)
+    return record
+
+
+@torch.no_grad()
+def _refill(record: Adapter, name: str, config: Any, labels: list[str] | None, sites: dict[str, str | None] | None,
+            tensors: dict[str, torch.Tensor]) -> bool:
+    """Copy an adapter's tensors into a record built for another of the same structure; False if it is not."""
+    if sites is None or record.config != config or record.model_method is not None:
+        return False
+    here = {path: method.side for path, method in record.sites.items()}
+    if here.keys() != sites.keys() or any(side is not None and here[m] != side for m, side in sites.items()):
+        return False
+    expected = record.tensors()
+    if expected.keys() != tensors.keys() or any(
+            not isinstance(tensors[k], torch.Tensor) or tensors[k].shape != t.shape for k, t in expected.items()):
+        return False
+    for key, target in expected.items():
+        target.copy_(tensors[key])  # bumps the versions that routing stacks check
+    record.name, record.meta = name, {"labels": list(labels) if labels is not None else None}
+    return True
 
 
 def install_fusion(am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -151,22 +189,32 @@ def _check_head_width(tensors: dict[str, torch.Tensor], width: int | None, sourc
         raise AdapterFileError(f"{source}: the head is said to have {width} outputs, but no head tensor has that size")
 
 
-def _check_shapes_before_building(am: AdaptedModel, name: str, config: Any, sites: dict[str, str | None],
-                                  tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
-    """Build the site modules on the meta device (no memory) and compare their shapes with the file's,
-    so that a config asking for a huge rank or bottleneck fails before anything is allocated."""
-    with torch.device("meta"):
-        built = build_site_methods(am.base, name, config, am.head_path, sites)
-    for module_name, method in built.items():
-        for pname, p in method.state_dict().items():
-            key = f"{SITES}.{module_name}.{pname}"
-            if key not in tensors:
-                raise AdapterFileError(f"{source}: adapter {name!r}: tensor {key!r} is missing{hint}")
-            if tuple(tensors[key].shape) != tuple(p.shape):
-                raise AdapterFileError(
-                    f"{source}: adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
-                    f"config makes {tuple(p.shape)}{hint}"
-                )
+def _check_tensors(record: Adapter, tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
+    """The file holds exactly the record's tensors, each with the shape the config makes."""
+    expected = record.tensors()
+    name = record.name
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{source}: adapter {name!r}: tensors do not match this model; missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}{hint}")
+    for key, target in expected.items():
+        if not isinstance(tensors[key], torch.Tensor):
+            raise AdapterFileError(f"{source}: adapter {name!r}: {key!r} is not a tensor")
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise AdapterFileError(
+                f"{source}: adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
+                f"config makes {tuple(target.shape)}{hint}"
+            )
+
+
+def _fill(record: Adapter, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give every module of the record its tensors from the file: copies, in the module's dtype, so
+    that the record shares no memory with what the caller passed."""
+    for prefix, module in record.parts():
+        own = module.state_dict()
+        module.load_state_dict({k: tensors[f"{prefix}.{k}"].to(device=device, dtype=v.dtype, copy=True)
+                                for k, v in own.items()}, assign=True)
 
 
 def _check_base(am: AdaptedModel, manifest: dict[str, Any], what: str) -> None:
@@ -178,21 +226,26 @@ def _check_base(am: AdaptedModel, manifest: dict[str, Any], what: str) -> None:
         )
 
 
-def _check_sites(am: AdaptedModel, name: str, saved: dict[str, str | None] | None, source: str, hint: str) -> None:
+def _check_sites(record: Adapter, saved: dict[str, str | None] | None, source: str, hint: str) -> None:
     """The file's sites must be the ones the config finds here (a side of None: any side)."""
     if saved is None:
         return
-    here = am.site_names(name)
+    here = {path: method.side for path, method in record.sites.items()}
     extra, missing = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     sides = sorted(m for m, side in saved.items() if side is not None and m in here and here[m] != side)
     if extra or missing or sides:
         raise AdapterFileError(
-            f"{source}: adapter {name!r} was saved for other modules than this model has (not in the file: "
+            f"{source}: adapter {record.name!r} was saved for other modules than this model has (not in the file: "
             f"{extra[:4]}, not found here: {missing[:4]}, other side: {sides[:4]}){hint}"
         )
 
 
-def _check_finite(am: AdaptedModel, name: str, source: str) -> None:
-    bad = [k for k, t in am.adapter(name).tensors().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+def _check_finite(record: Adapter, source: str) -> None:
+    floats = {k: t for k, t in record.tensors().items() if t.is_floating_point()}
+    # A finite sum means finite elements (a NaN or an infinity makes it NaN or infinite); checking the
+    # sums is ~5x faster than isfinite per tensor, and a sum that overflows falls to the exact check.
+    if not floats or torch.stack([t.sum() for t in floats.values()]).isfinite().all():
+        return
+    bad = [k for k, t in floats.items() if not torch.isfinite(t).all()]
     if bad:
-        raise AdapterFileError(f"{source}: adapter {name!r}: tensors {bad[:4]} hold NaN or infinite values")
+        raise AdapterFileError(f"{source}: adapter {record.name!r}: tensors {bad[:4]} hold NaN or infinite values")

@@ -225,6 +225,12 @@ class SiteMethod(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def write_slot(cls, stacked: dict, slot: int, adapter: SiteMethod) -> bool:
+        """Write `adapter` over slot `slot` of a `stack` result in place (stacks.py: a server's install
+        changes one slot, not all); False when the stack cannot hold it and must be rebuilt."""
+        return False
+
+    @classmethod
     def route(
         cls, stacked: dict, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
         shape: SiteShape,

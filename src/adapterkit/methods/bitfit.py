@@ -64,5 +64,10 @@ class BitFitAdapter(SiteMethod):
         return {"b": torch.stack(deltas + [torch.zeros_like(deltas[0])])}
 
     @classmethod
+    def write_slot(cls, stacked: dict, slot: int, adapter: BitFitAdapter) -> bool:
+        stacked["b"][slot].copy_(adapter.bias_delta)
+        return True
+
+    @classmethod
     def route(cls, stacked, rows, x, h, shape):
         return h + broadcast_rows(stacked["b"][rows], h, shape)

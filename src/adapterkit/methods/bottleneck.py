@@ -151,6 +151,17 @@ class BottleneckAdapter(SiteMethod):
         }
 
     @classmethod
+    def write_slot(cls, stacked: dict, slot: int, adapter: BottleneckAdapter) -> bool:
+        size = stacked["down"].shape[1]
+        if adapter.down.out_features > size:
+            return False
+        stacked["down"][slot].copy_(pad_to(adapter.down.weight, size, 0))
+        stacked["down_b"][slot, 0].copy_(pad_to(adapter.down.bias, size, 0))
+        stacked["up"][slot].copy_(pad_to(adapter.up.weight * adapter.scaling, size, 1))
+        stacked["up_b"][slot, 0].copy_(adapter.up.bias * adapter.scaling)
+        return True
+
+    @classmethod
     def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
         if stacked["input"]:  # the serial form on the argument x, which the caller holds
             h, inplace = x, False

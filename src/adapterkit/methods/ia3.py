@@ -84,6 +84,11 @@ class IA3Adapter(SiteMethod):
         return {"l": torch.stack(vectors + [torch.ones_like(vectors[0])]), "side": adapters[0].side}
 
     @classmethod
+    def write_slot(cls, stacked: dict, slot: int, adapter: IA3Adapter) -> bool:
+        stacked["l"][slot].copy_(adapter.ia3_l)
+        return True
+
+    @classmethod
     def route(cls, stacked, rows, x, h, shape):
         scale = stacked["l"][rows]
         if stacked["side"] == "input":

@@ -147,6 +147,16 @@ class LoRAAdapter(SiteMethod):
         return stacked
 
     @classmethod
+    def write_slot(cls, stacked: dict, slot: int, adapter: LoRAAdapter) -> bool:
+        if adapter.r > stacked["rank"] or "A_all" in stacked:  # A_all: every slot's A, concatenated
+            return False
+        rank = stacked["rank"]
+        stacked["A"][slot].copy_(pad_to(adapter.lora_A, rank, 0))
+        scaled = adapter.lora_B * (adapter.scale * getattr(adapter, "embed_scale", 1.0))
+        stacked["B"][slot].copy_(pad_to(scaled, rank, 1).flatten(1))
+        return True
+
+    @classmethod
     def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
         rank, n_rows = stacked["rank"], rows.shape[0]
         if shape.kind == "embedding":

@@ -5,8 +5,8 @@ not-yet-loaded adapter version. One model thread owns the AdaptedModel: it runs 
 operations (adapter installs, evictions) between batches, then takes up to `max_batch` rows,
 waiting at most `max_wait` after the oldest one arrived, and runs them as ONE forward with per-row
 routing, whatever adapters they name. Rows for adapters still loading wait aside ("parked") while
-the files are read on an I/O thread, so a cold adapter holds up nobody else for longer than the
-few milliseconds its install takes between two batches.
+an I/O thread reads its files, so a cold adapter holds up nobody else for longer than the
+millisecond or so its install takes between two batches.
 Adapter versions with queued or running rows are pinned: eviction passes over them.
 
 Generation is scheduled at every step when the batcher has a `decoder` (continuous batching): each
@@ -151,6 +151,7 @@ class Batcher:
             self._cond.notify_all()
 
     def _read_then_install(self, key: AdapterKey) -> None:
+        """On an I/O thread: read the adapter's files; the model thread installs it between batches."""
         start = time.perf_counter()
         try:
             manifest, tensors = self.read(key)
@@ -160,8 +161,10 @@ class Batcher:
         self._post(lambda: self._install(key, manifest, tensors, start))
 
     def _install(self, key: AdapterKey, manifest: dict, tensors: dict, start: float) -> None:
+        with self._cond:
+            pinned = {k for k, n in self._pins.items() if n > 0} | self._loading
         try:
-            self.cache.install(key, manifest, tensors)
+            self.cache.install(key, manifest, tensors, pinned)
         except BaseException as err:  # noqa: BLE001
             self._load_failed(key, err)
             return
