@@ -112,7 +112,7 @@ class AdaptedModel(nn.Module):
             for path, copy in self._copy_switches.build(copied).items():
                 record.copies[module_key(path)] = copy
         if not on_meta:
-            record.to(self._device())
+            record.to(self.device)
         return record.train(self.training)
 
     def attach(self, record: Adapter) -> None:
@@ -322,7 +322,9 @@ class AdaptedModel(nn.Module):
 
     # --- facts -------------------------------------------------------------------------------
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where the base's weights live (CPU for a model with no parameters)."""
         return next(iter(self.base.parameters()), torch.empty(0)).device
 
     def base_parameter_count(self) -> int:

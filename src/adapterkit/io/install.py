@@ -77,10 +77,10 @@ def prepare(
         raise AdapterFileError(f"{source}: {err}") from None
     _check_sites(record, sites, source, hint)
     _check_tensors(record, tensors, source, hint)
-    _fill(record, tensors, am._device())
+    _fill(record, tensors, am.device)
     if any(t.is_meta for t in [*record.parameters(), *record.buffers()]):  # state the file cannot hold
         record = am.build(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites)
-        _fill(record, tensors, am._device())
+        _fill(record, tensors, am.device)
     return _finish(record, manifest, source)
 
 
