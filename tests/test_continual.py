@@ -25,8 +25,9 @@ def mnist():
     return cl.split_mnist(per_task=60)
 
 
-def _synthetic(n_tasks: int = 3, per_class: int = 30, seed: int = 0) -> cl.TaskStream:
-    """Each task: its own fixed background image; two classes: brighter or darker than it."""
+def _synthetic(n_tasks: int = 3, per_class: int = 30, seed: int = 0, scenario: str = "class") -> cl.TaskStream:
+    """Each task: its own fixed background image; two classes: brighter or darker than it
+    (labels 't0:bright'..., or 'bright'/'dark' in every task when the stream is domain-incremental)."""
     gen = torch.Generator().manual_seed(seed)
     tasks = []
     for t in range(n_tasks):
@@ -36,9 +37,10 @@ def _synthetic(n_tasks: int = 3, per_class: int = 30, seed: int = 0) -> cl.TaskS
         x[y == 0] += 1.0
         x[y == 1] -= 1.0
         split = cl.Split(x, y)
-        tasks.append(cl.Task(f"t{t}", [f"t{t}:bright", f"t{t}:dark"], split.take(range(2 * per_class)),
+        labels = ["bright", "dark"] if scenario == "domain" else [f"t{t}:bright", f"t{t}:dark"]
+        tasks.append(cl.Task(f"t{t}", labels, split.take(range(2 * per_class)),
                              split.take(range(2 * per_class, 4 * per_class))))
-    return cl.TaskStream(tasks)
+    return cl.TaskStream(tasks, scenario=scenario)
 
 
 def test_frozen_adapters_cannot_forget_bit_for_bit(mnist, tmp_path):
@@ -311,13 +313,39 @@ def test_shared_baselines_train_each_example_on_its_own_tasks_columns(mnist):
     torch.testing.assert_close(single._loss(logits, y), F.cross_entropy(logits, y))
 
 
+def test_domain_incremental_streams_share_one_label_set():
+    stream = _synthetic(scenario="domain")
+    assert stream.classes == ["bright", "dark"]
+    other = cl.Task("t9", ["bright", "dim"], stream[0].train, stream[0].test)
+    with pytest.raises(cl.ContinualError, match="domain-incremental"):
+        cl.TaskStream([stream[0], other], scenario="domain")
+    with pytest.raises(cl.ContinualError, match="scenario='domain'"):
+        cl.TaskStream([stream[0], stream[1]])  # the same labels twice, read as a class-incremental clash
+    learner = cl.Learner(ak.adapt(_digitnet(), head="head"), LORA, epochs=2, scenario="domain")
+    for task in stream:
+        learner.learn(task)
+    with pytest.raises(cl.ContinualError, match="keeps one label set"):
+        learner.learn(other)
+    assert set(learner.predict(stream[2].test.inputs)) <= {"bright", "dark"}
+    assert learner.accuracy(stream[2].test, stream[2], task_id=False) > 0.5
+    shared = cl.SharedLearner(_digitnet, stream, LORA, kind="naive", epochs=1)
+    assert all(torch.equal(shared.columns[t.name], torch.tensor([0, 1])) for t in stream)
+    y = torch.tensor([0, 1])
+    logits = torch.randn(2, 2)
+    torch.testing.assert_close(shared._loss(logits, y), F.cross_entropy(logits, y))  # every task's columns are one
+    for task in stream:
+        shared.learn(task)
+    assert 0.0 <= shared.accuracy(stream[0], task_id=False) <= 1.0
+
+
 @pytest.mark.slow
 def test_sensor_stream_drifts_and_adapters_do_not_forget():
     from adapterkit.continual.run import run_stream, sensor_stream
 
     stream = sensor_stream(per_class=4, test_per_class=4)
     assert [t.name for t in stream] == ["month-1", "month-2", "month-3", "month-4"]
-    assert stream[0].labels[0] == "month-1:normal" and len(stream.classes) == 16
+    assert stream.scenario == "domain" and stream[0].labels == stream[3].labels == stream.classes
+    assert len(stream.classes) == 4
     result = run_stream("sensor", quick=True, baselines=("naive",), log=lambda line: None)
     adapters = result["adapters"]
     assert adapters["bwt"] == 0.0 and adapters["first_task_logits_identical"]

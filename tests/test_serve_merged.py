@@ -8,7 +8,7 @@ pytest.importorskip("fastapi")
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
-from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
+from adapterkit.serve.testing import Reference, engine_with, load_minilm, make_adapter  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "what a lovely day", "we like green tea a lot more than coffee",
          "the service was slow and the food cold", "it rained all day"]
@@ -33,10 +33,7 @@ def reference(minilm_tokenizer):
 
 
 def _engine(folders, root, **options) -> Engine:
-    engine = Engine(minilm_path(), root, max_wait_ms=1, **options)
-    for name, folder in folders.items():
-        engine.store.add("default", name, folder)
-    return engine
+    return engine_with(folders, root, max_wait_ms=1, **options)
 
 
 def _check(engine, folders, reference, name: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import httpx  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine, create_app  # noqa: E402
 from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E402
-from adapterkit.serve.testing import gpt2_builder, make_adapter, tiny_llama  # noqa: E402
+from adapterkit.serve.testing import gpt2_builder, make_adapter, running_server, tiny_llama  # noqa: E402
 
 KEYS = {"key-alice-0001": {"tenant": "alice"}, "key-bob-000001": {"tenant": "bob"},
         "key-admin-0001": {"admin": True}}
@@ -38,19 +37,8 @@ def server(tmp_path_factory):
     for name, folder in folders.items():
         reference.load(folder, name=name)
     reference.eval()
-    config = uvicorn.Config(create_app(engine, KEYS), host="127.0.0.1", port=0, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(400):  # bounded wait for the socket
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started
-    host, port = srv.servers[0].sockets[0].getsockname()[:2]
-    yield {"engine": engine, "reference": reference, "url": f"http://{host}:{port}"}
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(create_app(engine, KEYS)) as (host, port):
+        yield {"engine": engine, "reference": reference, "url": f"http://{host}:{port}"}
     engine.close()
 
 
@@ -79,7 +67,7 @@ def test_models_lists_the_base_and_the_keys_own_adapters(server):
 
 @pytest.mark.parametrize("model", ["g0", "g1", "tiny-llama"])
 def test_completion_equals_the_prompt_alone(server, model):
-    ids = server["engine"]._tokenize(["the cat sat on the"])[0]
+    ids = server["engine"].tokenize(["the cat sat on the"])[0]
     out = client(server).completions.create(model=model, prompt="the cat sat on the", max_tokens=10, temperature=0)
     want, generated = alone(server, ids, None if model == "tiny-llama" else model, 10)
     assert out.choices[0].text == want and out.model == model and out.object == "text_completion"

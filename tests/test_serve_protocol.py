@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 
 from adapterkit.serve.protocol import with_header_timeout  # noqa: E402
+from adapterkit.serve.testing import running_server  # noqa: E402
 
 
 async def hello(scope, receive, send):
@@ -22,19 +22,8 @@ async def hello(scope, receive, send):
 
 @pytest.fixture
 def server():
-    config = uvicorn.Config(hello, host="127.0.0.1", port=0, http=with_header_timeout(0.5), log_level="error",
-                            lifespan="off", timeout_keep_alive=30)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded wait for the socket
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started
-    yield srv.servers[0].sockets[0].getsockname()[:2]
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(hello, http=with_header_timeout(0.5), lifespan="off", timeout_keep_alive=30) as address:
+        yield address
 
 
 def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:

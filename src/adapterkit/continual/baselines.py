@@ -43,13 +43,14 @@ class SharedLearner:
         self.stream, self.kind, self.encode = stream, kind, encode
         self.epochs, self.lr, self.batch_size, self.seed = epochs, lr, batch_size, seed
         self.ewc_lambda, self.buffer_size, self.task_heads = ewc_lambda, buffer_size, task_heads
-        self.offset = {}
-        n = 0
-        for task in stream:
-            self.offset[task.name] = n
-            n += len(task.labels)
-        # the task each head column belongs to
-        self.column_task = torch.tensor([i for i, t in enumerate(stream) for _ in t.labels])
+        self.domain = stream.scenario == "domain"
+        # each task's labels as columns of the one head: its own block of columns (class-incremental),
+        # the same columns for every task (domain-incremental)
+        self.columns = {t.name: torch.tensor([stream.classes.index(label) for label in t.labels]) for t in stream}
+        n = len(stream.classes)
+        # the task each head column belongs to (class-incremental)
+        self.column_task = torch.tensor([next(i for i, t in enumerate(stream) if label in t.labels)
+                                         for label in stream.classes])
         base = make_base()
         if method is None:  # full fine-tuning: every weight trains, the head widened to all classes
             self.am = None
@@ -69,7 +70,7 @@ class SharedLearner:
         self.buffer: list[tuple[Inputs, torch.Tensor]] = []
 
     def _global(self, task: Task, labels: torch.Tensor) -> torch.Tensor:
-        return labels + self.offset[task.name]
+        return self.columns[task.name][labels]
 
     def _set_train(self) -> None:
         if self.am is None:
@@ -113,7 +114,7 @@ class SharedLearner:
         self.model.eval()
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.task_heads:  # each example competes only among its own task's columns
+        if self.task_heads and not self.domain:  # each example competes only among its own task's columns
             own = self.column_task[None, :] == self.column_task[y][:, None]
             logits = logits.masked_fill(~own, float("-inf"))
         return F.cross_entropy(logits, y)
@@ -157,8 +158,8 @@ class SharedLearner:
         logits = self.logits(task.test.inputs)
         truth = self._global(task, task.test.labels)
         if task_id:
-            lo = self.offset[task.name]
-            predicted = logits[:, lo : lo + len(task.labels)].argmax(-1) + lo
+            columns = self.columns[task.name]
+            predicted = columns[logits[:, columns].argmax(-1)]
         else:
             predicted = logits.argmax(-1)
         return float((predicted == truth).float().mean())

@@ -69,20 +69,35 @@ class Task:
 
 
 class TaskStream:
-    """Tasks in the order they arrive; `classes` is the one label space over all of them."""
+    """Tasks in the order they arrive; `classes` is the one label space over all of them.
 
-    def __init__(self, tasks: Sequence[Task], name: str = "stream") -> None:
-        self.name, self.tasks = name, list(tasks)
+    `scenario` "class" (class-incremental): every task brings classes of its own, and a label in two
+    tasks is an error. "domain" (domain-incremental, e.g. one sensor drifting over time): every task
+    has the same labels, which mean the same classes; only the input distribution moves.
+    """
+
+    def __init__(self, tasks: Sequence[Task], name: str = "stream", scenario: str = "class") -> None:
+        self.name, self.tasks, self.scenario = name, list(tasks), scenario
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ContinualError(f"stream {name!r}: two tasks share a name ({names})")
+        if scenario == "domain":
+            for task in self.tasks[1:]:
+                if task.labels != self.tasks[0].labels:
+                    raise ContinualError(f"stream {name!r} is domain-incremental: task {task.name!r} has labels "
+                                         f"{task.labels}, not the first task's {self.tasks[0].labels}")
+            self.classes = list(self.tasks[0].labels) if self.tasks else []
+            return
+        if scenario != "class":
+            raise ContinualError(f"scenario {scenario!r}: use 'class' or 'domain'")
         owner: dict[str, str] = {}
         for task in self.tasks:
             for label in task.labels:
                 if label in owner:
                     raise ContinualError(
                         f"stream {name!r}: label {label!r} is in task {owner[label]!r} and in task {task.name!r}; "
-                        "class-incremental evaluation needs one meaning per label (rename one, e.g. 'task:label')"
+                        "class-incremental evaluation needs one meaning per label (rename one, e.g. 'task:label'), "
+                        "or the stream is domain-incremental (scenario='domain')"
                     )
                 owner[label] = task.name
         self.classes = list(owner)

@@ -64,8 +64,10 @@ class Learner:
         self, am: AdaptedModel, method: MethodConfig, *, encode: Encoder = tensor_encoder, epochs: int = 5,
         lr: float = 3e-3, batch_size: int = 32, seed: int = 0, init_from_similar: bool = False,
         save_dir: str | Path | None = None, max_adapter_bytes: int | None = None,
-        route_features: Sequence[str] | None = None, shrinkage: float = 1e-3,
+        route_features: Sequence[str] | None = None, shrinkage: float = 1e-3, scenario: str = "class",
     ) -> None:
+        if scenario not in ("class", "domain"):
+            raise ContinualError(f"scenario {scenario!r}: use 'class' or 'domain' (see TaskStream)")
         if am.head_path is None:
             raise ContinualError("the learner gives each task its own head: adapt the model with its head (head=...)")
         self.am, self.method, self.encode = am, method, encode
@@ -73,6 +75,7 @@ class Learner:
         self.init_from_similar, self.max_adapter_bytes = init_from_similar, max_adapter_bytes
         self.save_dir = Path(save_dir) if save_dir else None
         self.route_features, self.shrinkage = list(route_features or []), shrinkage
+        self.scenario = scenario
         for name in self.route_features:
             am.base.get_submodule(name)  # a wrong name fails here, not after the first task
         self.tasks: dict[str, Task] = {}
@@ -86,7 +89,12 @@ class Learner:
         """Train a new adapter on `task`; earlier adapters and the base do not change."""
         if task.name in self.tasks or task.name in self.am.adapters:
             raise ContinualError(f"a task named {task.name!r} was already learned; give the new one another name")
-        clash = [c for c in task.labels if c in self.class_owner]
+        if self.scenario == "domain":
+            first = next(iter(self.tasks.values()), task)
+            if task.labels != first.labels:
+                raise ContinualError(f"task {task.name!r}: a domain-incremental learner keeps one label set, "
+                                     f"{first.labels}; this task has {task.labels}")
+        clash = [c for c in task.labels if c in self.class_owner and self.scenario == "class"]
         if clash:
             raise ContinualError(
                 f"task {task.name!r}: labels {clash[:4]} already belong to task {self.class_owner[clash[0]]!r}; "

@@ -64,8 +64,9 @@ def prepare(
     sites = manifest.get("sites")
     if head:
         _check_head_width(tensors, len(labels) if labels is not None else num_labels, source)
+    _check_finite(tensors, name, source)  # before anything is built; a narrower dtype is checked after the copy
     if reuse is not None and _refill(reuse, name, config, labels, sites, tensors):
-        return _finish(reuse, manifest, source)
+        return _finish(reuse, manifest)
     # prompt / prefix modules may be initialised from the base model's embeddings: built for real
     on_meta = not is_model_level(config)
     try:
@@ -77,17 +78,17 @@ def prepare(
         raise AdapterFileError(f"{source}: {err}") from None
     _check_sites(record, sites, source, hint)
     _check_tensors(record, tensors, source, hint)
-    _fill(record, tensors, am.device)
+    narrowed = _fill(record, tensors, am.device)
     if any(t.is_meta for t in [*record.parameters(), *record.buffers()]):  # state the file cannot hold
         record = am.build(name, config, labels=labels, num_labels=num_labels, head=bool(head), sites=sites)
-        _fill(record, tensors, am.device)
-    return _finish(record, manifest, source)
+        narrowed = _fill(record, tensors, am.device)
+    _check_finite(narrowed, name, source)
+    return _finish(record, manifest)
 
 
-def _finish(record: Adapter, manifest: dict[str, Any], source: str) -> Adapter:
+def _finish(record: Adapter, manifest: dict[str, Any]) -> Adapter:
     # the labels were checked above and belong to the head; a "labels" in meta must not replace them
     record.meta.update({k: v for k, v in (manifest.get("meta") or {}).items() if k != "labels"})
-    _check_finite(record, source)
     return record
 
 
@@ -104,6 +105,8 @@ def _refill(record: Adapter, name: str, config: Any, labels: list[str] | None, s
     if expected.keys() != tensors.keys() or any(
             not isinstance(tensors[k], torch.Tensor) or tensors[k].shape != t.shape for k, t in expected.items()):
         return False
+    if any(t.dtype != tensors[k].dtype for k, t in expected.items()):
+        return False  # a narrower dtype could overflow: left to the full path, which checks after the copy
     for key, target in expected.items():
         target.copy_(tensors[key])  # bumps the versions that routing stacks check
     record.name, record.meta = name, {"labels": list(labels) if labels is not None else None}
@@ -208,13 +211,17 @@ def _check_tensors(record: Adapter, tensors: dict[str, torch.Tensor], source: st
             )
 
 
-def _fill(record: Adapter, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+def _fill(record: Adapter, tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Give every module of the record its tensors from the file: copies, in the module's dtype, so
-    that the record shares no memory with what the caller passed."""
+    that the record shares no memory with what the caller passed. Returns the copies made in another
+    dtype than the file's (a finite value can overflow a narrower one)."""
+    converted = {}
     for prefix, module in record.parts():
         own = module.state_dict()
-        module.load_state_dict({k: tensors[f"{prefix}.{k}"].to(device=device, dtype=v.dtype, copy=True)
-                                for k, v in own.items()}, assign=True)
+        values = {k: tensors[f"{prefix}.{k}"].to(device=device, dtype=v.dtype, copy=True) for k, v in own.items()}
+        module.load_state_dict(values, assign=True)
+        converted.update({f"{prefix}.{k}": t for k, t in values.items() if t.dtype != tensors[f"{prefix}.{k}"].dtype})
+    return converted
 
 
 def _check_base(am: AdaptedModel, manifest: dict[str, Any], what: str) -> None:
@@ -240,12 +247,12 @@ def _check_sites(record: Adapter, saved: dict[str, str | None] | None, source: s
         )
 
 
-def _check_finite(record: Adapter, source: str) -> None:
-    floats = {k: t for k, t in record.tensors().items() if t.is_floating_point()}
+def _check_finite(tensors: dict[str, torch.Tensor], name: str, source: str) -> None:
+    floats = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     # A finite sum means finite elements (a NaN or an infinity makes it NaN or infinite); checking the
     # sums is ~5x faster than isfinite per tensor, and a sum that overflows falls to the exact check.
     if not floats or torch.stack([t.sum() for t in floats.values()]).isfinite().all():
         return
     bad = [k for k, t in floats.items() if not torch.isfinite(t).all()]
     if bad:
-        raise AdapterFileError(f"{source}: adapter {record.name!r}: tensors {bad[:4]} hold NaN or infinite values")
+        raise AdapterFileError(f"{source}: adapter {name!r}: tensors {bad[:4]} hold NaN or infinite values")

@@ -108,7 +108,7 @@ class AdapterCache:
         if existing is not None:
             return existing
         structure = _structure(manifest)
-        spare = self._make_room(structure, pinned)
+        spare, size = self._make_room(structure, pinned)
         try:
             # the store checked the base fingerprint when the adapter was uploaded
             record = prepare(self.am, manifest, tensors, name=key.internal, source=f"adapter {key.public!r}",
@@ -119,7 +119,8 @@ class AdapterCache:
         labels = record.meta.get("labels")
         if record.head is not None and not labels:
             labels = [f"LABEL_{i}" for i in range(head_width(record.head) or 0)]
-        entry = Resident(key, record.name, _resident_bytes(record), record.config.method,
+        nbytes = size if record is spare else _resident_bytes(record)  # built alike: as big
+        entry = Resident(key, record.name, nbytes, record.config.method,
                          labels if record.head is not None else None, structure)
         with self._lock:
             self._entries[key] = entry
@@ -142,21 +143,21 @@ class AdapterCache:
         self.am.delete(entry.internal, collect=False)
         return record
 
-    def _make_room(self, structure: str | None, pinned: set[AdapterKey] | frozenset) -> Adapter | None:
+    def _make_room(self, structure: str | None, pinned: set[AdapterKey] | frozenset) -> tuple[Adapter | None, int]:
         """Evict what a new adapter of `structure` needs (its size is that of a resident one built
         alike; unknown: nothing is evicted now, `over_budget` does it after); the record of an evicted
-        one of that structure, to reuse."""
+        one of that structure, to reuse, and that size."""
         with self._lock:
             size = next((e.bytes for e in self._entries.values() if e.structure == structure), None)
         if structure is None or size is None:
-            return None
+            return None, 0
         spare = None
         for victim in self.over_budget(pinned, incoming=size):
             alike = self.get(victim).structure == structure
             record = self._evict(victim)
             if alike and spare is None:
                 spare = record
-        return spare
+        return spare, size
 
     def over_budget(self, pinned: set[AdapterKey] | frozenset, incoming: int = 0) -> list[AdapterKey]:
         """Least recently used keys, not pinned, whose eviction brings the cache under budget (with

@@ -110,7 +110,7 @@ class Engine:
             raise BadRequest(f"unknown request kind {kind!r}")
         if kind == "classify" and self.task != "classify":
             raise BadRequest(f"this base ({self.task}) has no classification head; use /v1/embed or /v1/generate")
-        rows = self._tokenize(inputs)
+        rows = self.tokenize(inputs)
         key = self.key(tenant, adapter)
         field = "results" if kind == "classify" else "vectors"
         req = Request(kind, key, rows, options)
@@ -133,7 +133,7 @@ class Engine:
             raise BadRequest("temperature must be >= 0 (0: greedy)")
         if not 0 < top_p <= 1:
             raise BadRequest("top_p must be in (0, 1]")
-        ids = self._tokenize([prompt])[0] if prompt_ids is None else self._check_ids(prompt_ids)
+        ids = self.tokenize([prompt])[0] if prompt_ids is None else self._check_ids(prompt_ids)
         if len(ids) + max_new_tokens > self.max_tokens:
             raise PayloadTooLarge(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {self.max_tokens}")
         key = self.key(tenant, adapter)
@@ -171,6 +171,19 @@ class Engine:
     def decode(self, tokens: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def chat_tokens(self, turns: list[dict[str, str]]) -> list[int]:
+        """Token ids of chat turns rendered by the tokenizer's chat template, ready for the reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        if sum(len(t["content"]) for t in turns) > self.max_input_chars:
+            raise PayloadTooLarge(f"the messages have more than {self.max_input_chars} characters")
+        with self._tok_lock:
+            try:
+                text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
+                raise BadRequest(f"the chat template rejected these messages: {err}", param="messages") from None
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -268,7 +281,8 @@ class Engine:
 
     # --- inside -----------------------------------------------------------------------------------
 
-    def _tokenize(self, inputs: list[str]) -> list[list[int]]:
+    def tokenize(self, inputs: list[str]) -> list[list[int]]:
+        """Token ids per input, checked against this engine's limits (BadRequest / PayloadTooLarge)."""
         if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
             raise BadRequest("inputs: a non-empty list of strings")
         if len(inputs) > self.max_inputs:
@@ -366,7 +380,7 @@ class Engine:
         return {"label": labels[best], "scores": dict(zip(labels, probs, strict=True))}
 
     def _warm_up(self) -> None:
-        ids = self._tokenize(["warm up"])
+        ids = self.tokenize(["warm up"])
         self.batcher.submit(Request("embed", None, ids)).result()
 
 

@@ -157,25 +157,15 @@ def _supported(body: _Sampling, engine: Engine) -> None:
 
 def _tokens(engine: Engine, prompt: str) -> list[int]:
     try:
-        return engine._tokenize([prompt])[0]
+        return engine.tokenize([prompt])[0]
     except PayloadTooLarge as err:
         raise ContextLengthExceeded(err.message.replace("inputs[0]", "the prompt"), param="prompt") from None
 
 
 def _chat_tokens(engine: Engine, messages: list[Message]) -> list[int]:
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise BadRequest("this model's tokenizer has no chat template; use /v1/completions", param="messages")
     turns = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
              for m in messages]
-    if sum(len(t["content"]) for t in turns) > engine.max_input_chars:
-        raise PayloadTooLarge(f"the messages have more than {engine.max_input_chars} characters")
-    with engine._tok_lock:
-        try:
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
-            raise BadRequest(f"the chat template rejected these messages: {err}", param="messages") from None
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
+    ids = engine.chat_tokens(turns)
     if len(ids) > engine.max_tokens:
         raise ContextLengthExceeded(f"the messages have {len(ids)} tokens; this model takes at most "
                                     f"{engine.max_tokens}", param="messages")

@@ -5,10 +5,13 @@ Nothing here is needed to serve; it builds adapter folders the way a training jo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
+import threading
+import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +184,35 @@ class Reference:
 
     def labels(self, folder: str | Path) -> list[str]:
         return self.am.adapter(self._name(folder)).meta["labels"]
+
+
+@contextlib.contextmanager
+def running_server(app: Any, **options: Any) -> Iterator[tuple[str, int]]:
+    """Serve an ASGI app with uvicorn on a free loopback port in a thread; yields (host, port)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", **options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):  # bounded wait for the socket
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        raise RuntimeError("uvicorn did not start within 20 s")
+    try:
+        yield server.servers[0].sockets[0].getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def engine_with(folders: dict[str, Path], store: Path, tenant: str = "default", **options: Any) -> Any:
+    """An Engine on the bundled MiniLM whose store holds `folders` for one tenant, under their keys."""
+    from .engine import Engine
+
+    engine = Engine(minilm_path(), store, **options)
+    for name, folder in folders.items():
+        engine.store.add(tenant, name, folder)
+    return engine
