@@ -250,6 +250,18 @@ def test_a_new_task_starts_from_the_most_similar_adapter():
     assert not torch.equal(copied["head.weight"], source["head.weight"])  # heads are the task's own
 
 
+def test_a_domain_incremental_task_starts_from_the_similar_adapter_and_its_head():
+    stream = _synthetic(n_tasks=2, scenario="domain")
+    learner = cl.Learner(ak.adapt(_digitnet(), head="head"), LORA, epochs=1, init_from_similar=True,
+                         route_features=["act3"], scenario="domain")
+    learner.learn(stream[0])
+    learner.epochs = 0
+    again = cl.Task("t0-again", stream.classes, stream[0].train, stream[0].test)
+    assert learner.learn(again)["initialised_from"] == "t0"
+    source, copied = learner.am.adapter_state_dict("t0"), learner.am.adapter_state_dict("t0-again")
+    assert all(torch.equal(copied[k], source[k]) for k in source)  # the same classes: the head as well
+
+
 def _data_wheels() -> bool:
     import importlib.util
 

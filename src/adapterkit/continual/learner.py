@@ -168,11 +168,14 @@ class Learner:
         return losses
 
     def _copy_sites(self, source: str, target: str) -> None:
+        """Start `target` from `source`'s site tensors, and from its head when the labels mean the
+        same classes (domain-incremental): the new task then starts where the similar one ended."""
         with torch.no_grad():
             src = self.am.adapter_state_dict(source)
             own = self.am.adapter_state_dict(target)
             for key, tensor in own.items():
-                if key.startswith(SITES_PREFIX) and key in src and src[key].shape == tensor.shape:
+                copied = key.startswith(SITES_PREFIX) or self.scenario == "domain"
+                if copied and key in src and src[key].shape == tensor.shape:
                     tensor.copy_(src[key])
 
     def _most_similar(self, features: torch.Tensor) -> str | None:
