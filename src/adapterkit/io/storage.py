@@ -29,7 +29,8 @@ SMALL_FILE = 64 << 20
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.stat().st_size <= SMALL_FILE:  # one read and a parse: ~40% faster than mapping it
-            return load(path.read_bytes())
+            tensors = load(path.read_bytes())
+            return {k: tensors[k] for k in sorted(tensors)}  # by name, as load_file gives them
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{path}: truncated or not a safetensors file ({err})") from None
