@@ -46,7 +46,14 @@ from torch import nn  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.edge.memory import tensor_bytes  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
-from adapterkit.serve.testing import WORDS, gpt2_builder, load_minilm, make_adapter, minilm_path, tiny_llama  # noqa: E402
+from adapterkit.serve.testing import (  # noqa: E402
+    WORDS,
+    engine_with,
+    gpt2_builder,
+    load_minilm,
+    make_adapter,
+    tiny_llama,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_scale.json"
 CLIENTS = 32
@@ -110,10 +117,7 @@ def zipf_plan(names: list[str], n: int, seed: int, s: float = 1.0) -> list[tuple
 
 
 def with_store(root: Path, folders: dict[str, Path], **options) -> Engine:  # noqa: ANN003
-    engine = Engine(minilm_path(), root, max_wait_ms=2, **options)
-    for name, folder in folders.items():
-        engine.store.add("default", name, folder)
-    return engine
+    return engine_with(folders, root, max_wait_ms=2, **options)
 
 
 def alternate(rounds: int, phases: dict) -> dict[str, list[dict]]:

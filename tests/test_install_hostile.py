@@ -77,6 +77,24 @@ def test_non_finite_weights_are_refused(saved, make_minilm):
     assert am.adapters == []
 
 
+def test_finite_values_that_overflow_the_records_dtype_are_refused(saved, make_minilm):
+    """A float64 file's 1e300 is finite, but infinite once copied into the float32 record, also when
+    the record of an adapter built alike is reused (io/install.py `reuse`)."""
+    from adapterkit.io.install import prepare
+
+    manifest, tensors = copy.deepcopy(saved[0]), {k: v.double() for k, v in saved[1].items()}
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    tensors[key][0, 0] = 1e300
+    am = ak.adapt(make_minilm())
+    with pytest.raises(AdapterFileError, match="NaN or infinite"):
+        install(am, manifest, tensors, name="x", source="upload")
+    assert am.adapters == []
+    spare = prepare(am, copy.deepcopy(saved[0]), dict(saved[1]), name="spare")
+    with pytest.raises(AdapterFileError, match="NaN or infinite"):
+        prepare(am, manifest, tensors, name="x", reuse=spare)
+    assert am.adapters == []
+
+
 def test_the_saved_sites_are_the_ones_attached(saved, make_minilm):
     manifest, tensors = copy.deepcopy(saved[0]), dict(saved[1])
     manifest["config"]["targets"] = ["key"]  # the file's sites say query and value
