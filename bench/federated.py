@@ -9,6 +9,8 @@ Measures, on the same clients and test set:
   `svd` aggregation, full-model FedAvg, and centralized LoRA training on the union of the clients'
   data for the same number of epochs (N rounds × local epochs);
 - wall time per round.
+The adapter runs start the head from the clients' class means (one query round, head_init.py) and
+train with balanced softmax (client.py); full-model FedAvg trains with the same local loss.
 Writes bench/results/federated.json.
 """
 
@@ -67,14 +69,20 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=150)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--partition", default="dirichlet:0.3")
+    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--local-loss", default="balanced", help="ce | balanced (balanced softmax)")
+    parser.add_argument("--head-init", default="class-means", help="seeded | class-means (FedNCM)")
     parser.add_argument("--skip-full", action="store_true", help="leave out full-model FedAvg (the slowest)")
     parser.add_argument("--out", default="bench/results/federated.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     common = dict(task=args.task, clients=args.clients, rounds=args.rounds, partition=args.partition,
-                  per_client=args.per_client, test_size=args.test_size, timeout=3600.0)
+                  per_client=args.per_client, test_size=args.test_size, timeout=3600.0,
+                  local_epochs=args.local_epochs, local_loss=args.local_loss)
+    adapter_only = {"head_init": args.head_init}
     runs = {}
-    for name, extra, backend in [("adapter_fedavg", {}, "ray"), ("adapter_svd", {"aggregation": "svd"}, "inprocess"),
+    for name, extra, backend in [("adapter_fedavg", adapter_only, "ray"),
+                                 ("adapter_svd", {"aggregation": "svd", **adapter_only}, "inprocess"),
                                  ("full_fedavg", {"full_model": True}, "inprocess")]:
         if name == "full_fedavg" and args.skip_full:
             continue
@@ -89,7 +97,7 @@ def main() -> None:
                                                  for r, e in outcome.rounds.items() if "metrics" in e}}
         print(name, json.dumps({k: v for k, v in runs[name].items() if "by_round" not in k}), flush=True)
     forget_local()
-    central_acc, central_seconds = centralized(Settings(**common))
+    central_acc, central_seconds = centralized(Settings(**common))  # plain cross-entropy on the union
     print("centralized", central_acc, flush=True)
     full = runs.get("full_fedavg", {})
     adapter = runs["adapter_fedavg"]
@@ -98,7 +106,8 @@ def main() -> None:
                                                          partition=args.partition).make_base().parameters()))
     result = {
         "task": args.task, "clients": args.clients, "partition": args.partition, "per_client": args.per_client,
-        "rounds": args.rounds, "ray_backend": adapter["backend"] == "ray",
+        "rounds": args.rounds, "local_epochs": args.local_epochs, "local_loss": args.local_loss,
+        "head_init": args.head_init, "ray_backend": adapter["backend"] == "ray",
         "adapter_bytes_per_round": adapter["bytes_per_round"], "full_bytes_per_round": full_bytes,
         "bytes_ratio": full_bytes / adapter["bytes_per_round"],
         "federated_accuracy": adapter["accuracy"], "svd_accuracy": runs["adapter_svd"]["accuracy"],

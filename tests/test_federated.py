@@ -263,3 +263,82 @@ def test_har_clients_are_users_of_the_on_device_recipe():
                                 per_client=40, test_size=60, timeout=120.0), backend="inprocess")
     assert outcome.rounds["3"]["aggregated"]
     assert outcome.rounds["3"]["test_accuracy"] >= outcome.rounds["0"]["test_accuracy"]
+
+
+# --- against label skew: a class-means head and balanced local training -----------------------------
+
+def test_class_mean_head_is_the_nearest_mean_classifier_of_the_union():
+    from adapterkit.federated.head_init import head_input_sums, head_linear
+
+    outcome = simulate(digits(rounds=1, partition="dirichlet:0.3", head_init="class-means", local_loss="balanced"),
+                       backend="inprocess")
+    assert outcome.head_init["kept"] == 4 and not outcome.head_init["dropped"]
+    # the reference: nearest class mean of the head's inputs, pooled over every client, in plain PyTorch
+    task = build_task("digits", clients=4, per_client=120, partition="dirichlet:0.3")
+    part = make_participant(task, "adapter")
+    pooled = [head_input_sums(task, part, c) for c in task.clients]
+    sums, counts = sum(s for s, _ in pooled), sum(n for _, n in pooled)
+    means = sums / counts[:, None]
+    assert counts.sum() == sum(len(c) for c in task.clients)
+    seen: list[torch.Tensor] = []
+    handle = head_linear(part).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        task.logits(part.model, task.test.inputs)
+    handle.remove()
+    nearest = torch.cdist(seen[0].double(), means).argmin(1)
+    expected = float((nearest == task.test.labels).double().mean())
+    assert outcome.rounds["0"]["test_accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert expected > 0.6  # ten digits told apart before any training: the pre-trained features do it
+
+
+def test_class_sums_replies_are_checked_like_training_replies():
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from adapterkit.federated.head_init import check_sums
+
+    def reply(sums: np.ndarray, counts: np.ndarray, fingerprint: str = "fp") -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"sums": Array(sums), "counts": Array(counts)}),
+                                   "metrics": MetricRecord({"num-examples": 1.0}),
+                                   "meta": ConfigRecord({"fingerprint": fingerprint})}),
+                       dst_node_id=1, message_type="query")
+
+    good = np.ones((3, 4)), np.ones(3)
+    assert check_sums(reply(*good), "fp", (3, 4)) is None
+    assert "fingerprint" in check_sums(reply(*good, fingerprint="other"), "fp", (3, 4))
+    assert "expected (3, 4)" in check_sums(reply(np.ones((3, 5)), np.ones(3)), "fp", (3, 4))
+    assert "non-finite" in check_sums(reply(np.full((3, 4), np.nan), np.ones(3)), "fp", (3, 4))
+    assert "negative" in check_sums(reply(np.ones((3, 4)), -np.ones(3)), "fp", (3, 4))
+
+
+def test_balanced_loss_shifts_by_the_clients_own_label_frequencies():
+    from adapterkit.federated.client import label_shift, local_train
+
+    shift = label_shift(torch.tensor([0, 0, 0, 2]), 4)
+    assert torch.allclose(shift[[0, 2]], torch.tensor([0.75, 0.25]).log()) and (shift[[1, 3]] <= -1e4).all()
+    task = build_task("digits", clients=2, per_client=120)
+    labels = task.clients[0].labels
+    one_class = task.clients[0].subset(torch.nonzero(labels == labels.mode().values).flatten())
+    assert len(one_class) >= 8
+
+    def moved(loss: str) -> float:
+        part = make_participant(task, "adapter")
+        before = part.tensors()
+        local_train(task, part, one_class, epochs=2, lr=1e-2, loss=loss)
+        return max(float((part.params[k].detach() - v).abs().max()) for k, v in before.items())
+
+    # a client that holds one class has nothing to say about telling classes apart: balanced, it
+    # barely moves (its only class's probability is already 1); plain cross-entropy pushes that class up
+    assert moved("balanced") < 1e-3 < moved("ce")
+    with pytest.raises(ValueError, match="local loss"):
+        local_train(task, make_participant(task, "adapter"), one_class, epochs=1, lr=1e-2, loss="focal")
+
+
+def test_head_init_settings_that_cannot_work_say_why():
+    with pytest.raises(FederatedError, match="head_init"):
+        Settings(head_init="zeros").validate()
+    with pytest.raises(FederatedError, match="outside the DP"):
+        Settings(head_init="class-means", dp="server:noise=1.0,clip=0.5").validate()
+    with pytest.raises(FederatedError, match="full-model"):
+        Settings(head_init="class-means", full_model=True).validate()
+    with pytest.raises(FederatedError, match="local_loss"):
+        Settings(local_loss="focal").validate()

@@ -390,6 +390,9 @@ def federated_simulate(
     method: Annotated[str, typer.Option(help="lora | bottleneck | ia3 | bitfit")] = "lora",
     aggregation: Annotated[str, typer.Option(help="fedavg | ffa (LoRA A frozen) | svd (mean of B·A, re-factored)")] = "fedavg",
     proximal_mu: Annotated[float, typer.Option(help="FedProx's μ (0: FedAvg)")] = 0.0,
+    local_loss: Annotated[str, typer.Option(help="ce | balanced (balanced softmax against label skew)")] = "ce",
+    head_init: Annotated[str, typer.Option(help="seeded | class-means (FedNCM: one query round first)")] = "seeded",
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round (default: the task's)")] = None,
     dp: Annotated[str, typer.Option(help="none | server:noise=σ,clip=C | client:noise=σ,clip=C")] = "none",
     faults: Annotated[str, typer.Option(help="e.g. drop:3@2,late:4,nan:5 (see adapterkit.federated.faults)")] = "",
     min_available: Annotated[int, typer.Option(help="Fewest good replies a round aggregates")] = 2,
@@ -403,7 +406,8 @@ def federated_simulate(
     from .federated import Settings, simulate
 
     settings = Settings(task=task, clients=clients, rounds=rounds, partition=partition, method=method,
-                        aggregation=aggregation, proximal_mu=proximal_mu, dp=dp, faults=faults,
+                        aggregation=aggregation, proximal_mu=proximal_mu, local_loss=local_loss,
+                        head_init=head_init, local_epochs=local_epochs, dp=dp, faults=faults,
                         min_available=min_available, timeout=timeout, per_client=per_client,
                         checkpoint_dir=checkpoint_dir)
     outcome = simulate(settings, backend=backend)
@@ -418,6 +422,8 @@ def federated_simulate(
                   f"{outcome.seconds_per_round:.1f} s per round ({outcome.backend})")
     if outcome.dp:
         console.print(f"differential privacy: {outcome.dp}")
+    if outcome.head_init:
+        console.print(f"head from class means: {outcome.head_init}")
     if out:
         from dataclasses import asdict
         from pathlib import Path

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from ..model import adapt
+from .head_init import head_input_sums, sums_reply
 from .records import ADAPTER, Participant, adapter_participant, full_participant
 from .tasks import ClientData, FederatedTask
 
@@ -57,10 +58,27 @@ def _warm(head: torch.nn.Module, source: torch.nn.Module) -> None:
         new.bias[:classes] = old.bias[:classes]
 
 
+LOSSES = ("ce", "balanced")
+
+
+def label_shift(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """log p_i(c), the client's own label frequencies, added to the logits in `balanced` training;
+    a class the client never sees is masked (-1e4) so its row is not pushed down."""
+    counts = torch.bincount(labels, minlength=classes).double()
+    return torch.where(counts > 0, (counts / counts.sum()).log(), torch.tensor(-1e4, dtype=torch.float64)).float()
+
+
 def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epochs: int, lr: float,
-                proximal_mu: float = 0.0, seed: int = 0) -> tuple[float, int]:
+                proximal_mu: float = 0.0, seed: int = 0, loss: str = "ce") -> tuple[float, int]:
     """AdamW over the travelling parameters on the client's data; FedProx adds μ/2·‖w − w_global‖².
-    Returns the mean loss and the number of steps."""
+
+    `loss="balanced"` is balanced softmax (Ren et al. 2020; FedLC's calibration, FedRS's masking):
+    cross-entropy of logits + log p_i(y), so what the client learns is p(x | y), not its own skewed
+    p(y), and the averaged model is not dragged to the clients' majority classes. Evaluation uses
+    the plain logits. Returns the mean loss and the number of steps."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown local loss {loss!r}; use one of {', '.join(LOSSES)}")
+    shift = label_shift(data.labels, len(task.labels)) if loss == "balanced" else None
     anchor = part.tensors() if proximal_mu > 0 else None
     params = list(part.params.values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -71,13 +89,14 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
         order = torch.randperm(len(data), generator=gen)
         for start in range(0, len(data), task.batch_size):
             idx = order[start: start + task.batch_size]
-            loss = F.cross_entropy(task.logits(part.model, data.take(idx)), data.labels[idx])
+            logits = task.logits(part.model, data.take(idx))
+            value = F.cross_entropy(logits if shift is None else logits + shift, data.labels[idx])
             if anchor is not None:
-                loss = loss + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
+                value = value + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total + float(value.detach()), steps + 1
     return total / max(1, steps), steps
 
 
@@ -122,7 +141,8 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
                seed: int = 0, clip_on_client: bool = False, mods: list[Any] | None = None) -> ClientApp:
     """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
 
-    The server's config sets the round's `lr`, `local-epochs` and `proximal-mu`. `clip_on_client`
+    The server's config sets the round's `lr`, `local-epochs`, `proximal-mu` and `local-objective` (the loss); a
+    `query` message asks for the class sums that initialise the head (head_init.py). `clip_on_client`
     adds Flower's `fixedclipping_mod` (for `DifferentialPrivacyClientSideFixedClipping`)."""
     app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
 
@@ -147,7 +167,8 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
         lr = float(config.get("lr", task.full_lr if mode == "full" else task.lr))
         loss, steps = local_train(task, part, data, epochs=int(config.get("local-epochs", task.local_epochs)),
                                   lr=lr, proximal_mu=float(config.get("proximal-mu", 0.0)),
-                                  seed=seed * 100_003 + server_round * 1009 + pid)
+                                  seed=seed * 100_003 + server_round * 1009 + pid,
+                                  loss=str(config.get("local-objective", "ce")))
         metrics = {"num-examples": len(data), "train-loss": loss if math.isfinite(loss) else -1.0,
                    "steps": steps, "seconds": time.perf_counter() - started}
         return Message(_reply(part, pid, metrics), reply_to=msg)
@@ -161,6 +182,16 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
                                                        "local-accuracy": acc}),
                               "meta": ConfigRecord({"fingerprint": part.fingerprint, "partition-id": pid})})
         return Message(content, reply_to=msg)
+
+    @app.query()
+    def class_sums(msg: Message, context: Context) -> Message:
+        with _turn(factory, key, mode):
+            task, part = _local(factory, key, mode)
+            pid = int(context.node_config["partition-id"])
+            if not 0 <= pid < len(task.clients):
+                raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
+            sums, counts = head_input_sums(task, part, task.clients[pid])
+        return Message(sums_reply(part, pid, sums, counts), reply_to=msg)
 
     return app
 

@@ -39,9 +39,9 @@ class AdapterFedAvg(FedProx):
     """FedAvg/FedProx whose aggregation is `rule` over the replies' travelling tensors."""
 
     def __init__(self, rule: str = "fedavg", *, lr: float | None = None, local_epochs: int | None = None,
-                 **kwargs: Any) -> None:
+                 local_loss: str = "ce", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.rule, self.lr, self.local_epochs = rule, lr, local_epochs
+        self.rule, self.lr, self.local_epochs, self.local_loss = rule, lr, local_epochs, local_loss
         self.last_stats: dict[str, float] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -50,6 +50,7 @@ class AdapterFedAvg(FedProx):
             config["lr"] = self.lr
         if self.local_epochs is not None:
             config["local-epochs"] = self.local_epochs
+        config["local-objective"] = self.local_loss
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

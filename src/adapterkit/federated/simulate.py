@@ -27,8 +27,9 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import MethodConfig
 from .aggregate import AGGREGATIONS
 from .builtin import build_task, method_config
-from .client import _local, client_app, evaluate, make_participant
+from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import FaultsMod, parse_faults
+from .head_init import HEAD_INITS, class_mean_head
 from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp
 from .tasks import FederatedError, FederatedTask
 
@@ -43,6 +44,8 @@ class Settings:
     aggregation: str = "fedavg"  # fedavg | ffa | svd (aggregate.py)
     full_model: bool = False  # the baseline: every weight trains and travels
     proximal_mu: float = 0.0  # FedProx
+    local_loss: str = "ce"  # ce | balanced (client.py: balanced softmax against label skew)
+    head_init: str = "seeded"  # seeded | class-means (head_init.py: FedNCM, one query round first)
     local_epochs: int | None = None  # None: the task's
     lr: float | None = None
     fraction_train: float = 1.0
@@ -68,6 +71,16 @@ class Settings:
             raise FederatedError(f"need rounds >= 1 and clients >= 2, got {self.rounds}, {self.clients}")
         if not 1 <= self.min_available <= self.clients:
             raise FederatedError(f"min_available={self.min_available} must be between 1 and clients={self.clients}")
+        if self.local_loss not in LOSSES:
+            raise FederatedError(f"local_loss {self.local_loss!r}: use one of {', '.join(LOSSES)}")
+        if self.head_init not in HEAD_INITS:
+            raise FederatedError(f"head_init {self.head_init!r}: use one of {', '.join(HEAD_INITS)}")
+        if self.head_init == "class-means" and self.full_model:
+            raise FederatedError("head_init 'class-means' initialises an adapter's head; full-model FedAvg "
+                                 "trains the base's own head (use head_init 'seeded')")
+        if self.head_init == "class-means" and parse_dp(self.dp) is not None:
+            raise FederatedError("head_init 'class-means' sends per-class feature sums outside the DP "
+                                 "clipping and noise; use head_init 'seeded' with dp")
         parse_dp(self.dp)
         parse_faults(self.faults)
 
@@ -94,6 +107,7 @@ class Outcome:
     bytes_per_client_round: float  # what one client sends per round (ArrayRecord.count_bytes())
     seconds_per_round: float
     resumed_from: int = 0
+    head_init: dict[str, Any] | None = None  # the class-means query: replies kept, dropped, unseen classes
     dp: dict[str, Any] | None = None
     arrays: ArrayRecord | None = field(default=None, repr=False)
 
@@ -108,7 +122,7 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     inner = AdapterFedAvg(
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
         lr=settings.lr if settings.lr is not None else (task.full_lr if settings.full_model else task.lr),
-        local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu,
+        local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu, local_loss=settings.local_loss,
         fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
         min_train_nodes=2, min_evaluate_nodes=2 if settings.evaluate_clients else 0,
         min_available_nodes=min(num_nodes, settings.min_available))
@@ -118,6 +132,10 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     start, arrays, history = 0, part.arrays(), None
     if checkpoints is not None and settings.resume and (found := checkpoints.latest()) is not None:
         start, arrays, history = found
+    head_report = None
+    if settings.head_init == "class-means" and start == 0:
+        head_report = class_mean_head(grid, part, timeout=settings.timeout, min_available=settings.min_available)
+        arrays = part.arrays()
     guarded = Guarded(strategy, part, min_available=settings.min_available, checkpoints=checkpoints,
                       round_offset=start, history=history)
 
@@ -140,7 +158,7 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     last = guarded.history["rounds"].get(str(settings.rounds), {})
     return Outcome(asdict(settings), "", guarded.history["rounds"], [d.__dict__ for d in guarded.dropped],
                    float(last.get("test_accuracy", float("nan"))), float(part.arrays().count_bytes()), seconds,
-                   resumed_from=start, dp=dp, arrays=arrays)
+                   resumed_from=start, dp=dp, arrays=arrays, head_init=head_report)
 
 
 def _key(settings: Settings, factory: Callable[[], FederatedTask] | None) -> str:
