@@ -307,7 +307,43 @@ def test_class_sums_replies_are_checked_like_training_replies():
     assert "fingerprint" in check_sums(reply(*good, fingerprint="other"), "fp", (3, 4))
     assert "expected (3, 4)" in check_sums(reply(np.ones((3, 5)), np.ones(3)), "fp", (3, 4))
     assert "non-finite" in check_sums(reply(np.full((3, 4), np.nan), np.ones(3)), "fp", (3, 4))
+    assert "dtype" in check_sums(reply(np.ones((3, 4)), np.ones(3, dtype=np.int64)), "fp", (3, 4))
     assert "negative" in check_sums(reply(np.ones((3, 4)), -np.ones(3)), "fp", (3, 4))
+
+
+def test_a_bad_class_sums_reply_is_dropped_and_too_few_stop_the_run():
+    from flwr.app import Error, Message
+
+    from adapterkit.federated.head_init import class_mean_head
+    from adapterkit.federated.simulate import LocalGrid, _in_process_identity
+
+    settings = digits(clients=3, head_init="class-means")
+    factory = settings.factory()
+
+    def failing(pids: set[int]):
+        def mod(msg, context, call_next):  # noqa: ANN001, ANN202 (a Flower client mod)
+            if int(context.node_config["partition-id"]) in pids:
+                return Message(Error(code=0, reason="no sums here"), reply_to=msg)
+            return call_next(msg, context)
+        return mod
+
+    _in_process_identity()
+    part = make_participant(factory(), "adapter")
+    grid = LocalGrid(client_app_with(settings, failing({1})), 3)
+    try:
+        report = class_mean_head(grid, part, timeout=60.0, min_available=2)
+        assert report["kept"] == 2 and "no sums here" in report["dropped"][0]["reason"]
+        grid.app = client_app_with(settings, failing({0, 1}))
+        with pytest.raises(FederatedError, match="fewer than min_available=2"):
+            class_mean_head(grid, part, timeout=60.0, min_available=2)
+    finally:
+        grid.close()
+
+
+def client_app_with(settings: Settings, mod):  # noqa: ANN001, ANN201
+    from adapterkit.federated.client import client_app
+
+    return client_app(settings.factory(), settings.key(), mods=[mod])
 
 
 def test_balanced_loss_shifts_by_the_clients_own_label_frequencies():

@@ -147,12 +147,16 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
 
     def setup(msg: Message, context: Context) -> tuple[FederatedTask, Participant, int, ClientData]:
+        task, part, pid = own_partition(context)
+        part.load(msg.content["arrays"])
+        return task, part, pid, task.clients[pid]
+
+    def own_partition(context: Context) -> tuple[FederatedTask, Participant, int]:
         task, part = _local(factory, key, mode)
         pid = int(context.node_config["partition-id"])
         if not 0 <= pid < len(task.clients):
             raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
-        part.load(msg.content["arrays"])
-        return task, part, pid, task.clients[pid]
+        return task, part, pid
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -186,10 +190,7 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     @app.query()
     def class_sums(msg: Message, context: Context) -> Message:
         with _turn(factory, key, mode):
-            task, part = _local(factory, key, mode)
-            pid = int(context.node_config["partition-id"])
-            if not 0 <= pid < len(task.clients):
-                raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
+            task, part, pid = own_partition(context)
             sums, counts = head_input_sums(task, part, task.clients[pid])
         return Message(sums_reply(part, pid, sums, counts), reply_to=msg)
 

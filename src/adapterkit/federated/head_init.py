@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
-from .records import ADAPTER, Participant
+from .records import ADAPTER, Participant, check_arrays
 from .tasks import ClientData, FederatedError, FederatedTask
 
 HEAD_INITS = ("seeded", "class-means")
@@ -80,13 +80,13 @@ def check_sums(msg: Message, fingerprint: str, shape: tuple[int, int]) -> str | 
     if meta is None or meta.get("fingerprint") != fingerprint:
         return f"base fingerprint {None if meta is None else meta.get('fingerprint')!r} is not this server's"
     arrays = msg.content.array_records.get("arrays")
-    if arrays is None or set(arrays.keys()) != {"sums", "counts"}:
+    if arrays is None:
         return "expected arrays 'sums' and 'counts'"
-    sums, counts = arrays["sums"].numpy(), arrays["counts"].numpy()
-    if tuple(sums.shape) != shape or tuple(counts.shape) != shape[:1]:
-        return f"sums {tuple(sums.shape)} / counts {tuple(counts.shape)}, expected {shape} / {shape[:1]}"
-    if not (np.isfinite(sums).all() and np.isfinite(counts).all()) or (counts < 0).any():
-        return "non-finite sums or negative counts"
+    problem = check_arrays(arrays, {"sums": (shape, "float64"), "counts": (shape[:1], "float64")})
+    if problem:
+        return problem
+    if (arrays["counts"].numpy() < 0).any():
+        return "negative counts"
     return None
 
 
