@@ -13,8 +13,8 @@ import adapterkit as ak
 from adapterkit.edge.backbones import cnn1d, ds_cnn, lstm, mobilenet_v2, tcn
 from adapterkit.edge.fit import fit, measure_forward, plan
 from adapterkit.edge.lean import lean, pack_bits, unpack_bits
-from adapterkit.edge.memory import BudgetError, parse_budget
-from adapterkit.edge.quant import Int8Conv2d, quantize_int8, quantize_weight
+from adapterkit.edge.memory import BudgetError, parse_budget, split_parameters
+from adapterkit.edge.quant import Int8Conv2d, Int8LSTM, quantize_int8, quantize_weight
 from adapterkit.edge.recipe import EpochLoader
 from adapterkit.errors import TargetError
 
@@ -190,6 +190,33 @@ def test_int8_base_is_close_to_fp32_stores_a_quarter_and_takes_adapters():
     assert (codes.float() * scale.view(-1, 1, 1, 1) - model.stem[0].weight).abs().max() <= scale.max() / 2 + 1e-7
 
 
+def test_int8_lstm_equals_an_fp32_lstm_holding_its_dequantized_weights_and_trains_adapters():
+    torch.manual_seed(0)
+    model = lstm(6, 4, hidden=32).eval()
+    fp32 = copy.deepcopy(model)
+    fp32_flash = split_parameters(fp32.requires_grad_(False))[1]
+    assert quantize_int8(model) == 2  # the two LSTM layers; not the head
+    layer = model.blocks[0]
+    assert isinstance(layer, Int8LSTM) and layer.weight_ih_l0_int8.dtype == torch.int8
+    assert not [n for n, _ in layer.named_parameters() if n.startswith("weight")]
+    reference = copy.deepcopy(fp32)  # plain nn.LSTMs loaded with the dequantized matrices
+    with torch.no_grad():
+        for ref, q in zip(reference.blocks, model.blocks, strict=True):
+            for name in q.int8_names:
+                getattr(ref, name).copy_(getattr(q, name))
+    x = torch.randn(3, 40, 6)
+    torch.testing.assert_close(model(x), reference(x))
+    assert (model(x) - fp32(x)).abs().max() < 0.05 * fp32(x).abs().max()
+    weights = sum(getattr(q, n).numel() for q in model.blocks for n in q.int8_names)
+    assert fp32_flash - split_parameters(model)[1] >= weights * 3 - 4 * 4 * 32 * 4  # fp32 row scales added
+    with pytest.raises(TargetError, match="int8"):
+        layer.weight_hh_l0 = nn.Parameter(torch.zeros(128, 32))
+    am = ak.adapt(model)
+    am.add("a", ak.Bottleneck(placement="custom", targets=BLOCKS, reduction=4), num_labels=3)
+    report = fit(am, "a", EpochLoader(x, torch.arange(3), 3), epochs=2)
+    assert report.steps == 2 and all(not t.requires_grad for t in layer.buffers())
+
+
 def test_backbones_shapes_and_sites():
     for model, x in ((ds_cnn(12), torch.randn(2, 1, 49, 10)), (tcn(6, 4), torch.randn(2, 6, 50)),
                      (lstm(6, 4), torch.randn(2, 50, 6)), (cnn1d(4), torch.randn(2, 1, 4096))):
@@ -293,7 +320,6 @@ def test_export_names_the_layer_that_cannot_be_exported(tmp_path):
 
 def test_torchao_int8_linear_base_counts_stored_bytes_and_trains_lora():
     pytest.importorskip("torchao")
-    from adapterkit.edge.memory import split_parameters
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()

@@ -7,7 +7,9 @@ tensor, made when it is read, and the stored bytes are the int8 ones. Biases and
 fp32 (they are a few hundred bytes).
 
 Linear layers can use torchao's int8 weight-only tensors instead (`linear="torchao"`); convolutions
-always use this per-channel form, which torchao does not offer for them.
+always use this per-channel form, which torchao does not offer for them. An LSTM keeps each of its
+weight matrices (W_ih, W_hh per layer and direction) in the same form, one scale per gate row;
+its forward hands PyTorch's own LSTM kernel the dequantized matrices.
 """
 
 from __future__ import annotations
@@ -50,7 +52,41 @@ class Int8Linear(Int8Weight, nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-_INT8 = {nn.Conv1d: Int8Conv1d, nn.Conv2d: Int8Conv2d, nn.Linear: Int8Linear}
+class Int8LSTM(nn.LSTM):
+    """nn.LSTM whose weight matrices are int8 codes and per-row scales (biases stay fp32)."""
+
+    int8_names: list[str]
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        # called only when normal lookup fails: the weights are no longer parameters
+        if name in self.__dict__.get("int8_names", ()):
+            codes, scale = self._buffers[name + "_int8"], self._buffers[name + "_scale"]
+            return codes.to(scale.dtype) * scale[:, None]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self.__dict__.get("int8_names", ()):
+            raise TargetError(f"Int8LSTM holds {name} as int8; it cannot be set (merge into an fp32 base)")
+        super().__setattr__(name, value)
+
+    def forward(self, input, hx=None):  # noqa: ANN001, ANN201, A002
+        # PyTorch's kernel reads _flat_weights: give it this call's dequantized matrices
+        self.__dict__["_flat_weights"] = [getattr(self, n) for n in self._flat_weights_names]
+        return super().forward(input, hx)
+
+
+def _lstm_to_int8(module: nn.LSTM) -> None:
+    names = [n for n in module._flat_weights_names if n.startswith("weight_")]
+    for name in names:
+        codes, scale = quantize_weight(getattr(module, name))
+        del module._parameters[name]
+        module.register_buffer(name + "_int8", codes)
+        module.register_buffer(name + "_scale", scale)
+    module.__class__ = Int8LSTM
+    module.__dict__["int8_names"] = names
+
+
+_INT8 = {nn.Conv1d: Int8Conv1d, nn.Conv2d: Int8Conv2d, nn.Linear: Int8Linear, nn.LSTM: Int8LSTM}
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +98,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _to_int8(module: nn.Module) -> None:
+    if isinstance(module, nn.LSTM):
+        return _lstm_to_int8(module)
     codes, scale = quantize_weight(module.weight)
     del module._parameters["weight"]
     module.__class__ = _INT8[type(module)]
@@ -70,7 +108,7 @@ def _to_int8(module: nn.Module) -> None:
 
 
 def quantize_int8(model: nn.Module, *, skip: tuple[str, ...] = ("classifier",), linear: str = "own") -> int:
-    """Quantize the frozen conv and linear weights of `model` in place (before `adapt`); the count.
+    """Quantize the frozen conv, linear and LSTM weights of `model` in place (before `adapt`); the count.
 
     `skip`: module names (and what is under them) left in fp32, by default the task head, which an
     adapter replaces anyway. `linear="torchao"` quantizes Linear layers with torchao instead.

@@ -6,7 +6,11 @@
                             `min_available` good replies; saves the aggregate every round and
                             resumes from the last one.
     AdapterFedAvg(FedProx)  FedAvg weighted by examples (FedProx's μ goes to the clients), or a
-                            LoRA-exact rule (aggregate.py: "ffa", "svd").
+                            LoRA-exact rule (aggregate.py: "ffa", "svd"), then optionally a server
+                            step with momentum (FedAvgM, Hsu et al. 2019):
+                                Δ = x − avg;  v ← β·v + Δ;  x ← x − η·v
+                            Averaging skewed clients' updates shrinks them (they point apart);
+                            η > 1 or β > 0 restores the step the clients agree on.
 
 Differential privacy wraps AdapterFedAvg in Flower's fixed-clipping wrappers, inside Guarded, so a
 malformed reply never reaches the clipping.
@@ -23,6 +27,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx, Strategy
@@ -39,10 +44,19 @@ class AdapterFedAvg(FedProx):
     """FedAvg/FedProx whose aggregation is `rule` over the replies' travelling tensors."""
 
     def __init__(self, rule: str = "fedavg", *, lr: float | None = None, local_epochs: int | None = None,
-                 local_loss: str = "ce", **kwargs: Any) -> None:
+                 local_loss: str = "ce", server_lr: float = 1.0, server_momentum: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not (server_lr > 0 and 0 <= server_momentum < 1):
+            raise ValueError(f"server_lr={server_lr} must be > 0 and server_momentum={server_momentum} in [0, 1)")
+        if rule == "svd" and (server_lr != 1 or server_momentum):
+            raise ValueError("a server step on 'svd' factors is meaningless: each round re-factors B·A in a new "
+                             "basis; use aggregation 'fedavg' or 'ffa' with server_lr / server_momentum")
         self.rule, self.lr, self.local_epochs, self.local_loss = rule, lr, local_epochs, local_loss
+        self.server_lr, self.server_momentum = server_lr, server_momentum
         self.last_stats: dict[str, float] = {}
+        self._current: dict[str, torch.Tensor] = {}
+        self._velocity: dict[str, torch.Tensor] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -51,7 +65,21 @@ class AdapterFedAvg(FedProx):
         if self.local_epochs is not None:
             config["local-epochs"] = self.local_epochs
         config["local-objective"] = self.local_loss
+        self._current = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, grid)
+
+    def server_step(self, average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """x − η·v with v ← β·v + (x − average); the plain average when η = 1 and β = 0."""
+        if self.server_lr == 1 and not self.server_momentum or not self._current:
+            return average
+        out = {}
+        for name, avg in average.items():
+            delta = self._current[name] - avg
+            if self.server_momentum:
+                delta = self._velocity[name] * self.server_momentum + delta if name in self._velocity else delta
+                self._velocity[name] = delta
+            out[name] = self._current[name] - self.server_lr * delta
+        return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -62,6 +90,7 @@ class AdapterFedAvg(FedProx):
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
         tensors = [c["arrays"].to_torch_state_dict() for c in contents]
         out, stats = aggregate(self.rule, tensors, weights)
+        out = self.server_step(out)
         self.last_stats = stats
         metrics = aggregate_metricrecords(contents, self.weighted_by_key)
         for key, value in stats.items():

@@ -44,6 +44,8 @@ class Settings:
     aggregation: str = "fedavg"  # fedavg | ffa | svd (aggregate.py)
     full_model: bool = False  # the baseline: every weight trains and travels
     proximal_mu: float = 0.0  # FedProx
+    server_lr: float = 1.0  # the server's step on the averaged update (server.py, FedAvgM)
+    server_momentum: float = 0.0
     local_loss: str = "ce"  # ce | balanced (client.py: balanced softmax against label skew)
     head_init: str = "seeded"  # seeded | class-means (head_init.py: FedNCM, one query round first)
     local_epochs: int | None = None  # None: the task's
@@ -81,6 +83,12 @@ class Settings:
         if self.head_init == "class-means" and parse_dp(self.dp) is not None:
             raise FederatedError("head_init 'class-means' sends per-class feature sums outside the DP "
                                  "clipping and noise; use head_init 'seeded' with dp")
+        if not (self.server_lr > 0 and 0 <= self.server_momentum < 1):
+            raise FederatedError(f"server_lr={self.server_lr} must be > 0 and server_momentum="
+                                 f"{self.server_momentum} in [0, 1)")
+        if self.aggregation == "svd" and (self.server_lr != 1 or self.server_momentum):
+            raise FederatedError("a server step needs aggregation 'fedavg' or 'ffa': 'svd' re-factors B·A "
+                                 "in a new basis each round, so a step on its factors means nothing")
         parse_dp(self.dp)
         parse_faults(self.faults)
 
@@ -123,7 +131,7 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
         lr=settings.lr if settings.lr is not None else (task.full_lr if settings.full_model else task.lr),
         local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu, local_loss=settings.local_loss,
-        fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
+        server_lr=settings.server_lr, server_momentum=settings.server_momentum, fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
         min_train_nodes=2, min_evaluate_nodes=2 if settings.evaluate_clients else 0,
         min_available_nodes=min(num_nodes, settings.min_available))
     sampled = max(int(num_nodes * settings.fraction_train), 2)
