@@ -242,11 +242,11 @@ def test_mobilenet_v2_loads_torchvisions_imagenet_checkpoint():
 
 # --- export ----------------------------------------------------------------------------------
 
-def _two_adapters(config_factory) -> tuple[ak.AdaptedModel, torch.Tensor]:
+def _two_adapters(config_factory, labels: tuple[int, int] = (13, 13)) -> tuple[ak.AdaptedModel, torch.Tensor]:
     torch.manual_seed(0)
     am = ak.adapt(_randomise_norms(ds_cnn(12, channels=16, blocks=2)))
-    for name in ("a", "b"):
-        am.add(name, config_factory(), num_labels=13)
+    for name, num_labels in zip(("a", "b"), labels, strict=True):
+        am.add(name, config_factory(), num_labels=num_labels)
         for p in am.adapter(name).parameters():
             nn.init.normal_(p, std=0.1)
     lean(am)
@@ -271,6 +271,23 @@ def test_export_one_program_serves_every_adapter_blob(tmp_path, fmt):
         assert abs(outs[name] - ref).max() < 1e-4
         assert manifest["adapters"][name]["blob_bytes"] > 0
     assert abs(outs["a"] - outs["b"]).max() > 1e-3  # the blob, not the program, decides
+
+
+def test_tasks_with_other_class_counts_share_one_program(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adapterkit.edge.export import EdgeProgram, export
+
+    am, x = _two_adapters(lambda: ak.Bottleneck(placement="custom", targets=BLOCKS, reduction=4), labels=(3, 10))
+    manifest = export(am, ["a", "b"], tmp_path, example=x)
+    assert len(manifest["programs"]) == 1  # the 3-class head is padded to 10 rows, not a second base
+    program = EdgeProgram(tmp_path)
+    for name, classes in (("a", 3), ("b", 10)):
+        am.activate(name)
+        with torch.no_grad():
+            ref = am(x).numpy()
+        out = program.run(x, name)
+        assert out.shape == ref.shape == (1, classes) and abs(out - ref).max() < 1e-4
+    assert am.adapter("a").head.weight.shape[0] == 3  # the model's own head is left as it was
 
 
 def test_export_merged_lora_and_bad_inputs(tmp_path):

@@ -7,6 +7,10 @@ blob of the task it is in. Formats:
 - `onnx`: `torch.onnx.export`, run with onnxruntime;
 - `pte`: ExecuTorch (`torch.export` → `to_edge_transform_and_lower` → `.pte`), run with its runtime.
 
+Tasks with different class counts share the program too: each head's output layer is padded with
+zero rows to the largest count among the exported adapters, and `EdgeProgram.run` returns the
+task's own columns (so a camera's defect task and its digit task load into one MobileNetV2 program).
+
 `merged=True` (LoRA, IA³, BitFit) writes instead one self-contained program per adapter with the
 adapter folded into the weights. Each blob is a safetensors file whose metadata carries the base
 fingerprint and the layout, and `EdgeProgram.run` refuses a blob made for another base, and an
@@ -39,14 +43,31 @@ class ExportError(AdapterError):
     """A model or layer that cannot be exported, or a blob or input that does not fit the program."""
 
 
-def _rows(am: AdaptedModel, name: str) -> list[tuple[str, torch.Tensor]]:
+def head_output(am: AdaptedModel, name: str) -> tuple[str, int] | None:
+    """(record prefix, classes) of the adapter head's output layer, or None when it has no head."""
+    head = am.adapter(name).head
+    linears = [] if head is None else [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    path, last = linears[-1]
+    return ("head." + path + "." if path else "head."), last.out_features
+
+
+def _rows(am: AdaptedModel, name: str, classes: int | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The adapter's tensors in record order; with `classes`, its output layer padded to that many rows."""
     record = am.adapter(name)
-    return [(k, t.detach()) for k, t in [*record.named_parameters(), *record.named_buffers()]]
+    rows = [(k, t.detach()) for k, t in [*record.named_parameters(), *record.named_buffers()]]
+    output = head_output(am, name)
+    if classes is None or output is None or output[1] == classes:
+        return rows
+    prefix, own = output
+    pad = {prefix + "weight", prefix + "bias"}
+    return [(k, torch.cat([t, t.new_zeros((classes - own, *t.shape[1:]))]) if k in pad else t) for k, t in rows]
 
 
-def layout_of(am: AdaptedModel, name: str) -> list[list]:
+def layout_of(am: AdaptedModel, name: str, classes: int | None = None) -> list[list]:
     """The adapter's tensors as the program reads them: (name, shape, dtype), in order."""
-    return [[k, list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in _rows(am, name)]
+    return [[k, list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in _rows(am, name, classes)]
 
 
 def layout_key(layout: list[list]) -> str:
@@ -122,9 +143,11 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
                                 "input_shape": list(example.shape), "merged": merged, "programs": {}, "adapters": {}}
     previous = am.active
     am.eval()
+    outputs = {n: head_output(am, n) for n in names}
+    classes = None if merged or None in outputs.values() else max(o[1] for o in outputs.values())
     try:
         for name in names:
-            layout = layout_of(am, name)
+            layout = layout_of(am, name, classes)
             key = f"merged-{name}" if merged else f"base-{layout_key(layout)}"
             program_path = out / f"{key}{suffix}"
             if key not in manifest["programs"]:
@@ -138,7 +161,7 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
                             am.unmerge(name)
                     else:
                         keys = [k for k, *_ in layout]
-                        tensors = tuple(t for _, t in _rows(am, name))
+                        tensors = tuple(t for _, t in _rows(am, name, classes))
                         _write_program(WithAdapterInputs(am, name, keys), (example, *tensors), program_path, format,
                                        ["x", *keys])
                 except ExportError:
@@ -149,10 +172,11 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
                                              "bytes": program_path.stat().st_size}
             blob = out / f"{name}.safetensors"
             if not merged:
-                save_file({k: t.contiguous() for k, t in _rows(am, name)}, str(blob),
+                save_file({k: t.contiguous() for k, t in _rows(am, name, classes)}, str(blob),
                           metadata={"fingerprint": am.fingerprint(), "layout": json.dumps(layout), "adapter": name})
             manifest["adapters"][name] = {"program": key, "blob": None if merged else blob.name,
-                                          "blob_bytes": None if merged else blob.stat().st_size}
+                                          "blob_bytes": None if merged else blob.stat().st_size,
+                                          "classes": None if outputs[name] is None else outputs[name][1]}
     finally:
         am.activate(previous)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -209,7 +233,8 @@ class EdgeProgram:
             key, tensors = entry["program"], {}
         else:
             key, tensors = self.blob(self.folder / entry["blob"])
-        return self._execute(key, {"x": x.astype(np.float32), **tensors})
+        logits = self._execute(key, {"x": x.astype(np.float32), **tensors})
+        return logits if entry.get("classes") is None else logits[..., : entry["classes"]]
 
     def _execute(self, key: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         program = self.folder / self.manifest["programs"][key]["file"]
