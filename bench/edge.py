@@ -8,7 +8,8 @@ under a 256 KiB budget; ONNX and ExecuTorch export checked against PyTorch.
 Writes bench/results/edge.json: per recipe key (kws, vision, har, har_lstm, vibration)
 full_ft_accuracy, last_layer_accuracy, best_adapter_accuracy, best_adapter_method,
 memory_ratio_vs_full_ft, adapter_bytes, int8_accuracy (and every run under "runs"); top level
-kws_fits_256KiB, onnx_max_abs_diff, pte_max_abs_diff and the blob bytes per task.
+kws_fits_256KiB, onnx_max_abs_diff, pte_max_abs_diff and the blob bytes per task; vision_tasks: a
+defect adapter and a digit adapter on one MobileNetV2, scored through one exported ONNX program.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from adapterkit import edge
 from adapterkit.config import LiteResidual
+from adapterkit.edge.camera import camera_tasks
 from adapterkit.edge.compare import adapted, compare, methods_for
 from adapterkit.edge.recipe import EpochLoader, accuracy
 
@@ -113,6 +115,10 @@ def main() -> None:
             results["onnx_max_abs_diff"] = check["onnx"]["max_abs_diff"]
             results["pte_max_abs_diff"] = check["pte"]["max_abs_diff"]
             log(f"export: {json.dumps(check)}")
+        if name == "vision":
+            with tempfile.TemporaryDirectory() as tmp:
+                results["vision_tasks"] = camera_tasks(tmp, quick=args.quick)
+            log(f"vision tasks on one program: {json.dumps(results['vision_tasks'])}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     shown = {k: {m: v[m] for m in ("full_ft_accuracy", "last_layer_accuracy", "best_adapter_accuracy",

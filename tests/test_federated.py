@@ -206,6 +206,33 @@ def test_fedprox_keeps_local_updates_closer_to_the_global_adapter():
     assert change(50.0) < 0.7 * change(0.0)
 
 
+def test_server_step_scales_the_averaged_update_and_momentum_carries_it():
+    def updates(**kw) -> list[dict[str, torch.Tensor]]:
+        forget_local()
+        start = make_participant(build_task("digits", clients=2, per_client=120), "adapter").tensors()
+        out = []
+        for rounds in (1, 2):
+            forget_local()
+            arrays = simulate(digits(rounds=rounds, clients=2, **kw), backend="inprocess").arrays
+            out.append({k: torch.from_numpy(arrays[k].numpy()) for k in start})
+        return [{k: out[0][k] - start[k] for k in start}, {k: out[1][k] - out[0][k] for k in start}]
+
+    plain, doubled = updates(), updates(server_lr=2.0)
+    for k in plain[0]:  # round 1 starts from the same adapter, so the clients send the same updates
+        torch.testing.assert_close(doubled[0][k], 2 * plain[0][k])
+    momentum = updates(server_momentum=0.5)
+    for k in plain[0]:
+        torch.testing.assert_close(momentum[0][k], plain[0][k])  # no velocity yet in round 1
+    # round 2: the clients' new update Δ₂ (trained from the same adapter as plain FedAvg's round 2)
+    # plus half of round 1's
+    for k in plain[1]:
+        torch.testing.assert_close(momentum[1][k], plain[1][k] + 0.5 * plain[0][k], atol=1e-6, rtol=1e-5)
+    with pytest.raises(FederatedError, match="server_lr"):
+        Settings(server_momentum=1.0).validate()
+    with pytest.raises(FederatedError, match="'svd' re-factors"):
+        Settings(aggregation="svd", server_lr=2.0).validate()
+
+
 def test_bad_settings_say_what_to_write():
     with pytest.raises(FederatedError, match="aggregation"):
         simulate(digits(aggregation="median"), backend="inprocess")
