@@ -405,3 +405,20 @@ def test_head_init_settings_that_cannot_work_say_why():
         Settings(head_init="class-means", full_model=True).validate()
     with pytest.raises(FederatedError, match="local_loss"):
         Settings(local_loss="focal").validate()
+
+
+def test_cli_simulate_runs_in_process_and_refuses_a_bad_server_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+
+    forget_local()
+    out = tmp_path / "outcome.json"
+    result = CliRunner().invoke(app, ["federated", "simulate", "--task", "digits", "--clients", "2", "--rounds", "1",
+                                      "--per-client", "60", "--backend", "inprocess", "--server-lr", "1.5",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and "test accuracy" in result.output
+    bad = CliRunner().invoke(app, ["federated", "simulate", "--task", "digits", "--server-momentum", "1",
+                                   "--backend", "inprocess"])
+    assert bad.exit_code != 0 and "server_momentum" in bad.output
