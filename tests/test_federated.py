@@ -422,3 +422,79 @@ def test_cli_simulate_runs_in_process_and_refuses_a_bad_server_step(tmp_path):
     bad = CliRunner().invoke(app, ["federated", "simulate", "--task", "digits", "--server-momentum", "1",
                                    "--backend", "inprocess"])
     assert bad.exit_code != 0 and "server_momentum" in bad.output
+
+
+def test_scaffold_sends_each_client_the_mean_gradient_minus_its_own():
+    from adapterkit.federated.client import full_gradient
+    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
+
+    settings = digits(clients=3, rounds=2, control="scaffold")
+    seen: list[tuple[int, int, dict | None, dict | None, float]] = []
+
+    def tensors(record):  # noqa: ANN001, ANN202
+        return None if record is None else {k: torch.from_numpy(v.numpy()) for k, v in record.items()}
+
+    def recorder(msg, context, call_next):  # noqa: ANN001, ANN202 (a Flower client mod)
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            seen.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]),
+                         tensors(msg.content.array_records.get("correction")),
+                         tensors(reply.content.array_records.get("control")),
+                         float(reply.content["metrics"]["num-examples"])))
+        return reply
+
+    _in_process_identity()
+    grid = LocalGrid(client_app_with(settings, recorder), 3)
+    try:
+        outcome = run_server(grid, settings)
+    finally:
+        grid.close()
+    first = {pid: (control, n) for rnd, pid, correction, control, n in seen if rnd == 1 and correction is None}
+    assert sorted(first) == [0, 1, 2]  # round 1: nothing to correct with yet; every client replies ∇f_i
+    task = build_task("digits", clients=3, per_client=120)
+    fresh = make_participant(task, "adapter")  # the seeded adapter round 1 started from
+    for pid, (control, _) in first.items():
+        expected = full_gradient(task, fresh, task.clients[pid])
+        for key, value in expected.items():
+            torch.testing.assert_close(control[key], value, atol=1e-6, rtol=1e-4)
+    total = sum(n for _, n in first.values())
+    mean = {k: sum(c[k] * (n / total) for c, n in first.values()) for k in first[0][0]}
+    second = [(pid, correction) for rnd, pid, correction, _, _ in seen if rnd == 2]
+    assert sorted(pid for pid, _ in second) == [0, 1, 2]
+    for pid, correction in second:  # round 2: c − c_i, from round 1's gradients
+        for key in mean:
+            torch.testing.assert_close(correction[key], mean[key] - first[pid][0][key], atol=1e-6, rtol=1e-4)
+    assert outcome.bytes_per_client_round == 2 * fresh.arrays().count_bytes()  # c_i travels beside y_i
+    assert outcome.rounds["2"]["kept"] == 3
+
+
+def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
+    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
+
+    settings = digits(clients=3, rounds=1, control="scaffold")
+
+    def poison(msg, context, call_next):  # noqa: ANN001, ANN202
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 1:
+            control = reply.content["control"]
+            key = next(iter(control.keys()))
+            bad = control[key].numpy().copy()
+            bad.flat[0] = np.nan
+            reply.content["control"] = ArrayRecord({**dict(control.items()), key: Array(bad)})
+        return reply
+
+    _in_process_identity()
+    grid = LocalGrid(client_app_with(settings, poison), 3)
+    try:
+        outcome = run_server(grid, settings)
+    finally:
+        grid.close()
+    assert [(d["partition_id"], "control" in d["reason"] and "non-finite" in d["reason"])
+            for d in outcome.dropped] == [(1, True)]
+    assert outcome.rounds["1"]["kept"] == 2
+    with pytest.raises(FederatedError, match="control"):
+        Settings(control="scafold").validate()
+    with pytest.raises(FederatedError, match="'svd' re-factors"):
+        Settings(control="scaffold", aggregation="svd").validate()
+    with pytest.raises(FederatedError, match="outside the DP"):
+        Settings(control="scaffold", dp="server:noise=1.0,clip=0.5").validate()

@@ -392,6 +392,7 @@ def federated_simulate(
     proximal_mu: Annotated[float, typer.Option(help="FedProx's μ (0: FedAvg)")] = 0.0,
     server_lr: Annotated[float, typer.Option(help="The server's step on the averaged update (FedAvgM's η)")] = 1.0,
     server_momentum: Annotated[float, typer.Option(help="FedAvgM's β (0: no momentum)")] = 0.0,
+    control: Annotated[str, typer.Option(help="none | scaffold (control variates against client drift)")] = "none",
     local_loss: Annotated[str, typer.Option(help="ce | balanced (balanced softmax against label skew)")] = "ce",
     head_init: Annotated[str, typer.Option(help="seeded | class-means (FedNCM: one query round first)")] = "seeded",
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round (default: the task's)")] = None,
@@ -409,7 +410,7 @@ def federated_simulate(
 
     settings = Settings(task=task, clients=clients, rounds=rounds, partition=partition, method=method,
                         aggregation=aggregation, proximal_mu=proximal_mu, server_lr=server_lr,
-                        server_momentum=server_momentum, local_loss=local_loss,
+                        server_momentum=server_momentum, control=control, local_loss=local_loss,
                         head_init=head_init, local_epochs=local_epochs, dp=dp, faults=faults,
                         min_available=min_available, timeout=timeout, per_client=per_client,
                         checkpoint_dir=checkpoint_dir)

@@ -13,15 +13,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from ..model import adapt
 from .head_init import head_input_sums, sums_reply
-from .records import ADAPTER, Participant, adapter_participant, full_participant
+from .records import ADAPTER, Participant, adapter_participant, check_arrays, full_participant
 from .tasks import ClientData, FederatedTask
 
 MODES = ("adapter", "ffa", "full")
@@ -69,8 +70,10 @@ def label_shift(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 
 def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epochs: int, lr: float,
-                proximal_mu: float = 0.0, seed: int = 0, loss: str = "ce") -> tuple[float, int]:
+                proximal_mu: float = 0.0, seed: int = 0, loss: str = "ce",
+                correction: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
     """AdamW over the travelling parameters on the client's data; FedProx adds μ/2·‖w − w_global‖².
+    SCAFFOLD's `correction` (c − c_i, server.py) is added to every step's gradient.
 
     `loss="balanced"` is balanced softmax (Ren et al. 2020; FedLC's calibration, FedRS's masking):
     cross-entropy of logits + log p_i(y), so what the client learns is p(x | y), not its own skewed
@@ -95,9 +98,31 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
                 value = value + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
             opt.zero_grad()
             value.backward()
+            if correction is not None:
+                for key, p in part.params.items():
+                    p.grad.add_(correction[key])
             opt.step()
             total, steps = total + float(value.detach()), steps + 1
     return total / max(1, steps), steps
+
+
+def full_gradient(task: FederatedTask, part: Participant, data: ClientData, *, loss: str = "ce"
+                  ) -> dict[str, torch.Tensor]:
+    """∇f_i(x): the gradient of the client's mean local loss at the model it holds, over all its data
+    (SCAFFOLD's control variate c_i, option I of Karimireddy et al. 2020)."""
+    shift = label_shift(data.labels, len(task.labels)) if loss == "balanced" else None
+    part.model.eval()
+    for p in part.params.values():
+        p.grad = None
+    for start in range(0, len(data), task.batch_size):
+        idx = torch.arange(start, min(len(data), start + task.batch_size))
+        logits = task.logits(part.model, data.take(idx))
+        value = F.cross_entropy(logits if shift is None else logits + shift, data.labels[idx], reduction="sum")
+        (value / len(data)).backward()
+    grads = {k: p.grad.detach().clone() for k, p in part.params.items()}
+    for p in part.params.values():
+        p.grad = None
+    return grads
 
 
 @torch.no_grad()
@@ -141,7 +166,8 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
                seed: int = 0, clip_on_client: bool = False, mods: list[Any] | None = None) -> ClientApp:
     """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
 
-    The server's config sets the round's `lr`, `local-epochs`, `proximal-mu` and `local-objective` (the loss); a
+    The server's config sets the round's `lr`, `local-epochs`, `proximal-mu`, `local-objective` (the loss)
+    and `control` ("scaffold": reply with ∇f_i at the received model too, train with the `correction`); a
     `query` message asks for the class sums that initialise the head (head_init.py). `clip_on_client`
     adds Flower's `fixedclipping_mod` (for `DifferentialPrivacyClientSideFixedClipping`)."""
     app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
@@ -169,13 +195,27 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
         config = msg.content["config"]
         server_round = int(config.get("server-round", 0))
         lr = float(config.get("lr", task.full_lr if mode == "full" else task.lr))
+        objective = str(config.get("local-objective", "ce"))
+        scaffold = config.get("control") == "scaffold"
+        control = full_gradient(task, part, data, loss=objective) if scaffold else None
+        correction = None
+        if scaffold and "correction" in msg.content.array_records:
+            record = msg.content["correction"]
+            problem = check_arrays(record, part.template())
+            if problem:
+                raise ValueError(f"the server's correction does not fit this participant: {problem}")
+            correction = {k: torch.from_numpy(np.asarray(record[k].numpy())).to(p.dtype)
+                          for k, p in part.params.items()}
         loss, steps = local_train(task, part, data, epochs=int(config.get("local-epochs", task.local_epochs)),
                                   lr=lr, proximal_mu=float(config.get("proximal-mu", 0.0)),
                                   seed=seed * 100_003 + server_round * 1009 + pid,
-                                  loss=str(config.get("local-objective", "ce")))
+                                  loss=objective, correction=correction)
         metrics = {"num-examples": len(data), "train-loss": loss if math.isfinite(loss) else -1.0,
                    "steps": steps, "seconds": time.perf_counter() - started}
-        return Message(_reply(part, pid, metrics), reply_to=msg)
+        reply = _reply(part, pid, metrics)
+        if control is not None:
+            reply["control"] = ArrayRecord({k: Array(v.cpu().numpy()) for k, v in control.items()})
+        return Message(reply, reply_to=msg)
 
     @app.evaluate()
     def local_evaluate(msg: Message, context: Context) -> Message:

@@ -11,6 +11,10 @@
                                 Δ = x − avg;  v ← β·v + Δ;  x ← x − η·v
                             Averaging skewed clients' updates shrinks them (they point apart);
                             η > 1 or β > 0 restores the step the clients agree on.
+                            `control="scaffold"` (Karimireddy et al. 2020, option I) corrects the
+                            clients' drift: each reply carries c_i = ∇f_i(x), the server keeps
+                            the latest per node and sends node i the correction c − c_i
+                            (c = Σ w_i c_i), added to each local gradient. Clients keep no state.
 
 Differential privacy wraps AdapterFedAvg in Flower's fixed-clipping wrappers, inside Guarded, so a
 malformed reply never reaches the clipping.
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -36,8 +40,10 @@ from flwr.supercore import log
 from safetensors.torch import load_file, save_file
 
 from ..model import AdaptedModel
-from .aggregate import aggregate
+from .aggregate import aggregate, fedavg
 from .records import ADAPTER, Participant, check_arrays
+
+CONTROLS = ("none", "scaffold")
 
 
 class AdapterFedAvg(FedProx):
@@ -45,14 +51,22 @@ class AdapterFedAvg(FedProx):
 
     def __init__(self, rule: str = "fedavg", *, lr: float | None = None, local_epochs: int | None = None,
                  local_loss: str = "ce", server_lr: float = 1.0, server_momentum: float = 0.0,
-                 **kwargs: Any) -> None:
+                 control: str = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not (server_lr > 0 and 0 <= server_momentum < 1):
             raise ValueError(f"server_lr={server_lr} must be > 0 and server_momentum={server_momentum} in [0, 1)")
         if rule == "svd" and (server_lr != 1 or server_momentum):
             raise ValueError("a server step on 'svd' factors is meaningless: each round re-factors B·A in a new "
                              "basis; use aggregation 'fedavg' or 'ffa' with server_lr / server_momentum")
+        if control not in CONTROLS:
+            raise ValueError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")
+        if control == "scaffold" and rule == "svd":
+            raise ValueError("SCAFFOLD's control variates are gradients in one basis of B and A; 'svd' "
+                             "re-factors them in a new basis each round: use aggregation 'fedavg' or 'ffa'")
         self.rule, self.lr, self.local_epochs, self.local_loss = rule, lr, local_epochs, local_loss
+        self.control = control
+        #: node id -> (its last c_i = ∇f_i at the model it was sent, its example count)
+        self._controls: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         self.server_lr, self.server_momentum = server_lr, server_momentum
         self.last_stats: dict[str, float] = {}
         self._current: dict[str, torch.Tensor] = {}
@@ -65,8 +79,27 @@ class AdapterFedAvg(FedProx):
         if self.local_epochs is not None:
             config["local-epochs"] = self.local_epochs
         config["local-objective"] = self.local_loss
+        if self.control == "scaffold":
+            config["control"] = "scaffold"
         self._current = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.control != "scaffold" or not self._controls:
+            return messages
+        mean = self.global_control()
+        out = []
+        for msg in messages:  # FedAvg gives every message one shared RecordDict: each gets its own
+            own = self._controls.get(msg.metadata.dst_node_id)
+            content = RecordDict({"arrays": msg.content["arrays"], "config": msg.content["config"]})
+            if own is not None:  # a client not heard from yet trains uncorrected
+                content["correction"] = ArrayRecord({k: Array((mean[k] - own[0][k]).numpy()) for k in mean})
+            out.append(Message(content=content, message_type=msg.metadata.message_type,
+                               dst_node_id=msg.metadata.dst_node_id))
+        return out
+
+    def global_control(self) -> dict[str, torch.Tensor]:
+        """c = Σ_i w_i c_i over every client's latest control variate, weighted by examples."""
+        controls = list(self._controls.values())
+        return fedavg([c for c, _ in controls], [w for _, w in controls])
 
     def server_step(self, average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """x − η·v with v ← β·v + (x − average); the plain average when η = 1 and β = 0."""
@@ -89,6 +122,10 @@ class AdapterFedAvg(FedProx):
         contents = [m.content for m in replies]
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
         tensors = [c["arrays"].to_torch_state_dict() for c in contents]
+        if self.control == "scaffold":
+            for msg, content, weight in zip(replies, contents, weights, strict=True):
+                if "control" in content.array_records:
+                    self._controls[msg.metadata.src_node_id] = (content["control"].to_torch_state_dict(), weight)
         out, stats = aggregate(self.rule, tensors, weights)
         out = self.server_step(out)
         self.last_stats = stats
@@ -183,9 +220,13 @@ class Guarded(Strategy):
         if not is_train:
             return None
         arrays = content.array_records.get("arrays")
-        if arrays is None or len(content.array_records) != 1:
-            return f"expected one ArrayRecord 'arrays', got {sorted(content.array_records)}"
-        return check_arrays(arrays, self.template)
+        if arrays is None or not set(content.array_records) <= {"arrays", "control"}:
+            return f"expected the ArrayRecord 'arrays' (and SCAFFOLD's 'control'), got {sorted(content.array_records)}"
+        problem = check_arrays(arrays, self.template)
+        if problem is None and "control" in content.array_records:
+            problem = check_arrays(content["control"], self.template)
+            problem = problem and f"control: {problem}"
+        return problem
 
     def _filter(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
         kept = []

@@ -30,7 +30,7 @@ from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import FaultsMod, parse_faults
 from .head_init import HEAD_INITS, class_mean_head
-from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp
+from .server import CONTROLS, AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp
 from .tasks import FederatedError, FederatedTask
 
 
@@ -46,6 +46,7 @@ class Settings:
     proximal_mu: float = 0.0  # FedProx
     server_lr: float = 1.0  # the server's step on the averaged update (server.py, FedAvgM)
     server_momentum: float = 0.0
+    control: str = "none"  # none | scaffold (server.py: control variates against client drift)
     local_loss: str = "ce"  # ce | balanced (client.py: balanced softmax against label skew)
     head_init: str = "seeded"  # seeded | class-means (head_init.py: FedNCM, one query round first)
     local_epochs: int | None = None  # None: the task's
@@ -89,6 +90,14 @@ class Settings:
         if self.aggregation == "svd" and (self.server_lr != 1 or self.server_momentum):
             raise FederatedError("a server step needs aggregation 'fedavg' or 'ffa': 'svd' re-factors B·A "
                                  "in a new basis each round, so a step on its factors means nothing")
+        if self.control not in CONTROLS:
+            raise FederatedError(f"control {self.control!r}: use one of {', '.join(CONTROLS)}")
+        if self.control == "scaffold" and self.aggregation == "svd":
+            raise FederatedError("control 'scaffold' needs aggregation 'fedavg' or 'ffa': its control variates are "
+                                 "gradients in one basis of B and A, and 'svd' re-factors them in a new one each round")
+        if self.control == "scaffold" and parse_dp(self.dp) is not None:
+            raise FederatedError("control 'scaffold' sends each client's gradient outside the DP clipping and "
+                                 "noise; use control 'none' with dp")
         parse_dp(self.dp)
         parse_faults(self.faults)
 
@@ -131,7 +140,8 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
         lr=settings.lr if settings.lr is not None else (task.full_lr if settings.full_model else task.lr),
         local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu, local_loss=settings.local_loss,
-        server_lr=settings.server_lr, server_momentum=settings.server_momentum, fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
+        server_lr=settings.server_lr, server_momentum=settings.server_momentum, control=settings.control,
+        fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
         min_train_nodes=2, min_evaluate_nodes=2 if settings.evaluate_clients else 0,
         min_available_nodes=min(num_nodes, settings.min_available))
     sampled = max(int(num_nodes * settings.fraction_train), 2)
@@ -163,9 +173,10 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     else:
         central(0, arrays)
     seconds = (time.perf_counter() - started) / max(1, remaining)
+    sent = part.arrays().count_bytes() * (2 if settings.control == "scaffold" else 1)  # SCAFFOLD: c_i as well
     last = guarded.history["rounds"].get(str(settings.rounds), {})
     return Outcome(asdict(settings), "", guarded.history["rounds"], [d.__dict__ for d in guarded.dropped],
-                   float(last.get("test_accuracy", float("nan"))), float(part.arrays().count_bytes()), seconds,
+                   float(last.get("test_accuracy", float("nan"))), float(sent), seconds,
                    resumed_from=start, dp=dp, arrays=arrays, head_init=head_report)
 
 
