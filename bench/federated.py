@@ -8,7 +8,8 @@ Measures, on the same clients and test set:
 - test accuracy after N rounds: adapter FedAvg (Flower's Ray simulation engine), the LoRA-exact
   `svd` aggregation, full-model FedAvg, and centralized LoRA training on the union of the clients'
   data for the same number of epochs (N rounds × local epochs);
-- wall time per round.
+- wall time per round;
+- the same for one on-device recipe (har: one new user per client, bottleneck adapters on a TCN).
 The adapter runs start the head from the clients' class means (one query round, head_init.py) and
 train with balanced softmax (client.py); full-model FedAvg trains with the same local loss.
 Writes bench/results/federated.json.
@@ -52,6 +53,27 @@ def centralized(settings: Settings) -> tuple[float, float]:
     return acc, time.perf_counter() - started
 
 
+def on_device(rounds: int, clients: int = 10, per_client: int = 40) -> dict:
+    """The har recipe federated: each client one new user wearing the device turned (a natural
+    split), bottleneck adapters on the pre-trained TCN; adapter FedAvg vs full-model FedAvg vs
+    the same adapter trained on the union."""
+    common = dict(task="har", clients=clients, rounds=rounds, partition="natural", method="bottleneck",
+                  per_client=per_client, test_size=300, timeout=600.0)
+    out = {"task": "har", "clients": clients, "partition": "natural", "per_client": per_client, "rounds": rounds}
+    for name, extra in [("adapter_fedavg", {}), ("full_fedavg", {"full_model": True})]:
+        forget_local()
+        outcome = simulate(Settings(**common, **extra), backend="inprocess")
+        out[name] = {"accuracy": outcome.accuracy, "bytes_per_round": outcome.bytes_per_client_round,
+                     "accuracy_by_round": {r: e.get("test_accuracy") for r, e in outcome.rounds.items()}}
+    forget_local()
+    settings = Settings(**common)
+    out["centralized_accuracy"], _ = centralized(settings)
+    out["bytes_ratio"] = out["full_fedavg"]["bytes_per_round"] / out["adapter_fedavg"]["bytes_per_round"]
+    out["federated_minus_centralized"] = out["adapter_fedavg"]["accuracy"] - out["centralized_accuracy"]
+    print("on_device", json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}), flush=True)
+    return out
+
+
 def _union(clients: list[ClientData]) -> ClientData:
     first = clients[0]
     if isinstance(first.inputs, dict):
@@ -73,6 +95,7 @@ def main() -> None:
     parser.add_argument("--local-loss", default="balanced", help="ce | balanced (balanced softmax)")
     parser.add_argument("--head-init", default="class-means", help="seeded | class-means (FedNCM)")
     parser.add_argument("--skip-full", action="store_true", help="leave out full-model FedAvg (the slowest)")
+    parser.add_argument("--on-device-rounds", type=int, default=10, help="rounds of the har recipe (0: skip it)")
     parser.add_argument("--out", default="bench/results/federated.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -116,6 +139,8 @@ def main() -> None:
         "seconds_per_round": {k: v["seconds_per_round"] for k, v in runs.items()},
         "centralized_seconds": central_seconds, "runs": runs,
     }
+    if args.on_device_rounds:
+        result["on_device"] = on_device(args.on_device_rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))

@@ -424,23 +424,25 @@ def test_cli_simulate_runs_in_process_and_refuses_a_bad_server_step(tmp_path):
     assert bad.exit_code != 0 and "server_momentum" in bad.output
 
 
-def test_scaffold_sends_each_client_the_mean_gradient_minus_its_own():
-    from adapterkit.federated.client import full_gradient
+def test_scaffold_sends_each_client_the_mean_step_minus_its_own():
     from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
 
     settings = digits(clients=3, rounds=2, control="scaffold")
-    seen: list[tuple[int, int, dict | None, dict | None, float]] = []
+    seen: list[dict] = []
 
     def tensors(record):  # noqa: ANN001, ANN202
-        return None if record is None else {k: torch.from_numpy(v.numpy()) for k, v in record.items()}
+        return None if record is None else {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
 
     def recorder(msg, context, call_next):  # noqa: ANN001, ANN202 (a Flower client mod)
+        sent = tensors(msg.content.array_records.get("arrays"))
         reply = call_next(msg, context)
         if msg.metadata.message_type == "train":
-            seen.append((int(msg.content["config"]["server-round"]), int(context.node_config["partition-id"]),
-                         tensors(msg.content.array_records.get("correction")),
-                         tensors(reply.content.array_records.get("control")),
-                         float(reply.content["metrics"]["num-examples"])))
+            seen.append({"round": int(msg.content["config"]["server-round"]),
+                         "pid": int(context.node_config["partition-id"]), "sent": sent,
+                         "correction": tensors(msg.content.array_records.get("correction")),
+                         "trained": tensors(reply.content["arrays"]), "control": tensors(reply.content["control"]),
+                         "steps": int(reply.content["metrics"]["steps"]),
+                         "n": float(reply.content["metrics"]["num-examples"])})
         return reply
 
     _in_process_identity()
@@ -449,23 +451,32 @@ def test_scaffold_sends_each_client_the_mean_gradient_minus_its_own():
         outcome = run_server(grid, settings)
     finally:
         grid.close()
-    first = {pid: (control, n) for rnd, pid, correction, control, n in seen if rnd == 1 and correction is None}
-    assert sorted(first) == [0, 1, 2]  # round 1: nothing to correct with yet; every client replies ∇f_i
-    task = build_task("digits", clients=3, per_client=120)
-    fresh = make_participant(task, "adapter")  # the seeded adapter round 1 started from
-    for pid, (control, _) in first.items():
-        expected = full_gradient(task, fresh, task.clients[pid])
-        for key, value in expected.items():
-            torch.testing.assert_close(control[key], value, atol=1e-6, rtol=1e-4)
-    total = sum(n for _, n in first.values())
-    mean = {k: sum(c[k] * (n / total) for c, n in first.values()) for k in first[0][0]}
-    second = [(pid, correction) for rnd, pid, correction, _, _ in seen if rnd == 2]
-    assert sorted(pid for pid, _ in second) == [0, 1, 2]
-    for pid, correction in second:  # round 2: c − c_i, from round 1's gradients
+    first = {s["pid"]: s for s in seen if s["round"] == 1}
+    assert sorted(first) == [0, 1, 2] and all(s["correction"] is None for s in first.values())
+    for s in first.values():  # uncorrected, c_i is the mean step the client took: (y_i − x) / K
+        for key, value in s["control"].items():
+            torch.testing.assert_close(value, (s["trained"][key] - s["sent"][key]) / s["steps"])
+    total = sum(s["n"] for s in first.values())
+    mean = {k: sum(s["control"][k] * (s["n"] / total) for s in first.values()) for k in first[0]["control"]}
+    second = {s["pid"]: s for s in seen if s["round"] == 2}
+    assert sorted(second) == [0, 1, 2]
+    for pid, s in second.items():  # round 2: c − c_i, from round 1's steps
         for key in mean:
-            torch.testing.assert_close(correction[key], mean[key] - first[pid][0][key], atol=1e-6, rtol=1e-4)
-    assert outcome.bytes_per_client_round == 2 * fresh.arrays().count_bytes()  # c_i travels beside y_i
-    assert outcome.rounds["2"]["kept"] == 3
+            torch.testing.assert_close(s["correction"][key], mean[key] - first[pid]["control"][key],
+                                       atol=1e-7, rtol=1e-5)
+            # the reported c_i takes the correction back out of what the client moved
+            torch.testing.assert_close(s["control"][key], (s["trained"][key] - s["sent"][key]) / s["steps"]
+                                       - s["correction"][key], atol=1e-7, rtol=1e-4)
+    task = build_task("digits", clients=3, per_client=120)
+    part = make_participant(task, "adapter")
+    assert outcome.bytes_per_client_round == 2 * part.arrays().count_bytes()  # c_i travels beside y_i
+    from adapterkit.federated.client import local_train
+
+    start = part.tensors()  # with lr 0 AdamW stands still, so what moves is the correction, once a step
+    _, steps = local_train(task, part, task.clients[0], epochs=1, lr=0.0, correction=second[0]["correction"])
+    for key, value in start.items():
+        torch.testing.assert_close(part.params[key].detach(), value + steps * second[0]["correction"][key])
+    assert outcome.rounds["2"]["kept"] == 3 and outcome.rounds["2"]["test_accuracy"] > outcome.rounds["0"]["test_accuracy"]
 
 
 def test_scaffold_control_replies_are_checked_and_bad_settings_refused():

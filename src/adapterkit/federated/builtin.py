@@ -109,8 +109,9 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
     from ..edge.har import ACTIVITIES, imu_set, random_user
 
     kind, _ = parse_partition(partition)
-    if kind != "natural":
-        raise FederatedError(f"task 'har' splits by user: use --partition natural, not {partition!r}")
+    if kind not in ("natural", "iid"):
+        raise FederatedError(f"task 'har' splits by user: use --partition natural (or iid, the same users' "
+                             f"examples pooled and dealt out evenly), not {partition!r}")
     rng = np.random.default_rng(seed)
     state = _har_source(seed)
     users = [random_user(rng, tilt=60.0) for _ in range(clients)]  # worn turned, each their own way
@@ -120,6 +121,10 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
         x, y = imu_set([user], per_class, rng)
         local.append(ClientData(x, y, f"user {i}"))
     xt, yt = imu_set(users, max(1, test_size // len(ACTIVITIES)), rng)
+    if kind == "iid":  # the floor beside the natural split: every client holds a bit of every user
+        x, y = torch.cat([c.inputs for c in local]), torch.cat([c.labels for c in local])
+        order = torch.from_numpy(rng.permutation(len(y)))
+        local = [ClientData(x[idx], y[idx], f"shard {i}") for i, idx in enumerate(order.chunk(clients))]
 
     def make_base() -> nn.Module:
         model = tcn(6, len(ACTIVITIES))
@@ -130,7 +135,8 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
         "har", make_base, local, ClientData(xt, yt, "test"),
         method or Bottleneck(placement="custom", targets=r"re:blocks\.\d+$", reduction=8), list(ACTIVITIES),
         lr=3e-3, full_lr=1e-3, batch_size=16, local_epochs=2,
-        info={"base": "TCN pre-trained on 20 generated users", "partition": "natural (one user per client)",
+        info={"base": "TCN pre-trained on 20 generated users",
+              "partition": "natural (one user per client)" if kind == "natural" else "iid (the users pooled)",
               "shared_head": True},
     )
 

@@ -73,7 +73,7 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
                 proximal_mu: float = 0.0, seed: int = 0, loss: str = "ce",
                 correction: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
     """AdamW over the travelling parameters on the client's data; FedProx adds μ/2·‖w − w_global‖².
-    SCAFFOLD's `correction` (c − c_i, server.py) is added to every step's gradient.
+    SCAFFOLD's `correction` (c − c_i, server.py) is added to the parameters after every step.
 
     `loss="balanced"` is balanced softmax (Ren et al. 2020; FedLC's calibration, FedRS's masking):
     cross-entropy of logits + log p_i(y), so what the client learns is p(x | y), not its own skewed
@@ -98,31 +98,13 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
                 value = value + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
             opt.zero_grad()
             value.backward()
-            if correction is not None:
-                for key, p in part.params.items():
-                    p.grad.add_(correction[key])
             opt.step()
+            if correction is not None:
+                with torch.no_grad():
+                    for key, p in part.params.items():
+                        p.add_(correction[key])
             total, steps = total + float(value.detach()), steps + 1
     return total / max(1, steps), steps
-
-
-def full_gradient(task: FederatedTask, part: Participant, data: ClientData, *, loss: str = "ce"
-                  ) -> dict[str, torch.Tensor]:
-    """∇f_i(x): the gradient of the client's mean local loss at the model it holds, over all its data
-    (SCAFFOLD's control variate c_i, option I of Karimireddy et al. 2020)."""
-    shift = label_shift(data.labels, len(task.labels)) if loss == "balanced" else None
-    part.model.eval()
-    for p in part.params.values():
-        p.grad = None
-    for start in range(0, len(data), task.batch_size):
-        idx = torch.arange(start, min(len(data), start + task.batch_size))
-        logits = task.logits(part.model, data.take(idx))
-        value = F.cross_entropy(logits if shift is None else logits + shift, data.labels[idx], reduction="sum")
-        (value / len(data)).backward()
-    grads = {k: p.grad.detach().clone() for k, p in part.params.items()}
-    for p in part.params.values():
-        p.grad = None
-    return grads
 
 
 @torch.no_grad()
@@ -167,7 +149,7 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
 
     The server's config sets the round's `lr`, `local-epochs`, `proximal-mu`, `local-objective` (the loss)
-    and `control` ("scaffold": reply with ∇f_i at the received model too, train with the `correction`); a
+    and `control` ("scaffold": step with the server's `correction`, reply with this client's c_i too); a
     `query` message asks for the class sums that initialise the head (head_init.py). `clip_on_client`
     adds Flower's `fixedclipping_mod` (for `DifferentialPrivacyClientSideFixedClipping`)."""
     app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
@@ -197,7 +179,7 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
         lr = float(config.get("lr", task.full_lr if mode == "full" else task.lr))
         objective = str(config.get("local-objective", "ce"))
         scaffold = config.get("control") == "scaffold"
-        control = full_gradient(task, part, data, loss=objective) if scaffold else None
+        received = part.tensors() if scaffold else None
         correction = None
         if scaffold and "correction" in msg.content.array_records:
             record = msg.content["correction"]
@@ -213,7 +195,9 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
         metrics = {"num-examples": len(data), "train-loss": loss if math.isfinite(loss) else -1.0,
                    "steps": steps, "seconds": time.perf_counter() - started}
         reply = _reply(part, pid, metrics)
-        if control is not None:
+        if received is not None:  # c_i: the mean step this client took on its own, (y − x)/K − (c − c_i)
+            control = {k: (p.detach() - received[k]) / max(1, steps) - (correction[k] if correction else 0)
+                       for k, p in part.params.items()}
             reply["control"] = ArrayRecord({k: Array(v.cpu().numpy()) for k, v in control.items()})
         return Message(reply, reply_to=msg)
 

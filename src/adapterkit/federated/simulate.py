@@ -94,9 +94,9 @@ class Settings:
             raise FederatedError(f"control {self.control!r}: use one of {', '.join(CONTROLS)}")
         if self.control == "scaffold" and self.aggregation == "svd":
             raise FederatedError("control 'scaffold' needs aggregation 'fedavg' or 'ffa': its control variates are "
-                                 "gradients in one basis of B and A, and 'svd' re-factors them in a new one each round")
+                                 "steps in one basis of B and A, and 'svd' re-factors them in a new one each round")
         if self.control == "scaffold" and parse_dp(self.dp) is not None:
-            raise FederatedError("control 'scaffold' sends each client's gradient outside the DP clipping and "
+            raise FederatedError("control 'scaffold' sends each client's mean step outside the DP clipping and "
                                  "noise; use control 'none' with dp")
         parse_dp(self.dp)
         parse_faults(self.faults)
