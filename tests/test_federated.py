@@ -290,6 +290,15 @@ def test_har_clients_are_users_of_the_on_device_recipe():
                                 per_client=40, test_size=60, timeout=120.0), backend="inprocess")
     assert outcome.rounds["3"]["aggregated"]
     assert outcome.rounds["3"]["test_accuracy"] >= outcome.rounds["0"]["test_accuracy"]
+    pooled = build_task("har", clients=3, partition="iid", per_client=40, test_size=60)
+    assert [c.group for c in pooled.clients] == ["shard 0", "shard 1", "shard 2"]
+    assert torch.equal(pooled.test.inputs, task.test.inputs)  # the same users, the same test set
+    natural = torch.cat([c.inputs for c in task.clients]).flatten(1)
+    shards = [c.inputs.flatten(1) for c in pooled.clients]
+    assert sorted(map(tuple, torch.cat(shards).tolist())) == sorted(map(tuple, natural.tolist()))
+    # each shard now holds examples of more than one user
+    owner = {tuple(row): i for i, c in enumerate(task.clients) for row in c.inputs.flatten(1).tolist()}
+    assert all(len({owner[tuple(row)] for row in shard.tolist()}) > 1 for shard in shards)
 
 
 # --- against label skew: a class-means head and balanced local training -----------------------------
