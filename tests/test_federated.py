@@ -382,6 +382,18 @@ def client_app_with(settings: Settings, mod):  # noqa: ANN001, ANN201
     return client_app(settings.factory(), settings.key(), mods=[mod])
 
 
+def run_with_mod(settings: Settings, mod):  # noqa: ANN001, ANN201
+    """The server's run over an in-process grid whose clients go through `mod` (a Flower client mod)."""
+    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
+
+    _in_process_identity()
+    grid = LocalGrid(client_app_with(settings, mod), settings.clients)
+    try:
+        return run_server(grid, settings)
+    finally:
+        grid.close()
+
+
 def test_balanced_loss_shifts_by_the_clients_own_label_frequencies():
     from adapterkit.federated.client import label_shift, local_train
 
@@ -434,8 +446,6 @@ def test_cli_simulate_runs_in_process_and_refuses_a_bad_server_step(tmp_path):
 
 
 def test_scaffold_sends_each_client_the_mean_step_minus_its_own():
-    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
-
     settings = digits(clients=3, rounds=2, control="scaffold")
     seen: list[dict] = []
 
@@ -454,12 +464,7 @@ def test_scaffold_sends_each_client_the_mean_step_minus_its_own():
                          "n": float(reply.content["metrics"]["num-examples"])})
         return reply
 
-    _in_process_identity()
-    grid = LocalGrid(client_app_with(settings, recorder), 3)
-    try:
-        outcome = run_server(grid, settings)
-    finally:
-        grid.close()
+    outcome = run_with_mod(settings, recorder)
     first = {s["pid"]: s for s in seen if s["round"] == 1}
     assert sorted(first) == [0, 1, 2] and all(s["correction"] is None for s in first.values())
     for s in first.values():  # uncorrected, c_i is the mean step the client took: (y_i − x) / K
@@ -489,8 +494,6 @@ def test_scaffold_sends_each_client_the_mean_step_minus_its_own():
 
 
 def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
-    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
-
     settings = digits(clients=3, rounds=1, control="scaffold")
 
     def poison(msg, context, call_next):  # noqa: ANN001, ANN202
@@ -503,12 +506,7 @@ def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
             reply.content["control"] = ArrayRecord({**dict(control.items()), key: Array(bad)})
         return reply
 
-    _in_process_identity()
-    grid = LocalGrid(client_app_with(settings, poison), 3)
-    try:
-        outcome = run_server(grid, settings)
-    finally:
-        grid.close()
+    outcome = run_with_mod(settings, poison)
     assert [(d["partition_id"], "control" in d["reason"] and "non-finite" in d["reason"])
             for d in outcome.dropped] == [(1, True)]
     assert outcome.rounds["1"]["kept"] == 2
