@@ -37,20 +37,23 @@ from adapterkit.federated.client import forget_local  # noqa: E402
 from adapterkit.federated.tasks import ClientData  # noqa: E402
 
 
-def centralized(settings: Settings) -> tuple[float, float]:
-    """LoRA trained on the union of the clients' data, as many epochs as the federated run saw."""
+def centralized(settings: Settings) -> tuple[float, float, dict[int, float]]:
+    """LoRA trained on the union of the clients' data, as many epochs as the federated run saw;
+    also its test accuracy after every epoch (the curve its last value is read from)."""
     task = build_task(settings.task, clients=settings.clients, partition=settings.partition, seed=settings.seed,
                       per_client=settings.per_client, test_size=settings.test_size,
                       method=method_config(settings.task, settings.method))
     task.info["seed"] = settings.seed
     part = make_participant(task, "adapter")
     union = _union(task.clients)
-    started = time.perf_counter()
     epochs = settings.rounds * (settings.local_epochs or task.local_epochs)
+    curve, seconds = {}, 0.0
     for epoch in range(epochs):
+        began = time.perf_counter()
         local_train(task, part, union, epochs=1, lr=task.lr, seed=settings.seed * 7 + epoch)
-    _, acc = evaluate(task, part.model, task.test)
-    return acc, time.perf_counter() - started
+        seconds += time.perf_counter() - began
+        curve[epoch + 1] = evaluate(task, part.model, task.test)[1]
+    return curve[epochs], seconds, curve
 
 
 def on_device(rounds: int, clients: int = 10, per_client: int = 40) -> dict:
@@ -60,14 +63,15 @@ def on_device(rounds: int, clients: int = 10, per_client: int = 40) -> dict:
     common = dict(task="har", clients=clients, rounds=rounds, partition="natural", method="bottleneck",
                   per_client=per_client, test_size=300, timeout=600.0)
     out = {"task": "har", "clients": clients, "partition": "natural", "per_client": per_client, "rounds": rounds}
-    for name, extra in [("adapter_fedavg", {}), ("full_fedavg", {"full_model": True})]:
+    for name, extra in [("adapter_fedavg", {}), ("adapter_fedavg_iid", {"partition": "iid"}),
+                        ("full_fedavg", {"full_model": True})]:
         forget_local()
-        outcome = simulate(Settings(**common, **extra), backend="inprocess")
+        outcome = simulate(Settings(**{**common, **extra}), backend="inprocess")
         out[name] = {"accuracy": outcome.accuracy, "bytes_per_round": outcome.bytes_per_client_round,
                      "accuracy_by_round": {r: e.get("test_accuracy") for r, e in outcome.rounds.items()}}
     forget_local()
     settings = Settings(**common)
-    out["centralized_accuracy"], _ = centralized(settings)
+    out["centralized_accuracy"], _, out["centralized_by_epoch"] = centralized(settings)
     out["bytes_ratio"] = out["full_fedavg"]["bytes_per_round"] / out["adapter_fedavg"]["bytes_per_round"]
     out["federated_minus_centralized"] = out["adapter_fedavg"]["accuracy"] - out["centralized_accuracy"]
     print("on_device", json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}), flush=True)
@@ -106,12 +110,15 @@ def main() -> None:
     runs = {}
     for name, extra, backend in [("adapter_fedavg", adapter_only, "ray"),
                                  ("adapter_svd", {"aggregation": "svd", **adapter_only}, "inprocess"),
+                                 ("adapter_scaffold", {"control": "scaffold", **adapter_only}, "inprocess"),
+                                 # the floor: the same clients' examples dealt out evenly
+                                 ("adapter_fedavg_iid", {"partition": "iid", **adapter_only}, "inprocess"),
                                  ("full_fedavg", {"full_model": True}, "inprocess")]:
         if name == "full_fedavg" and args.skip_full:
             continue
         forget_local()
         started = time.perf_counter()
-        outcome = simulate(Settings(**common, **extra), backend=backend)
+        outcome = simulate(Settings(**{**common, **extra}), backend=backend)
         runs[name] = {"accuracy": outcome.accuracy, "bytes_per_round": outcome.bytes_per_client_round,
                       "seconds_per_round": outcome.seconds_per_round, "backend": outcome.backend,
                       "wall_seconds": time.perf_counter() - started,
@@ -120,7 +127,7 @@ def main() -> None:
                                                  for r, e in outcome.rounds.items() if "metrics" in e}}
         print(name, json.dumps({k: v for k, v in runs[name].items() if "by_round" not in k}), flush=True)
     forget_local()
-    central_acc, central_seconds = centralized(Settings(**common))  # plain cross-entropy on the union
+    central_acc, central_seconds, central_curve = centralized(Settings(**common))  # plain cross-entropy
     print("centralized", central_acc, flush=True)
     full = runs.get("full_fedavg", {})
     adapter = runs["adapter_fedavg"]
@@ -134,7 +141,9 @@ def main() -> None:
         "adapter_bytes_per_round": adapter["bytes_per_round"], "full_bytes_per_round": full_bytes,
         "bytes_ratio": full_bytes / adapter["bytes_per_round"],
         "federated_accuracy": adapter["accuracy"], "svd_accuracy": runs["adapter_svd"]["accuracy"],
-        "centralized_accuracy": central_acc, "full_model_fedavg_accuracy": full.get("accuracy"),
+        "centralized_accuracy": central_acc, "centralized_best_accuracy": max(central_curve.values()),
+        "centralized_by_epoch": central_curve, "full_model_fedavg_accuracy": full.get("accuracy"),
+        "scaffold_accuracy": runs["adapter_scaffold"]["accuracy"], "iid_accuracy": runs["adapter_fedavg_iid"]["accuracy"],
         "federated_minus_centralized": adapter["accuracy"] - central_acc,
         "seconds_per_round": {k: v["seconds_per_round"] for k, v in runs.items()},
         "centralized_seconds": central_seconds, "runs": runs,
