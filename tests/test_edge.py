@@ -207,6 +207,8 @@ def test_int8_lstm_equals_an_fp32_lstm_holding_its_dequantized_weights_and_train
     x = torch.randn(3, 40, 6)
     torch.testing.assert_close(model(x), reference(x))
     assert (model(x) - fp32(x)).abs().max() < 0.05 * fp32(x).abs().max()
+    assert all(w is None for q in model.blocks for w in q._flat_weights)  # no fp32 copy stays resident
+    copy.deepcopy(model)(x)  # and a copy still runs
     weights = sum(getattr(q, n).numel() for q in model.blocks for n in q.int8_names)
     assert fp32_flash - split_parameters(model)[1] >= weights * 3 - 4 * 4 * 32 * 4  # fp32 row scales added
     with pytest.raises(TargetError, match="int8"):

@@ -493,6 +493,34 @@ def test_scaffold_sends_each_client_the_mean_step_minus_its_own():
     assert outcome.rounds["2"]["kept"] == 3 and outcome.rounds["2"]["test_accuracy"] > outcome.rounds["0"]["test_accuracy"]
 
 
+def test_the_client_app_steps_with_the_servers_correction():
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from adapterkit.federated.client import client_app
+    from adapterkit.federated.simulate import _in_process_identity
+
+    settings = digits(clients=2)
+    task = build_task("digits", clients=2, per_client=120)
+    part = make_participant(task, "adapter")
+    correction = {k: torch.full_like(p, 1e-3) for k, p in part.params.items()}
+    app = client_app(settings.factory(), settings.key())
+    _in_process_identity()
+    content = RecordDict({"arrays": part.arrays(), "config": ConfigRecord({"control": "scaffold", "lr": 0.0,
+                                                                           "server-round": 2}),
+                          "correction": ArrayRecord({k: Array(v.numpy()) for k, v in correction.items()})})
+    context = Context(run_id=0, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = app(Message(content, 1, "train"), context)
+    steps = int(reply.content["metrics"]["steps"])
+    for key, sent in part.tensors().items():  # lr 0: the only motion is K corrections
+        moved = torch.from_numpy(reply.content["arrays"][key].numpy()) - sent
+        torch.testing.assert_close(moved, steps * correction[key])
+        torch.testing.assert_close(torch.from_numpy(reply.content["control"][key].numpy()), torch.zeros_like(sent),
+                                   atol=1e-8, rtol=0)
+    bad = RecordDict({**dict(content.items()), "correction": ArrayRecord({"x": Array(np.zeros(2, np.float32))})})
+    with pytest.raises(Exception, match="correction does not fit"):
+        app(Message(bad, 1, "train"), context)
+
+
 def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
     settings = digits(clients=3, rounds=1, control="scaffold")
 
@@ -516,3 +544,7 @@ def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
         Settings(control="scaffold", aggregation="svd").validate()
     with pytest.raises(FederatedError, match="outside the DP"):
         Settings(control="scaffold", dp="server:noise=1.0,clip=0.5").validate()
+    with pytest.raises(FederatedError, match="before the DP noise"):
+        Settings(server_lr=2.0, dp="server:noise=1.0,clip=0.5").validate()
+    with pytest.raises(FederatedError, match="server_lr"):
+        Settings(server_lr=float("inf")).validate()

@@ -153,7 +153,9 @@ def test_a_newcomer_joins_at_the_next_step_and_leaves_when_done(engines):
     deadline = time.monotonic() + 30
     while not short and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert short and short[0] < 3 + 4 + 3  # joined at once, left after its 4 tokens
+    # joined within a few steps and left after its 4 tokens, long before the long one ended (static
+    # batching holds it for the whole long generation); a loaded machine may cost it a step or two
+    assert short and short[0] < min(3 + 4 + 8, out["tokens"])
     assert engine.batcher.decoder.running == 0 and not engine.batcher._pins
 
 

@@ -69,10 +69,21 @@ class Int8LSTM(nn.LSTM):
             raise TargetError(f"Int8LSTM holds {name} as int8; it cannot be set (merge into an fp32 base)")
         super().__setattr__(name, value)
 
+    # PyTorch's kernel reads _flat_weights. At rest the list holds nothing, so no fp32 copy of the
+    # matrices stays resident; each forward dequantizes them once and lets them go after.
+    def _init_flat_weights(self) -> None:
+        self.__dict__["_flat_weights"] = [None] * len(self._flat_weights_names)
+        self.__dict__["_flat_weight_refs"] = [None] * len(self._flat_weights_names)
+
+    def _update_flat_weights(self) -> None:
+        pass
+
     def forward(self, input, hx=None):  # noqa: ANN001, ANN201, A002
-        # PyTorch's kernel reads _flat_weights: give it this call's dequantized matrices
         self.__dict__["_flat_weights"] = [getattr(self, n) for n in self._flat_weights_names]
-        return super().forward(input, hx)
+        try:
+            return super().forward(input, hx)
+        finally:
+            self._init_flat_weights()
 
 
 def _lstm_to_int8(module: nn.LSTM) -> None:
@@ -84,6 +95,7 @@ def _lstm_to_int8(module: nn.LSTM) -> None:
         module.register_buffer(name + "_scale", scale)
     module.__class__ = Int8LSTM
     module.__dict__["int8_names"] = names
+    module._init_flat_weights()  # drop the list's references to the fp32 matrices
 
 
 _INT8 = {nn.Conv1d: Int8Conv1d, nn.Conv2d: Int8Conv2d, nn.Linear: Int8Linear, nn.LSTM: Int8LSTM}

@@ -10,7 +10,8 @@
                             step with momentum (FedAvgM, Hsu et al. 2019):
                                 Δ = x − avg;  v ← β·v + Δ;  x ← x − η·v
                             Averaging skewed clients' updates shrinks them (they point apart);
-                            η > 1 or β > 0 restores the step the clients agree on.
+                            η > 1 or β > 0 is meant to restore the step they agree on (on the
+                            tweets it did not: README).
                             `control="scaffold"` (Karimireddy et al. 2020, option II, in step
                             units so that it holds for AdamW): each reply carries c_i, the mean
                             step the client took on its own, (y_i − x)/K − (c − c_i); the server
@@ -57,7 +58,7 @@ class AdapterFedAvg(FedProx):
                  local_loss: str = "ce", server_lr: float = 1.0, server_momentum: float = 0.0,
                  control: str = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not (server_lr > 0 and 0 <= server_momentum < 1):
+        if not (math.isfinite(server_lr) and server_lr > 0 and 0 <= server_momentum < 1):
             raise ValueError(f"server_lr={server_lr} must be > 0 and server_momentum={server_momentum} in [0, 1)")
         if rule == "svd" and (server_lr != 1 or server_momentum):
             raise ValueError("a server step on 'svd' factors is meaningless: each round re-factors B·A in a new "
@@ -130,6 +131,8 @@ class AdapterFedAvg(FedProx):
             for msg, content, weight in zip(replies, contents, weights, strict=True):
                 if "control" in content.array_records:
                     self._controls[msg.metadata.src_node_id] = (content["control"].to_torch_state_dict(), weight)
+                else:  # its old c_i no longer describes it: it trains uncorrected until it sends one
+                    self._controls.pop(msg.metadata.src_node_id, None)
         out, stats = aggregate(self.rule, tensors, weights)
         out = self.server_step(out)
         self.last_stats = stats

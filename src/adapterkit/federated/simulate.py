@@ -10,6 +10,7 @@ up on a reply after the round's timeout, as the SuperLink does).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import traceback
@@ -17,12 +18,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from logging import WARNING
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from ..config import MethodConfig
 from .aggregate import AGGREGATIONS
@@ -84,12 +87,16 @@ class Settings:
         if self.head_init == "class-means" and parse_dp(self.dp) is not None:
             raise FederatedError("head_init 'class-means' sends per-class feature sums outside the DP "
                                  "clipping and noise; use head_init 'seeded' with dp")
-        if not (self.server_lr > 0 and 0 <= self.server_momentum < 1):
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0 and 0 <= self.server_momentum < 1):
             raise FederatedError(f"server_lr={self.server_lr} must be > 0 and server_momentum="
                                  f"{self.server_momentum} in [0, 1)")
         if self.aggregation == "svd" and (self.server_lr != 1 or self.server_momentum):
             raise FederatedError("a server step needs aggregation 'fedavg' or 'ffa': 'svd' re-factors B·A "
                                  "in a new basis each round, so a step on its factors means nothing")
+        if parse_dp(self.dp) is not None and (self.server_lr != 1 or self.server_momentum):
+            raise FederatedError("a server step goes before the DP noise: η > 1 scales each client's share "
+                                 "past the clipping, and momentum re-releases past rounds; use server_lr 1 "
+                                 "and server_momentum 0 with dp")
         if self.control not in CONTROLS:
             raise FederatedError(f"control {self.control!r}: use one of {', '.join(CONTROLS)}")
         if self.control == "scaffold" and self.aggregation == "svd":
@@ -150,6 +157,9 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     start, arrays, history = 0, part.arrays(), None
     if checkpoints is not None and settings.resume and (found := checkpoints.latest()) is not None:
         start, arrays, history = found
+        if settings.control != "none" or settings.server_momentum:
+            log(WARNING, "resuming after round %d: the checkpoint holds the adapter, not the server's "
+                "momentum or SCAFFOLD's control variates; they start again from zero", start)
     head_report = None
     if settings.head_init == "class-means" and start == 0:
         head_report = class_mean_head(grid, part, timeout=settings.timeout, min_available=settings.min_available)
