@@ -6,8 +6,9 @@
 Measures, on the same clients and test set:
 - bytes one client sends per round (ArrayRecord.count_bytes()): LoRA adapter vs every weight;
 - test accuracy after N rounds: adapter FedAvg (Flower's Ray simulation engine), the LoRA-exact
-  `svd` aggregation, full-model FedAvg, and centralized LoRA training on the union of the clients'
-  data for the same number of epochs (N rounds × local epochs);
+  `svd` aggregation, SCAFFOLD, adapter FedAvg on IID clients (the same examples dealt out evenly:
+  the floor that shows what the label skew costs), full-model FedAvg, and centralized LoRA training
+  on the union of the clients' data for the same number of epochs (N rounds × local epochs);
 - wall time per round;
 - the same for one on-device recipe (har: one new user per client, bottleneck adapters on a TCN).
 The adapter runs start the head from the clients' class means (one query round, head_init.py) and
@@ -38,7 +39,8 @@ from adapterkit.federated.tasks import ClientData  # noqa: E402
 
 
 def centralized(settings: Settings) -> tuple[float, float, dict[int, float]]:
-    """LoRA trained on the union of the clients' data, as many epochs as the federated run saw;
+    """The task's adapter (LoRA on the tweets) trained on the union of the clients' data, as many
+    epochs as the federated run saw;
     also its test accuracy after every epoch (the curve its last value is read from)."""
     task = build_task(settings.task, clients=settings.clients, partition=settings.partition, seed=settings.seed,
                       per_client=settings.per_client, test_size=settings.test_size,
@@ -62,7 +64,8 @@ def on_device(rounds: int, clients: int = 10, per_client: int = 40) -> dict:
     the same adapter trained on the union."""
     common = dict(task="har", clients=clients, rounds=rounds, partition="natural", method="bottleneck",
                   per_client=per_client, test_size=300, timeout=600.0)
-    out = {"task": "har", "clients": clients, "partition": "natural", "per_client": per_client, "rounds": rounds}
+    out = {"task": "har", "clients": clients, "partition": "natural (adapter_fedavg_iid: iid)",
+           "per_client": per_client, "rounds": rounds}
     for name, extra in [("adapter_fedavg", {}), ("adapter_fedavg_iid", {"partition": "iid"}),
                         ("full_fedavg", {"full_model": True})]:
         forget_local()
