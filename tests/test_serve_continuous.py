@@ -132,10 +132,8 @@ def engines(tmp_path_factory):
         engine.close()
 
 
-def test_a_newcomer_joins_at_the_next_step_and_leaves_when_done(engines):
-    """A short request sent while a long one decodes finishes long before the long one does
-    (static batching makes it wait for the whole long generation)."""
-    engine = engines["continuous"]
+def _newcomer(engine) -> tuple[int, int]:  # noqa: ANN001
+    """(tokens the long request had made when a short one sent at its 3rd token finished, its total)."""
     seen, short, sent = [], [], threading.Event()
 
     def on_token(token: int) -> None:
@@ -153,10 +151,21 @@ def test_a_newcomer_joins_at_the_next_step_and_leaves_when_done(engines):
     deadline = time.monotonic() + 30
     while not short and time.monotonic() < deadline:
         time.sleep(0.01)
-    # joined within a few steps and left after its 4 tokens, long before the long one ended (static
-    # batching holds it for the whole long generation); a loaded machine may cost it a step or two
-    assert short and short[0] < min(3 + 4 + 8, out["tokens"])
+    assert short, "the short request never finished"
+    return short[0], out["tokens"]
+
+
+def test_a_newcomer_joins_at_the_next_step_and_leaves_when_done(engines):
+    """A short request sent while a long one decodes finishes while the long one still runs;
+    static batching makes it wait for the whole long generation. (How many tokens the long one
+    makes meanwhile depends on the machine's scheduling, 10 to 30 seen on 2 cores, so no tighter
+    bound.)"""
+    finished_at, total = _newcomer(engines["continuous"])
+    assert finished_at < total
+    engine = engines["continuous"]
     assert engine.batcher.decoder.running == 0 and not engine.batcher._pins
+    finished_at, total = _newcomer(engines["static"])
+    assert finished_at == total
 
 
 def test_cancelling_frees_the_row(engines):
