@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -186,8 +185,7 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
             problem = check_arrays(record, part.template())
             if problem:
                 raise ValueError(f"the server's correction does not fit this participant: {problem}")
-            correction = {k: torch.from_numpy(np.asarray(record[k].numpy())).to(p.dtype)
-                          for k, p in part.params.items()}
+            correction = {k: v.to(part.params[k].dtype) for k, v in record.to_torch_state_dict().items()}
         loss, steps = local_train(task, part, data, epochs=int(config.get("local-epochs", task.local_epochs)),
                                   lr=lr, proximal_mu=float(config.get("proximal-mu", 0.0)),
                                   seed=seed * 100_003 + server_round * 1009 + pid,

@@ -51,6 +51,25 @@ from .records import ADAPTER, Participant, check_arrays
 CONTROLS = ("none", "scaffold")
 
 
+def server_options_problem(rule: str, server_lr: float, server_momentum: float, control: str,
+                           dp: bool = False) -> str | None:
+    """Why the server step and control variates cannot run with `rule` (and DP), or None."""
+    if not (math.isfinite(server_lr) and server_lr > 0 and 0 <= server_momentum < 1):
+        return f"server_lr={server_lr} must be a finite number > 0 and server_momentum={server_momentum} in [0, 1)"
+    stepped = server_lr != 1 or server_momentum
+    if control not in CONTROLS:
+        return f"control {control!r}: use one of {', '.join(CONTROLS)}"
+    if rule == "svd" and (stepped or control != "none"):
+        return ("a server step or control 'scaffold' needs aggregation 'fedavg' or 'ffa': 'svd' re-factors B·A "
+                "in a new basis each round, so steps taken in its factors mean nothing")
+    if dp and stepped:
+        return ("a server step goes before the DP noise: η > 1 scales each client's share past the clipping, "
+                "and momentum re-releases past rounds; use server_lr 1 and server_momentum 0 with dp")
+    if dp and control != "none":
+        return "control 'scaffold' sends each client's mean step outside the DP clipping and noise; use control 'none'"
+    return None
+
+
 class AdapterFedAvg(FedProx):
     """FedAvg/FedProx whose aggregation is `rule` over the replies' travelling tensors."""
 
@@ -58,16 +77,9 @@ class AdapterFedAvg(FedProx):
                  local_loss: str = "ce", server_lr: float = 1.0, server_momentum: float = 0.0,
                  control: str = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not (math.isfinite(server_lr) and server_lr > 0 and 0 <= server_momentum < 1):
-            raise ValueError(f"server_lr={server_lr} must be > 0 and server_momentum={server_momentum} in [0, 1)")
-        if rule == "svd" and (server_lr != 1 or server_momentum):
-            raise ValueError("a server step on 'svd' factors is meaningless: each round re-factors B·A in a new "
-                             "basis; use aggregation 'fedavg' or 'ffa' with server_lr / server_momentum")
-        if control not in CONTROLS:
-            raise ValueError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")
-        if control == "scaffold" and rule == "svd":
-            raise ValueError("SCAFFOLD's control variates are steps in one basis of B and A; 'svd' "
-                             "re-factors them in a new basis each round: use aggregation 'fedavg' or 'ffa'")
+        problem = server_options_problem(rule, server_lr, server_momentum, control)
+        if problem:
+            raise ValueError(problem)
         self.rule, self.lr, self.local_epochs, self.local_loss = rule, lr, local_epochs, local_loss
         self.control = control
         #: node id -> (its last c_i, its example count)

@@ -10,7 +10,6 @@ up on a reply after the round's timeout, as the SuperLink does).
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 import traceback
@@ -33,7 +32,7 @@ from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import FaultsMod, parse_faults
 from .head_init import HEAD_INITS, class_mean_head
-from .server import CONTROLS, AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp
+from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
 from .tasks import FederatedError, FederatedTask
 
 
@@ -69,6 +68,7 @@ class Settings:
     num_cpus: int = 2
 
     def validate(self) -> None:
+        dp = parse_dp(self.dp) is not None
         if self.aggregation not in AGGREGATIONS:
             raise FederatedError(f"aggregation {self.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
         if self.aggregation != "fedavg" and (self.full_model or self.method != "lora"):
@@ -84,28 +84,12 @@ class Settings:
         if self.head_init == "class-means" and self.full_model:
             raise FederatedError("head_init 'class-means' initialises an adapter's head; full-model FedAvg "
                                  "trains the base's own head (use head_init 'seeded')")
-        if self.head_init == "class-means" and parse_dp(self.dp) is not None:
+        if self.head_init == "class-means" and dp:
             raise FederatedError("head_init 'class-means' sends per-class feature sums outside the DP "
                                  "clipping and noise; use head_init 'seeded' with dp")
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0 and 0 <= self.server_momentum < 1):
-            raise FederatedError(f"server_lr={self.server_lr} must be > 0 and server_momentum="
-                                 f"{self.server_momentum} in [0, 1)")
-        if self.aggregation == "svd" and (self.server_lr != 1 or self.server_momentum):
-            raise FederatedError("a server step needs aggregation 'fedavg' or 'ffa': 'svd' re-factors B·A "
-                                 "in a new basis each round, so a step on its factors means nothing")
-        if parse_dp(self.dp) is not None and (self.server_lr != 1 or self.server_momentum):
-            raise FederatedError("a server step goes before the DP noise: η > 1 scales each client's share "
-                                 "past the clipping, and momentum re-releases past rounds; use server_lr 1 "
-                                 "and server_momentum 0 with dp")
-        if self.control not in CONTROLS:
-            raise FederatedError(f"control {self.control!r}: use one of {', '.join(CONTROLS)}")
-        if self.control == "scaffold" and self.aggregation == "svd":
-            raise FederatedError("control 'scaffold' needs aggregation 'fedavg' or 'ffa': its control variates are "
-                                 "steps in one basis of B and A, and 'svd' re-factors them in a new one each round")
-        if self.control == "scaffold" and parse_dp(self.dp) is not None:
-            raise FederatedError("control 'scaffold' sends each client's mean step outside the DP clipping and "
-                                 "noise; use control 'none' with dp")
-        parse_dp(self.dp)
+        problem = server_options_problem(self.aggregation, self.server_lr, self.server_momentum, self.control, dp)
+        if problem:
+            raise FederatedError(problem)
         parse_faults(self.faults)
 
     @property
