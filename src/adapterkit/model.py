@@ -49,6 +49,8 @@ class AdaptedModel(nn.Module):
         # the modules they apply belong to the records above.
         self.sites: dict[str, Site] = {}
         self._copy_switches = CopySwitches(model, self.state, self.loaded)
+        # merged adapter -> the frozen tensors it changed, as they were (merge(..., keep_original=True))
+        self._originals: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         config = getattr(model, "config", None)
         self.base_name = base_name or getattr(config, "_name_or_path", None) or type(model).__name__
         self.head_path = find_head(model) if head == "auto" else head
@@ -261,25 +263,53 @@ class AdaptedModel(nn.Module):
 
     # --- merging and combining -------------------------------------------------------------
 
-    def merge(self, name: str) -> None:
-        """Fold a LoRA / IA³ / BitFit adapter into the frozen weights (outputs stay the same)."""
+    def merge(self, name: str, *, keep_original: bool = False) -> None:
+        """Fold a LoRA / IA³ / BitFit adapter into the frozen weights (outputs stay the same).
+
+        `keep_original`: keep a copy of every frozen tensor the merge changes, so that `unmerge`
+        restores them bit for bit instead of subtracting (W + ΔW − ΔW is W only up to rounding, and
+        not at all when ΔW overflows). It costs that copy in memory, and needs nothing else merged."""
         sites = self._mergeable_sites(name)
         if name in self.state.merged:
             raise CompositionError(f"adapter {name!r} is already merged")
         if self.state.route is not None:
             raise CompositionError(f"cannot merge {name!r} inside a route() block: merged weights change every row")
-        _all_or_none(sites, lambda s: s.adapters[name].merge_into(s.frozen),
-                     lambda s: s.adapters[name].unmerge_from(s.frozen))
+        if keep_original and self.state.merged:
+            raise CompositionError(f"merge {name!r} with keep_original needs no other adapter merged; "
+                                   f"merged now: {sorted(self.state.merged)}")
+        # a copy taken before another merge would undo that merge too: from here on, unmerge subtracts
+        self._originals.clear()
+        if keep_original:
+            with torch.inference_mode(False), torch.no_grad():  # the copies must outlive any inference block
+                self._originals[name] = [(p, p.detach().clone()) for s in sites
+                                         for p in s.frozen.parameters(recurse=False)]
+        try:
+            _all_or_none(sites, lambda s: s.adapters[name].merge_into(s.frozen),
+                         lambda s: s.adapters[name].unmerge_from(s.frozen))
+        except Exception:
+            self._originals.pop(name, None)
+            raise
         self.state.merged.add(name)
 
     def unmerge(self, name: str) -> None:
-        """Take a merged adapter back out of the frozen weights."""
+        """Take a merged adapter back out of the frozen weights (bit for bit if it was merged with
+        `keep_original`)."""
         sites = self._mergeable_sites(name)
         if name not in self.state.merged:
             raise CompositionError(f"adapter {name!r} is not merged")
-        _all_or_none(sites, lambda s: s.adapters[name].unmerge_from(s.frozen),
-                     lambda s: s.adapters[name].merge_into(s.frozen))
+        originals = self._originals.pop(name, None)
+        if originals is not None:
+            with torch.no_grad():
+                for param, original in originals:
+                    param.copy_(original)
+        else:
+            _all_or_none(sites, lambda s: s.adapters[name].unmerge_from(s.frozen),
+                         lambda s: s.adapters[name].merge_into(s.frozen))
         self.state.merged.discard(name)
+
+    def merged_tensors(self, name: str) -> list[torch.Tensor]:
+        """The frozen tensors that a merge of `name` changes (to check them after the merge)."""
+        return [p for s in self._mergeable_sites(name) for p in s.frozen.parameters(recurse=False)]
 
     def _mergeable_sites(self, name: str) -> list[Site]:
         record = self.adapter(name)

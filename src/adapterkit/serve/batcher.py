@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .cache import AdapterCache, AdapterKey
-from .errors import Overloaded
+from .errors import Overloaded, RowFailure
 from .metrics import ServeMetrics
 
 #: a batch: (request, row index) pairs, all of one kind ("encode" rows or "generate" rows)
@@ -298,6 +298,9 @@ class Batcher:
     def _complete(self, finished: list[tuple[tuple[Request, int], Any]]) -> None:
         done = []
         for (req, i), result in finished:
+            if isinstance(result, RowFailure):  # this row alone failed: its request, not the batch
+                self._fail(req, result.error)
+                continue
             req.results[i] = result
             req.remaining -= 1
             if req.remaining == 0:

@@ -28,6 +28,7 @@ from ..errors import TargetError
 from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
 from .base import pad
+from .errors import RowFailure, non_finite
 from .generate import Generated, GenerationRow, _generator, _sample
 
 
@@ -83,7 +84,8 @@ class ContinuousDecoder:
         cache = output_cache(out)
         layers = _layers(cache)  # before any token is sampled: an unusable cache admits nothing
         logits = out.logits[:, -1, :].float()
-        finished = [(r.handle, self._advance(r, logits[i])) for i, r in enumerate(rows)]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finished = [(r.handle, self._advance(r, logits[i], finite[i])) for i, r in enumerate(rows)]
         keep = [i for i, r in enumerate(rows) if not r.finish]
         if keep:
             _select(layers, keep)
@@ -104,10 +106,11 @@ class ContinuousDecoder:
                           **{self._keyword: self._cache}, **self._extra)
         self._cache, self._mask = output_cache(out), mask
         logits = out.logits[:, -1, :].float()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         finished = []
         for i, r in enumerate(self._rows):
             r.position += 1
-            generated = self._advance(r, logits[i])
+            generated = self._advance(r, logits[i], finite[i])
             if generated is not None:
                 finished.append((r.handle, generated))
         if finished:
@@ -129,8 +132,12 @@ class ContinuousDecoder:
 
     # --- inside ---------------------------------------------------------------------------------
 
-    def _advance(self, r: _Running, logits: torch.Tensor) -> Generated | None:
-        """Sample r's next token; the finished result if this ends the row."""
+    def _advance(self, r: _Running, logits: torch.Tensor, finite: bool = True) -> Generated | RowFailure | None:
+        """Sample r's next token; the finished result if this ends the row (a failure of this row
+        alone if its logits are not finite)."""
+        if not finite:
+            r.finish = "error"
+            return RowFailure(non_finite())
         token = _sample(logits, r.row.temperature, r.generator, r.row.top_p)
         if self.eos_id is not None and token == self.eos_id and not r.row.ignore_eos:
             r.finish = "stop"

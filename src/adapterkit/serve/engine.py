@@ -33,12 +33,25 @@ from .base import length_groups, load_base, max_positions, pad, quantize_base, r
 from .batcher import Batcher, Items, Request
 from .cache import AdapterCache, AdapterKey
 from .decode import ContinuousDecoder
-from .errors import BadRequest, NotFound, PayloadTooLarge, not_found
+from .errors import (
+    BadRequest,
+    Conflict,
+    InvalidAdapter,
+    NotFound,
+    PayloadTooLarge,
+    RowFailure,
+    non_finite,
+    not_found,
+)
 from .generate import GenerationRow, generate_batch
 from .merged import DominantMerge
 from .metrics import ServeMetrics
 from .store import AdapterStore
 from .tenants import DEFAULT_TENANT, check_name, valid_name
+
+
+#: the fixed input an upload's and a merge's check runs on
+PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
 
 
 class Engine:
@@ -68,7 +81,7 @@ class Engine:
         self.task = task_of(model, self.am.head_path)
         self.fingerprint = self.am.fingerprint()  # of the full-precision base, which adapters were made for
         self.quantized = quantize_base(model, quantize, skip=self.am.head_path)
-        self.merging = DominantMerge(self.am, merge_after) if merge_after else None
+        self.merging = DominantMerge(self.am, merge_after, probe=self._probe) if merge_after else None
         self._routing = self.merging.routing if self.merging is not None else self.am.route
         self.tokenizer = tokenizer
         self._tok_lock = threading.Lock()
@@ -82,6 +95,9 @@ class Engine:
         config = getattr(model, "config", None)
         labels = getattr(config, "id2label", None) or {}
         self.base_labels = [labels[i] for i in sorted(labels)] if self.task == "classify" else None
+        with self._tok_lock:
+            probe = self.tokenizer([PROBE_TEXT], truncation=False)["input_ids"][0]
+        self._probe_ids = torch.tensor([probe[: self.max_tokens]], dtype=torch.long)
         self.store = AdapterStore(store, fingerprint=self.fingerprint)
         if adopt:
             self.store.adopt_flat()
@@ -236,8 +252,14 @@ class Engine:
             version = self.store.reserve(tenant, name, folder)
         key = AdapterKey(tenant, name, version)
         try:
-            manifest, tensors = read_adapter(self.store.path(tenant, name, version))
-            self.batcher.call(lambda: self.cache.install(key, manifest, tensors)).result()
+            try:
+                manifest, tensors = read_adapter(self.store.path(tenant, name, version))
+            except AdapterFileError:
+                if not self.store.path(tenant, name, version).is_dir():  # a DELETE of this name won the race
+                    raise Conflict(f"adapter {name!r} was deleted while this version was uploaded; "
+                                   "upload it again") from None
+                raise
+            self.batcher.call(lambda: self._install_checked(key, manifest, tensors)).result()
             self.store.publish(tenant, name, version)
         except BaseException:
             self.batcher.doom([key])
@@ -245,6 +267,33 @@ class Engine:
             raise
         self._unload_old(tenant, name, version)
         return {**self.store.record(tenant, name), "loaded": True}
+
+    def _install_checked(self, key: AdapterKey, manifest: dict, tensors: dict) -> None:
+        """Install (the model thread), then one forward on the probe input with the adapter and its
+        head: an adapter that cannot answer it with finite numbers is removed and refused."""
+        entry = self.cache.install(key, manifest, tensors)
+        try:
+            with torch.inference_mode(), self.am.route([entry.internal]):
+                out = self._probe()
+            finite = bool(torch.isfinite(out).all())
+        except Exception:
+            self.cache.evict(key)
+            raise
+        if not finite:
+            self.cache.evict(key)
+            raise InvalidAdapter(f"adapter {key.name!r} answers the probe input with NaN or infinite values "
+                                 "(its weights or its config's scale overflow); nothing was kept")
+
+    def _probe(self) -> torch.Tensor:
+        """The model's output on the fixed probe input (the last hidden state, and the logits of a
+        classifier): what an upload and a merge are checked with."""
+        mask = torch.ones_like(self._probe_ids)
+        extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
+        out = self.am(input_ids=self._probe_ids, attention_mask=mask, output_hidden_states=True, **extra)
+        parts = [out.hidden_states[-1].flatten()]
+        if self.task == "classify":
+            parts.append(out.logits.flatten())
+        return torch.cat([p.float() for p in parts])
 
     def _unload_old(self, tenant: str, name: str, live: int) -> None:
         """Versions other than the live one leave memory as soon as their last request is done."""
@@ -357,13 +406,20 @@ class Engine:
         extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
         with torch.inference_mode(), self._routing(names):
             out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
+        finite = [True] * len(items)
         if embed:
             hidden = out.hidden_states[-1].float()
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            finite = [a and b for a, b in zip(finite, torch.isfinite(pooled).all(-1).tolist(), strict=True)]
+        if any(req.kind == "classify" for req, _ in items):
+            logits_ok = torch.isfinite(out.logits.flatten(1)).all(-1).tolist()
+            finite = [a and b for a, b in zip(finite, logits_ok, strict=True)]
         results: list[Any] = []
         for j, (req, _) in enumerate(items):
-            if req.kind == "embed":
+            if not finite[j]:  # this row's adapter overflowed: its request fails, its neighbours answer
+                results.append(RowFailure(non_finite()))
+            elif req.kind == "embed":
                 vector = pooled[j]
                 if req.options.get("normalize"):
                     vector = torch.nn.functional.normalize(vector, dim=-1)

@@ -71,6 +71,27 @@ class Overloaded(ServeError):
     status, code = 503, "overloaded"
 
 
+class NonFiniteOutput(ServeError):
+    """The adapter's rows came out NaN or infinite (overflowing weights or scale): those rows fail,
+    the batch they shared answers everyone else."""
+
+    status, code = 422, "non_finite_output"
+
+
+class RowFailure:
+    """A result standing in for one row that failed on its own (the batcher fails its request only)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ServeError) -> None:
+        self.error = error
+
+
+def non_finite() -> NonFiniteOutput:
+    return NonFiniteOutput("the adapter's output for this input is NaN or infinite (its weights or scale "
+                           "overflow); the adapter cannot answer it")
+
+
 def not_found(tenant: str, name: str) -> NotFound:
     """The one message for 'no such adapter', whether or not another tenant has one by that name."""
     return NotFound(f"adapter {name!r} not found")

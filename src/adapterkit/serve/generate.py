@@ -17,6 +17,7 @@ from ..errors import TargetError
 from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
 from .base import pad
+from .errors import RowFailure, non_finite
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Generated:
 def generate_batch(
     am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None,
     routing: Callable[[list[str | None]], ContextManager] | None = None,
-) -> list[Generated]:
+) -> list[Generated | RowFailure]:
     n = len(rows)
     input_ids, mask = pad([r.prompt for r in rows], pad_id, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -58,8 +59,11 @@ def generate_batch(
                      **{keyword: past}, **extra)
             past = output_cache(out)
             logits = out.logits[:, -1, :].float()
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
             chosen = []
             for i, row in enumerate(rows):
+                if not (finish[i] or finite[i]):
+                    finish[i] = "error"
                 if finish[i]:
                     chosen.append(pad_id)
                     continue
@@ -81,7 +85,8 @@ def generate_batch(
             input_ids = torch.tensor(chosen, dtype=torch.long).unsqueeze(1)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
             positions = positions[:, -1:] + 1
-    return [Generated(t, f or "length") for t, f in zip(tokens, finish, strict=True)]
+    return [RowFailure(non_finite()) if f == "error" else Generated(t, f or "length")
+            for t, f in zip(tokens, finish, strict=True)]
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0) -> int:
