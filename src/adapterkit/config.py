@@ -7,6 +7,7 @@ so readers ignore keys they do not know (with a warning) instead of failing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,6 +15,8 @@ from typing import Any, ClassVar
 from .errors import AdapterConfigError
 
 FORMAT_VERSION = 1
+#: the largest size of any number in a config (a scale, a rank, a factor): larger ones overflow
+MAX_CONFIG_NUMBER = 1e6
 
 Targets = list[str] | str | None
 
@@ -239,6 +242,11 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     for key, value in data.items():
         if key in fields and not _has_type(value, str(fields[key])):
             raise AdapterConfigError(f"{cls.__name__} field {key!r} must be {fields[key]}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON readers take NaN and Infinity
+            raise AdapterConfigError(f"{cls.__name__} field {key!r} must be a finite number, not {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_NUMBER:
+            raise AdapterConfigError(f"{cls.__name__} field {key!r} is {value!r}; numbers in a config are "
+                                     f"at most {MAX_CONFIG_NUMBER:g} in size")
     config = cls(**{k: v for k, v in data.items() if k in known})
     config.validate()
     return config

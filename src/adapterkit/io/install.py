@@ -144,6 +144,10 @@ def install_fusion(am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str
     return fuse
 
 
+#: the dtypes a file may hold a parameter in (it is copied into the record's own dtype)
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
 def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = False) -> None:
     """Every field an install reads has the type and range it needs; AdapterFileError names the field.
 
@@ -204,6 +208,11 @@ def _check_tensors(record: Adapter, tensors: dict[str, torch.Tensor], source: st
     for key, target in expected.items():
         if not isinstance(tensors[key], torch.Tensor):
             raise AdapterFileError(f"{source}: adapter {name!r}: {key!r} is not a tensor")
+        if target.is_floating_point() and tensors[key].dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(
+                f"{source}: adapter {name!r}: tensor {key!r} is {str(tensors[key].dtype).removeprefix('torch.')}; "
+                f"parameters are stored as {', '.join(sorted(str(d).removeprefix('torch.') for d in FLOAT_DTYPES))}"
+            )
         if tuple(tensors[key].shape) != tuple(target.shape):
             raise AdapterFileError(
                 f"{source}: adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "

@@ -21,13 +21,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdapterError
 from .engine import Engine
 from .errors import (
+    INTERNAL_ERROR,
     BadRequest,
     BadUpload,
     Forbidden,
@@ -62,16 +63,16 @@ class ClassifyIn(BaseModel):
 
 
 class EmbedIn(ClassifyIn):
-    normalize: bool = Field(False, description="L2-normalise the mean-pooled vectors")
+    normalize: StrictBool = Field(False, description="L2-normalise the mean-pooled vectors")
 
 
 class GenerateIn(BaseModel):
     adapter: str | None = None
     prompt: str
     max_new_tokens: int = 32
-    temperature: float = Field(0.0, description="0: greedy")
+    temperature: float = Field(0.0, description="0: greedy", allow_inf_nan=False)
     seed: int | None = None
-    stream: bool = Field(False, description="server-sent events, one per token, then a final summary")
+    stream: StrictBool = Field(False, description="server-sent events, one per token, then a final summary")
 
 
 def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None = None, *,
@@ -202,12 +203,20 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
     async def serve_error(request: Request, err: ServeError) -> JSONResponse:
         request.state.error = err.code
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(err.as_json(), status_code=err.status, headers=headers)
+        body = error_body(err.code, engine.redact(err.message), err.status, err.param)
+        return JSONResponse(body, status_code=err.status, headers=headers)
 
     @app.exception_handler(AdapterError)
     async def adapter_error(request: Request, err: AdapterError) -> JSONResponse:
         request.state.error = "invalid_adapter"
-        return JSONResponse(error_body("invalid_adapter", str(err), 422), status_code=422)
+        return JSONResponse(error_body("invalid_adapter", engine.redact(str(err)), 422), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        # Starlette logs the exception after this answer; the caller gets the documented shape,
+        # and nothing of the server's internals
+        request.state.error = "internal_error"
+        return JSONResponse(error_body("internal_error", INTERNAL_ERROR, 500), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -252,8 +261,8 @@ async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str, op
             yield _event({"done": True, **future.result()})
         except ServeError as err:
             yield _event(err.as_json())
-        except Exception as err:  # noqa: BLE001 - the stream has started; report in band
-            yield _event(error_body("internal_error", str(err), 500))
+        except Exception:  # noqa: BLE001 - the stream has started; report in band
+            yield _event(error_body("internal_error", INTERNAL_ERROR, 500))
     finally:
         future.cancel()
 

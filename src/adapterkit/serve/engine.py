@@ -39,6 +39,7 @@ from .errors import (
     InvalidAdapter,
     NotFound,
     PayloadTooLarge,
+    Redactor,
     RowFailure,
     non_finite,
     not_found,
@@ -48,7 +49,6 @@ from .merged import DominantMerge
 from .metrics import ServeMetrics
 from .store import AdapterStore
 from .tenants import DEFAULT_TENANT, check_name, valid_name
-
 
 #: the fixed input an upload's and a merge's check runs on
 PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
@@ -99,6 +99,7 @@ class Engine:
             probe = self.tokenizer([PROBE_TEXT], truncation=False)["input_ids"][0]
         self._probe_ids = torch.tensor([probe[: self.max_tokens]], dtype=torch.long)
         self.store = AdapterStore(store, fingerprint=self.fingerprint)
+        self.redact = Redactor(self.store.root, base if isinstance(base, str | os.PathLike) else None)
         if adopt:
             self.store.adopt_flat()
         self.metrics = ServeMetrics()
@@ -272,6 +273,8 @@ class Engine:
         """Install (the model thread), then one forward on the probe input with the adapter and its
         head: an adapter that cannot answer it with finite numbers is removed and refused."""
         entry = self.cache.install(key, manifest, tensors)
+        if self.merging is not None:
+            self.merging.unmerge()  # the probe routes; merged weights would change its row
         try:
             with torch.inference_mode(), self.am.route([entry.internal]):
                 out = self._probe()

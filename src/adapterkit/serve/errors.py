@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+#: what a caller is told of an error the server did not expect (the log has the rest)
+INTERNAL_ERROR = "the server failed on this request; the failure is logged"
+
 
 class ServeError(Exception):
     """Base class: `status` is the HTTP status, `code` a short machine-readable name."""
@@ -109,3 +117,27 @@ def error_type(status: int) -> str:
 
 def error_body(code: str, message: str, status: int, param: str | None = None) -> dict:
     return {"error": {"code": code, "message": message, "type": error_type(status), "param": param}}
+
+
+class Redactor:
+    """Takes the server's own paths out of a message: an error names what the caller sent (its
+    adapter, its upload), never where the server keeps it."""
+
+    def __init__(self, store_root: str | os.PathLike, base: str | os.PathLike | None = None) -> None:
+        roots = sorted({str(Path(store_root).absolute()), str(Path(store_root).resolve())}, key=len, reverse=True)
+        self._rules: list[tuple[re.Pattern, Any]] = []
+        for root in roots:
+            here = re.escape(root)
+            self._rules += [
+                (re.compile(here + r"/\.(?:staging|spool|trash)/[^\s'\":,)]*"), "the upload"),
+                (re.compile(here + r"/[\w.-]+/([\w.-]+)/v(\d+)(?:/[\w.-]+)?"), lambda m: f"adapter {m[1]!r} v{m[2]}"),
+                (re.compile(here + r"(?:/[^\s'\":,)]*)?"), "the store"),
+            ]
+        if base is not None and os.path.isabs(str(base)):
+            for path in {str(Path(base).absolute()), str(Path(base).resolve())}:
+                self._rules.append((re.compile(re.escape(path) + r"[^\s'\":,)]*"), "the base model"))
+
+    def __call__(self, message: str) -> str:
+        for pattern, replacement in self._rules:
+            message = pattern.sub(replacement, message)
+        return message

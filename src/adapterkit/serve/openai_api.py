@@ -22,10 +22,10 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .engine import Engine
-from .errors import BadRequest, NotFound, PayloadTooLarge, ServeError, error_body
+from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError, error_body
 from .tenants import Principal
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -41,7 +41,7 @@ class ModelNotFound(NotFound):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
@@ -50,22 +50,22 @@ class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logprobs: Any = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
 
 class CompletionIn(_Sampling):
     prompt: str | list[str]
-    echo: bool = False
+    echo: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -305,8 +305,8 @@ async def _chunks(run: _Run, head: dict, chat: bool, prefix: str, prompt_tokens:
         except ServeError as err:
             yield f"data: {json.dumps(err.as_json())}\n\n"
             return
-        except Exception as err:  # noqa: BLE001 - the stream has started: report in band
-            yield f"data: {json.dumps(error_body('internal_error', str(err), 500))}\n\n"
+        except Exception:  # noqa: BLE001 - the stream has started: report in band
+            yield f"data: {json.dumps(error_body('internal_error', INTERNAL_ERROR, 500))}\n\n"
             return
         yield chunk(None, finish)
         if include_usage:

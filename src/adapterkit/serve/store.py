@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import config_from_dict
+from ..config import FORMAT_VERSION, config_from_dict
 from ..errors import AdapterConfigError, AdapterFileError
 from ..io.files import MANIFEST, TENSORS, read_adapter
 from ..io.install import check_manifest
@@ -205,6 +205,10 @@ class AdapterStore:
             raise BadUpload(f"symbolic links are refused ({links})")
         try:
             manifest, tensors = read_adapter(folder)
+            version = manifest.get("format_version", 0)
+            if not 0 <= version <= FORMAT_VERSION:  # a library reads a newer file with a warning; a server refuses
+                raise InvalidAdapter(f"manifest format_version {version} is not one this server reads "
+                                     f"(versions 0 to {FORMAT_VERSION})")
             if manifest.get("kind") == "fusion":
                 raise InvalidAdapter("a fusion file is not an adapter that can be routed per row")
             check_manifest(manifest, "the upload", need_sites=True)
@@ -253,15 +257,17 @@ class AdapterStore:
     def copy_in(self, source: Path, staging: Path, allowed: Path | None = None) -> Path:
         """Copy an adapter folder (inside `allowed`, if given) into staging: regular files only."""
         src = Path(source)
+        # what the caller named: a path inside its part of the store, never where the store is
+        shown = str(src.relative_to(allowed)) if allowed is not None and src.is_relative_to(allowed) else src.name
         if allowed is not None:
             resolved = src.resolve()
             if not resolved.is_relative_to(allowed.resolve()) or not resolved.is_dir():
-                raise NotFound(f"no adapter folder {str(source)!r} in your part of the store")
+                raise NotFound(f"no adapter folder {shown!r} in your part of the store")
             src = resolved
         try:
             src = adapter_root(src)
         except BadUpload:
-            raise InvalidAdapter(f"{source}: no {MANIFEST} in this folder") from None
+            raise InvalidAdapter(f"{shown!r}: no {MANIFEST} in this folder") from None
         target = staging / "copy"
         target.mkdir()
         for item in src.iterdir():
