@@ -188,11 +188,12 @@ def test_upload_serve_rollback_delete(client, src, reference):
     assert listed["fresh"]["versions"] == [1, 2] and listed["fresh"]["loaded"] and listed["fresh"]["size_bytes"] > 0
     r = client.post("/v1/adapters/fresh/rollback", headers=ACME)
     assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["rolled_back_from"] == 2
+    assert r.json()["versions"] == [1]  # the withdrawn version is deleted (serve README)
     back = client.post("/v1/classify", json={"adapter": "fresh", "inputs": [text]}, headers=ACME).json()
     assert back["version"] == 1 and close(scores(back), scores(v1))
     assert client.post("/v1/adapters/fresh/rollback", headers=ACME).status_code == 409
     r = client.delete("/v1/adapters/fresh", headers=ACME)
-    assert r.status_code == 200 and r.json()["versions"] == [1, 2]
+    assert r.status_code == 200 and r.json()["versions"] == [1]
     assert client.post("/v1/classify", json={"adapter": "fresh", "inputs": [text]}, headers=ACME).status_code == 404
     assert client.delete("/v1/adapters/fresh", headers=ACME).status_code == 404
 

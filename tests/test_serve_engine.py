@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +202,12 @@ def test_answers_match_their_version_while_adapters_are_replaced(engine, folders
     stop = threading.Event()
     errors: list[BaseException] = []
     answers: list[tuple[str, str, dict]] = []
+    # what each version holds: a rolled-back version's folder is deleted, its answers are still checked
+    sources = {(name, engine.store.resolve("default", name)): engine.store.path(
+        "default", name, engine.store.resolve("default", name)) for name in NAMES}
+    for (name, version), path in list(sources.items()):
+        sources[(name, version)] = Path(shutil.copytree(path, engine.store.root.parent / f"copy-{name}-{version}",
+                                                        dirs_exist_ok=True))
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
@@ -221,7 +229,8 @@ def test_answers_match_their_version_while_adapters_are_replaced(engine, folders
                     except Exception:  # noqa: BLE001 - nothing to roll back to
                         pass
                 else:
-                    engine.put("default", name, source=folders[name][step % 2])
+                    version = engine.put("default", name, source=folders[name][step % 2])["version"]
+                    sources[(name, version)] = folders[name][step % 2]
                 time.sleep(0.01)
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
@@ -240,7 +249,7 @@ def test_answers_match_their_version_while_adapters_are_replaced(engine, folders
     assert len(answers) > 20 and len(versions) > len(NAMES)
     for name, text, out in answers:
         assert out["adapter"] == name
-        folder = engine.store.path("default", name, out["version"])  # exactly the version that answered
+        folder = sources[(name, out["version"])]  # exactly the version that answered
         assert_matches(out["results"][0], reference.scores(folder, text), reference.labels(folder))
 
 

@@ -49,13 +49,14 @@ def test_versions_rollback_delete(store, folders):
     assert record["size_bytes"] > 1000
     assert store.rollback("acme", "s") == (2, 1)
     assert store.resolve("acme", "s") == 1
+    assert store.versions("acme", "s") == [1]  # the withdrawn version is deleted
     with pytest.raises(Conflict):
         store.rollback("acme", "s")
     assert store.add("acme", "s", folders["b"]) == 3  # numbers are never reused
     assert store.rollback("acme", "s") == (3, 1)
     assert [(r["tenant"], r["name"], r["version"]) for r in store.list()] == [("acme", "s", 1)]
     assert store.list("globex") == []
-    assert store.delete("acme", "s") == [1, 2, 3]
+    assert store.delete("acme", "s") == [1]
     with pytest.raises(NotFound):
         store.resolve("acme", "s")
     with pytest.raises(NotFound):
@@ -256,25 +257,56 @@ def test_quotas_and_kept_versions(tmp_path, builder, folders):
     assert small.names("acme") == []
 
 
-def test_start_up_sweeps_what_a_crash_left(tmp_path, builder, folders):
+def test_start_up_sweeps_what_a_crashed_owner_left_whatever_its_age(tmp_path, builder, folders):
     root = tmp_path / "crashed"
-    store = AdapterStore(root, fingerprint=builder.fingerprint())
-    store.add("acme", "s", folders["a"])
-    with store.staging() as staging:
-        orphan = store.reserve("acme", "s", store.copy_in(folders["b"], staging))  # killed before publish
-    leftovers = [root / ".staging" / "dead", root / ".trash" / "old", root / ".spool" / "upload-1"]
-    for path in leftovers:
+    crashed = AdapterStore(root, fingerprint=builder.fingerprint())
+    crashed.add("acme", "s", folders["a"])
+    staging = root / ".staging" / crashed.owned()
+    staging.mkdir(parents=True)
+    spooled = crashed.spool / crashed.owned("upload-")
+    spooled.write_bytes(b"x" * 1000)
+    with crashed.staging() as folder:
+        orphan = crashed.reserve("acme", "s", crashed.copy_in(folders["b"], folder))  # killed before publish
+    legacy = [root / ".trash" / "old", root / ".spool" / "upload-1"]  # no owner named: nobody's
+    for path in legacy:
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(b"x" * 1000)
-    assert store.record("acme", "s")["versions"] == [1]  # a version that never went live is not listed
-    old = 10_000
-    for path in [*leftovers, store.path("acme", "s", orphan)]:
-        os.utime(path, (path.stat().st_atime - old, path.stat().st_mtime - old))
-    fresh = root / ".staging" / "in-flight"  # another process's upload, still going
-    fresh.mkdir()
-    AdapterStore(root, fingerprint=builder.fingerprint())
-    assert not any(p.exists() for p in leftovers) and not store.path("acme", "s", orphan).exists()
-    assert fresh.exists() and store.resolve("acme", "s") == 1
+        path.write_bytes(b"x")
+    assert crashed.record("acme", "s")["versions"] == [1]  # a version that never went live is not listed
+
+    alive = AdapterStore(root, fingerprint=builder.fingerprint())  # another process, while the first lives
+    mine = alive.spool / alive.owned("upload-")
+    mine.write_bytes(b"x")
+    assert staging.exists() and spooled.exists() and crashed.path("acme", "s", orphan).exists()
+    assert not any(p.exists() for p in legacy)
+
+    crashed.close()  # the first process dies: a restart at once removes all it left, young as it is
+    restarted = AdapterStore(root, fingerprint=builder.fingerprint())
+    assert not staging.exists() and not spooled.exists() and not crashed.path("acme", "s", orphan).exists()
+    assert mine.exists() and restarted.resolve("acme", "s") == 1  # the living owner's upload stays
+    assert not list((root / ".inflight").glob("*")) and not (root / ".owners" / f"{crashed.owner}.lock").exists()
+    for s in (alive, restarted):
+        s.close()
+
+
+def test_quota_counts_only_referenced_versions(tmp_path, builder, folders):
+    from adapterkit.serve.errors import QuotaExceeded
+    from adapterkit.serve.store import Quota
+
+    one = sum(f.stat().st_size for f in folders["a"].iterdir() if f.name in ("adapter.json", "adapter.safetensors"))
+    store = AdapterStore(tmp_path / "q", fingerprint=builder.fingerprint(),
+                         quota=Quota(max_bytes=int(3.5 * one), keep_versions=2))
+    for _ in range(6):  # upload, roll back, again: withdrawn versions are deleted and take no room
+        store.add("acme", "s", folders["a"])
+        store.add("acme", "s", folders["a"])
+        store.rollback("acme", "s")
+    assert len(store.versions("acme", "s")) == 1
+    with store.staging() as folder:  # a version in flight (not yet live) is not counted either
+        store.reserve("acme", "s", store.copy_in(folders["a"], folder))
+    store.add("acme", "t", folders["a"])
+    store.add("acme", "u", folders["a"])
+    with pytest.raises(QuotaExceeded):
+        store.add("acme", "w", folders["a"])
+    store.close()
 
 
 def test_uploads_with_non_finite_weights_or_bad_fields_are_refused(store, folders, tmp_path):
@@ -355,6 +387,6 @@ def test_a_first_upload_that_never_went_live_is_swept(tmp_path, builder, folders
     with store.staging() as staging:
         version = store.reserve("acme", "new", store.copy_in(folders["a"], staging))  # killed before publish
     path = store.path("acme", "new", version)
-    os.utime(path, (path.stat().st_atime - 10_000, path.stat().st_mtime - 10_000))
-    AdapterStore(root, fingerprint=builder.fingerprint())
-    assert not path.exists()
+    store.close()  # the process dies
+    AdapterStore(root, fingerprint=builder.fingerprint()).close()
+    assert not path.exists() and not store.folder("acme", "new").exists()

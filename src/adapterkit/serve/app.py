@@ -166,7 +166,7 @@ def create_app(engine: Engine, keys: str | os.PathLike | dict | Tenants | None =
             root = engine.store.root if who.admin else engine.store.root / who.tenant
             record = await run_in_threadpool(engine.put, tenant, adapter, source=root / source, source_root=root)
         else:
-            path = await _spool_upload(request, kind, max_upload_bytes, engine.store.spool)
+            path = await _spool_upload(request, kind, max_upload_bytes, engine.store.spool, engine.store.owned("upload-"))
             try:
                 record = await run_in_threadpool(engine.put, tenant, adapter, archive=path)
             finally:
@@ -288,9 +288,10 @@ async def _json_body(request: Request) -> dict:
     return data
 
 
-async def _spool_upload(request: Request, kind: str, limit: int, folder: Path) -> Path:
-    """The uploaded archive in a temporary file in `folder`, at most `limit` bytes."""
-    fd, name = tempfile.mkstemp(prefix="upload-", dir=folder)
+async def _spool_upload(request: Request, kind: str, limit: int, folder: Path, prefix: str) -> Path:
+    """The uploaded archive in a temporary file in `folder` (its name starting with `prefix`), at most
+    `limit` bytes."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=folder)
     path = Path(name)
     size = 0
     try:

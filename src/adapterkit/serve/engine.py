@@ -41,6 +41,7 @@ from .errors import (
     PayloadTooLarge,
     Redactor,
     RowFailure,
+    Withdrawn,
     non_finite,
     not_found,
 )
@@ -128,10 +129,9 @@ class Engine:
         if kind == "classify" and self.task != "classify":
             raise BadRequest(f"this base ({self.task}) has no classification head; use /v1/embed or /v1/generate")
         rows = self.tokenize(inputs)
-        key = self.key(tenant, adapter)
         field = "results" if kind == "classify" else "vectors"
-        req = Request(kind, key, rows, options)
-        return _then(self.batcher.submit(req), lambda results: self._respond(key, results, field))
+        return self._queue(tenant, adapter, lambda key: Request(kind, key, rows, options),
+                           lambda key, results: self._respond(key, results, field))
 
     def submit_generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
                         max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
@@ -153,16 +153,51 @@ class Engine:
         ids = self.tokenize([prompt])[0] if prompt_ids is None else self._check_ids(prompt_ids)
         if len(ids) + max_new_tokens > self.max_tokens:
             raise PayloadTooLarge(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {self.max_tokens}")
-        key = self.key(tenant, adapter)
         row = GenerationRow(ids, int(max_new_tokens), float(temperature), seed, on_token, float(top_p), bool(ignore_eos))
-        req = Request("generate", key, [ids], {"row": row})
 
-        def respond(results: list) -> dict:
+        def respond(key: AdapterKey | None, results: list) -> dict:
             out = results[0]
             return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
                     "token_ids": out.tokens, "prompt_tokens": len(ids), "finish_reason": out.finish_reason}
 
-        return _then(self.batcher.submit(req), respond)
+        return self._queue(tenant, adapter, lambda key: Request("generate", key, [ids], {"row": row}), respond)
+
+    def _queue(self, tenant: str, adapter: str | None, make: Callable[[AdapterKey | None], Request],
+               respond: Callable[[AdapterKey | None, list], dict], tries: int = 3) -> Future:
+        """Queue a request for the adapter's live version; the future of its response. A version
+        withdrawn (rolled back, pruned) before its files were read is asked again for the version
+        live then: the caller sees the swap, not the race."""
+        out: Future = Future()
+        running: list[Future] = []
+
+        def attempt(left: int) -> None:
+            key = self.key(tenant, adapter)
+            inner = self.batcher.submit(make(key))
+            running[:] = [inner]
+
+            def done(f: Future) -> None:
+                if f.cancelled():
+                    out.cancel()
+                    return
+                err = f.exception()
+                try:
+                    if isinstance(err, Withdrawn) and left > 1:
+                        attempt(left - 1)
+                    elif err is not None:
+                        out.set_exception(err)
+                    else:
+                        out.set_result(respond(key, f.result()))
+                except InvalidStateError:  # `out` was cancelled meanwhile
+                    pass
+                except Exception as failure:  # noqa: BLE001 - handed to the caller
+                    with contextlib.suppress(InvalidStateError):
+                        out.set_exception(failure)
+
+            inner.add_done_callback(done)
+
+        attempt(tries)  # the first lookup's errors (unknown adapter, full queue) are the caller's at once
+        out.add_done_callback(lambda f: f.cancelled() and running and running[0].cancel())
+        return out
 
     def classify(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT) -> dict:
         return self.submit("classify", inputs, adapter, tenant).result()
@@ -324,6 +359,7 @@ class Engine:
     def close(self) -> None:
         self.batcher.close()
         self._uploads.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -369,6 +405,8 @@ class Engine:
             return read_adapter(self.store.path(*key))
         except AdapterFileError:
             if not self.store.path(*key).is_dir():
+                if self.store.resolve(key.tenant, key.name) != key.version:  # NotFound if deleted
+                    raise Withdrawn(f"adapter {key.name!r} v{key.version} was withdrawn") from None
                 raise not_found(key.tenant, key.name) from None
             raise
 

@@ -57,6 +57,11 @@ class NotFound(ServeError):
     status, code = 404, "not_found"
 
 
+class Withdrawn(NotFound):
+    """The version a request was queued for was rolled back or pruned before it was read (the
+    engine asks again for the live one)."""
+
+
 class Conflict(ServeError):
     status, code = 409, "conflict"
 

@@ -11,9 +11,14 @@ as versions of tenant "default".
 
 Version numbers are never reused, not even after a delete (`.versions.json` keeps the last one
 given out), so a version number always names the same weights. Each tenant has a quota (adapters,
-bytes on disk), and only the newest `keep_versions` versions of an adapter are kept for rollback.
-At start, what a crash left behind is swept: staging folders, the trash, spooled uploads, and
-versions that never went live.
+bytes of the versions that state.json refers to), and only the newest `keep_versions` versions of an
+adapter are kept for rollback. A rollback withdraws the live version: its folder is deleted.
+
+Nothing stays on disk that nothing refers to. Each store object (each server process) owns a lock
+file, `.owners/<owner>.lock`, flocked for as long as it lives, and names what it writes while an
+upload is under way after itself: staging folders, spooled uploads and the markers of versions
+reserved but not yet published (`.inflight/`). At start, whatever belongs to no live owner goes:
+a crash followed by a quick restart leaves nothing behind, and another process's upload is kept.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import json
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +49,7 @@ from .tenants import DEFAULT_TENANT, valid_name
 
 STATE = "state.json"
 COUNTERS = ".versions.json"
-SPOOL, STAGING, TRASH = ".spool", ".staging", ".trash"
+SPOOL, STAGING, TRASH, OWNERS, INFLIGHT = ".spool", ".staging", ".trash", ".owners", ".inflight"
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Quota:
 
 class AdapterStore:
     def __init__(self, root: str | os.PathLike, fingerprint: str | None = None, max_bytes: int = MAX_BYTES,
-                 quota: Quota | None = None, sweep_after_s: float = 600.0) -> None:
+                 quota: Quota | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
@@ -68,44 +72,80 @@ class AdapterStore:
         self.quota = quota or Quota()
         self._lock = threading.RLock()
         self._live: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
-        self.sweep(older_than_s=sweep_after_s)
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        (self.root / OWNERS).mkdir(exist_ok=True)
+        self._owner_file: Any = open(self.root / OWNERS / f"{self.owner}.lock", "a")  # noqa: SIM115 - held for life
+        fcntl.flock(self._owner_file, fcntl.LOCK_EX)
+        self.sweep()
+
+    def close(self) -> None:
+        """Give up ownership: what this store left in flight is swept by the next one to start."""
+        if not self._owner_file.closed:
+            fcntl.flock(self._owner_file, fcntl.LOCK_UN)
+            self._owner_file.close()
 
     @property
     def spool(self) -> Path:
-        """Where uploads are written while they arrive (swept at start)."""
+        """Where uploads are written while they arrive (name the files with `owned()`)."""
         folder = self.root / SPOOL
         folder.mkdir(exist_ok=True)
         return folder
 
-    def sweep(self, older_than_s: float = 600.0) -> list[str]:
-        """Remove what an interrupted upload, publish or delete left behind; returns what went.
+    def owned(self, label: str = "") -> str:
+        """A fresh entry name that says this store owns it (the sweep keeps it while the store lives)."""
+        return f"{self.owner}.{label}{uuid.uuid4().hex}"
 
-        Only entries older than `older_than_s` go, so that another process sharing the store can
-        finish the upload it is in the middle of.
-        """
-        now, removed = time.time(), []
-
-        def old(path: Path) -> bool:
-            try:
-                return now - path.stat().st_mtime > older_than_s
+    def _alive(self, owner: str) -> bool:
+        """Whether a store object that owns `owner`'s lock file still holds it."""
+        if owner == self.owner:
+            return True
+        path = self.root / OWNERS / f"{owner}.lock"
+        try:
+            handle = open(path, "a")  # noqa: SIM115
+        except OSError:
+            return False
+        with handle:
+            try:  # a lock on another open file is refused while its holder lives (this process's too)
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                return False
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def sweep(self) -> list[str]:
+        """Remove every entry that no live store owns: what an interrupted upload, publish or delete
+        left behind, whatever its age. Returns what went."""
+        removed: list[str] = []
+        alive: dict[str, bool] = {}
+
+        def owned_by_the_living(entry: Path) -> bool:
+            owner = entry.name.split(".", 1)[0]
+            if owner not in alive:
+                alive[owner] = "." in entry.name and self._alive(owner)
+            return alive[owner]
+
+        def remove(path: Path) -> None:
+            _remove(path)
+            removed.append(str(path.relative_to(self.root)))
 
         with self._locked():
-            for area in (STAGING, SPOOL):
+            for area in (STAGING, SPOOL, INFLIGHT):
                 for entry in (self.root / area).glob("*"):
-                    if old(entry):
-                        _remove(entry)
-                        removed.append(str(entry.relative_to(self.root)))
+                    if not owned_by_the_living(entry):
+                        remove(entry)
             for entry in (self.root / TRASH).glob("*"):  # deleted adapters: nothing else refers to them
-                _remove(entry)
-                removed.append(str(entry.relative_to(self.root)))
+                remove(entry)
+            in_flight = {tuple(e.name.split(".")[1:]) for e in (self.root / INFLIGHT).glob("*")}
             for tenant, name in self._all_folders():
                 for version in sorted(set(self.versions(tenant, name)) - set(self._kept(tenant, name))):
-                    path = self.path(tenant, name, version)
-                    if old(path):
-                        _remove(path)
-                        removed.append(str(path.relative_to(self.root)))
+                    if (tenant, name, str(version)) not in in_flight:
+                        remove(self.path(tenant, name, version))
+                folder = self.folder(tenant, name)
+                if not (folder / STATE).exists() and not self.versions(tenant, name):
+                    remove(folder)
+            for lock in (self.root / OWNERS).glob("*.lock"):
+                if not self._alive(lock.stem):
+                    remove(lock)
         return removed
 
     # --- layout and reading ------------------------------------------------------------------
@@ -235,7 +275,7 @@ class AdapterStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh folder inside the store (same filesystem, so a version moves in by rename)."""
-        folder = self.root / STAGING / uuid.uuid4().hex
+        folder = self.root / STAGING / self.owned()
         folder.mkdir(parents=True)
         try:
             yield folder
@@ -302,17 +342,25 @@ class AdapterStore:
             version = max(taken, default=0) + 1
             counters[f"{tenant}/{name}"] = version
             atomic_write(self.root / COUNTERS, json.dumps(counters).encode())
+            marker = self._marker(tenant, name, version)
+            marker.parent.mkdir(exist_ok=True)
+            marker.touch()
             target = self.path(tenant, name, version)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(folder, target)
             fsync_dir(target.parent)
             return version
 
+    def _marker(self, tenant: str, name: str, version: int) -> Path:
+        """The mark of a version this store reserved and has not yet published or discarded."""
+        return self.root / INFLIGHT / f"{self.owner}.{tenant}.{name}.{version}"
+
     def publish(self, tenant: str, name: str, version: int) -> list[int]:
         """Make `version` live; the one live before goes on the history for rollback. Returns the
         versions pruned beyond the quota's `keep_versions`. Conflict if the version was deleted meanwhile."""
         with self._locked():
             if not self.path(tenant, name, version).is_dir():
+                self._marker(tenant, name, version).unlink(missing_ok=True)
                 raise Conflict(f"adapter {name!r} was deleted while this version was uploaded; upload it again")
             state = self.state(tenant, name) or {"live": None, "history": []}
             if isinstance(state.get("live"), int) and version < state["live"]:
@@ -324,6 +372,7 @@ class AdapterStore:
             pruned = history[: len(history) - keep] if len(history) > keep else []
             state = {"live": version, "history": history[len(pruned):]}
             self._write_state(tenant, name, state)
+            self._marker(tenant, name, version).unlink(missing_ok=True)
             for old in pruned:
                 _remove(self.path(tenant, name, old))
             return pruned
@@ -339,7 +388,8 @@ class AdapterStore:
         names = {n for t, n in self.names(tenant)}
         if name not in names and len(names) >= self.quota.max_adapters:
             raise QuotaExceeded(f"tenant {tenant!r} has {len(names)} adapters, its quota; delete one first")
-        used = _folder_bytes(self.root / tenant) + _folder_bytes(folder)
+        referenced = sum(_folder_bytes(self.path(tenant, n, v)) for t, n in self.names(tenant) for v in self._kept(t, n))
+        used = referenced + _folder_bytes(folder)
         if used > self.quota.max_bytes:
             raise QuotaExceeded(
                 f"tenant {tenant!r} would use {used} bytes on disk, over its quota of {self.quota.max_bytes}"
@@ -348,12 +398,14 @@ class AdapterStore:
     def discard(self, tenant: str, name: str, version: int) -> None:
         with self._locked():
             shutil.rmtree(self.path(tenant, name, version), ignore_errors=True)
+            self._marker(tenant, name, version).unlink(missing_ok=True)
             folder = self.folder(tenant, name)
             if folder.is_dir() and not (folder / STATE).exists() and not self.versions(tenant, name):
                 shutil.rmtree(folder, ignore_errors=True)
 
     def rollback(self, tenant: str, name: str) -> tuple[int, int]:
-        """Make the previously live version live again; returns (from, to)."""
+        """Make the previously live version live again and delete the withdrawn one; returns (from, to).
+        (A server keeps serving the withdrawn weights from memory to requests already queued for them.)"""
         with self._locked():
             current = self.resolve(tenant, name)
             state = self.state(tenant, name) or {}
@@ -361,6 +413,7 @@ class AdapterStore:
             if not history:
                 raise Conflict(f"adapter {name!r} has no previous version to roll back to (live: v{current})")
             self._write_state(tenant, name, {"live": history[-1], "history": history[:-1]})
+            _remove(self.path(tenant, name, current))  # withdrawn: nothing refers to it any more
             return current, history[-1]
 
     def delete(self, tenant: str, name: str) -> list[int]:
