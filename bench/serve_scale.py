@@ -15,7 +15,13 @@ Phases alternate between rounds; ratios are medians over rounds.
 2. The dominant adapter merged: all traffic on one LoRA adapter, served merged after 8 forwards
    (`merge_after=8`), against the base model with no adapter on the same engine, and the same
    adapter routed unmerged (`merge_after=0`). `merged_single_vs_base_throughput`.
-3. An int8 base (`quantize="int8"`: torchao int8 weight-only Linear layers): top-1 label agreement
+3. What merging costs the rest (`--only merge_cost`): 8 LoRA adapters of rank 32 on every Linear
+   through a 48 MB cache (4 resident), one engine with `merge_after=8` and one with merging off,
+   on mixed Zipf traffic (32 clients, and one client: one-row batches, where streaks and so merges
+   and unmerges happen) and on single-adapter traffic. `merge_on_vs_off_mixed_throughput` (target
+   >= 0.95), `merge_on_vs_off_mixed_one_client_throughput`, `merge_on_vs_off_single_throughput`
+   (target >= 1.0).
+4. An int8 base (`quantize="int8"`: torchao int8 weight-only Linear layers): top-1 label agreement
    with the fp32 base over 16 adapters and 480 texts, the bytes of the base's Linear weights, and
    throughput; and on a small random Llama with 4 LoRA adapters, greedy-token agreement with fp32.
 
@@ -56,6 +62,12 @@ from adapterkit.serve.testing import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_scale.json"
+#: the keys of each part that the results file also holds at its top level
+FLAT = {"scale": ("evicting_vs_resident_throughput", "evicting_p99_ratio"),
+        "merged": ("merged_single_vs_base_throughput",),
+        "merge_cost": ("merge_on_vs_off_mixed_throughput", "merge_on_vs_off_mixed_one_client_throughput",
+                       "merge_on_vs_off_single_throughput"),
+        "int8": ("int8_label_agreement",)}
 CLIENTS = 32
 
 
@@ -64,9 +76,9 @@ def texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
 
 
-def many_adapters(root: Path, n: int) -> list[Path]:
+def many_adapters(root: Path, n: int, config: ak.LoRA | None = None, scale: float = 0.3) -> list[Path]:
     """n distinct adapters: one made and saved by adapterkit, then copies with their own weights."""
-    first = make_adapter(ak.adapt(load_minilm()), "z0000", root / "z0000", seed=0, scale=0.3)
+    first = make_adapter(ak.adapt(load_minilm()), "z0000", root / "z0000", seed=0, scale=scale, config=config)
     tensors = load_file(first / "adapter.safetensors")
     folders = [first]
     gen = torch.Generator().manual_seed(1)
@@ -74,14 +86,14 @@ def many_adapters(root: Path, n: int) -> list[Path]:
         folder = root / f"z{i:04d}"
         folder.mkdir()
         shutil.copy(first / "adapter.json", folder / "adapter.json")
-        save_file({k: (v + 0.3 * torch.randn(v.shape, generator=gen)).contiguous() for k, v in tensors.items()},
+        save_file({k: (v + scale * torch.randn(v.shape, generator=gen)).contiguous() for k, v in tensors.items()},
                   folder / "adapter.safetensors")
         folders.append(folder)
     return folders
 
 
-def closed_loop(engine: Engine, plan: list[tuple[str, str | None]]) -> dict:
-    """CLIENTS threads send the plan's (text, adapter) requests one after another; throughput and latency."""
+def closed_loop(engine: Engine, plan: list[tuple[str, str | None]], clients: int = CLIENTS) -> dict:
+    """`clients` threads send the plan's (text, adapter) requests one after another; throughput and latency."""
     latencies: list[float] = []
     lock, position = threading.Lock(), [0]
 
@@ -97,7 +109,7 @@ def closed_loop(engine: Engine, plan: list[tuple[str, str | None]]) -> dict:
             with lock:
                 latencies.append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -177,6 +189,39 @@ def merged(root: Path, args: argparse.Namespace) -> dict:
             "merges": merges, "phases": results}
 
 
+def merge_cost(root: Path, args: argparse.Namespace) -> dict:
+    """Merging must not cost the traffic it does not serve merged (issue 34): large adapters (LoRA r=32
+    on every Linear) through a small cache, the same engine settings with merging on and off."""
+    config = ak.LoRA(r=32, targets="all-linear")
+    folders = dict(zip([f"z{i:04d}" for i in range(8)], many_adapters(root / "src", 8, config, scale=0.01),
+                       strict=True))
+    cache = 48 << 20
+    on = with_store(root / "on", folders, cache_bytes=cache, merge_after=8)
+    off = with_store(root / "off", folders, cache_bytes=cache, merge_after=0)
+    names = sorted(folders)
+    mixed = zipf_plan(names, args.requests // 2, seed=3)
+    serial = zipf_plan(names, args.requests // 8, seed=4)
+    single = [(t, names[0]) for t, _ in zipf_plan(names, args.requests // 2, seed=5)]
+    for engine in (on, off):
+        closed_loop(engine, mixed[:64])  # warm up: fill the cache
+    print(f"merge cost: 8 LoRA r=32 all-Linear adapters, {cache >> 20} MB cache, merging on and off")
+    results = alternate(args.rounds, {
+        "on_mixed": lambda: closed_loop(on, mixed), "off_mixed": lambda: closed_loop(off, mixed),
+        "on_serial": lambda: closed_loop(on, serial, clients=1), "off_serial": lambda: closed_loop(off, serial, clients=1),
+        "on_single": lambda: closed_loop(on, single), "off_single": lambda: closed_loop(off, single)})
+    counts = {"merges": on.merging.merges, "unmerges": on.merging.unmerges, "refused": len(on.merging.refused),
+              "resident": on.cache.stats()["loaded"]}
+    on.close()
+    off.close()
+    return {
+        "merge_on_vs_off_mixed_throughput": round(median_ratio(results, "on_mixed", "off_mixed", "throughput_rps"), 3),
+        "merge_on_vs_off_mixed_one_client_throughput": round(
+            median_ratio(results, "on_serial", "off_serial", "throughput_rps"), 3),
+        "merge_on_vs_off_single_throughput": round(median_ratio(results, "on_single", "off_single", "throughput_rps"), 3),
+        "merge_on_vs_off_mixed_p99": round(median_ratio(results, "on_mixed", "off_mixed", "p99_ms"), 3),
+        **counts, "phases": results}
+
+
 def linear_bytes(model: nn.Module) -> int:
     return sum(tensor_bytes(m.weight) for m in model.modules() if type(m) is nn.Linear)
 
@@ -238,30 +283,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["scale", "merged", "int8"], help="run one part (nothing is written)")
+    parser.add_argument("--only", choices=["scale", "merged", "merge_cost", "int8"],
+                        help="run one part (its keys are updated in the results file)")
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.rounds = 120, 300, 1
     torch.set_num_threads(args.threads)
-    parts = {"scale": scale, "merged": merged, "int8": int8}
+    parts = {"scale": scale, "merged": merged, "merge_cost": merge_cost, "int8": int8}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.only:
-            print(json.dumps({k: v for k, v in parts[args.only](root / args.only, args).items() if k != "phases"}))
+            part = parts[args.only](root / args.only, args)
+            print(json.dumps({k: v for k, v in part.items() if k != "phases"}, indent=2))
+            if not args.quick and RESULTS.exists():
+                summary = json.loads(RESULTS.read_text())
+                summary[args.only] = part
+                summary.update({k: part[k] for k in FLAT.get(args.only, ())})
+                RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+                print(f"updated {args.only} in {RESULTS}")
             return
         summary = {name: part(root / name, args) for name, part in parts.items()}
-    flat = {
-        "evicting_vs_resident_throughput": summary["scale"]["evicting_vs_resident_throughput"],
-        "evicting_p99_ratio": summary["scale"]["evicting_p99_ratio"],
-        "merged_single_vs_base_throughput": summary["merged"]["merged_single_vs_base_throughput"],
-        "int8_label_agreement": summary["int8"]["int8_label_agreement"],
-    }
+    flat = {k: summary[name][k] for name, keys in FLAT.items() for k in keys}
     summary = {**flat, **summary, "setup": {"clients": CLIENTS, "requests_per_phase": args.requests,
                                             "rounds": args.rounds, "threads": args.threads, "torch": torch.__version__,
                                             "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}}
     print(json.dumps(flat, indent=2))
     print(json.dumps({k: {m: v for m, v in part.items() if m != "phases"} for k, part in summary.items()
-                      if k in ("scale", "merged", "int8")}, indent=2))
+                      if k in parts}, indent=2))
     if not args.quick:
         RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {RESULTS}")
