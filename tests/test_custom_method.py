@@ -14,7 +14,7 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.config import MethodConfig
 from adapterkit.methods import register
-from adapterkit.methods.base import SiteMethod, broadcast_features, broadcast_rows
+from adapterkit.methods.base import RouteStack, SiteMethod, broadcast_features, broadcast_rows
 
 from .test_routing import check_rows
 
@@ -25,6 +25,11 @@ class Shift(MethodConfig):
 
     method: ClassVar[str] = "test-shift"
     scale: float = 2.0
+
+
+@dataclass
+class ShiftStack(RouteStack):
+    v: torch.Tensor  # [N+1, features]: s·v per slot, zeros in the last
 
 
 class ShiftAdapter(SiteMethod):
@@ -65,11 +70,11 @@ class ShiftAdapter(SiteMethod):
     @classmethod
     def stack(cls, adapters):
         shifts = [a.scale * a.v for a in adapters]
-        return {"v": torch.stack(shifts + [torch.zeros_like(shifts[0])])}
+        return ShiftStack(torch.stack(shifts + [torch.zeros_like(shifts[0])]))
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape):
-        return h + broadcast_rows(stacked["v"][rows], h, shape)
+    def route(cls, stacked, rows, x, h, shape, inplace=False):
+        return h + broadcast_rows(stacked.v[rows], h, shape)
 
 
 register(Shift, ShiftAdapter)

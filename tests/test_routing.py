@@ -397,7 +397,7 @@ def test_a_large_rank_routes_apart_and_is_counted_with_its_padding():
         with am.route(["a", "b", "a"]):
             routed = model(x)
         stacks = am.sites["0"]._stacks
-        assert [s["rank"] for s in (c.stacked for c in stacks.values())] == [8]  # "big" is not in there
+        assert [c.stacked.rank for c in stacks.values()] == [8]  # "big" is not in there
         with am.route(["a", "big", None]):
             mixed = model(x)
         for i, name in enumerate(["a", "big", None]):

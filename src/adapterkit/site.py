@@ -17,7 +17,7 @@ from torch import nn
 
 from .composition import Average, Fuse, Setup, Stack, names_in
 from .errors import CompositionError
-from .methods.base import SiteMethod, SiteShape, features_last, positional_parameters
+from .methods.base import RouteKey, RouteStack, SiteMethod, SiteShape, features_last, positional_parameters
 from .stacks import Group, SlotStack, assign_slots, stack_of
 
 
@@ -65,8 +65,8 @@ class _Layout:
     """
 
     version: int = -1
-    output: dict[tuple, Group] = field(default_factory=dict)
-    inputs: dict[int, dict[tuple, Group]] = field(default_factory=dict)
+    output: dict[RouteKey, Group] = field(default_factory=dict)
+    inputs: dict[int, dict[RouteKey, Group]] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,8 +88,8 @@ class Site(nn.Module):
         # A plain attribute, not a submodule: the frozen module belongs to the base model only.
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
-        self._stacks: dict[tuple, SlotStack] = {}
-        self._slots: dict[tuple, list[str | None]] = {}  # group key -> the adapter in each slot
+        self._stacks: dict[RouteKey, SlotStack] = {}
+        self._slots: dict[RouteKey, list[str | None]] = {}  # group key -> the adapter in each slot
         self._layout_cache = _Layout()
         self._arg_names: tuple[str, ...] | None = None  # the frozen forward's positional ones, read when needed
         self._handles = [
@@ -140,7 +140,7 @@ class Site(nn.Module):
             h = self._apply(self.state.setup, "output", x, h, inplace=self._owns_output())
         return h if rest is None else (h, *rest)
 
-    def _uses(self, groups: dict[tuple, Group], arg: int) -> bool:
+    def _uses(self, groups: dict[RouteKey, Group], arg: int) -> bool:
         """Whether the active setup or route applies any of `groups` (the adapters reading `arg`)."""
         if self.state.route is not None:
             return any(n in g.slot for g in groups.values() for n in self.state.route.names)
@@ -196,7 +196,7 @@ class Site(nn.Module):
                 return h
             if side == "input":
                 return adapter(h)
-            if inplace and getattr(adapter, "adds_in_place", False):
+            if inplace and adapter.adds_in_place:
                 return adapter(x, h, inplace=True)
             return adapter(x, h)
         if isinstance(setup, Stack):
@@ -237,14 +237,14 @@ class Site(nn.Module):
         Cached per version of the attached adapters: every hooked forward asks, at every site.
         """
         if self._layout_cache.version != self.adapters.version:
-            output: dict[tuple, list[str]] = {}
-            inputs: dict[int, dict[tuple, list[str]]] = {}
+            output: dict[RouteKey, list[str]] = {}
+            inputs: dict[int, dict[RouteKey, list[str]]] = {}
             for name, adapter in self.adapters.items():
-                key = (type(adapter), adapter.route_group())
                 if adapter.side == "input":
-                    inputs.setdefault(adapter.input_arg, {}).setdefault((*key, adapter.input_arg), []).append(name)
+                    key = RouteKey(type(adapter), adapter.route_group(), adapter.input_arg)
+                    inputs.setdefault(adapter.input_arg, {}).setdefault(key, []).append(name)
                 else:
-                    output.setdefault(key, []).append(name)
+                    output.setdefault(RouteKey(type(adapter), adapter.route_group()), []).append(name)
             self._slots = {key: assign_slots(self._slots.get(key), names)
                            for key, names in [*output.items(), *(g for arg in inputs.values() for g in arg.items())]}
             self._stacks = {key: stack for key, stack in self._stacks.items() if key in self._slots}
@@ -252,14 +252,14 @@ class Site(nn.Module):
                                          {arg: self._grouped(inputs[arg]) for arg in sorted(inputs)})
         return self._layout_cache
 
-    def _grouped(self, found: dict[tuple, list[str]]) -> dict[tuple, Group]:
+    def _grouped(self, found: dict[RouteKey, list[str]]) -> dict[RouteKey, Group]:
         groups = {}
         for key in found:
             names = tuple(self._slots[key])
             groups[key] = Group(names, {n: i for i, n in enumerate(names) if n is not None})
         return groups
 
-    def _stacked(self, key: tuple, group: Group, used: tuple[str, ...]) -> dict:
+    def _stacked(self, key: RouteKey, group: Group, used: tuple[str, ...]) -> RouteStack:
         """The stacked parameters of `group`, updated slot by slot when its adapters change, or when
         an adapter that this batch uses has changed (in place, or swapped for another module).
 
@@ -271,17 +271,17 @@ class Site(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # The stack is part of the autograd graph, so it cannot be reused across steps; a compiled
             # graph stacks inside itself (its guards cannot read the cache's storage pointers).
-            return stack_of(key[0], group, attached)
+            return stack_of(key.method, group, attached)
         version = self.adapters.version
         cached = self._stacks.get(key)
         if cached is not None and (cached.current(group, attached, used, version)
                                    or cached.update(group, attached, used, version)):
             return cached.stacked
-        cached = SlotStack(key[0], group, attached, version)
+        cached = SlotStack(key.method, group, attached, version)
         self._stacks[key] = cached
         return cached.stacked
 
-    def _routed(self, groups: dict[tuple, Group], side: str, x: torch.Tensor,
+    def _routed(self, groups: dict[RouteKey, Group], side: str, x: torch.Tensor,
                 h: torch.Tensor | None) -> torch.Tensor:
         """Apply each of `groups` to its rows; on the input side x is the argument they read."""
         route = self.state.route
@@ -308,10 +308,8 @@ class Site(nn.Module):
             if rows is None:
                 continue
             stacked = self._stacked(key, group, used)
-            if side == "output" and self._owns_output() and getattr(key[0], "adds_in_place", False):
-                result = key[0].route(stacked, rows, x, h, self.shape, inplace=True)
-            else:
-                result = key[0].route(stacked, rows, x, h, self.shape)
+            inplace = side == "output" and key.method.adds_in_place and self._owns_output()
+            result = key.method.route(stacked, rows, x, h, self.shape, inplace=inplace)
             if side == "input":
                 x = result
             else:

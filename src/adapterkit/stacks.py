@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .methods.base import RouteStack, SiteMethod
+
 
 @dataclass
 class Group:
@@ -57,7 +59,7 @@ def assign_slots(previous: list[str | None] | None, present: list[str]) -> list[
 class SlotStack:
     """A group's stacked parameters, the modules each slot was written from and their signatures."""
 
-    def __init__(self, method: type, group: Group, attached: dict[str, nn.Module], version: int) -> None:
+    def __init__(self, method: type[SiteMethod], group: Group, attached: dict[str, nn.Module], version: int) -> None:
         with torch.no_grad():
             self.stacked = stack_of(method, group, attached)
         # weak references: a deleted adapter's memory must not wait for the next forward here
@@ -97,7 +99,7 @@ class SlotStack:
         return True
 
 
-def stack_of(method: type, group: Group, attached: dict[str, nn.Module]) -> dict:
+def stack_of(method: type[SiteMethod], group: Group, attached: dict[str, nn.Module]) -> RouteStack:
     """`method.stack` over the group's slots; holes hold a copy of another adapter that no row reads."""
     filler = attached[next(n for n in group.names if n is not None)]
     return method.stack([attached[n] if n is not None else filler for n in group.names])

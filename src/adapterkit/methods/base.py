@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -158,6 +158,22 @@ def broadcast_features(vector: torch.Tensor, h: torch.Tensor, shape: SiteShape) 
     return vector.reshape(view)
 
 
+@dataclass
+class RouteStack:
+    """What `SiteMethod.stack` returns: the adapters of one routing group at a site as batched
+    tensors, slot i holding adapter i and the last slot the zero adapter (rows without one). Each
+    method subclasses it with the fields its `route` reads."""
+
+
+class RouteKey(NamedTuple):
+    """Which adapters of a site route together: one method class, equal `route_group()` values,
+    and for input-side methods the argument they read (None: the output side)."""
+
+    method: type[SiteMethod]
+    group: tuple
+    input_arg: int | None = None
+
+
 class SiteMethod(nn.Module):
     """One adapter's delta at one site.
 
@@ -173,9 +189,14 @@ class SiteMethod(nn.Module):
     new one, also from outside the package.
     """
 
-    side = "output"
-    input_arg = 0
-    mergeable = False
+    #: "output": maps (x, h) -> h' after the frozen module; "input": maps x -> x' before it
+    side: ClassVar[str] = "output"
+    #: which positional argument an input-side method reads (an instance may set its own)
+    input_arg: int = 0
+    #: linear in the frozen weights: `merge_into`/`unmerge_from` fold the delta in and out
+    mergeable: ClassVar[bool] = False
+    #: `forward` and `route` may add into an output only the site holds (`inplace=True`)
+    adds_in_place: ClassVar[bool] = False
 
     def __init__(self, shape: SiteShape) -> None:
         super().__init__()
@@ -203,7 +224,12 @@ class SiteMethod(nn.Module):
         raise TargetError(f"{type(self).__name__} adapters cannot be combined")
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """The site's output with this adapter applied (input-side methods: `forward(x)` -> x')."""
         raise NotImplementedError
+
+    def routed_bytes(self) -> int:
+        """Bytes this adapter's slot takes in the routing stacks (padding included)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def reference(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         """The method's equation, written plainly. A method whose `forward` uses a fast kernel
@@ -221,18 +247,21 @@ class SiteMethod(nn.Module):
         return ()
 
     @classmethod
-    def stack(cls, adapters: list[SiteMethod]) -> dict:
-        raise NotImplementedError
+    def stack(cls, adapters: list[SiteMethod]) -> RouteStack:
+        """The adapters of one routing group (all `route_group()`-equal) as one RouteStack."""
+        raise TargetError(f"{cls.__name__} adapters cannot be routed per row")
 
     @classmethod
-    def write_slot(cls, stacked: dict, slot: int, adapter: SiteMethod) -> bool:
+    def write_slot(cls, stacked: RouteStack, slot: int, adapter: SiteMethod) -> bool:
         """Write `adapter` over slot `slot` of a `stack` result in place (stacks.py: a server's install
         changes one slot, not all); False when the stack cannot hold it and must be rebuilt."""
         return False
 
     @classmethod
     def route(
-        cls, stacked: dict, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
-        shape: SiteShape,
+        cls, stacked: RouteStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
+        shape: SiteShape, inplace: bool = False,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Row i of the batch with the adapter of slot rows[i]: the new h (input side: the new x).
+        `inplace`: h is a fresh output only the site holds (asked only of `adds_in_place` methods)."""
+        raise TargetError(f"{cls.__name__} adapters cannot be routed per row")

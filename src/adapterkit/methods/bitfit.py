@@ -8,13 +8,21 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import BitFit
 from ..errors import TargetError
-from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows
+from .base import RouteStack, SiteMethod, SiteShape, broadcast_features, broadcast_rows
+
+
+@dataclass
+class BitFitStack(RouteStack):
+    """b: [N+1, features], the zero slot zeros."""
+
+    b: torch.Tensor
 
 
 class BitFitAdapter(SiteMethod):
@@ -59,15 +67,16 @@ class BitFitAdapter(SiteMethod):
         bias -= self.bias_delta.to(bias.dtype)
 
     @classmethod
-    def stack(cls, adapters: list[BitFitAdapter]) -> dict:
+    def stack(cls, adapters: list[BitFitAdapter]) -> BitFitStack:
         deltas = [a.bias_delta for a in adapters]
-        return {"b": torch.stack(deltas + [torch.zeros_like(deltas[0])])}
+        return BitFitStack(b=torch.stack(deltas + [torch.zeros_like(deltas[0])]))
 
     @classmethod
-    def write_slot(cls, stacked: dict, slot: int, adapter: BitFitAdapter) -> bool:
-        stacked["b"][slot].copy_(adapter.bias_delta)
+    def write_slot(cls, stacked: BitFitStack, slot: int, adapter: BitFitAdapter) -> bool:
+        stacked.b[slot].copy_(adapter.bias_delta)
         return True
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape):
-        return h + broadcast_rows(stacked["b"][rows], h, shape)
+    def route(cls, stacked: BitFitStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+              shape: SiteShape, inplace: bool = False) -> torch.Tensor:
+        return h + broadcast_rows(stacked.b[rows], h, shape)

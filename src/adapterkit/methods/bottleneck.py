@@ -20,6 +20,7 @@ works over channels: a Linear over the channel dim is exactly a 1×1 convolution
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,24 @@ from torch import nn
 from ..config import Bottleneck
 from ..errors import CompositionError, TargetError
 from . import kernels
-from .base import SiteMethod, SiteShape, as_rows, features_last, pad_to, positional_parameters
+from .base import RouteStack, SiteMethod, SiteShape, as_rows, features_last, pad_to, positional_parameters
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+@dataclass
+class BottleneckStack(RouteStack):
+    """down: [N+1, b, in], up: [N+1, out, b] (scaling folded in), biases as [N+1, 1, *]; sizes
+    zero-padded to the largest. `norm`: the site's frozen LayerNorm when renorm, else None."""
+
+    down: torch.Tensor
+    down_b: torch.Tensor
+    up: torch.Tensor
+    up_b: torch.Tensor
+    parallel: bool
+    on_input: bool
+    activation: str
+    norm: nn.LayerNorm | None
 
 
 class BottleneckAdapter(SiteMethod):
@@ -130,7 +146,7 @@ class BottleneckAdapter(SiteMethod):
         return (self.parallel, self.activation, self.renorm, self.side)
 
     @classmethod
-    def stack(cls, adapters: list[BottleneckAdapter]) -> dict:
+    def stack(cls, adapters: list[BottleneckAdapter]) -> BottleneckStack:
         """Stack N adapters (plus a zero slot for rows without one), padding bottleneck sizes."""
         size = max(a.down.out_features for a in adapters)
         first = adapters[0]
@@ -139,41 +155,37 @@ class BottleneckAdapter(SiteMethod):
         up = [pad_to(a.up.weight * a.scaling, size, 1) for a in adapters]
         up_b = [a.up.bias * a.scaling for a in adapters]
         zeros = lambda t: torch.zeros_like(t[0])  # noqa: E731
-        return {
-            "down": torch.stack(down + [zeros(down)]),
-            "down_b": torch.stack(down_b + [zeros(down_b)]).unsqueeze(1),
-            "up": torch.stack(up + [zeros(up)]),
-            "up_b": torch.stack(up_b + [zeros(up_b)]).unsqueeze(1),
-            "parallel": first.parallel,
-            "input": first.side == "input",
-            "activation": first.activation,
-            "norm": first.norm,  # the site's frozen LayerNorm when renorm, else None
-        }
+        return BottleneckStack(
+            down=torch.stack(down + [zeros(down)]), down_b=torch.stack(down_b + [zeros(down_b)]).unsqueeze(1),
+            up=torch.stack(up + [zeros(up)]), up_b=torch.stack(up_b + [zeros(up_b)]).unsqueeze(1),
+            parallel=first.parallel, on_input=first.side == "input", activation=first.activation, norm=first.norm,
+        )
 
     @classmethod
-    def write_slot(cls, stacked: dict, slot: int, adapter: BottleneckAdapter) -> bool:
-        size = stacked["down"].shape[1]
+    def write_slot(cls, stacked: BottleneckStack, slot: int, adapter: BottleneckAdapter) -> bool:
+        size = stacked.down.shape[1]
         if adapter.down.out_features > size:
             return False
-        stacked["down"][slot].copy_(pad_to(adapter.down.weight, size, 0))
-        stacked["down_b"][slot, 0].copy_(pad_to(adapter.down.bias, size, 0))
-        stacked["up"][slot].copy_(pad_to(adapter.up.weight * adapter.scaling, size, 1))
-        stacked["up_b"][slot, 0].copy_(adapter.up.bias * adapter.scaling)
+        stacked.down[slot].copy_(pad_to(adapter.down.weight, size, 0))
+        stacked.down_b[slot, 0].copy_(pad_to(adapter.down.bias, size, 0))
+        stacked.up[slot].copy_(pad_to(adapter.up.weight * adapter.scaling, size, 1))
+        stacked.up_b[slot, 0].copy_(adapter.up.bias * adapter.scaling)
         return True
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
-        if stacked["input"]:  # the serial form on the argument x, which the caller holds
+    def route(cls, stacked: BottleneckStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+              shape: SiteShape, inplace: bool = False) -> torch.Tensor:
+        if stacked.on_input:  # the serial form on the argument x, which the caller holds
             h, inplace = x, False
-        source = _on_output_grid(x, h, shape) if stacked["parallel"] else h
+        source = _on_output_grid(x, h, shape) if stacked.parallel else h
         z, _ = as_rows(source, shape)
         h_rows, restore = as_rows(h, shape)
-        act = ACTIVATION_FUNCTIONS[stacked["activation"]]
-        pick = lambda name: stacked[name].index_select(0, rows)  # noqa: E731
+        act = ACTIVATION_FUNCTIONS[stacked.activation]
+        pick = lambda name: getattr(stacked, name).index_select(0, rows)  # noqa: E731
         hidden = act(torch.baddbmm(pick("down_b"), z, pick("down").transpose(1, 2)))
-        if stacked["norm"] is not None:  # renorm: a zero slot gives LN(x) = h back
+        if stacked.norm is not None:  # renorm: a zero slot gives LN(x) = h back
             x_rows, _ = as_rows(x, shape)
-            return restore(_renormed(stacked["norm"], x_rows, torch.baddbmm(pick("up_b"), hidden,
+            return restore(_renormed(stacked.norm, x_rows, torch.baddbmm(pick("up_b"), hidden,
                                                                             pick("up").transpose(1, 2))))
         if not h_rows.is_contiguous():  # keep h's memory layout, as forward does
             return restore(h_rows + torch.baddbmm(pick("up_b"), hidden, pick("up").transpose(1, 2)))

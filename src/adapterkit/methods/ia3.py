@@ -9,13 +9,30 @@ l starts at ones, so a new adapter is the identity.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import IA3
 from ..errors import TargetError
-from .base import SiteMethod, SiteShape, broadcast_features, broadcast_rows, features_last, union_targets
+from .base import (
+    RouteStack,
+    SiteMethod,
+    SiteShape,
+    broadcast_features,
+    broadcast_rows,
+    features_last,
+    union_targets,
+)
+
+
+@dataclass
+class IA3Stack(RouteStack):
+    """l: [N+1, features], the zero slot all ones; `side`: scaled input or output."""
+
+    l: torch.Tensor  # noqa: E741 - the paper's name
+    side: str
 
 
 class IA3Adapter(SiteMethod):
@@ -79,18 +96,19 @@ class IA3Adapter(SiteMethod):
         return (self.side,)
 
     @classmethod
-    def stack(cls, adapters: list[IA3Adapter]) -> dict:
+    def stack(cls, adapters: list[IA3Adapter]) -> IA3Stack:
         vectors = [a.ia3_l for a in adapters]
-        return {"l": torch.stack(vectors + [torch.ones_like(vectors[0])]), "side": adapters[0].side}
+        return IA3Stack(l=torch.stack(vectors + [torch.ones_like(vectors[0])]), side=adapters[0].side)
 
     @classmethod
-    def write_slot(cls, stacked: dict, slot: int, adapter: IA3Adapter) -> bool:
-        stacked["l"][slot].copy_(adapter.ia3_l)
+    def write_slot(cls, stacked: IA3Stack, slot: int, adapter: IA3Adapter) -> bool:
+        stacked.l[slot].copy_(adapter.ia3_l)
         return True
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape):
-        scale = stacked["l"][rows]
-        if stacked["side"] == "input":
+    def route(cls, stacked: IA3Stack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
+              shape: SiteShape, inplace: bool = False) -> torch.Tensor:
+        scale = stacked.l[rows]
+        if stacked.side == "input":
             return x * broadcast_rows(scale, x, shape)
         return h * broadcast_rows(scale, h, shape)

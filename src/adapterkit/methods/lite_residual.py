@@ -10,13 +10,22 @@ which is r² times smaller than x: that is where the training memory goes down.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import LiteResidual
 from ..errors import TargetError
-from .base import SiteMethod, SiteShape
+from .base import RouteStack, SiteMethod, SiteShape
+
+
+@dataclass
+class LiteResidualStack(RouteStack):
+    """The adapters themselves: each runs its own branch on its rows (no tensors to stack)."""
+
+    adapters: list[LiteResidualAdapter]
 
 
 class LiteResidualAdapter(SiteMethod):
@@ -53,15 +62,15 @@ class LiteResidualAdapter(SiteMethod):
         return h + self.delta(x, h.shape[2:])
 
     @classmethod
-    def stack(cls, adapters: list[LiteResidualAdapter]) -> dict:
-        return {"adapters": adapters}
+    def stack(cls, adapters: list[LiteResidualAdapter]) -> LiteResidualStack:
+        return LiteResidualStack(adapters=list(adapters))
 
     @classmethod
-    def route(cls, stacked: dict, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
-              shape: SiteShape) -> torch.Tensor:
+    def route(cls, stacked: LiteResidualStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+              shape: SiteShape, inplace: bool = False) -> torch.Tensor:
         """Each adapter runs once, on its own rows (a conv per adapter; rows of other adapters skip it)."""
         out = h
-        for index, adapter in enumerate(stacked["adapters"]):
+        for index, adapter in enumerate(stacked.adapters):
             mine = torch.nonzero(rows == index).flatten()
             if len(mine):
                 out = out.index_add(0, mine, adapter.delta(x[mine], h.shape[2:]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,24 @@ from torch import nn
 from ..config import LoRA
 from ..errors import TargetError
 from . import kernels
-from .base import SiteMethod, SiteShape, as_rows, pad_to
+from .base import RouteStack, SiteMethod, SiteShape, as_rows, pad_to
+
+
+@dataclass
+class LoRAStack(RouteStack):
+    """A: [N+1, r, in(, *kernel)], B: [N+1, out, r] (scale folded in), ranks zero-padded to `rank`.
+    Conv and embedding sites also keep every A concatenated (`A_all`), computed at once."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    rank: int
+    A_all: torch.Tensor | None = None
+    conv: dict | None = None
+    padding_idx: int | None = None
 
 
 class LoRAAdapter(SiteMethod):
     mergeable = True
-    #: forward/route accept inplace=True: the site lets them add into an output it owns
     adds_in_place = True
 
     def __init__(self, config: LoRA, shape: SiteShape, module: nn.Module) -> None:
@@ -129,39 +142,42 @@ class LoRAAdapter(SiteMethod):
         return own * rank_bucket(self.r) // self.r
 
     @classmethod
-    def stack(cls, adapters: list[LoRAAdapter]) -> dict:
+    def stack(cls, adapters: list[LoRAAdapter]) -> LoRAStack:
         """A and s·B of N adapters plus a zero slot, ranks zero-padded to the largest."""
         rank = max(a.r for a in adapters)
         a_list = [pad_to(a.lora_A, rank, 0) for a in adapters]
-        b_list = [pad_to(a.lora_B * (a.scale * getattr(a, "embed_scale", 1.0)), rank, 1) for a in adapters]
+        b_list = [pad_to(a.lora_B * a.routed_scale(), rank, 1) for a in adapters]
         a_list.append(torch.zeros_like(a_list[0]))
         b_list.append(torch.zeros_like(b_list[0]))
         first = adapters[0]
-        stacked = {"A": torch.stack(a_list), "B": torch.stack(b_list).flatten(2), "rank": rank}
+        stacked = LoRAStack(A=torch.stack(a_list), B=torch.stack(b_list).flatten(2), rank=rank)
         if first.shape.kind in ("conv", "embedding"):
             # These sites compute every adapter's A at once and pick each row's slice afterwards:
             # a per-row gather of a conv kernel or an embedding table would copy far more.
-            stacked["A_all"] = torch.cat(a_list)
-            stacked["conv"] = getattr(first, "conv", None)
-            stacked["padding_idx"] = getattr(first, "padding_idx", None)
+            stacked.A_all = torch.cat(a_list)
+            stacked.conv = first.conv if first.shape.kind == "conv" else None
+            stacked.padding_idx = first.padding_idx if first.shape.kind == "embedding" else None
         return stacked
 
+    def routed_scale(self) -> float:
+        """The factor folded into B in the routing stacks (an embedding's own scale too)."""
+        return self.scale * (self.embed_scale if self.shape.kind == "embedding" else 1.0)
+
     @classmethod
-    def write_slot(cls, stacked: dict, slot: int, adapter: LoRAAdapter) -> bool:
-        if adapter.r > stacked["rank"] or "A_all" in stacked:  # A_all: every slot's A, concatenated
+    def write_slot(cls, stacked: LoRAStack, slot: int, adapter: LoRAAdapter) -> bool:
+        if adapter.r > stacked.rank or stacked.A_all is not None:  # A_all: every slot's A, concatenated
             return False
-        rank = stacked["rank"]
-        stacked["A"][slot].copy_(pad_to(adapter.lora_A, rank, 0))
-        scaled = adapter.lora_B * (adapter.scale * getattr(adapter, "embed_scale", 1.0))
-        stacked["B"][slot].copy_(pad_to(scaled, rank, 1).flatten(1))
+        stacked.A[slot].copy_(pad_to(adapter.lora_A, stacked.rank, 0))
+        stacked.B[slot].copy_(pad_to(adapter.lora_B * adapter.routed_scale(), stacked.rank, 1).flatten(1))
         return True
 
     @classmethod
-    def route(cls, stacked, rows, x, h, shape, inplace: bool = False):
-        rank, n_rows = stacked["rank"], rows.shape[0]
+    def route(cls, stacked: LoRAStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor, shape: SiteShape,
+              inplace: bool = False) -> torch.Tensor:
+        rank, n_rows = stacked.rank, rows.shape[0]
         if shape.kind == "embedding":
             b_sel = b_sel_of(stacked, rows)
-            low = F.embedding(x, stacked["A_all"].T, padding_idx=stacked["padding_idx"])
+            low = F.embedding(x, stacked.A_all.T, padding_idx=stacked.padding_idx)
             low = low.view(n_rows, -1, low.shape[-1] // rank, rank)
             low = low[torch.arange(n_rows, device=rows.device), :, rows]  # [rows, T, r]
             h_rows, restore = as_rows(h, shape)
@@ -169,7 +185,7 @@ class LoRAAdapter(SiteMethod):
         if shape.kind == "conv":
             b_sel = b_sel_of(stacked, rows)
             conv = _CONV[x.dim() - 2]
-            low = conv(x, stacked["A_all"], **stacked["conv"])  # [rows, (N+1)·r, *spatial]
+            low = conv(x, stacked.A_all, **stacked.conv)  # [rows, (N+1)·r, *spatial]
             low = low.view(n_rows, -1, rank, low[0, 0].numel())
             low = low[torch.arange(n_rows, device=rows.device), rows]  # [rows, r, L]
             return h + torch.bmm(b_sel, low).view(h.shape)
@@ -179,13 +195,13 @@ class LoRAAdapter(SiteMethod):
             slots, mine, by_adapter = [], range(n_rows), False
         else:
             slots = rows.tolist()
-            zero = stacked["A"].shape[0] - 1
+            zero = stacked.A.shape[0] - 1
             mine = [i for i, s in enumerate(slots) if s != zero]
             by_adapter = rank >= 64 and len(set(slots)) < len(slots)
         if len(mine) == n_rows and not by_adapter:
             # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
             # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
-            low = torch.bmm(stacked["A"].index_select(0, rows), z.transpose(1, 2)).transpose(1, 2)
+            low = torch.bmm(stacked.A.index_select(0, rows), z.transpose(1, 2)).transpose(1, 2)
             if inplace:
                 return restore(h_rows.baddbmm_(low, b_sel_of(stacked, rows).transpose(1, 2)))
             return restore(torch.baddbmm(h_rows, low, b_sel_of(stacked, rows).transpose(1, 2)))
@@ -201,7 +217,7 @@ class LoRAAdapter(SiteMethod):
             for i in mine:
                 groups.setdefault(slots[i], []).append(i)
             for slot, idx in groups.items():
-                a, b = stacked["A"][slot], stacked["B"][slot]
+                a, b = stacked.A[slot], stacked.B[slot]
                 if len(idx) == n_rows:
                     out.add_(torch.matmul(torch.matmul(z, a.T), b.T))
                     continue
@@ -210,14 +226,14 @@ class LoRAAdapter(SiteMethod):
             return restore(out)
         sel = torch.tensor(mine, device=rows.device)
         mine_rows = rows.index_select(0, sel)
-        low = torch.bmm(stacked["A"].index_select(0, mine_rows), z.index_select(0, sel).transpose(1, 2)).transpose(1, 2)
+        low = torch.bmm(stacked.A.index_select(0, mine_rows), z.index_select(0, sel).transpose(1, 2)).transpose(1, 2)
         out.index_add_(0, sel, torch.bmm(low, b_sel_of(stacked, mine_rows).transpose(1, 2)))
         return restore(out)
 
 
-def b_sel_of(stacked: dict, rows: torch.Tensor) -> torch.Tensor:
-    # index_select, not stacked["B"][rows]: the same gather, several times faster on CPU
-    return stacked["B"].index_select(0, rows)  # [rows, out, r]
+def b_sel_of(stacked: LoRAStack, rows: torch.Tensor) -> torch.Tensor:
+    # index_select, not stacked.B[rows]: the same gather, several times faster on CPU
+    return stacked.B.index_select(0, rows)  # [rows, out, r]
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

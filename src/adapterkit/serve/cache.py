@@ -80,11 +80,6 @@ class AdapterCache:
         with self._lock:
             return list(self._entries)
 
-    @property
-    def used_bytes(self) -> int:
-        with self._lock:
-            return sum(e.bytes for e in self._entries.values())
-
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
@@ -187,9 +182,5 @@ def _structure(manifest: dict[str, Any]) -> str | None:
 
 def _resident_bytes(record: Adapter) -> int:
     """Parameters, plus their copy in the sites' routing stacks (rebuilt when adapters change),
-    padding included: a method with `routed_bytes()` says how much its slot can take."""
-    stacked = 0
-    for method in record.site_methods.values():
-        padded = getattr(method, "routed_bytes", None)
-        stacked += padded() if padded is not None else sum(p.numel() * p.element_size() for p in method.parameters())
-    return record.parameter_bytes() + stacked
+    padding included: each method's `routed_bytes()` says how much its slot can take."""
+    return record.parameter_bytes() + sum(method.routed_bytes() for method in record.site_methods.values())
