@@ -355,7 +355,7 @@ def test_the_key_is_checked_before_the_body_is_read_and_bodies_are_bounded_on_th
 
 
 def test_a_chunked_body_is_cut_off_at_the_limit(engine):
-    from adapterkit.serve.app import _MetricsMiddleware
+    from adapterkit.serve.middleware import BodyLimitMiddleware
 
     async def app(scope, receive, send):
         raise AssertionError("the app ran with an oversized body")
@@ -369,7 +369,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(engine):
     async def send(message):
         sent.append(message)
 
-    door = _MetricsMiddleware(app, engine.metrics, max_json=1 << 20, tenants=None)
+    door = BodyLimitMiddleware(app, max_json=1 << 20)
     scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
     asyncio.run(asyncio.wait_for(door(scope, chunked, send), 10))
     assert sent[0]["status"] == 413 and len(pulled) == 17  # 17 × 64 kB: the first read past 1 MB
@@ -390,7 +390,7 @@ def test_errors_keep_the_envelope(client, engine):
 
 
 def test_a_body_that_stalls_times_out(engine):
-    from adapterkit.serve.app import _MetricsMiddleware
+    from adapterkit.serve.middleware import BodyLimitMiddleware
 
     async def app(scope, receive, send):  # never reached
         raise AssertionError("the app ran without a body")
@@ -403,7 +403,7 @@ def test_a_body_that_stalls_times_out(engine):
     async def send(message):
         sent.append(message)
 
-    door = _MetricsMiddleware(app, engine.metrics, tenants=None, body_timeout_s=0.2)
+    door = BodyLimitMiddleware(app, body_timeout_s=0.2)
     scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
     asyncio.run(asyncio.wait_for(door(scope, stalled, send), 10))
     assert sent[0]["status"] == 408

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.methods.lora import LoRAAdapter  # noqa: E402
 from adapterkit.serve import create_app  # noqa: E402
-from adapterkit.serve.errors import Conflict, NonFiniteOutput, Redactor  # noqa: E402
+from adapterkit.serve.errors import NonFiniteOutput, Redactor  # noqa: E402
 from adapterkit.serve.testing import engine_with, load_minilm, make_adapter, tar_bytes  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "what a lovely day", "it rained all day"]
@@ -218,6 +218,6 @@ def test_a_put_that_loses_a_race_with_delete_gets_409(served, folders, monkeypat
 
     monkeypatch.setattr(engine.store, "reserve", then_deleted)
     r = client.put("/v1/adapters/flip", content=tar_bytes(_files(folders["good0"])), headers=ACME)
-    assert r.status_code == Conflict.status and "deleted while" in r.json()["error"]["message"], r.text
+    assert r.status_code == 409 and "deleted while" in r.json()["error"]["message"], r.text
     monkeypatch.undo()
     assert client.put("/v1/adapters/flip", content=tar_bytes(_files(folders["good0"])), headers=ACME).status_code == 201

@@ -1,4 +1,5 @@
-"""Errors of the serving layer; each carries the HTTP status a client should see."""
+"""Errors of the serving engine, by what went wrong (not found, forbidden, bad input, over quota,
+busy, ...). They know nothing of HTTP: `http_errors.py` maps them to status codes, in one place."""
 
 from __future__ import annotations
 
@@ -12,23 +13,17 @@ INTERNAL_ERROR = "the server failed on this request; the failure is logged"
 
 
 class ServeError(Exception):
-    """Base class: `status` is the HTTP status, `code` a short machine-readable name."""
+    """Base class: `code` is a short machine-readable name, `param` the request field at fault."""
 
-    status = 500
     code = "internal_error"
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message, self.param = message, param
 
-    def as_json(self) -> dict:
-        """The error body; its fields are OpenAI's (message, type, param, code), so one shape serves
-        both this API and the OpenAI-compatible one."""
-        return error_body(self.code, self.message, self.status, self.param)
-
 
 class BadRequest(ServeError):
-    status, code = 400, "bad_request"
+    code = "bad_request"
 
 
 class BadUpload(BadRequest):
@@ -38,11 +33,11 @@ class BadUpload(BadRequest):
 
 
 class Unauthorized(ServeError):
-    status, code = 401, "unauthorized"
+    code = "unauthorized"
 
 
 class Forbidden(ServeError):
-    status, code = 403, "forbidden"
+    code = "forbidden"
 
 
 class QuotaExceeded(Forbidden):
@@ -54,7 +49,7 @@ class QuotaExceeded(Forbidden):
 class NotFound(ServeError):
     """Unknown adapter, or one that belongs to another tenant (the two read the same)."""
 
-    status, code = 404, "not_found"
+    code = "not_found"
 
 
 class Withdrawn(NotFound):
@@ -63,32 +58,32 @@ class Withdrawn(NotFound):
 
 
 class Conflict(ServeError):
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class RequestTimeout(ServeError):
-    status, code = 408, "request_timeout"
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ServeError):
-    status, code = 413, "too_large"
+    code = "too_large"
 
 
 class InvalidAdapter(ServeError):
     """A well-formed upload that is not a valid adapter for this base model."""
 
-    status, code = 422, "invalid_adapter"
+    code = "invalid_adapter"
 
 
 class Overloaded(ServeError):
-    status, code = 503, "overloaded"
+    code = "overloaded"
 
 
 class NonFiniteOutput(ServeError):
     """The adapter's rows came out NaN or infinite (overflowing weights or scale): those rows fail,
     the batch they shared answers everyone else."""
 
-    status, code = 422, "non_finite_output"
+    code = "non_finite_output"
 
 
 class RowFailure:
@@ -108,20 +103,6 @@ def non_finite() -> NonFiniteOutput:
 def not_found(tenant: str, name: str) -> NotFound:
     """The one message for 'no such adapter', whether or not another tenant has one by that name."""
     return NotFound(f"adapter {name!r} not found")
-
-
-#: OpenAI's error types by HTTP status
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-
-
-def error_body(code: str, message: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"code": code, "message": message, "type": error_type(status), "param": param}}
 
 
 class Redactor:

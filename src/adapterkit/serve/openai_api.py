@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .engine import Engine
-from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError, error_body
+from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError
+from .http_errors import as_json, error_body
 from .tenants import Principal
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -83,8 +84,9 @@ class ChatIn(_Sampling):
     messages: list[Message] = Field(min_length=1)
 
 
-def add_openai_routes(app: FastAPI, engine: Engine, principal: Callable, served_name: str | None = None) -> None:
-    """Add the OpenAI endpoints to `app`; `principal` is the app's API-key dependency."""
+def openai_router(engine: Engine, principal: Callable, served_name: str | None = None) -> APIRouter:
+    """The OpenAI endpoints; `principal` is the app's API-key dependency."""
+    router = APIRouter()
     base_names = {engine.base_name, served_name or Path(str(engine.base_name)).name}
     public_base = served_name or Path(str(engine.base_name)).name
     created = int(time.time())
@@ -101,7 +103,7 @@ def add_openai_routes(app: FastAPI, engine: Engine, principal: Callable, served_
         request.state.adapter = f"{tenant}/{name}"
         return tenant, name
 
-    @app.get("/v1/models", summary="OpenAI: the base model and the adapters your key may use")
+    @router.get("/v1/models", summary="OpenAI: the base model and the adapters your key may use")
     async def models(who: Principal = Depends(principal)) -> Any:
         data = [{"id": public_base, "object": "model", "created": created, "owned_by": "adapterkit"}]
         for record in await run_in_threadpool(engine.adapters, None if who.admin else who.tenant):
@@ -110,7 +112,7 @@ def add_openai_routes(app: FastAPI, engine: Engine, principal: Callable, served_
                          "parent": public_base, "method": record["method"], "version": record["version"]})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", summary="OpenAI: text completion; `model` names the adapter")
+    @router.post("/v1/completions", summary="OpenAI: text completion; `model` names the adapter")
     async def completions(body: CompletionIn, request: Request, who: Principal = Depends(principal)) -> Any:
         prompt = _one_prompt(body.prompt)
         _supported(body, engine)
@@ -118,12 +120,14 @@ def add_openai_routes(app: FastAPI, engine: Engine, principal: Callable, served_
         ids = _tokens(engine, prompt)
         return await _respond(engine, body, ids, name, tenant, chat=False, prefix=prompt if body.echo else "")
 
-    @app.post("/v1/chat/completions", summary="OpenAI: chat completion with the tokenizer's chat template")
+    @router.post("/v1/chat/completions", summary="OpenAI: chat completion with the tokenizer's chat template")
     async def chat(body: ChatIn, request: Request, who: Principal = Depends(principal)) -> Any:
         _supported(body, engine)
         tenant, name = adapter_of(request, who, body.model)
         ids = _chat_tokens(engine, body.messages)
         return await _respond(engine, body, ids, name, tenant, chat=True)
+
+    return router
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -303,7 +307,7 @@ async def _chunks(run: _Run, head: dict, chat: bool, prefix: str, prompt_tokens:
         try:
             _, finish, used = run.result()
         except ServeError as err:
-            yield f"data: {json.dumps(err.as_json())}\n\n"
+            yield f"data: {json.dumps(as_json(err))}\n\n"
             return
         except Exception:  # noqa: BLE001 - the stream has started: report in band
             yield f"data: {json.dumps(error_body('internal_error', INTERNAL_ERROR, 500))}\n\n"

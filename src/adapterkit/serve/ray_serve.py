@@ -37,6 +37,7 @@ from typing import Any
 
 from .engine import Engine
 from .errors import ServeError
+from .http_errors import as_json, error_body, status_of
 from .tenants import DEFAULT_TENANT
 
 
@@ -131,9 +132,9 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
                     options = {k: body[k] for k in ("max_new_tokens", "temperature", "seed") if k in body}
                     return await self.generate(body["prompt"], **options)
             except ServeError as err:
-                return JSONResponse(err.as_json(), status_code=err.status)
+                return JSONResponse(as_json(err, self.engine.redact), status_code=status_of(err))
             except (KeyError, ValueError) as err:
-                return JSONResponse({"error": {"code": "bad_request", "message": str(err)}}, status_code=400)
-            return JSONResponse({"error": {"code": "not_found", "message": f"no route {route!r}"}}, status_code=404)
+                return JSONResponse(error_body("bad_request", f"malformed request body: {err}", 400), status_code=400)
+            return JSONResponse(error_body("not_found", f"no route {route!r}", 404), status_code=404)
 
     return AdapterServer

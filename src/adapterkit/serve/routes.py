@@ -1,0 +1,243 @@
+"""The HTTP routes, one router per concern: inference, adapters (management), operations.
+The OpenAI-compatible routes are in openai_api.py; app.py puts them together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, StrictBool
+from starlette.datastructures import UploadFile
+
+from .engine import Engine
+from .errors import INTERNAL_ERROR, BadRequest, BadUpload, Forbidden, PayloadTooLarge, ServeError, not_found
+from .http_errors import as_json, error_body
+from .middleware import MAX_UPLOAD
+from .tenants import Principal, valid_name
+
+ARCHIVE = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_DOC = {"requestBody": {"content": {
+    "application/x-tar": ARCHIVE, "application/gzip": ARCHIVE, "application/zip": ARCHIVE,
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": ARCHIVE}}},
+    "application/json": {"schema": {"type": "object", "properties": {"source": {
+        "type": "string", "description": "an adapter folder already in the store, relative to your part of it"}}}},
+}}}
+#: the dependency that gives a route its caller (app.py's, from the key the middleware checked)
+PrincipalOf = Callable[..., Any]
+
+
+class ClassifyIn(BaseModel):
+    adapter: str | None = Field(None, description="adapter name (admin: '<tenant>/<name>'); none: the base model")
+    inputs: list[str]
+
+
+class EmbedIn(ClassifyIn):
+    normalize: StrictBool = Field(False, description="L2-normalise the mean-pooled vectors")
+
+
+class GenerateIn(BaseModel):
+    adapter: str | None = None
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = Field(0.0, description="0: greedy", allow_inf_nan=False)
+    seed: int | None = None
+    stream: StrictBool = Field(False, description="server-sent events, one per token, then a final summary")
+
+
+def adapter_of(engine: Engine, request: Request, who: Principal, ref: str | None) -> tuple[str, str | None]:
+    """The (tenant, adapter) a request names, checked to exist (404 first, so unknown names do not
+    become metric labels); None: the base model."""
+    if ref is None:
+        request.state.adapter = "base"
+        return who.tenant, None
+    tenant, name = who.resolve(ref)
+    engine.key(tenant, name)
+    request.state.adapter = f"{tenant}/{name}"
+    return tenant, name
+
+
+def inference_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/classify", summary="Labels and scores of each input, from the adapter's own head")
+    async def classify(body: ClassifyIn, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, name = adapter_of(engine, request, who, body.adapter)
+        return JSONResponse(await asyncio.wrap_future(engine.submit("classify", body.inputs, name, tenant)))
+
+    @router.post("/v1/embed", summary="Mean-pooled last hidden state of each input, with the adapter routed")
+    async def embed(body: EmbedIn, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, name = adapter_of(engine, request, who, body.adapter)
+        return JSONResponse(
+            await asyncio.wrap_future(engine.submit("embed", body.inputs, name, tenant, normalize=body.normalize))
+        )
+
+    @router.post("/v1/generate", summary="Text generation (causal-LM bases); stream=true for server-sent events")
+    async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, name = adapter_of(engine, request, who, body.adapter)
+        options = {"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "seed": body.seed}
+        if engine.task != "causal_lm":  # before a stream starts: once it has, the status is 200
+            raise BadRequest(f"generation needs a causal-LM base; this server's base is a {engine.task} model")
+        if not body.stream:
+            return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
+        return StreamingResponse(_stream(engine, body.prompt, name, tenant, options), media_type="text/event-stream")
+
+    return router
+
+
+def adapters_router(engine: Engine, principal: PrincipalOf, max_upload_bytes: int = MAX_UPLOAD) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/adapters", summary="Your adapters: live version, method, size, loaded or not")
+    async def list_adapters(tenant: str | None = None, who: Principal = Depends(principal)) -> Any:
+        if tenant is not None and not valid_name(tenant):
+            raise BadRequest(f"tenant {tenant!r}: a tenant name, not a path")
+        scope = (tenant if who.admin else who.tenant)
+        records = await run_in_threadpool(engine.adapters, scope)
+        return {"adapters": [_public(r, who) for r in records]}
+
+    @router.get("/v1/adapters/{name:path}", summary="One adapter")
+    async def get_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        records = [r for r in await run_in_threadpool(engine.adapters, tenant) if r["name"] == adapter]
+        if not records:  # deleted between the lookup and the listing
+            raise not_found(tenant, adapter)
+        return _public(records[0], who)
+
+    @router.put("/v1/adapters/{name:path}", status_code=201, openapi_extra=UPLOAD_DOC,
+             summary="Upload a new version (tar/zip of an adapter folder, or a folder in the store); live at once")
+    async def put_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = who.new_ref(name)
+        request.state.adapter = f"{tenant}/{adapter}"
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            source = (await _json_body(request)).get("source")
+            if not isinstance(source, str) or not source:
+                raise BadRequest("JSON body: {'source': '<adapter folder in the store>'}")
+            root = engine.store.root if who.admin else engine.store.root / who.tenant
+            record = await run_in_threadpool(engine.put, tenant, adapter, source=root / source, source_root=root)
+        else:
+            path = await _spool_upload(request, kind, max_upload_bytes, engine.store.spool, engine.store.owned("upload-"))
+            try:
+                record = await run_in_threadpool(engine.put, tenant, adapter, archive=path)
+            finally:
+                path.unlink(missing_ok=True)
+        return JSONResponse(_public(record, who), status_code=201)
+
+    @router.post("/v1/adapters/{name:path}/rollback", summary="Make the previously live version live again")
+    async def rollback(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        return _public(await run_in_threadpool(engine.rollback, tenant, adapter), who)
+
+    @router.delete("/v1/adapters/{name:path}", summary="Delete an adapter with all its versions")
+    async def delete_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        result = await run_in_threadpool(engine.delete, tenant, adapter)
+        return {"deleted": adapter if not who.admin else f"{tenant}/{adapter}", "versions": result["deleted_versions"]}
+
+    return router
+
+
+def operations_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz", summary="Liveness and a few figures")
+    async def healthz() -> Any:
+        health = engine.health()
+        return {k: health[k] for k in ("status", "task", "loaded", "queued_rows")}
+
+    @router.get("/metrics", summary="Prometheus metrics (admin key when the server has keys)")
+    async def prometheus(who: Principal = Depends(principal)) -> Response:
+        if not who.admin:
+            raise Forbidden("metrics need an admin key")
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str, options: dict) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[int | None] = asyncio.Queue()
+    future = engine.submit_generate(prompt, name, tenant, **options,
+                                    on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    tokens: list[int] = []
+    sent = ""
+    try:
+        while (token := await queue.get()) is not None:
+            tokens.append(token)
+            text = engine.decode(tokens)
+            piece, sent = text[len(sent):], text
+            yield _event({"token": piece, "token_id": token})
+        try:
+            yield _event({"done": True, **future.result()})
+        except ServeError as err:
+            yield _event(as_json(err, engine.redact))
+        except Exception:  # noqa: BLE001 - the stream has started; report in band
+            yield _event(error_body("internal_error", INTERNAL_ERROR, 500))
+    finally:
+        future.cancel()
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _public(record: dict[str, Any], who: Principal) -> dict[str, Any]:
+    out = dict(record)
+    if not who.admin:
+        out.pop("tenant", None)
+    return out
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the JSON body must be an object")
+    return data
+
+
+async def _spool_upload(request: Request, kind: str, limit: int, folder: Path, prefix: str) -> Path:
+    """The uploaded archive in a temporary file in `folder` (its name starting with `prefix`), at most
+    `limit` bytes."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=folder)
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if kind == "multipart/form-data":
+                form = await request.form(max_files=1, max_fields=4)
+                try:
+                    upload = form.get("file")
+                    if not isinstance(upload, UploadFile):
+                        raise BadUpload("multipart upload: put the archive in a form field named 'file'")
+                    while chunk := await upload.read(1 << 20):
+                        size += len(chunk)
+                        if size > limit:
+                            raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+                        out.write(chunk)
+                finally:
+                    await form.close()  # starlette's own temporary file of the part
+            else:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+                    out.write(chunk)
+        if size == 0:
+            raise BadUpload("empty upload: send a tar or zip archive of an adapter folder")
+        return path
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
