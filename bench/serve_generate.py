@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +45,9 @@ import torch  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
 from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E402
-from adapterkit.serve.testing import WORDS, gpt2_builder, make_adapter, tiny_llama  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
+from tests.serving import WORDS, gpt2_builder, make_adapter, tiny_llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_generate.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

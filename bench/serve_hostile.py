@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import fcntl
 import io
 import json
 import multiprocessing
@@ -50,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import free_port, percentile, start_server  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
-from adapterkit.serve.testing import load_minilm, make_adapter, tar_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
+from tests.serving import load_minilm, make_adapter, tar_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_hostile.json"
 KEYS = {"key-acme-0001": {"tenant": "acme"}, "key-globex-001": {"tenant": "globex"}}
@@ -283,9 +286,14 @@ def orphans(store: Path) -> list[str]:
                 continue
             kept = {f"v{v}" for v in [*state.get("history", []), state.get("live")]}
             found += [str(v.relative_to(store)) for v in folder.iterdir() if v.is_dir() and v.name not in kept]
-    live_owners = [p for p in (store / ".owners").glob("*.lock")]
-    if len(live_owners) != 1:  # the running server's own lock file, and no dead one's
-        found += [str(p.relative_to(store)) for p in live_owners]
+    for lock in (store / ".owners").glob("*.lock"):  # the running server holds its own; no other may be left
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            found.append(str(lock.relative_to(store)))
     return found
 
 

@@ -45,7 +45,9 @@ import torch  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import AdapterStore, Engine  # noqa: E402
-from adapterkit.serve.testing import load_minilm, make_adapter, minilm_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
+from tests.serving import load_minilm, make_adapter, minilm_path  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 WORDS = ("the a cat dog sat ran on in mat park we like green tea it rained all day long here hello world "

@@ -37,6 +37,7 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -52,7 +53,9 @@ from torch import nn  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.edge.memory import tensor_bytes  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
-from adapterkit.serve.testing import (  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
+from tests.serving import (  # noqa: E402
     WORDS,
     engine_with,
     gpt2_builder,

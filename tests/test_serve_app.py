@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine, create_app, is_loopback, serve_command  # noqa: E402
-from adapterkit.serve.testing import (  # noqa: E402
+
+from .serving import (  # noqa: E402
     Reference,
     archive,
     gpt2_builder,

@@ -13,7 +13,8 @@ import torch
 import adapterkit as ak
 from adapterkit.serve.decode import ContinuousDecoder
 from adapterkit.serve.generate import GenerationRow, generate_batch
-from adapterkit.serve.testing import WORDS, gpt2_builder, make_adapter, tiny_gpt2, tiny_llama
+
+from .serving import WORDS, gpt2_builder, make_adapter, tiny_gpt2, tiny_llama
 
 pytest.importorskip("fastapi")
 

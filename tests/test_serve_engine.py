@@ -16,7 +16,8 @@ import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
 from adapterkit.serve.base import length_groups  # noqa: E402
 from adapterkit.serve.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge  # noqa: E402
-from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
+
+from .serving import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "hello", "we like green tea a lot more than coffee", "it rained all day"]
 NAMES = [f"a{i}" for i in range(6)]

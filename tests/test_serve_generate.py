@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine, create_app  # noqa: E402
 from adapterkit.serve.errors import BadRequest, PayloadTooLarge  # noqa: E402
-from adapterkit.serve.testing import gpt2_builder, make_adapter, tiny_gpt2  # noqa: E402
+
+from .serving import gpt2_builder, make_adapter, tiny_gpt2  # noqa: E402
 
 PROMPTS = ["the cat sat on", "hello world", "we like green tea a lot and"]
 

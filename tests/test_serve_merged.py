@@ -8,7 +8,8 @@ pytest.importorskip("fastapi")
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
-from adapterkit.serve.testing import Reference, engine_with, load_minilm, make_adapter  # noqa: E402
+
+from .serving import Reference, engine_with, load_minilm, make_adapter  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "what a lovely day", "we like green tea a lot more than coffee",
          "the service was slow and the food cold", "it rained all day"]

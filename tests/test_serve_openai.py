@@ -15,7 +15,8 @@ import httpx  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine, create_app  # noqa: E402
 from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E402
-from adapterkit.serve.testing import gpt2_builder, make_adapter, running_server, tiny_llama  # noqa: E402
+
+from .serving import gpt2_builder, make_adapter, running_server, tiny_llama  # noqa: E402
 
 KEYS = {"key-alice-0001": {"tenant": "alice"}, "key-bob-000001": {"tenant": "bob"},
         "key-admin-0001": {"admin": True}}

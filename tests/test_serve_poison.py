@@ -19,7 +19,8 @@ import adapterkit as ak  # noqa: E402
 from adapterkit.methods.lora import LoRAAdapter  # noqa: E402
 from adapterkit.serve import create_app  # noqa: E402
 from adapterkit.serve.errors import NonFiniteOutput, Redactor  # noqa: E402
-from adapterkit.serve.testing import engine_with, load_minilm, make_adapter, tar_bytes  # noqa: E402
+
+from .serving import engine_with, load_minilm, make_adapter, tar_bytes  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "what a lovely day", "it rained all day"]
 KEYS = {"key-acme-0001": {"tenant": "acme"}, "key-globex-001": {"tenant": "globex"}}

@@ -10,7 +10,8 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 
 from adapterkit.serve.protocol import with_header_timeout  # noqa: E402
-from adapterkit.serve.testing import running_server  # noqa: E402
+
+from .serving import running_server  # noqa: E402
 
 
 async def hello(scope, receive, send):

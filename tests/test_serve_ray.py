@@ -11,7 +11,8 @@ import ray  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.serve.ray_serve import deployment  # noqa: E402
 from adapterkit.serve.store import AdapterStore  # noqa: E402
-from adapterkit.serve.testing import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
+
+from .serving import Reference, load_minilm, make_adapter, minilm_path  # noqa: E402
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ import adapterkit as ak  # noqa: E402
 from adapterkit.serve.errors import BadUpload, Conflict, InvalidAdapter, NotFound, PayloadTooLarge  # noqa: E402
 from adapterkit.serve.store import AdapterStore  # noqa: E402
 from adapterkit.serve.tenants import Principal, Tenants, parse_keys  # noqa: E402
-from adapterkit.serve.testing import archive, load_minilm, make_adapter, tar_bytes  # noqa: E402
+
+from .serving import archive, load_minilm, make_adapter, tar_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,8 @@ def test_a_changed_adapter_is_rewritten_in_its_slot():
 def test_a_full_cache_refills_the_evicted_record(tmp_path):
     """Installing into a full cache reuses an evicted adapter's record; answers equal a fresh engine's."""
     from adapterkit.serve import Engine
-    from adapterkit.serve.testing import load_minilm, make_adapter, minilm_path
+
+    from .serving import load_minilm, make_adapter, minilm_path
 
     builder = ak.adapt(load_minilm())
     folders = {f"r{i}": make_adapter(builder, f"r{i}", tmp_path / f"r{i}", seed=i, scale=0.3) for i in range(4)}

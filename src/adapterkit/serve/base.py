@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..task import Task
+
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -36,11 +38,11 @@ def load_base(base: str) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def task_of(model: nn.Module, head_path: str | None) -> str:
-    """"causal_lm" (generate, embed), "classify" (classify, embed) or "encode" (embed only)."""
+def task_of(model: nn.Module, head_path: str | None) -> Task:
+    """CAUSAL_LM (generate, embed), CLASSIFY (classify, embed) or ENCODE (embed only)."""
     if type(model).__name__.endswith(CAUSAL_SUFFIXES):
-        return "causal_lm"
-    return "classify" if head_path is not None else "encode"
+        return Task.CAUSAL_LM
+    return Task.CLASSIFY if head_path is not None else Task.ENCODE
 
 
 def pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from .cache import AdapterCache, AdapterKey
@@ -37,9 +38,16 @@ from .metrics import ServeMetrics
 Items = list[tuple["Request", int]]
 
 
+class RequestKind(str, Enum):
+    CLASSIFY = "classify"
+    EMBED = "embed"
+    GENERATE = "generate"
+    LOAD = "load"  # no rows: resolves once the adapter is resident
+
+
 @dataclass(eq=False)
 class Request:
-    kind: str  # "classify", "embed", "generate" or "load" (no rows: resolves once the adapter is resident)
+    kind: RequestKind
     key: AdapterKey | None  # None: the base model
     rows: list[list[int]]
     options: dict[str, Any] = field(default_factory=dict)
@@ -53,7 +61,7 @@ class Request:
 
     @property
     def queue(self) -> str:
-        return "generate" if self.kind == "generate" else "encode"
+        return "generate" if self.kind == RequestKind.GENERATE else "encode"
 
 
 class Decoder(Protocol):

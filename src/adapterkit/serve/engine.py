@@ -29,8 +29,9 @@ from ..errors import AdapterFileError
 from ..hf_names import last_logits_only
 from ..io.files import read_adapter
 from ..model import AdaptedModel
+from ..task import Task
 from .base import length_groups, load_base, max_positions, pad, quantize_base, raw_encoder, task_of
-from .batcher import Batcher, Items, Request
+from .batcher import Batcher, Items, Request, RequestKind
 from .cache import AdapterCache, AdapterKey
 from .decode import ContinuousDecoder
 from .errors import (
@@ -51,6 +52,12 @@ from .metrics import ServeMetrics
 from .store import AdapterStore
 from .tenants import DEFAULT_TENANT, check_name, valid_name
 
+#: what each kind of base answers
+CAN_ANSWER: dict[Task, frozenset[RequestKind]] = {
+    Task.CLASSIFY: frozenset({RequestKind.CLASSIFY, RequestKind.EMBED}),
+    Task.CAUSAL_LM: frozenset({RequestKind.GENERATE, RequestKind.EMBED}),
+    Task.ENCODE: frozenset({RequestKind.EMBED}),
+}
 #: the fixed input an upload's and a merge's check runs on
 PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
 
@@ -88,14 +95,14 @@ class Engine:
         self._tok_lock = threading.Lock()
         self._encoder = raw_encoder(tokenizer)
         self.pad_id = _first_int(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
-        self.eos_id = tokenizer.eos_token_id if self.task == "causal_lm" else None
+        self.eos_id = tokenizer.eos_token_id if self.task == Task.CAUSAL_LM else None
         positions = max_positions(model) or 512
         self.max_tokens = min(max_tokens or positions, positions)
         self.max_inputs, self.max_input_chars, self.max_new_tokens = max_inputs, max_input_chars, max_new_tokens
         self.padding_cost = padding_cost
         config = getattr(model, "config", None)
         labels = getattr(config, "id2label", None) or {}
-        self.base_labels = [labels[i] for i in sorted(labels)] if self.task == "classify" else None
+        self.base_labels = [labels[i] for i in sorted(labels)] if self.task == Task.CLASSIFY else None
         with self._tok_lock:
             probe = self.tokenizer([PROBE_TEXT], truncation=False)["input_ids"][0]
         self._probe_ids = torch.tensor([probe[: self.max_tokens]], dtype=torch.long)
@@ -107,7 +114,7 @@ class Engine:
         self.cache = AdapterCache(self.am, cache_bytes)
         self.scheduling = scheduling
         decoder = None
-        if self.task == "causal_lm" and scheduling == "continuous":
+        if self.task == Task.CAUSAL_LM and scheduling == "continuous":
             decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe, self._routing)
         self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder)
@@ -124,13 +131,13 @@ class Engine:
     def submit(self, kind: str, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
                **options: Any) -> Future:
         """Queue a classify/embed request; the future gives its response dict."""
-        if kind not in ("classify", "embed"):
-            raise BadRequest(f"unknown request kind {kind!r}")
-        if kind == "classify" and self.task != "classify":
-            raise BadRequest(f"this base ({self.task}) has no classification head; use /v1/embed or /v1/generate")
+        if kind not in (RequestKind.CLASSIFY, RequestKind.EMBED):
+            raise BadRequest(f"unknown request kind {kind!r}: classify or embed")
+        request_kind = RequestKind(kind)
+        self.require(request_kind)
         rows = self.tokenize(inputs)
-        field = "results" if kind == "classify" else "vectors"
-        return self._queue(tenant, adapter, lambda key: Request(kind, key, rows, options),
+        field = "results" if request_kind == RequestKind.CLASSIFY else "vectors"
+        return self._queue(tenant, adapter, lambda key: Request(request_kind, key, rows, options),
                            lambda key, results: self._respond(key, results, field))
 
     def submit_generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
@@ -140,8 +147,7 @@ class Engine:
         """Queue a generation; the future gives {"adapter", "version", "text", "tokens", "token_ids",
         "prompt_tokens", "finish_reason"}. `prompt_ids`: the prompt already tokenised (then `prompt`
         is not read), as the chat endpoint has it from the chat template."""
-        if self.task != "causal_lm":
-            raise BadRequest("generation needs a causal-LM base; this server's base is a " + self.task + " model")
+        self.require(RequestKind.GENERATE)
         if prompt_ids is None and (not isinstance(prompt, str) or not prompt):
             raise BadRequest("prompt: a non-empty string")
         if not 1 <= int(max_new_tokens) <= self.max_new_tokens:
@@ -160,7 +166,7 @@ class Engine:
             return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
                     "token_ids": out.tokens, "prompt_tokens": len(ids), "finish_reason": out.finish_reason}
 
-        return self._queue(tenant, adapter, lambda key: Request("generate", key, [ids], {"row": row}), respond)
+        return self._queue(tenant, adapter, lambda key: Request(RequestKind.GENERATE, key, [ids], {"row": row}), respond)
 
     def _queue(self, tenant: str, adapter: str | None, make: Callable[[AdapterKey | None], Request],
                respond: Callable[[AdapterKey | None, list], dict], tries: int = 3) -> Future:
@@ -237,6 +243,13 @@ class Engine:
                 raise BadRequest(f"the chat template rejected these messages: {err}", param="messages") from None
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the specials
 
+    def require(self, kind: RequestKind) -> None:
+        """BadRequest unless this base can answer `kind` (the one check of a request against the task)."""
+        if kind not in CAN_ANSWER[self.task]:
+            served = ", ".join(sorted(k.value for k in CAN_ANSWER[self.task]))
+            raise BadRequest(f"this server's base is a {self.task} model: it answers {served}, not {kind.value}"
+                             + (" (generation needs a causal-LM base)" if kind == RequestKind.GENERATE else ""))
+
     # --- adapters -------------------------------------------------------------------------------
 
     def key(self, tenant: str, adapter: str | None) -> AdapterKey | None:
@@ -250,7 +263,7 @@ class Engine:
     def preload(self, tenant: str, adapter: str) -> Future:
         """Load an adapter's live version now (if it is not resident); resolves when it serves."""
         key = self.key(tenant, adapter)
-        return _then(self.batcher.submit(Request("load", key, [])), lambda _: key)
+        return _then(self.batcher.submit(Request(RequestKind.LOAD, key, [])), lambda _: key)
 
     def unload(self, tenant: str, adapter: str) -> None:
         """Drop every resident version of an adapter once no request needs it (it stays in the store)."""
@@ -326,10 +339,10 @@ class Engine:
         """The model's output on the fixed probe input (the last hidden state, and the logits of a
         classifier): what an upload and a merge are checked with."""
         mask = torch.ones_like(self._probe_ids)
-        extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
+        extra = last_logits_only(self.am.base) if self.task == Task.CAUSAL_LM else {}
         out = self.am(input_ids=self._probe_ids, attention_mask=mask, output_hidden_states=True, **extra)
         parts = [out.hidden_states[-1].flatten()]
-        if self.task == "classify":
+        if self.task == Task.CLASSIFY:
             parts.append(out.logits.flatten())
         return torch.cat([p.float() for p in parts])
 
@@ -443,8 +456,8 @@ class Engine:
     def _encode(self, items: Items, names: list[str | None]) -> list[Any]:
         """One forward of classify/embed rows, each routed to its own adapter."""
         input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
-        embed = any(req.kind == "embed" for req, _ in items)
-        extra = last_logits_only(self.am.base) if self.task == "causal_lm" else {}
+        embed = any(req.kind == RequestKind.EMBED for req, _ in items)
+        extra = last_logits_only(self.am.base) if self.task == Task.CAUSAL_LM else {}
         with torch.inference_mode(), self._routing(names):
             out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
         finite = [True] * len(items)
@@ -453,14 +466,14 @@ class Engine:
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             finite = [a and b for a, b in zip(finite, torch.isfinite(pooled).all(-1).tolist(), strict=True)]
-        if any(req.kind == "classify" for req, _ in items):
+        if any(req.kind == RequestKind.CLASSIFY for req, _ in items):
             logits_ok = torch.isfinite(out.logits.flatten(1)).all(-1).tolist()
             finite = [a and b for a, b in zip(finite, logits_ok, strict=True)]
         results: list[Any] = []
         for j, (req, _) in enumerate(items):
             if not finite[j]:  # this row's adapter overflowed: its request fails, its neighbours answer
                 results.append(RowFailure(non_finite()))
-            elif req.kind == "embed":
+            elif req.kind == RequestKind.EMBED:
                 vector = pooled[j]
                 if req.options.get("normalize"):
                     vector = torch.nn.functional.normalize(vector, dim=-1)
@@ -478,7 +491,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         ids = self.tokenize(["warm up"])
-        self.batcher.submit(Request("embed", None, ids)).result()
+        self.batcher.submit(Request(RequestKind.EMBED, None, ids)).result()
 
 
 def _lower_priority() -> None:

@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from .batcher import RequestKind
 from .engine import Engine
 from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError
 from .http_errors import as_json, error_body
@@ -145,8 +146,7 @@ def _one_prompt(prompt: str | list[str]) -> str:
 
 
 def _supported(body: _Sampling, engine: Engine) -> None:
-    if engine.task != "causal_lm":
-        raise BadRequest(f"completions need a causal-LM base; this server's base is a {engine.task} model")
+    engine.require(RequestKind.GENERATE)
     if body.n > MAX_CHOICES or (body.n > 1 and body.stream):
         raise BadRequest(f"n: at most {MAX_CHOICES}, and 1 when streaming", param="n")
     for field in ("presence_penalty", "frequency_penalty"):

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool
 from starlette.datastructures import UploadFile
 
+from .batcher import RequestKind
 from .engine import Engine
 from .errors import INTERNAL_ERROR, BadRequest, BadUpload, Forbidden, PayloadTooLarge, ServeError, not_found
 from .http_errors import as_json, error_body
@@ -84,8 +85,7 @@ def inference_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = adapter_of(engine, request, who, body.adapter)
         options = {"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "seed": body.seed}
-        if engine.task != "causal_lm":  # before a stream starts: once it has, the status is 200
-            raise BadRequest(f"generation needs a causal-LM base; this server's base is a {engine.task} model")
+        engine.require(RequestKind.GENERATE)  # before a stream starts: once it has, the status is 200
         if not body.stream:
             return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
         return StreamingResponse(_stream(engine, body.prompt, name, tenant, options), media_type="text/event-stream")

@@ -81,6 +81,7 @@ class AdapterStore:
     def close(self) -> None:
         """Give up ownership: what this store left in flight is swept by the next one to start."""
         if not self._owner_file.closed:
+            (self.root / OWNERS / f"{self.owner}.lock").unlink(missing_ok=True)
             fcntl.flock(self._owner_file, fcntl.LOCK_UN)
             self._owner_file.close()
 

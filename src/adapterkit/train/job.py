@@ -15,6 +15,7 @@ import torch
 from ..config import IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, PromptTuning
 from ..errors import AdapterConfigError
 from ..model import AdaptedModel, adapt
+from ..task import Task
 from .data import (
     causal_lm_collator,
     classification_collator,
@@ -94,7 +95,7 @@ class JobSpec:
     data: str | None = None  # None: the bundled tweets
     text_col: str | None = None
     label_col: str | None = None
-    task: str = "classify"
+    task: Task = Task.CLASSIFY
     name: str = "adapter"
     out: str | None = None  # default runs/<name>
     method: MethodOptions = field(default_factory=MethodOptions)
@@ -107,6 +108,12 @@ class JobSpec:
     max_test_examples: int | None | str = AUTO
     resume: bool = True
 
+    def __post_init__(self) -> None:
+        try:
+            self.task = Task.parse(self.task)
+        except ValueError as err:
+            raise AdapterConfigError(f"{err}; use classify or causal-lm") from None
+
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
@@ -115,16 +122,16 @@ class JobSpec:
         """The cap on each split's examples once "auto" is resolved."""
         given = {"train": self.max_train_examples, "validation": self.max_eval_examples,
                  "test": self.max_test_examples}
-        bundled = self.data is None and self.task == "classify"
+        bundled = self.data is None and self.task == Task.CLASSIFY
         return {split: (DEMO_CAPS[split] if bundled else None) if cap == AUTO else cap for split, cap in given.items()}
 
 
-def load_base(base: str, task: str, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
+def load_base(base: str, task: str | Task, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
     """The frozen base model and its tokenizer, from a local folder or a hub id (hub needs network)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if task == "causal-lm":
+    if Task.parse(task) == Task.CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(base)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -142,7 +149,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)
     caps = spec.caps()
-    if spec.task == "classify":
+    if spec.task == Task.CLASSIFY:
         data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed)
         available = data.sizes()
         data = data.subsample(caps["train"], caps["validation"], spec.train.seed, caps["test"])
@@ -152,7 +159,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
         data = data.tokenize(tokenizer, spec.max_length)
         train_ds, val_ds, test_ds = data.train, data.validation, data.test
         collate, labels = classification_collator(tokenizer), data.labels
-    elif spec.task == "causal-lm":
+    elif spec.task == Task.CAUSAL_LM:
         model, tokenizer = load_base(spec.base, spec.task)
         if spec.data is None:
             raise AdapterConfigError("--task causal-lm needs --data (JSONL with prompt/completion or text)")
@@ -167,7 +174,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
         collate, labels = causal_lm_collator(tokenizer), None
     else:
         raise AdapterConfigError(f"unknown task {spec.task!r}; use classify or causal-lm")
-    if spec.task == "classify" and spec.method.pooler_copy:
+    if spec.task == Task.CLASSIFY and spec.method.pooler_copy:
         config.modules_to_save = list(dict.fromkeys([*config.modules_to_save, *pooler_modules(model)]))
     am = adapt(model)
     am.add(spec.name, config, labels=labels)
@@ -180,7 +187,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     test = trainer.evaluate(test_ds)
     adapter_dir = run_dir / "adapter"
-    am.adapter(spec.name).meta.update({"task": spec.task, "max_length": spec.max_length, "base_path": spec.base})
+    am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base})
     am.save(spec.name, adapter_dir)
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
@@ -200,7 +207,7 @@ def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, ad
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir())
     steps = len(history.step_seconds)
     return {
-        "name": spec.name, "method": spec.method.method, "task": spec.task, "base": spec.base,
+        "name": spec.name, "method": spec.method.method, "task": spec.task.value, "base": spec.base,
         "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
         "test_loss": test["loss"], "test_perplexity": test.get("perplexity"),
         "best_val_accuracy": max(history.val_accuracy) if history.val_accuracy else None,

@@ -30,6 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..hf_names import enable_activation_checkpointing
 from ..io.storage import atomic_folder
+from ..task import Task
 from .data import make_loader
 from .metrics import accuracy, macro_f1
 
@@ -69,10 +70,11 @@ class Trainer:
 
     def __init__(
         self, model: nn.Module, train_data: Dataset, eval_data: Dataset | None, collate: Callable,
-        settings: TrainSettings, task: str = "classify", checkpoint_dir: str | Path | None = None,
+        settings: TrainSettings, task: str | Task = Task.CLASSIFY, checkpoint_dir: str | Path | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        if task not in ("classify", "causal-lm"):
+        task = Task.parse(task)
+        if task not in (Task.CLASSIFY, Task.CAUSAL_LM):
             raise ValueError(f"task must be classify or causal-lm, not {task!r}")
         if len(train_data) == 0:
             raise ValueError("the training split is empty")
@@ -174,7 +176,7 @@ class Trainer:
             self.save_checkpoint()
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.task == "causal-lm":
+        if self.task == Task.CAUSAL_LM:
             return self.model(**batch).loss
         batch = dict(batch)
         labels = batch.pop("labels")
@@ -188,7 +190,7 @@ class Trainer:
         losses, predictions, truths = [], [], []
         for batch in make_loader(data, self.collate, batch_size or self.s.batch_size):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            if self.task == "causal-lm":
+            if self.task == Task.CAUSAL_LM:
                 losses.append(float(self.model(**batch).loss))
                 continue
             labels = batch.pop("labels")

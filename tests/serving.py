@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks of the server: random adapters, archives, a tiny GPT-2.
+"""Helpers for the tests and benchmarks of the server (not installed): random adapters, archives, a tiny GPT-2.
 
 Nothing here is needed to serve; it builds adapter folders the way a training job would.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LoRA, MethodConfig
-from ..model import AdaptedModel, adapt
+from adapterkit.config import LoRA, MethodConfig
+from adapterkit.model import AdaptedModel, adapt
 
 
 def minilm_path() -> str:
@@ -210,7 +210,7 @@ def running_server(app: Any, **options: Any) -> Iterator[tuple[str, int]]:
 
 def engine_with(folders: dict[str, Path], store: Path, tenant: str = "default", **options: Any) -> Any:
     """An Engine on the bundled MiniLM whose store holds `folders` for one tenant, under their keys."""
-    from .engine import Engine
+    from adapterkit.serve.engine import Engine
 
     engine = Engine(minilm_path(), store, **options)
     for name, folder in folders.items():

@@ -1,0 +1,121 @@
+"""`adapterkit edge`: plan, fit and export under a memory budget."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from .common import app, clear_errors, console
+
+edge_app = typer.Typer(no_args_is_help=True, help="On-device adaptation: plan, fit and export under a memory budget.")
+app.add_typer(edge_app, name="edge")
+RecipeOpt = Annotated[str, typer.Option(help="kws | vision | har | har_lstm | vibration")]
+MethodOpt = Annotated[str, typer.Option(help="lite_residual | bottleneck | lora | ia3 | bitfit | *_last")]
+
+
+def _edge_setup(recipe: str, method: str, quick: bool):
+    from ..edge import recipe as build_recipe
+    from ..edge.compare import adapted, methods_for
+
+    built = build_recipe(recipe, quick=quick)
+    methods = methods_for(built)
+    if method not in methods:
+        raise typer.BadParameter(f"method {method!r} is not set up for recipe {recipe!r}; use one of {sorted(methods)}")
+    return built, adapted(built, method, methods[method])
+
+
+@edge_app.command("plan")
+@clear_errors
+def edge_plan(
+    recipe: RecipeOpt = "kws", method: MethodOpt = "lite_residual",
+    budget: Annotated[str | None, typer.Option(help="Writable memory budget, e.g. 256KiB")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the recipe's)")] = None,
+    quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
+) -> None:
+    """Estimate the writable training memory of one setup from one forward; say what fits when it does not."""
+    from ..edge import plan
+
+    built, am = _edge_setup(recipe, method, quick)
+    rows = batch_size or built.batch_size
+    result = plan(am, method, (built.train[0][:rows], built.train[1][:rows]), budget=budget)
+    console.print(result.explain())
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@edge_app.command("fit")
+@clear_errors
+def edge_fit(
+    recipe: RecipeOpt = "kws", method: MethodOpt = "lite_residual",
+    budget: Annotated[str | None, typer.Option(help="Writable memory budget, e.g. 256KiB")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the recipe's)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's)")] = None,
+    out: Annotated[str, typer.Option(help="Folder for the adapter, the base weights and report.json")] = "runs/edge",
+    quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
+) -> None:
+    """Adapt the recipe's source model to its target within a budget; report the measured peak."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..edge import fit
+    from ..edge.recipe import EpochLoader, accuracy
+
+    built, am = _edge_setup(recipe, method, quick)
+    report = fit(am, method, EpochLoader(*built.train, batch_size or built.batch_size), budget=budget,
+                 epochs=epochs or built.epochs, lr=built.lr)
+    am.activate(method)
+    acc = accuracy(am, *built.test)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    am.save(method, str(folder / "adapter"))
+    save_file({k: v.contiguous() for k, v in am.base.state_dict().items()}, str(folder / "base.safetensors"))
+    (folder / "report.json").write_text(json.dumps({"recipe": recipe, "method": method, "accuracy": acc,
+                                                     "quick": quick, **report.as_dict()}, indent=2))
+    console.print(f"{recipe} / {method}: accuracy {acc:.3f} on the target's test set")
+    console.print(f"planned: {report.plan.report.describe()}")
+    console.print(f"measured peak: {report.peak.describe()}")
+    console.print(f"written to {folder}")
+
+
+@edge_app.command("export")
+@clear_errors
+def edge_export(
+    runs: Annotated[list[str], typer.Argument(help="Folders written by `adapterkit edge fit` (same recipe)")],
+    out: Annotated[str, typer.Option(help="Folder for the program(s), the blobs and edge.json")] = "runs/edge-export",
+    format: Annotated[str, typer.Option(help="onnx | pte (ExecuTorch)")] = "onnx",
+    merged: Annotated[bool, typer.Option(help="One program per adapter, merged (LoRA, IA³, BitFit)")] = False,
+) -> None:
+    """Export one base program and one blob per adapter; check each against PyTorch."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from ..edge import EdgeProgram, export
+    from ..edge import recipe as build_recipe
+    from ..edge.recipe import RecipeError
+    from ..model import adapt
+
+    reports = [json.loads((Path(r) / "report.json").read_text()) for r in runs]
+    if len({r["recipe"] for r in reports}) != 1:
+        raise RecipeError("export takes adapters of one recipe (one base model) at a time")
+    built = build_recipe(reports[0]["recipe"], quick=reports[0]["quick"])
+    base = built.make_source()
+    base.load_state_dict(load_file(str(Path(runs[0]) / "base.safetensors")))
+    am = adapt(base)
+    names = [am.load(str(Path(r) / "adapter"), name=f"{Path(r).name}") for r in runs]
+    example = built.test[0][:1]
+    manifest = export(am, names, out, example=example, format=format, merged=merged)
+    program = EdgeProgram(out)
+    for name in names:
+        am.activate(name)
+        am.eval()
+        with torch.no_grad():
+            diff = float(np.abs(program.run(example, name) - am(example).numpy()).max())
+        blob = manifest["adapters"][name]["blob_bytes"]
+        console.print(f"{name}: blob {blob} bytes, max |{format} - PyTorch| = {diff:.2e}")
+    console.print(f"written to {out}")
