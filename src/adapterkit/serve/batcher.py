@@ -144,6 +144,12 @@ class Batcher:
             self._doomed.update(keys)
             self._cond.notify_all()
 
+    def evict(self, keys: list[AdapterKey]) -> Future:
+        """Doom these versions and run the eviction pass now; resolves once the versions that no
+        request needs have left memory."""
+        self.doom(keys)
+        return self.call(self._maintain)
+
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._closed = True
@@ -155,8 +161,14 @@ class Batcher:
 
     def _post(self, op: Callable[[], None]) -> None:
         with self._cond:
-            self._ops.append(op)
-            self._cond.notify_all()
+            if self._closed and not self._thread.is_alive():  # nobody would run it: run it here
+                ops_now = True
+            else:
+                ops_now = False
+                self._ops.append(op)
+                self._cond.notify_all()
+        if ops_now:
+            op()
 
     def _read_then_install(self, key: AdapterKey) -> None:
         """On an I/O thread: read the adapter's files; the model thread installs it between batches."""

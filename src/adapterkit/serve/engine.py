@@ -38,6 +38,7 @@ from .errors import (
     BadRequest,
     Conflict,
     InvalidAdapter,
+    NonFiniteOutput,
     NotFound,
     PayloadTooLarge,
     Redactor,
@@ -308,32 +309,25 @@ class Engine:
                     raise Conflict(f"adapter {name!r} was deleted while this version was uploaded; "
                                    "upload it again") from None
                 raise
-            self.batcher.call(lambda: self._install_checked(key, manifest, tensors)).result()
+            self.batcher.call(lambda: self.cache.install(key, manifest, tensors)).result()
+            self._check_answers(key)
             self.store.publish(tenant, name, version)
         except BaseException:
-            self.batcher.doom([key])
+            self.batcher.evict([key]).result()  # nothing of a refused version stays in memory
             self.store.discard(tenant, name, version)
             raise
         self._unload_old(tenant, name, version)
         return {**self.store.record(tenant, name), "loaded": True}
 
-    def _install_checked(self, key: AdapterKey, manifest: dict, tensors: dict) -> None:
-        """Install (the model thread), then one forward on the probe input with the adapter and its
-        head: an adapter that cannot answer it with finite numbers is removed and refused."""
-        entry = self.cache.install(key, manifest, tensors)
-        if self.merging is not None:
-            self.merging.unmerge()  # the probe routes; merged weights would change its row
+    def _check_answers(self, key: AdapterKey) -> None:
+        """The new version (not yet live, so no one else names it) answers the probe input as a row
+        of the next batch: a non-finite answer refuses the upload (its caller removes it)."""
+        kind = RequestKind.CLASSIFY if self.task == Task.CLASSIFY else RequestKind.EMBED
         try:
-            with torch.inference_mode(), self.am.route([entry.internal]):
-                out = self._probe()
-            finite = bool(torch.isfinite(out).all())
-        except Exception:
-            self.cache.evict(key)
-            raise
-        if not finite:
-            self.cache.evict(key)
+            self.batcher.submit(Request(kind, key, [self._probe_ids[0].tolist()])).result()
+        except NonFiniteOutput:
             raise InvalidAdapter(f"adapter {key.name!r} answers the probe input with NaN or infinite values "
-                                 "(its weights or its config's scale overflow); nothing was kept")
+                                 "(its weights or its config's scale overflow); nothing was kept") from None
 
     def _probe(self) -> torch.Tensor:
         """The model's output on the fixed probe input (the last hidden state, and the logits of a
