@@ -435,6 +435,10 @@ def main() -> None:
         "victim_p99_ms_by_phase": {k: round(1000 * percentile(v, 99), 1) for k, v in by_attack.items()},
     })
     results["victim_p99_ratio"] = round(results["victim_p99_attack_ms"] / results["victim_p99_alone_ms"], 3)
+    results["victim_p99_ratio_issue34"] = {  # the attacks of issue 34, each against the victim alone
+        phase: round(results["victim_p99_ms_by_phase"][phase] / results["victim_p99_alone_ms"], 3)
+        for phase in ("nan_config", "overflow_weights", "poisoned_merge", "rollback_storm", "crash_restart")
+        if phase in results["victim_p99_ms_by_phase"]}
     # Some phases have acme send real traffic (its rank-384 adapter, the adapter it deletes and uploads
     # again, the merged one, the storm's uploads): there the victim shares the model thread with a
     # peer, as it does with a benign one.
