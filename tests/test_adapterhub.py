@@ -97,7 +97,7 @@ def test_manifest_is_ours_and_says_where_it_came_from(am):
     assert manifest["base"]["fingerprint"] is None and manifest["head"] is None and manifest["labels"] is None
     assert manifest["meta"]["imported_from"]["format"] == "adapterhub"
     assert manifest["meta"]["imported_from"]["version"] == "adapters.1.3.0"
-    config = ak.config.config_from_dict(manifest["config"])
+    config = ak.methods.config_from_dict(manifest["config"])
     assert isinstance(config, ak.Bottleneck) and config.renorm and config.reduction == 4
     assert manifest["sites"] == {f"encoder.layer.{i}.output.LayerNorm": "output" for i in range(2)}
     assert sorted(tensors) == sorted(f"sites.encoder.layer.{i}.output.LayerNorm.{p}.{t}"
@@ -171,7 +171,7 @@ def test_parallel_adapters_land_on_the_blocks_residual_input(am):
     assert manifest["sites"] == {f"encoder.layer.{i}.output": "input" for i in range(2)}
     assert sorted(tensors) == sorted(f"sites.encoder.layer.{i}.output.{p}.{t}"
                                      for i in range(2) for p in ("down", "up") for t in ("weight", "bias"))
-    config = ak.config.config_from_dict(manifest["config"])
+    config = ak.methods.config_from_dict(manifest["config"])
     assert (config.input_arg, config.scaling, config.reduction, config.is_parallel) == (1, 4.0, 4, False)
 
 

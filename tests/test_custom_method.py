@@ -147,3 +147,49 @@ def test_registration_errors():
     with pytest.raises(ak.TargetError, match="no default targets"):
         am.add("s", Shift())  # a new method has no default targets: it must name them
     assert am.adapters == []
+
+
+def test_a_registered_method_is_served_uploaded_routed_merged_and_refused_by_peft_export(tmp_path):
+    """The same custom method through `adapterkit serve`: uploaded over HTTP, routed per row beside
+    another adapter and the base, then served merged; PEFT export names why it cannot."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from adapterkit.serve import Engine, create_app
+    from adapterkit.train.saved import export_adapter
+
+    from .serving import Reference, load_minilm, make_adapter, minilm_path, tar_bytes
+
+    builder = ak.adapt(load_minilm())
+    folders = {name: make_adapter(builder, name, tmp_path / name, config=Shift(targets=["query", "value"]),
+                                  seed=seed, scale=0.3) for seed, name in enumerate(["s1", "s2"], start=1)}
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    reference = Reference(ak.adapt(load_minilm()), tokenizer)
+    texts = ["a fine day", "the food was cold", "what a film"]
+
+    def agrees(answer: dict, folder) -> bool:
+        expected = reference.scores(folder, answer["text"])
+        got = [answer["result"]["scores"][label] for label in ("neg", "pos")]
+        return max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+
+    with Engine(load_minilm(), tmp_path / "store", tokenizer=tokenizer, merge_after=3, max_wait_ms=50) as engine:
+        with TestClient(create_app(engine)) as client:
+            for name, folder in folders.items():
+                body = tar_bytes({f.name: f.read_bytes() for f in folder.iterdir()})
+                r = client.put(f"/v1/adapters/{name}", content=body, headers={"content-type": "application/x-tar"})
+                assert r.status_code == 201 and r.json()["method"] == "test-shift", r.text
+            # routed: one batch with rows for s1, s2 and the base
+            futures = [(t, n, engine.submit("classify", [t], adapter=n)) for t in texts for n in ("s1", "s2", None)]
+            for text, name, future in futures:
+                result = future.result(timeout=60)["results"][0]
+                if name is not None:
+                    assert agrees({"text": text, "result": result}, folders[name]), (name, text)
+            assert engine.merging.merges == 0
+            for _ in range(4):  # one adapter's traffic: served merged (Shift folds into the biases)
+                r = client.post("/v1/classify", json={"adapter": "s1", "inputs": [texts[0]]})
+                assert r.status_code == 200 and agrees({"text": texts[0], "result": r.json()["results"][0]},
+                                                       folders["s1"])
+            assert engine.merging.merges == 1 and engine.am.state.merged
+    with pytest.raises(ak.AdapterError, match="only LoRA adapters have a Hugging Face PEFT layout"):
+        export_adapter(folders["s1"], tmp_path / "peft", "peft", minilm_path())

@@ -45,12 +45,6 @@ class MethodConfig:
     def validate(self) -> None:
         """Raise AdapterConfigError for values that cannot work."""
 
-    @property
-    def default_targets_key(self) -> str | None:
-        """Which column of targets.DEFAULT_TARGETS gives this method's sites when it names none
-        (a `<key>_input` column there adds input-side sites); None: it has no defaults."""
-        return self.method
-
 
 @dataclass
 class Bottleneck(MethodConfig):
@@ -93,10 +87,6 @@ class Bottleneck(MethodConfig):
             raise AdapterConfigError(
                 f"Bottleneck placement {self.placement!r} is unknown; use pfeiffer, houlsby, parallel or custom"
             )
-        if self.activation not in ACTIVATIONS:
-            raise AdapterConfigError(
-                f"Bottleneck activation {self.activation!r} is unknown; use one of {sorted(ACTIVATIONS)}"
-            )
         if self.bottleneck_size is None and (self.reduction is None or self.reduction <= 0):
             raise AdapterConfigError("Bottleneck needs reduction > 0 or bottleneck_size >= 1")
         if self.bottleneck_size is not None and self.bottleneck_size < 1:
@@ -114,10 +104,6 @@ class Bottleneck(MethodConfig):
             if self.renorm or self.is_parallel:
                 raise AdapterConfigError("Bottleneck input_arg (acting on an input) cannot be combined with "
                                          "renorm or parallel, which act on the output")
-
-    @property
-    def default_targets_key(self) -> str | None:
-        return None if self.placement == "custom" else self.placement
 
     def size_for(self, features: int) -> int:
         if self.bottleneck_size is not None:
@@ -217,20 +203,10 @@ class PrefixTuning(MethodConfig):
             raise AdapterConfigError("PrefixTuning num_virtual_tokens must be >= 1")
 
 
-ACTIVATIONS = {"relu", "gelu", "silu", "tanh"}
-
-CONFIGS: dict[str, type[MethodConfig]] = {
-    c.method: c for c in (Bottleneck, LoRA, IA3, BitFit, LiteResidual, PromptTuning, PrefixTuning)
-}
-
-
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Build a config from `adapter.json`; unknown keys from newer versions are dropped with a warning."""
+def parse_config(cls: type[MethodConfig], data: dict[str, Any]) -> MethodConfig:
+    """A `cls` config from the fields of `adapter.json` (without "method"), each type- and range-checked;
+    unknown keys from newer versions are dropped with a warning. `methods.config_from_dict` finds `cls`."""
     data = dict(data)
-    method = data.pop("method", None)
-    if method not in CONFIGS:
-        raise AdapterConfigError(f"unknown adapter method {method!r}; known methods: {sorted(CONFIGS)}")
-    cls = CONFIGS[method]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -247,9 +223,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
         if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_NUMBER:
             raise AdapterConfigError(f"{cls.__name__} field {key!r} is {value!r}; numbers in a config are "
                                      f"at most {MAX_CONFIG_NUMBER:g} in size")
-    config = cls(**{k: v for k, v in data.items() if k in known})
-    config.validate()
-    return config
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),

@@ -28,6 +28,7 @@ from .config import MethodConfig
 from .copies import CopySwitches
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head
+from .methods import check_config
 from .methods.fusion import FusionLayer
 from .site import ActiveState, Route, Site
 
@@ -104,7 +105,7 @@ class AdaptedModel(nn.Module):
         self._check_new_name(name)
         if not isinstance(config, MethodConfig):
             raise TargetError(f"adapter {name!r}: expected a method config (ak.LoRA(...), ...), got {config!r}")
-        config.validate()
+        check_config(config)
         copied = self._copy_switches.check(name, config.modules_to_save, self.head_path)
         if config.modules_to_save != copied:  # one name given as a plain string
             config = dataclasses.replace(config, modules_to_save=copied)

@@ -1,8 +1,9 @@
 """Which modules of a model an adapter attaches to.
 
 A target is a name suffix ("query" matches "...attention.self.query"), a regex ("re:layer\\.\\d+\\.output\\.dense$"),
-a module class or class name ("Conv2d", nn.LSTM), or "all-linear". No per-architecture code: a small
-table of name patterns gives defaults for common families, and users can always name their own.
+a module class or class name ("Conv2d", nn.LSTM), or "all-linear". No per-architecture code: each
+method's file has a small table of name patterns for common families (its `default_targets`), and
+users can always name their own.
 """
 
 from __future__ import annotations
@@ -14,60 +15,8 @@ from torch import nn
 
 from .config import MethodConfig
 from .errors import TargetError
+from .methods import site_method_class
 from .methods.base import HFConv1D
-
-BERT_FFN_OUT = r"re:(^|\.)layer\.\d+\.output\.dense$"
-BERT_ATTN_OUT = r"re:attention\.output\.dense$"
-
-#: family -> method/placement -> targets (IA³: output targets, input targets)
-DEFAULT_TARGETS: dict[str, dict[str, list]] = {
-    "bert": {
-        "lora": ["query", "value"],
-        "pfeiffer": [BERT_FFN_OUT],
-        "houlsby": [BERT_ATTN_OUT, BERT_FFN_OUT],
-        "parallel": [BERT_FFN_OUT],
-        "ia3": ["key", "value"],
-        "ia3_input": [BERT_FFN_OUT],
-        "bitfit": ["all-linear"],
-    },
-    "gpt2": {
-        "lora": ["c_attn"],
-        "pfeiffer": ["mlp.c_proj"],
-        "houlsby": ["attn.c_proj", "mlp.c_proj"],
-        "parallel": ["re:\\.mlp$"],
-        "ia3": ["c_attn"],
-        "ia3_input": ["mlp.c_proj"],
-        "bitfit": ["all-linear"],
-    },
-    "llama": {
-        "lora": ["q_proj", "v_proj"],
-        "pfeiffer": ["mlp.down_proj"],
-        "houlsby": ["self_attn.o_proj", "mlp.down_proj"],
-        "parallel": ["re:\\.mlp$"],
-        "ia3": ["k_proj", "v_proj"],
-        "ia3_input": ["down_proj"],
-        "bitfit": ["all-linear"],
-    },
-    "cnn": {
-        "lora": ["Conv2d", "Conv1d"],
-        "pfeiffer": ["re:^layer\\d+\\.\\d+$"],
-        "houlsby": ["re:^layer\\d+\\.\\d+$"],
-        "parallel": ["re:^layer\\d+\\.\\d+$"],
-        "ia3": ["Conv2d", "Conv1d"],
-        "ia3_input": [],
-        "bitfit": ["Conv2d", "Conv1d", "Linear"],
-    },
-    "recurrent": {
-        "lora": ["all-linear"],
-        "pfeiffer": ["LSTM", "GRU"],
-        "houlsby": ["LSTM", "GRU"],
-        "parallel": ["LSTM", "GRU"],
-        "ia3": ["LSTM", "GRU"],
-        "ia3_input": [],
-        "bitfit": ["LSTM", "GRU", "Linear"],
-    },
-}
-DEFAULT_TARGETS["vit"] = DEFAULT_TARGETS["bert"]
 
 _FAMILY_BY_MODEL_TYPE = {
     "gpt2": "gpt2", "gpt_neo": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
@@ -91,16 +40,16 @@ def model_family(model: nn.Module) -> str | None:
 
 
 def default_targets(model: nn.Module, config: MethodConfig) -> tuple[list, list]:
-    """(targets, input-side targets) that `config` uses on `model` when it names none."""
+    """(targets, input-side targets) that `config` uses on `model` when it names none: its method's
+    own answer for the model's family (`SiteMethod.default_targets`)."""
     family = model_family(model)
-    key = config.default_targets_key
-    if family is None or key is None or key not in DEFAULT_TARGETS[family]:
+    found = site_method_class(config).default_targets(config, family) if family is not None else None
+    if found is None:
         raise TargetError(
             f"no default targets for {type(config).__name__} on a {type(model).__name__}; "
             f"pass targets=[...]. Candidate modules: {candidates(model)}"
         )
-    table = DEFAULT_TARGETS[family]
-    return list(table[key]), list(table.get(f"{key}_input", []))
+    return list(found[0]), list(found[1])
 
 
 def matches(name: str, module: nn.Module, target: str | type) -> bool:

@@ -14,9 +14,8 @@ import torch
 
 from ..adapter import Adapter
 from ..composition import Fuse, setup_from_dict
-from ..config import config_from_dict
 from ..errors import AdapterConfigError, AdapterError, AdapterExistsError, AdapterFileError, CompositionError
-from ..methods import is_model_level
+from ..methods import METHODS, config_from_dict, is_model_level
 
 if TYPE_CHECKING:
     from ..model import AdaptedModel
@@ -53,7 +52,6 @@ def prepare(
         raise AdapterFileError(f"{source}: the adapter has no name; pass name=")
     try:
         config = config_from_dict(manifest["config"])
-        config.validate()
     except (AdapterConfigError, KeyError, TypeError, ValueError) as err:
         raise AdapterFileError(f"{source}: adapter {name!r}: manifest field 'config': {err}") from None
     if check_base:
@@ -166,7 +164,8 @@ def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = Fa
     if sites is not None and not (isinstance(sites, dict) and all(
             isinstance(k, str) and k and (v is None or isinstance(v, str)) for k, v in sites.items())):
         raise bad("sites", "must map module names to 'input' / 'output'")
-    if need_sites and sites is None and manifest["config"].get("method") not in ("prompt", "prefix"):
+    known = METHODS.get(manifest["config"]["method"])
+    if need_sites and sites is None and not (known is not None and known.model_level):
         raise bad("sites", "is required: the modules the adapter is attached to")
     labels = manifest.get("labels")
     if labels is not None:

@@ -18,6 +18,16 @@ except ImportError:  # pragma: no cover
     HFConv1D = ()
 
 
+#: module-name patterns of common model families that several methods' default targets use
+BERT_FFN_OUT = r"re:(^|\.)layer\.\d+\.output\.dense$"
+BERT_ATTN_OUT = r"re:attention\.output\.dense$"
+#: the FFN's output projection (or, for parallel adapters, the FFN block) by family
+FFN_OUT = {"bert": BERT_FFN_OUT, "vit": BERT_FFN_OUT, "gpt2": "mlp.c_proj", "llama": "mlp.down_proj"}
+FFN_BLOCK = {"bert": BERT_FFN_OUT, "vit": BERT_FFN_OUT, "gpt2": "re:\\.mlp$", "llama": "re:\\.mlp$"}
+ATTN_OUT = {"bert": BERT_ATTN_OUT, "vit": BERT_ATTN_OUT, "gpt2": "attn.c_proj", "llama": "self_attn.o_proj"}
+CNN_BLOCK = "re:^layer\\d+\\.\\d+$"
+
+
 @dataclass(frozen=True)
 class SiteShape:
     """How a frozen module's input and output are laid out.
@@ -201,6 +211,17 @@ class SiteMethod(nn.Module):
     def __init__(self, shape: SiteShape) -> None:
         super().__init__()
         self.shape = shape
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise AdapterConfigError for settings this implementation cannot run (beyond what the
+        config's own `validate` knows); called whenever a config is read or an adapter added."""
+
+    @classmethod
+    def default_targets(cls, config: Any, family: str) -> tuple[list, list] | None:
+        """(targets, input-side targets) on a model of `family` (targets.model_family) when the
+        config names none; None: no defaults there."""
+        return None
 
     @classmethod
     def build(cls, config: Any, shape: SiteShape, module: nn.Module, on_input: bool = False) -> SiteMethod:

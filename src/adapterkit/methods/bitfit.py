@@ -17,6 +17,10 @@ from ..config import BitFit
 from ..errors import TargetError
 from .base import RouteStack, SiteMethod, SiteShape, broadcast_features, broadcast_rows
 
+#: the modules whose bias a BitFit config that names none shifts, by model family
+DEFAULT_TARGETS = {"bert": ["all-linear"], "vit": ["all-linear"], "gpt2": ["all-linear"], "llama": ["all-linear"],
+                   "cnn": ["Conv2d", "Conv1d", "Linear"], "recurrent": ["LSTM", "GRU", "Linear"]}
+
 
 @dataclass
 class BitFitStack(RouteStack):
@@ -27,6 +31,11 @@ class BitFitStack(RouteStack):
 
 class BitFitAdapter(SiteMethod):
     mergeable = True
+
+    @classmethod
+    def default_targets(cls, config: BitFit, family: str) -> tuple[list, list] | None:
+        found = DEFAULT_TARGETS.get(family)
+        return (list(found), []) if found is not None else None
 
     def __init__(self, shape: SiteShape) -> None:
         super().__init__(shape)

@@ -27,9 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Bottleneck
-from ..errors import CompositionError, TargetError
+from ..errors import AdapterConfigError, CompositionError, TargetError
 from . import kernels
-from .base import RouteStack, SiteMethod, SiteShape, as_rows, features_last, pad_to, positional_parameters
+from .base import (
+    ATTN_OUT,
+    CNN_BLOCK,
+    FFN_BLOCK,
+    FFN_OUT,
+    RouteStack,
+    SiteMethod,
+    SiteShape,
+    as_rows,
+    features_last,
+    pad_to,
+    positional_parameters,
+)
 
 ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -83,6 +95,27 @@ class BottleneckAdapter(SiteMethod):
         self.activation = config.activation
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout)
+
+    @classmethod
+    def default_targets(cls, config: Bottleneck, family: str) -> tuple[list, list] | None:
+        """Pfeiffer: after the FFN output; Houlsby: after the attention output and the FFN output;
+        parallel: beside the FFN block; conv nets: each residual block; recurrent nets: each LSTM/GRU."""
+        if config.placement == "custom":
+            return None
+        if family in ("cnn", "recurrent"):
+            return ([CNN_BLOCK] if family == "cnn" else ["LSTM", "GRU"]), []
+        if family not in FFN_OUT:
+            return None
+        targets = {"pfeiffer": [FFN_OUT[family]], "houlsby": [ATTN_OUT[family], FFN_OUT[family]],
+                   "parallel": [FFN_BLOCK[family]]}[config.placement]
+        return targets, []
+
+    @classmethod
+    def check_config(cls, config: Bottleneck) -> None:
+        if config.activation not in ACTIVATION_FUNCTIONS:
+            raise AdapterConfigError(
+                f"Bottleneck activation {config.activation!r} is unknown; use one of {sorted(ACTIVATION_FUNCTIONS)}"
+            )
 
     @classmethod
     def build(cls, config: Bottleneck, shape: SiteShape, module: nn.Module,

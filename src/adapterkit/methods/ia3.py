@@ -17,6 +17,7 @@ from torch import nn
 from ..config import IA3
 from ..errors import TargetError
 from .base import (
+    BERT_FFN_OUT,
     RouteStack,
     SiteMethod,
     SiteShape,
@@ -25,6 +26,13 @@ from .base import (
     features_last,
     union_targets,
 )
+
+#: (output targets, input targets) of an IA³ config that names none, by model family
+DEFAULT_TARGETS = {
+    "bert": (["key", "value"], [BERT_FFN_OUT]), "vit": (["key", "value"], [BERT_FFN_OUT]),
+    "gpt2": (["c_attn"], ["mlp.c_proj"]), "llama": (["k_proj", "v_proj"], ["down_proj"]),
+    "cnn": (["Conv2d", "Conv1d"], []), "recurrent": (["LSTM", "GRU"], []),
+}
 
 
 @dataclass
@@ -44,6 +52,12 @@ class IA3Adapter(SiteMethod):
         if on_input and shape.in_features is None:
             raise TargetError(f"IA³ on the input needs a site with a known input width, not a {shape.kind}")
         self.ia3_l = nn.Parameter(torch.ones(shape.in_features if on_input else shape.out_features))
+
+    @classmethod
+    def default_targets(cls, config: IA3, family: str) -> tuple[list, list] | None:
+        """Keys and values scaled on their output, the FFN's down-projection on its input (Liu et al. 2022)."""
+        found = DEFAULT_TARGETS.get(family)
+        return (list(found[0]), list(found[1])) if found is not None else None
 
     @classmethod
     def build(cls, config: IA3, shape: SiteShape, module: nn.Module, on_input: bool = False) -> IA3Adapter:

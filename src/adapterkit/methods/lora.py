@@ -22,6 +22,10 @@ from ..errors import TargetError
 from . import kernels
 from .base import RouteStack, SiteMethod, SiteShape, as_rows, pad_to
 
+#: the modules a LoRA config that names none attaches to, by model family (targets.model_family)
+DEFAULT_TARGETS = {"bert": ["query", "value"], "vit": ["query", "value"], "gpt2": ["c_attn"],
+                   "llama": ["q_proj", "v_proj"], "cnn": ["Conv2d", "Conv1d"], "recurrent": ["all-linear"]}
+
 
 @dataclass
 class LoRAStack(RouteStack):
@@ -68,6 +72,11 @@ class LoRAAdapter(SiteMethod):
             nn.init.normal_(self.lora_B)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @classmethod
+    def default_targets(cls, config: LoRA, family: str) -> tuple[list, list] | None:
+        targets = DEFAULT_TARGETS.get(family)
+        return (list(targets), []) if targets is not None else None
 
     @classmethod
     def build(cls, config: LoRA, shape: SiteShape, module: nn.Module, on_input: bool = False) -> LoRAAdapter:

@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 
-from ..config import FORMAT_VERSION, config_from_dict
+from ..config import FORMAT_VERSION
 from ..errors import AdapterConfigError, AdapterFileError
 from ..io.files import MANIFEST, TENSORS, read_adapter
 from ..io.install import check_manifest
 from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
-from ..methods import is_model_level
+from ..methods import config_from_dict, is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
 from .tenants import DEFAULT_TENANT, valid_name

@@ -14,6 +14,7 @@ import torch
 
 from ..config import IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, PromptTuning
 from ..errors import AdapterConfigError
+from ..methods import check_config
 from ..model import AdaptedModel, adapt
 from ..task import Task
 from .data import (
@@ -85,7 +86,7 @@ class MethodOptions:
         config.modules_to_save = list(self.modules_to_save or [])
         if self.placement == "custom" and self.method == "bottleneck" and not targets:
             raise AdapterConfigError("--placement custom needs --targets")
-        config.validate()
+        check_config(config)
         return config
 
 
