@@ -127,3 +127,27 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 def tensors_of(parts: Iterator[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """`<prefix>.<param>` -> tensor (detached, not copied) for every (prefix, module) of a record."""
     return {f"{prefix}.{k}": v.detach() for prefix, module in parts for k, v in module.state_dict().items()}
+
+
+#: the dtypes a file may hold a parameter in (it is copied into the record's own dtype)
+FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
+def tensor_mismatch(expected: dict[str, torch.Tensor], tensors: dict[str, Any]) -> str | None:
+    """Why `tensors` cannot fill a record whose own tensors are `expected` (same names, tensors,
+    floating dtypes for floating parameters, same shapes); None when they can."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        return f"tensors do not match this model; missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for key, target in expected.items():
+        given = tensors[key]
+        if not isinstance(given, torch.Tensor):
+            return f"{key!r} is not a tensor"
+        if target.is_floating_point() and given.dtype not in FLOAT_DTYPES:
+            allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in FLOAT_DTYPES))
+            return f"tensor {key!r} is {str(given.dtype).removeprefix('torch.')}; parameters are stored as {allowed}"
+        if tuple(given.shape) != tuple(target.shape):
+            return f"tensor {key!r} has shape {tuple(given.shape)}, the config makes {tuple(target.shape)}"
+    return None
+

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import combine as combining
-from .adapter import Adapter, Fusion, module_key, module_path
+from .adapter import Adapter, Fusion, module_key, module_path, tensor_mismatch
 from .build import build_adapter
 from .composition import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .config import MethodConfig
@@ -406,18 +406,9 @@ class AdaptedModel(nn.Module):
         """Copy tensors into an adapter (or a fusion) after checking that every key and shape matches."""
         record = self.fusion(name) if isinstance(name, Fuse) else self.adapter(name)
         expected = record.tensors()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise AdapterFileError(
-                f"adapter {name!r}: tensors do not match this model; missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for key, target in expected.items():
-            if tuple(tensors[key].shape) != tuple(target.shape):
-                raise AdapterFileError(
-                    f"adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                    f"the module here needs {tuple(target.shape)}"
-                )
+        why = tensor_mismatch(expected, tensors)
+        if why is not None:
+            raise AdapterFileError(f"adapter {name!r}: {why}")
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.dtype))  # bumps the version the routing stacks check
 

@@ -20,12 +20,12 @@ from .builtin import TASKS, build_task, method_config  # noqa: E402
 from .client import client_app, evaluate, local_train, make_participant  # noqa: E402
 from .faults import FaultsMod, parse_faults  # noqa: E402
 from .records import ADAPTER, Participant, check_arrays  # noqa: E402
-from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped  # noqa: E402
+from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped  # noqa: E402
 from .simulate import LocalGrid, Outcome, Settings, ray_backend_config, run_server, server_app, simulate  # noqa: E402
 from .tasks import ClientData, FederatedError, FederatedTask, dirichlet_split  # noqa: E402
 
 __all__ = [
-    "ADAPTER", "AGGREGATIONS", "TASKS", "AdapterFedAvg", "Checkpoints", "ClientData", "FaultsMod", "FederatedError",
+    "ADAPTER", "AGGREGATIONS", "TASKS", "AdapterStrategy", "Checkpoints", "ClientData", "FaultsMod", "FederatedError",
     "FederatedTask", "Guarded", "LocalGrid", "Outcome", "Participant", "Settings", "aggregate", "build_task",
     "check_arrays", "client_app", "dirichlet_split", "dp_wrapped", "evaluate", "fedavg", "local_train",
     "make_participant", "method_config", "parse_faults", "ray_backend_config", "run_server", "server_app",

@@ -1,9 +1,9 @@
 """A label-skew-proof start for the adapter's head: class means gathered over Flower, once.
 
 Under Dirichlet label skew a seeded head is what FedAvg breaks first: each client pulls it to its
-own classes and the average predicts the majority class round after round. The frozen base already
-separates the classes well (nearest class mean on MiniLM's features is 0.63 on the tweets, before
-any training), so the head starts as that classifier (FedNCM, Legate et al. 2023):
+own classes and the average predicts the majority class round after round. The frozen base often
+already separates the classes well (README: the nearest class mean on the tweets), so the head
+starts as that classifier (FedNCM, Legate et al. 2023):
 
     logits_c(x) = τ · (2 m_cᵀ x − ‖m_c‖²)      m_c = Σ_i s_ic / Σ_i n_ic
 

@@ -14,7 +14,6 @@ fails the check instead of being averaged in.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +106,3 @@ def check_arrays(record: ArrayRecord, template: dict[str, tuple[tuple[int, ...],
             return f"{key} holds non-finite values"
     return None
 
-
-def l2_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))

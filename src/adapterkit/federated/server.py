@@ -5,23 +5,22 @@
                             count, naming the client and why; skips a round with fewer than
                             `min_available` good replies; saves the aggregate every round and
                             resumes from the last one.
-    AdapterFedAvg(FedProx)  FedAvg weighted by examples (FedProx's μ goes to the clients), or a
+    AdapterStrategy(FedProx)  FedAvg, FedProx, FedAvgM and SCAFFOLD in one strategy: FedAvg
+                            weighted by examples (FedProx's μ goes to the clients), or a
                             LoRA-exact rule (aggregate.py: "ffa", "svd"), then optionally a server
                             step with momentum (FedAvgM, Hsu et al. 2019):
                                 Δ = x − avg;  v ← β·v + Δ;  x ← x − η·v
                             Averaging skewed clients' updates shrinks them (they point apart);
-                            η > 1 or β > 0 is meant to restore the step they agree on (on the
-                            tweets it did not: README).
+                            η > 1 or β > 0 is meant to restore the step they agree on.
                             `control="scaffold"` (Karimireddy et al. 2020, option II, in step
                             units so that it holds for AdamW): each reply carries c_i, the mean
                             step the client took on its own, (y_i − x)/K − (c − c_i); the server
                             keeps the latest per node and sends node i c − c_i (c = Σ w_i c_i),
                             added to its parameters after every local step, so a client's own
-                            drift is swapped for everyone's. Clients keep no state. (In gradient
-                            units AdamW normalises the correction into full-size steps and the
-                            run diverges: 0.63 -> 0.20 on the tweets in three rounds.)
+                            drift is swapped for everyone's. Clients keep no state. (Not in
+                            gradient units: AdamW normalises such a correction into full-size steps.)
 
-Differential privacy wraps AdapterFedAvg in Flower's fixed-clipping wrappers, inside Guarded, so a
+Differential privacy wraps AdapterStrategy in Flower's fixed-clipping wrappers, inside Guarded, so a
 malformed reply never reaches the clipping.
 """
 
@@ -70,7 +69,7 @@ def server_options_problem(rule: str, server_lr: float, server_momentum: float, 
     return None
 
 
-class AdapterFedAvg(FedProx):
+class AdapterStrategy(FedProx):
     """FedAvg/FedProx whose aggregation is `rule` over the replies' travelling tensors."""
 
     def __init__(self, rule: str = "fedavg", *, lr: float | None = None, local_epochs: int | None = None,

@@ -32,7 +32,7 @@ from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import FaultsMod, parse_faults
 from .head_init import HEAD_INITS, class_mean_head
-from .server import AdapterFedAvg, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
+from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
 from .tasks import FederatedError, FederatedTask
 
 
@@ -127,7 +127,7 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     # its own copy, apart from any client's in this process (a late client may still be training)
     task, part = _local(factory or settings.factory(), "server:" + _key(settings, factory), settings.mode)
     num_nodes = len(list(grid.get_node_ids()))
-    inner = AdapterFedAvg(
+    inner = AdapterStrategy(
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
         lr=settings.lr if settings.lr is not None else (task.full_lr if settings.full_model else task.lr),
         local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu, local_loss=settings.local_loss,

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, tensor_mismatch
 from ..composition import Fuse, setup_from_dict
+from ..config import MethodConfig
 from ..errors import AdapterConfigError, AdapterError, AdapterExistsError, AdapterFileError, CompositionError
 from ..methods import METHODS, config_from_dict, is_model_level
 
@@ -50,19 +51,12 @@ def prepare(
     name = name or manifest.get("name")
     if not isinstance(name, str):
         raise AdapterFileError(f"{source}: the adapter has no name; pass name=")
-    try:
-        config = config_from_dict(manifest["config"])
-    except (AdapterConfigError, KeyError, TypeError, ValueError) as err:
-        raise AdapterFileError(f"{source}: adapter {name!r}: manifest field 'config': {err}") from None
-    if check_base:
-        _check_base(am, manifest, f"adapter {name!r} ({source})")
+    config = check_adapter(manifest, tensors, source, name=name,
+                           fingerprint=am.fingerprint() if check_base else None, base_name=am.base_name)
     head = manifest.get("head") or None
     labels = manifest.get("labels")
     num_labels = (head or {}).get("num_labels") if labels is None else None
     sites = manifest.get("sites")
-    if head:
-        _check_head_width(tensors, len(labels) if labels is not None else num_labels, source)
-    _check_finite(tensors, name, source)  # before anything is built; a narrower dtype is checked after the copy
     if reuse is not None and _refill(reuse, name, config, labels, sites, tensors):
         return _finish(reuse, manifest)
     # prompt / prefix modules may be initialised from the base model's embeddings: built for real
@@ -142,8 +136,31 @@ def install_fusion(am: AdaptedModel, manifest: dict[str, Any], tensors: dict[str
     return fuse
 
 
-#: the dtypes a file may hold a parameter in (it is copied into the record's own dtype)
-FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+def check_adapter(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], source: str = "adapter", *,
+                  name: str | None = None, fingerprint: str | None = None, base_name: str | None = None,
+                  need_sites: bool = False) -> MethodConfig:
+    """The one check of an adapter file before anything is built from it (installs and the server's
+    store alike): its manifest's fields, its config, its head's width against the tensors, finite
+    tensors, and (when `fingerprint` is given) the base it was trained on. Its config, or
+    AdapterFileError naming what is wrong."""
+    check_manifest(manifest, source, need_sites=need_sites)
+    name = name or manifest.get("name") or "adapter"
+    try:
+        config = config_from_dict(manifest["config"])
+    except (AdapterConfigError, KeyError, TypeError, ValueError) as err:
+        raise AdapterFileError(f"{source}: adapter {name!r}: manifest field 'config': {err}") from None
+    if fingerprint is not None:
+        base = manifest.get("base") or {}
+        if base.get("fingerprint") != fingerprint:
+            raise AdapterFileError(
+                f"adapter {name!r} ({source}) was trained on base {base.get('name')!r} (fingerprint "
+                f"{base.get('fingerprint')}), not on this model {base_name!r} ({fingerprint})"
+            )
+    head, labels = manifest.get("head") or None, manifest.get("labels")
+    if head:
+        _check_head_width(tensors, len(labels) if labels is not None else head.get("num_labels"), source)
+    _check_finite(tensors, name, source)  # before anything is built; a narrower dtype is checked after the copy
+    return config
 
 
 def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = False) -> None:
@@ -197,26 +214,9 @@ def _check_head_width(tensors: dict[str, torch.Tensor], width: int | None, sourc
 
 def _check_tensors(record: Adapter, tensors: dict[str, torch.Tensor], source: str, hint: str) -> None:
     """The file holds exactly the record's tensors, each with the shape the config makes."""
-    expected = record.tensors()
-    name = record.name
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(f"{source}: adapter {name!r}: tensors do not match this model; missing "
-                               f"{missing[:5]}, unexpected {unexpected[:5]}{hint}")
-    for key, target in expected.items():
-        if not isinstance(tensors[key], torch.Tensor):
-            raise AdapterFileError(f"{source}: adapter {name!r}: {key!r} is not a tensor")
-        if target.is_floating_point() and tensors[key].dtype not in FLOAT_DTYPES:
-            raise AdapterFileError(
-                f"{source}: adapter {name!r}: tensor {key!r} is {str(tensors[key].dtype).removeprefix('torch.')}; "
-                f"parameters are stored as {', '.join(sorted(str(d).removeprefix('torch.') for d in FLOAT_DTYPES))}"
-            )
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise AdapterFileError(
-                f"{source}: adapter {name!r}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
-                f"config makes {tuple(target.shape)}{hint}"
-            )
+    why = tensor_mismatch(record.tensors(), tensors)
+    if why is not None:
+        raise AdapterFileError(f"{source}: adapter {record.name!r}: {why}{hint}")
 
 
 def _fill(record: Adapter, tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -35,14 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import FORMAT_VERSION
 from ..errors import AdapterConfigError, AdapterFileError
 from ..io.files import MANIFEST, TENSORS, read_adapter
-from ..io.install import check_manifest
+from ..io.install import check_adapter
 from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
-from ..methods import config_from_dict, is_model_level
+from ..methods import is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
 from .tenants import DEFAULT_TENANT, valid_name
@@ -252,19 +250,10 @@ class AdapterStore:
                                      f"(versions 0 to {FORMAT_VERSION})")
             if manifest.get("kind") == "fusion":
                 raise InvalidAdapter("a fusion file is not an adapter that can be routed per row")
-            check_manifest(manifest, "the upload", need_sites=True)
-            config = config_from_dict(manifest["config"])
+            config = check_adapter(manifest, tensors, "the upload", fingerprint=self.fingerprint,
+                                   base_name="this server's base", need_sites=True)
         except (AdapterFileError, AdapterConfigError, TypeError, ValueError) as err:
             raise InvalidAdapter(f"not a valid adapter: {err}") from None
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise InvalidAdapter(f"not a valid adapter: tensors {bad[:4]} hold NaN or infinite values")
-        base = manifest.get("base") or {}
-        if self.fingerprint is not None and base.get("fingerprint") != self.fingerprint:
-            raise InvalidAdapter(
-                f"the adapter was trained on base {base.get('name')!r} (fingerprint {base.get('fingerprint')}); "
-                f"this server's base has fingerprint {self.fingerprint}"
-            )
         if is_model_level(config):
             raise InvalidAdapter(
                 f"{config.method} adapters add tokens and cannot be routed per row; serve LoRA, bottleneck, IA3 or BitFit"
