@@ -8,6 +8,7 @@ Whatever goes wrong, the model is left as it was and the error is an `AdapterErr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -184,6 +185,14 @@ def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = Fa
     known = METHODS.get(manifest["config"]["method"])
     if need_sites and sites is None and not (known is not None and known.model_level):
         raise bad("sites", "is required: the modules the adapter is attached to")
+    _check_labels_and_head(manifest, bad)
+    if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
+        raise bad("meta", "must be an object")
+    if manifest.get("base") is not None and not isinstance(manifest["base"], dict):
+        raise bad("base", "must be an object")
+
+
+def _check_labels_and_head(manifest: dict[str, Any], bad: Callable[[str, str], AdapterFileError]) -> None:
     labels = manifest.get("labels")
     if labels is not None:
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
@@ -199,10 +208,6 @@ def check_manifest(manifest: Any, source: str = "adapter", need_sites: bool = Fa
             raise bad("head.num_labels", "must be a positive integer")
         if labels is not None and width is not None and width != len(labels):
             raise bad("head.num_labels", f"is {width} but there are {len(labels)} labels")
-    if manifest.get("meta") is not None and not isinstance(manifest["meta"], dict):
-        raise bad("meta", "must be an object")
-    if manifest.get("base") is not None and not isinstance(manifest["base"], dict):
-        raise bad("base", "must be an object")
 
 
 def _check_head_width(tensors: dict[str, torch.Tensor], width: int | None, source: str) -> None:

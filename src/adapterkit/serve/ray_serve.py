@@ -123,14 +123,9 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
         async def __call__(self, request: Request) -> Any:
             route = request.url.path.rstrip("/").rsplit("/", 1)[-1]
             try:
-                body = await request.json()
-                if route == "classify":
-                    return await self.classify(body["inputs"])
-                if route == "embed":
-                    return await self.embed(body["inputs"], bool(body.get("normalize", False)))
-                if route == "generate":
-                    options = {k: body[k] for k in ("max_new_tokens", "temperature", "seed") if k in body}
-                    return await self.generate(body["prompt"], **options)
+                answer = await _dispatch(self, route, await request.json())
+                if answer is not None:
+                    return answer
             except ServeError as err:
                 return JSONResponse(as_json(err, self.engine.redact), status_code=status_of(err))
             except (KeyError, ValueError) as err:
@@ -138,3 +133,15 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
             return JSONResponse(error_body("not_found", f"no route {route!r}", 404), status_code=404)
 
     return AdapterServer
+
+
+async def _dispatch(server: Any, route: str, body: dict) -> dict | None:
+    """The deployment's answer to a JSON body on one of its routes (None: no such route)."""
+    if route == "classify":
+        return await server.classify(body["inputs"])
+    if route == "embed":
+        return await server.embed(body["inputs"], bool(body.get("normalize", False)))
+    if route == "generate":
+        options = {k: body[k] for k in ("max_new_tokens", "temperature", "seed") if k in body}
+        return await server.generate(body["prompt"], **options)
+    return None
