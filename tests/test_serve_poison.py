@@ -116,6 +116,14 @@ def test_a_merge_that_changes_answers_is_undone_bit_for_bit(folders, tmp_path, m
         assert all(torch.equal(v, engine.am.base.state_dict()[k]) for k, v in weights.items())
 
 
+def test_a_merge_whose_originals_cannot_be_kept_is_never_made(folders, tmp_path):
+    with engine_with({"good0": folders["good0"]}, tmp_path / "store", merge_after=2, merge_copy_bytes=1024) as engine:
+        for _ in range(4):
+            engine.classify(TEXTS, adapter="good0")
+        assert engine.merging.merges == 0 and not engine.am.state.merged
+        assert "over the 1024 kept" in engine.merging.refused["default__good0__v1"]
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["lora", "ia3", "bitfit"]), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
 def test_unmerge_restores_the_base_bit_for_bit(method, scale, seed):

@@ -69,10 +69,12 @@ class Engine:
         max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, max_inputs: int = 64, max_input_chars: int = 20_000,
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
-        merge_after: int = 8, quantize: str | None = None,
+        merge_after: int = 8, quantize: str | None = None, merge_copy_bytes: int = 1 << 30,
     ) -> None:
         """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
-        (0: never merge). `quantize="int8"`: torchao int8 weight-only Linear layers in the base."""
+        (0: never merge). `merge_copy_bytes`: a merge keeps a copy of the weights it changes (so that the
+        unmerge is exact); an adapter that would change more is never merged. `quantize="int8"`:
+        torchao int8 weight-only Linear layers in the base."""
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
@@ -90,7 +92,8 @@ class Engine:
         self.task = task_of(model, self.am.head_path)
         self.fingerprint = self.am.fingerprint()  # of the full-precision base, which adapters were made for
         self.quantized = quantize_base(model, quantize, skip=self.am.head_path)
-        self.merging = DominantMerge(self.am, merge_after, probe=self._probe) if merge_after else None
+        self.merging = (DominantMerge(self.am, merge_after, probe=self._probe, max_copy_bytes=merge_copy_bytes)
+                        if merge_after else None)
         self._routing = self.merging.routing if self.merging is not None else self.am.route
         self.tokenizer = tokenizer
         self._tok_lock = threading.Lock()

@@ -9,7 +9,8 @@ A merge changes what every tenant's rows run on, so it is checked before it serv
 merged weights must be finite and the merged model's output on a probe batch must equal the
 adapter's routed output; a merge that fails the check is undone and the adapter is never merged
 again. The frozen tensors a merge changes are copied first, so an unmerge restores them bit for
-bit (not W + ΔW − ΔW, which rounds, and which an overflowing ΔW cannot undo at all).
+bit (not W + ΔW − ΔW, which rounds, and which an overflowing ΔW cannot undo at all). An adapter
+whose merge would change more than `max_copy_bytes` of weights is never merged.
 
 Every decision is made in the model thread between two forwards, so a forward never sees weights
 half merged, and a forward is either all merged (every row names the merged adapter) or all routed.
@@ -39,8 +40,9 @@ class DominantMerge:
     `probe`: runs the model on a fixed batch and returns its output (the check a merge must pass)."""
 
     def __init__(self, am: AdaptedModel, after: int = 8, probe: Callable[[], torch.Tensor] | None = None,
-                 max_after: int = 1024) -> None:
+                 max_after: int = 1024, max_copy_bytes: int = 1 << 30) -> None:
         self.am, self.after, self.probe = am, max(1, int(after)), probe
+        self.max_copy_bytes = int(max_copy_bytes)
         self.max_after = max(self.after, max_after)
         self.merged: str | None = None
         self._streak_name: str | None = None
@@ -85,6 +87,10 @@ class DominantMerge:
         record = self.am.adapter(name)
         if record.model_method is not None or not all(m.mergeable for m in record.site_methods.values()):
             self.refused[name] = "its method cannot be merged"
+            return
+        copy = sum(t.numel() * t.element_size() for t in self.am.merged_tensors(name))
+        if copy > self.max_copy_bytes:  # the originals could not be kept, so the unmerge would not be exact
+            self.refused[name] = f"its merge changes {copy} bytes of weights, over the {self.max_copy_bytes} kept"
             return
         expected = self._probe([name]) if self.probe is not None else None
         try:
