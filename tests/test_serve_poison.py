@@ -81,6 +81,7 @@ def test_a_poisoned_adapter_is_never_merged_and_fails_only_its_own_rows(folders,
             with pytest.raises(NonFiniteOutput):
                 engine.classify(["x"], adapter="bad")
         assert not engine.am.state.merged and "default__bad__v1" in engine.merging.refused
+        assert engine.stats()["merges_refused"] == 1 and engine.stats()["merges"] == 0
         assert all(torch.equal(v, engine.am.base.state_dict()[k]) for k, v in weights.items())
         # in one batch beside it, the other rows answer as they do alone
         futures = [engine.submit("classify", [t], adapter=n) for t in TEXTS for n in ("bad", "good0", None)]

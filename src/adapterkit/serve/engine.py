@@ -360,7 +360,10 @@ class Engine:
     # --- facts ----------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows}
+        merging = self.merging
+        merges = {"merges": merging.merges, "unmerges": merging.unmerges, "merges_refused": len(merging.refused)
+                  } if merging is not None else {"merges": 0, "unmerges": 0, "merges_refused": 0}
+        return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows, **merges}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.base_name, "task": self.task, "fingerprint": self.fingerprint,

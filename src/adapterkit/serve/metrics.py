@@ -64,3 +64,6 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("adapterkit_loaded_adapters", "Adapter versions resident in memory", value=s["loaded"])
         yield GaugeMetricFamily("adapterkit_loaded_adapter_bytes", "Bytes of resident adapters", value=s["bytes"])
         yield GaugeMetricFamily("adapterkit_cache_budget_bytes", "Byte budget of resident adapters", value=s["budget"])
+        yield CounterMetricFamily("adapterkit_merges", "Adapters served merged into the base", value=s.get("merges", 0))
+        yield GaugeMetricFamily("adapterkit_merges_refused",
+                                "Adapters whose merge failed its check (never merged)", value=s.get("merges_refused", 0))
