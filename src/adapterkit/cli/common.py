@@ -46,3 +46,11 @@ def clear_errors(command):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def command_group(name: str, help: str) -> typer.Typer:
+    """A group of subcommands (`adapterkit <name> ...`), registered on the main app."""
+    group = typer.Typer(no_args_is_help=True, help=help)
+    app.add_typer(group, name=name)
+    return group
+

@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import app, clear_errors, console, err_console
+from .common import clear_errors, command_group, console, err_console
 
-continual_app = typer.Typer(no_args_is_help=True, help="Continual learning: one frozen adapter per task.")
-app.add_typer(continual_app, name="continual")
+continual_app = command_group("continual", "Continual learning: one frozen adapter per task.")
 
 
 @continual_app.command("run")

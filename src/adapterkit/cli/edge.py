@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .common import app, clear_errors, console
+from .common import clear_errors, command_group, console
 
-edge_app = typer.Typer(no_args_is_help=True, help="On-device adaptation: plan, fit and export under a memory budget.")
-app.add_typer(edge_app, name="edge")
+edge_app = command_group("edge", "On-device adaptation: plan, fit and export under a memory budget.")
 RecipeOpt = Annotated[str, typer.Option(help="kws | vision | har | har_lstm | vibration")]
 MethodOpt = Annotated[str, typer.Option(help="lite_residual | bottleneck | lora | ia3 | bitfit | *_last")]
 

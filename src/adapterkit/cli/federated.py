@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import app, clear_errors, console
+from .common import clear_errors, command_group, console
 
-federated_app = typer.Typer(no_args_is_help=True, help="Federated adapters on Flower: only adapter tensors travel.")
-app.add_typer(federated_app, name="federated")
+federated_app = command_group("federated", "Federated adapters on Flower: only adapter tensors travel.")
 
 
 @federated_app.command("simulate")
