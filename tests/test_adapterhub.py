@@ -179,7 +179,7 @@ def test_parallel_adapter_computes_the_librarys_equation(am):
     """BertOutput(x, r) = LN(dropout(dense(x)) + r); par_bn: LN(d + r + s·up(relu(down(r))))."""
     load_adapterhub(am, FIXTURES / "par_bn")
     block = am.base.encoder.layer[0].output
-    adapter = am.adapter("par_bn").sites["encoder.layer.0.output"]
+    adapter = am.adapter("par_bn").methods_by_path["encoder.layer.0.output"]
     x, r = torch.randn(2, 5, 64), torch.randn(2, 5, 32)
     with torch.no_grad():
         d = block.dense(x)
@@ -297,7 +297,7 @@ def test_renorm_equals_its_equation_and_routes(am, recorded):
         with torch.no_grad():
             for p in am.adapter_parameters(name):
                 p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-    site = am.adapter("a").sites["encoder.layer.0.output.LayerNorm"]
+    site = am.adapter("a").methods_by_path["encoder.layer.0.output.LayerNorm"]
     x = torch.randn(2, 5, 32)
     h = site.norm(x)
     expected = site.norm(x + site.scaling * site.up(torch.relu(site.down(h))))

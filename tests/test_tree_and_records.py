@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.composition import fuses_in, setup_from_dict, setup_to_dict
 from adapterkit.errors import AdapterFileError, CompositionError
+from adapterkit.setups import fuses_in, setup_from_dict, setup_to_dict
 
 from .conftest import randomize
 

@@ -1,6 +1,5 @@
 """adapterkit: adapter layers on any PyTorch model, many named adapters on one frozen base."""
 
-from .composition import Average, Fuse, Stack
 from .config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig, PrefixTuning, PromptTuning
 from .errors import (
     AdapterConfigError,
@@ -12,6 +11,7 @@ from .errors import (
     TargetError,
 )
 from .model import AdaptedModel, adapt
+from .setups import Average, Fuse, Stack
 
 __version__ = "0.1.0"
 

@@ -62,8 +62,9 @@ class Adapter(nn.Module):
             yield f"{COPIES}.{module_path(key)}", copy
 
     @property
-    def sites(self) -> dict[str, nn.Module]:
-        """Module path -> the method's module there."""
+    def methods_by_path(self) -> dict[str, nn.Module]:
+        """Module path -> the method's module there. (`AdaptedModel.sites` are the hooks on the frozen
+        modules; a manifest's "sites" names the module paths and sides, as the file format has it.)"""
         return {module_path(k): m for k, m in self.site_methods.items()}
 
     @property

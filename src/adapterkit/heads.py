@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import names_in
+from .setups import names_in
 from .site import ActiveState
 
 #: attribute names of classification / LM heads in transformers and torchvision models

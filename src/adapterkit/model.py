@@ -23,13 +23,13 @@ from torch import nn
 from . import combine as combining
 from .adapter import Adapter, Fusion, module_key, module_path, tensor_mismatch
 from .build import build_adapter
-from .composition import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .config import MethodConfig
 from .copies import CopySwitches
 from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
 from .heads import HeadSwitch, find_head
 from .methods import check_config
 from .methods.fusion import FusionLayer
+from .setups import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .site import ActiveState, Route, Site
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -186,7 +186,7 @@ class AdaptedModel(nn.Module):
         return self.state.setup
 
     def activate(self, setup: Setup) -> None:
-        """Use one adapter (a name), a Stack, a Fuse, an Average (nested as composition.py says), or None."""
+        """Use one adapter (a name), a Stack, a Fuse, an Average (nested as setups.py says), or None."""
         for name in names_in(setup):
             self.adapter(name)
         whole_model = [n for f in _fuse_or_average_nodes(setup) for n in f.names
@@ -399,7 +399,7 @@ class AdaptedModel(nn.Module):
 
     def site_names(self, name: str) -> dict[str, str]:
         """Module name -> side ("input"/"output") of every site the adapter is attached to."""
-        return {path: method.side for path, method in self.adapter(name).sites.items()}
+        return {path: method.side for path, method in self.adapter(name).methods_by_path.items()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, name: str | Fuse, tensors: dict[str, torch.Tensor]) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import Average, Fuse, Setup, Stack, names_in
 from .errors import CompositionError
 from .methods.base import RouteKey, RouteStack, SiteMethod, SiteShape, features_last, positional_parameters
-from .stacks import Group, SlotStack, assign_slots, stack_of
+from .setups import Average, Fuse, Setup, Stack, names_in
+from .slots import Group, RoutingSlots, assign_slots, stacked_group
 
 
 @dataclass
@@ -88,7 +88,7 @@ class Site(nn.Module):
         # A plain attribute, not a submodule: the frozen module belongs to the base model only.
         object.__setattr__(self, "frozen", module)
         object.__setattr__(self, "state", state)
-        self._stacks: dict[RouteKey, SlotStack] = {}
+        self._stacks: dict[RouteKey, RoutingSlots] = {}
         self._slots: dict[RouteKey, list[str | None]] = {}  # group key -> the adapter in each slot
         self._layout_cache = _Layout()
         self._arg_names: tuple[str, ...] | None = None  # the frozen forward's positional ones, read when needed
@@ -271,13 +271,13 @@ class Site(nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             # The stack is part of the autograd graph, so it cannot be reused across steps; a compiled
             # graph stacks inside itself (its guards cannot read the cache's storage pointers).
-            return stack_of(key.method, group, attached)
+            return stacked_group(key.method, group, attached)
         version = self.adapters.version
         cached = self._stacks.get(key)
         if cached is not None and (cached.current(group, attached, used, version)
                                    or cached.update(group, attached, used, version)):
             return cached.stacked
-        cached = SlotStack(key.method, group, attached, version)
+        cached = RoutingSlots(key.method, group, attached, version)
         self._stacks[key] = cached
         return cached.stacked
 

@@ -327,7 +327,7 @@ def export_adapterhub(am: AdaptedModel, name: str, path: str | os.PathLike) -> P
                                f"({', '.join(BERT_STYLE)}), not {model_type or type(am.base).__name__}")
     layers = int(am.base.config.num_hidden_layers)
     hidden = int(am.base.config.hidden_size)
-    sites = record.sites
+    sites = record.methods_by_path
     if isinstance(config, Bottleneck):
         method_config, tensors = _bottleneck_out(config, sites, name, layers, hidden, what)
     elif isinstance(config, LoRA):

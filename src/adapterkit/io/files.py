@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_tensors
 
-from ..composition import Fuse
 from ..config import FORMAT_VERSION
 from ..errors import AdapterFileError
 from ..heads import head_width
+from ..setups import Fuse
 from .install import install, install_fusion
 from .storage import PICKLE_SUFFIXES, atomic_folder, atomic_write, load_tensors
 

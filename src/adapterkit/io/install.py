@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..adapter import Adapter, tensor_mismatch
-from ..composition import Fuse, setup_from_dict
 from ..config import MethodConfig
 from ..errors import AdapterConfigError, AdapterError, AdapterExistsError, AdapterFileError, CompositionError
 from ..methods import METHODS, config_from_dict, is_model_level
+from ..setups import Fuse, setup_from_dict
 
 if TYPE_CHECKING:
     from ..model import AdaptedModel
@@ -91,7 +91,7 @@ def _refill(record: Adapter, name: str, config: Any, labels: list[str] | None, s
     """Copy an adapter's tensors into a record built for another of the same structure; False if it is not."""
     if sites is None or record.config != config or record.model_method is not None:
         return False
-    here = {path: method.side for path, method in record.sites.items()}
+    here = {path: method.side for path, method in record.methods_by_path.items()}
     if here.keys() != sites.keys() or any(side is not None and here[m] != side for m, side in sites.items()):
         return False
     expected = record.tensors()
@@ -250,7 +250,7 @@ def _check_sites(record: Adapter, saved: dict[str, str | None] | None, source: s
     """The file's sites must be the ones the config finds here (a side of None: any side)."""
     if saved is None:
         return
-    here = {path: method.side for path, method in record.sites.items()}
+    here = {path: method.side for path, method in record.methods_by_path.items()}
     extra, missing = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     sides = sorted(m for m, side in saved.items() if side is not None and m in here and here[m] != side)
     if extra or missing or sides:

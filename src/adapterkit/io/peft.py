@@ -94,7 +94,7 @@ def export_peft_lora(
             f"adapter {name!r} is a {config.method} adapter; only LoRA adapters have a Hugging Face PEFT layout "
             "(use am.save() for adapterkit's own format)"
         )
-    sites = record.sites
+    sites = record.methods_by_path
     task_type = _task_type(am.base)
     copied = record.copied_paths
     modules_to_save = ([am.head_path] if record.head is not None else []) + copied or None

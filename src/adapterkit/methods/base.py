@@ -274,7 +274,7 @@ class SiteMethod(nn.Module):
 
     @classmethod
     def write_slot(cls, stacked: RouteStack, slot: int, adapter: SiteMethod) -> bool:
-        """Write `adapter` over slot `slot` of a `stack` result in place (stacks.py: a server's install
+        """Write `adapter` over slot `slot` of a `stack` result in place (slots.py: a server's install
         changes one slot, not all); False when the stack cannot hold it and must be rebuilt."""
         return False
 

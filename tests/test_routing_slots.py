@@ -1,4 +1,4 @@
-"""Routing stacks updated slot by slot (stacks.py) and serving installs that refill an evicted record."""
+"""Routing stacks updated slot by slot (slots.py) and serving installs that refill an evicted record."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.stacks import assign_slots
+from adapterkit.slots import assign_slots
 
 
 def test_assign_slots_keeps_places_and_fills_holes_first():

@@ -1,4 +1,5 @@
-"""Routing stacks: the adapters of one routing group at a site, each in a fixed slot of stacked tensors.
+"""Routing slots: the adapters of one routing group at a site, each in a fixed slot of stacked tensors.
+(Not `setups.Stack`, which is serial composition: this is the per-row routing's storage.)
 
 Per-row routing gathers each row's parameters from tensors that stack every adapter of a group
 (methods/*.stack). An adapter keeps its slot for as long as it is attached, so when a server
@@ -56,12 +57,12 @@ def assign_slots(previous: list[str | None] | None, present: list[str]) -> list[
     return slots
 
 
-class SlotStack:
+class RoutingSlots:
     """A group's stacked parameters, the modules each slot was written from and their signatures."""
 
     def __init__(self, method: type[SiteMethod], group: Group, attached: dict[str, nn.Module], version: int) -> None:
         with torch.no_grad():
-            self.stacked = stack_of(method, group, attached)
+            self.stacked = stacked_group(method, group, attached)
         # weak references: a deleted adapter's memory must not wait for the next forward here
         self.modules = [weakref.ref(attached[n]) if n is not None else _GONE for n in group.names]
         self.signatures = [signature(attached[n]) if n is not None else None for n in group.names]
@@ -99,7 +100,7 @@ class SlotStack:
         return True
 
 
-def stack_of(method: type[SiteMethod], group: Group, attached: dict[str, nn.Module]) -> RouteStack:
+def stacked_group(method: type[SiteMethod], group: Group, attached: dict[str, nn.Module]) -> RouteStack:
     """`method.stack` over the group's slots; holes hold a copy of another adapter that no row reads."""
     filler = attached[next(n for n in group.names if n is not None)]
     return method.stack([attached[n] if n is not None else filler for n in group.names])
