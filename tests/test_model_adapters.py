@@ -253,3 +253,14 @@ def test_info_and_summary():
     assert info["bytes"] == 4 * info["params"] and info["sites"] == 10 and 0 < info["percent_of_base"] < 100
     text = am.summary()
     assert "a" in text and "lora" in text and f"{info['params']:,}" in text
+
+
+def test_a_site_moves_with_to_like_any_module():
+    """Site's own method names must not shadow nn.Module's (`_apply` is what `.to()` calls)."""
+    import torch
+    from torch import nn
+
+    am = ak.adapt(nn.Sequential(nn.Linear(4, 4)), head=None)
+    am.add("a", ak.LoRA(r=2, targets=["0"]))
+    am.sites["0"].to(torch.float64)
+    assert am.adapter("a").methods_by_path["0"].lora_A.dtype == torch.float64

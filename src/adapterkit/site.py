@@ -79,6 +79,10 @@ class ActiveState:
 
 
 class Site(nn.Module):
+    #: set with object.__setattr__ (not submodules): the frozen module belongs to the base model only
+    frozen: nn.Module
+    state: ActiveState
+
     def __init__(self, name: str, module: nn.Module, state: ActiveState) -> None:
         super().__init__()
         self.module_name = name
@@ -122,7 +126,7 @@ class Site(nn.Module):
             if self.state.route is not None:
                 new = self._routed(groups, "input", x, None)
             else:
-                new = self._apply(self.state.setup, "input", x, x, inplace=False, arg=arg)
+                new = self._apply_setup(self.state.setup, "input", x, x, inplace=False, arg=arg)
             if new is not x:
                 args, kwargs = _put(args, kwargs, where, new)
         return args, kwargs
@@ -137,7 +141,7 @@ class Site(nn.Module):
         if self.state.route is not None:
             h = self._routed(self._layout().output, "output", x, h)
         else:
-            h = self._apply(self.state.setup, "output", x, h, inplace=self._owns_output())
+            h = self._apply_setup(self.state.setup, "output", x, h, inplace=self._owns_output())
         return h if rest is None else (h, *rest)
 
     def _uses(self, groups: dict[RouteKey, Group], arg: int) -> bool:
@@ -182,7 +186,7 @@ class Site(nn.Module):
     def _touches(self, setup: Setup, side: str, arg: int) -> bool:
         return any(self._live(n, side, arg) is not None for n in names_in(setup))
 
-    def _apply(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor, inplace: bool,
+    def _apply_setup(self, setup: Setup, side: str, x: torch.Tensor, h: torch.Tensor, inplace: bool,
                arg: int = 0) -> torch.Tensor:
         """One node of the setup tree at this site; on the input side, h is the module's argument
         number `arg` and only the adapters reading that argument act.
@@ -201,13 +205,13 @@ class Site(nn.Module):
             return adapter(x, h)
         if isinstance(setup, Stack):
             for child in setup.children:
-                h = self._apply(child, side, x, h, inplace, arg)
+                h = self._apply_setup(child, side, x, h, inplace, arg)
             return h
         if isinstance(setup, Average):
             base = h
             for child, weight in setup.weights:
                 if self._touches(child, side, arg):
-                    h = h + weight * (self._apply(child, side, x, base, False, arg) - base)
+                    h = h + weight * (self._apply_setup(child, side, x, base, False, arg) - base)
             return h
         if isinstance(setup, Fuse):
             live = [c for c in setup.children if self._touches(c, side, arg)]
@@ -219,7 +223,7 @@ class Site(nn.Module):
             layer = self.fusions._modules.get(setup.key)
             if layer is None or not live:
                 return h
-            outs = [features_last(self._apply(c, side, x, h, False), self.shape)[0] for c in live]
+            outs = [features_last(self._apply_setup(c, side, x, h, False), self.shape)[0] for c in live]
             h_last, restore = features_last(h, self.shape)
             return restore(layer(h_last, outs))
         return h
