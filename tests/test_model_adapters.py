@@ -163,7 +163,11 @@ def test_train_adapter_trains_only_that_adapter_and_its_head(make_minilm, minilm
     randomize(am, "a")  # B = 0 at init gives A no gradient; move it so every tensor gets one
     randomize(am, "b")
     params = am.train_adapter("a")
-    assert am.active == "a" and am.training
+    # the frozen base as inference has it (dropout off); only adapter "a"'s modules train
+    assert am.active == "a" and not am.training and not model.training
+    assert all(m.training for m in am.adapter("a").modules())
+    assert not any(m.training for m in am.adapter("b").modules())
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
     own = {id(p) for p in params}
     assert own == {id(p) for p in am.adapter_parameters("a")}
     assert own >= {id(p) for p in am.adapter("a").head.parameters()}
@@ -181,6 +185,8 @@ def test_train_adapter_trains_only_that_adapter_and_its_head(make_minilm, minilm
     assert {id(p) for p in am.parameters() if p.requires_grad} == {id(p) for p in params_b}
     model(**minilm_inputs).logits.sum().backward()
     assert {id(p) for p in am.parameters() if p.grad is not None} == {id(p) for p in params_b}
+    am.train_adapter("b", base_in_train_mode=True)  # the old rule, asked for: every module trains
+    assert all(m.training for m in am.modules())
     assert not any(p.requires_grad for p in model.parameters())
 
 

@@ -200,15 +200,24 @@ class AdaptedModel(nn.Module):
             self.add_fusion(fuse)
         self.state.setup = setup
 
-    def train_adapter(self, setup: str | Fuse) -> list[nn.Parameter]:
-        """Activate `setup` and make only its parameters (and its head) trainable."""
+    def train_adapter(self, setup: str | Fuse, *, base_in_train_mode: bool = False) -> list[nn.Parameter]:
+        """Activate `setup`, make only its parameters (and its head) trainable and return them.
+
+        The frozen base goes to eval mode, as inference has it: its BatchNorm keeps its statistics
+        and its dropout stays off. Only the modules that train (the adapter's, or the fusion's) are
+        in train mode. `base_in_train_mode=True` puts the whole model in train mode instead, as
+        PEFT and transformers' Trainer do (dropout on in the base, BatchNorm statistics updated)."""
         self.activate(setup)
         for p in self.parameters():
             p.requires_grad_(False)
         params = list(self.adapter_parameters(setup))
         for p in params:
             p.requires_grad_(True)
-        self.train()
+        if base_in_train_mode:
+            self.train()
+        else:
+            self.eval()
+            (self.fusion(setup) if isinstance(setup, Fuse) else self.adapter(setup)).train()
         return params
 
     def adapter_parameters(self, setup: str | Fuse) -> Iterator[nn.Parameter]:

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..heads import find_head
 from ..model import AdaptedModel
+from ..train.step import TrainStep
 from .data import Encoder, Inputs, Split, Task, TaskStream, tensor_encoder
 from .learner import batches, logits_of, predict_logits, take
 
@@ -76,10 +77,7 @@ class SharedLearner:
         if self.am is None:
             self.model.train()
         else:  # the frozen base keeps its statistics, as in Learner
-            self.am.eval()
-            self.am.adapter("shared").train()
-            for p in self.params:
-                p.requires_grad_(True)
+            self.am.train_adapter("shared")
 
     def learn(self, task: Task) -> None:
         self._fit([(task, task.train)])
@@ -93,7 +91,9 @@ class SharedLearner:
 
     def _fit(self, parts: list[tuple[Task, Split]]) -> None:
         inputs, labels = _concat([(s.inputs, self._global(t, s.labels)) for t, s in parts])
-        opt = torch.optim.AdamW(self.params, lr=self.lr)
+        # clipped as in Learner: without it the shared adapter's last Split-MNIST task drove every
+        # ReLU after conv3 dead (constant logits), which is not forgetting
+        step = TrainStep(self.params, torch.optim.AdamW(self.params, lr=self.lr), extra=[self._penalty])
         gen = torch.Generator().manual_seed(self.seed)
         bx, by = _concat(self.buffer) if self.buffer else (None, None)
         self._set_train()
@@ -104,13 +104,7 @@ class SharedLearner:
                     pick = torch.randint(len(by), (min(len(by), len(idx)),), generator=gen)
                     x, y = _concat([(x, y), (take(bx, pick), by[pick])])
                 args, kwargs = self.encode(x)
-                loss = self._loss(logits_of(self.model(*args, **kwargs)), y) + self._penalty()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # clipped as in Learner: without it the shared adapter's last Split-MNIST task drove
-                # every ReLU after conv3 dead (constant logits), which is not forgetting
-                torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-                opt.step()
+                step(lambda: self._loss(logits_of(self.model(*args, **kwargs)), y))  # noqa: B023
         self.model.eval()
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -119,9 +113,10 @@ class SharedLearner:
             logits = logits.masked_fill(~own, float("-inf"))
         return F.cross_entropy(logits, y)
 
-    def _penalty(self) -> torch.Tensor | float:
+    def _penalty(self) -> torch.Tensor:
+        """EWC's λ/2 · Σ F·(θ − θ*)² over the earlier tasks (zero before the second task)."""
         if not self.anchors:
-            return 0.0
+            return torch.zeros(())
         total = sum(((f * (p - a) ** 2).sum() for anchor, fisher in self.anchors
                      for p, a, f in zip(self.params, anchor, fisher, strict=True)), torch.zeros(()))
         return self.ewc_lambda / 2 * total

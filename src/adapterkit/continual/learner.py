@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..model import AdaptedModel
+from ..train.step import TrainStep
 from .data import ContinualError, Encoder, Inputs, Split, Task, tensor_encoder
 
 SITES_PREFIX = "sites."
@@ -148,23 +149,18 @@ class Learner:
             self.class_owner.pop(c, None)
 
     def _train(self, task: Task) -> list[float]:
+        # the frozen base stays in eval mode: a BatchNorm updating its statistics would change the
+        # earlier tasks' answers
         params = self.am.train_adapter(task.name)
-        # train_adapter put everything in train mode: the frozen base must not update its BatchNorm
-        # statistics (that would change the earlier tasks' answers), so only the new adapter trains.
-        self.am.eval()
-        self.am.adapter(task.name).train()
-        opt = torch.optim.AdamW(params, lr=self.lr)
+        step = TrainStep(params, torch.optim.AdamW(params, lr=self.lr))
         gen = torch.Generator().manual_seed(self.seed)
         losses = []
         for _ in range(self.epochs):
             for idx in batches(len(task.train), self.batch_size, gen):
                 args, kwargs = self.encode(take(task.train.inputs, idx))
-                loss = F.cross_entropy(logits_of(self.am(*args, **kwargs)), task.train.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                losses.append(float(loss.detach()))
+                labels = task.train.labels[idx]
+                loss = step(lambda: F.cross_entropy(logits_of(self.am(*args, **kwargs)), labels))  # noqa: B023
+                losses.append(float(loss))
         return losses
 
     def _copy_sites(self, source: str, target: str) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig
 from ..heads import new_head
 from ..model import AdaptedModel, adapt
+from ..train.step import TrainStep
 from .fit import fit, train_steps
 from .lean import lean
 from .memory import split_parameters, tensor_bytes
@@ -72,13 +73,10 @@ def _timed_steps(step: Callable[[], None], count: int = 10) -> float:
 
 
 def _step_function(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> Callable:
-    opt = torch.optim.Adam(params, lr=1e-9)
+    train_step = TrainStep(params, torch.optim.Adam(params, lr=1e-9))
 
     def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(lambda: F.cross_entropy(model(x), y))
     return step
 
 
@@ -130,7 +128,6 @@ def run_adapter(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool =
               "adapter_bytes": sum(tensor_bytes(t) for t in am.adapter_state_dict(name).values()),
               "base_flash_bytes": flash, "train_seconds": report.seconds, "final_loss": report.losses[-1]}
     params = am.train_adapter(name)
-    am.base.eval()
     xb, yb = next(iter(loader))
     result["step_seconds"] = _timed_steps(_step_function(am, params, xb, yb))
     am.eval()

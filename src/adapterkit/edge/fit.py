@@ -20,6 +20,7 @@ from torch import nn
 from ..config import BitFit, LiteResidual, MethodConfig
 from ..heads import head_width
 from ..model import AdaptedModel
+from ..train.step import TrainStep
 from .memory import (
     OPTIMIZER_STATE,
     BudgetError,
@@ -96,9 +97,7 @@ def measure_forward(model: nn.Module, batch: Batch, *, loss_fn: LossFn = F.cross
 
 
 def _prepare(am: AdaptedModel, name: str) -> None:
-    am.train_adapter(name)
-    am.base.eval()  # frozen BatchNorm keeps its statistics; dropout in the base stays off
-    am.adapter(name).train()
+    am.train_adapter(name)  # the frozen base in eval mode: BatchNorm statistics never move
 
 
 def plan(am: AdaptedModel, name: str, example_batch: Batch, *, budget: int | str | None = None,
@@ -207,6 +206,13 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
     """The training loop every edge setup shares; the peak writable memory of any step when `measure`.
     A step measured over `limit` stops training with a BudgetError (the steps before it are kept)."""
     opt = make_optimizer(params, optimizer, lr)
+    grads = 0
+
+    def count_gradients() -> None:
+        nonlocal grads
+        grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
+
+    step_once = TrainStep(params, opt, before_step=[count_gradients])
     _, flash = split_parameters(model)
     size = sum(tensor_bytes(p) for p in params)
     peak: MemoryReport | None = None
@@ -217,16 +223,15 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
         for batch in loader:
             x, y = split_batch(batch)
             meter = Meter(model)
-            with meter.watching() if measure else contextlib.nullcontext():
-                loss = loss_fn(logits_of(model(x)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+
+            def forward(x: torch.Tensor = x, y: torch.Tensor = y, meter: Meter = meter) -> torch.Tensor:
+                with meter.watching() if measure else contextlib.nullcontext():
+                    return loss_fn(logits_of(model(x)), y)
+
+            loss = step_once(forward)
             steps += 1
             total, count = total + float(loss.detach()) * len(y), count + len(y)
             if measure:
-                grads = sum(tensor_bytes(p.grad) for p in params if p.grad is not None)
                 step = MemoryReport(int(x.shape[0]), meter.saved_bytes, size, grads, optimizer_bytes(opt),
                                     meter.working, flash, meter.by_layer(), measured=True)
                 if peak is None or step.writable > peak.writable:

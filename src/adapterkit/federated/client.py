@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from ..model import adapt
+from ..train.step import MAX_GRAD_NORM, TrainStep
 from .head_init import head_input_sums, sums_reply
 from .records import ADAPTER, Participant, adapter_participant, check_arrays, full_participant
 from .tasks import ClientData, FederatedTask
@@ -70,9 +71,11 @@ def label_shift(labels: torch.Tensor, classes: int) -> torch.Tensor:
 
 def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epochs: int, lr: float,
                 proximal_mu: float = 0.0, seed: int = 0, loss: str = "ce",
-                correction: dict[str, torch.Tensor] | None = None) -> tuple[float, int]:
-    """AdamW over the travelling parameters on the client's data; FedProx adds μ/2·‖w − w_global‖².
-    SCAFFOLD's `correction` (c − c_i, server.py) is added to the parameters after every step.
+                correction: dict[str, torch.Tensor] | None = None,
+                max_grad_norm: float | None = MAX_GRAD_NORM) -> tuple[float, int]:
+    """AdamW over the travelling parameters on the client's data (train/step.py's step, gradients
+    clipped like every loop's); FedProx adds μ/2·‖w − w_global‖² to the loss. SCAFFOLD's
+    `correction` (c − c_i, server.py) is added to the parameters after every step.
 
     `loss="balanced"` is balanced softmax (Ren et al. 2020; FedLC's calibration, FedRS's masking):
     cross-entropy of logits + log p_i(y), so what the client learns is p(x | y), not its own skewed
@@ -82,8 +85,20 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
         raise ValueError(f"unknown local loss {loss!r}; use one of {', '.join(LOSSES)}")
     shift = label_shift(data.labels, len(task.labels)) if loss == "balanced" else None
     anchor = part.tensors() if proximal_mu > 0 else None
+
+    def proximal() -> torch.Tensor:
+        return proximal_mu / 2 * sum(((p - anchor[k]).pow(2).sum() for k, p in part.params.items()),
+                                     torch.zeros(()))
+
+    @torch.no_grad()
+    def corrected() -> None:
+        for key, p in part.params.items():
+            p.add_(correction[key])
+
     params = list(part.params.values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step = TrainStep(params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), max_grad_norm=max_grad_norm,
+                     extra=[proximal] if anchor is not None else [],
+                     after=[corrected] if correction is not None else [])
     gen = torch.Generator().manual_seed(seed)
     part.model.eval()  # the frozen base keeps its BatchNorm statistics; no dropout anywhere
     total, steps = 0.0, 0
@@ -91,18 +106,12 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
         order = torch.randperm(len(data), generator=gen)
         for start in range(0, len(data), task.batch_size):
             idx = order[start: start + task.batch_size]
-            logits = task.logits(part.model, data.take(idx))
-            value = F.cross_entropy(logits if shift is None else logits + shift, data.labels[idx])
-            if anchor is not None:
-                value = value + proximal_mu / 2 * sum((p - anchor[k]).pow(2).sum() for k, p in part.params.items())
-            opt.zero_grad()
-            value.backward()
-            opt.step()
-            if correction is not None:
-                with torch.no_grad():
-                    for key, p in part.params.items():
-                        p.add_(correction[key])
-            total, steps = total + float(value.detach()), steps + 1
+
+            def task_loss(idx: torch.Tensor = idx) -> torch.Tensor:
+                logits = task.logits(part.model, data.take(idx))
+                return F.cross_entropy(logits if shift is None else logits + shift, data.labels[idx])
+
+            total, steps = total + float(step(task_loss)), steps + 1
     return total / max(1, steps), steps
 
 

@@ -33,6 +33,7 @@ from ..io.storage import atomic_folder
 from ..task import Task
 from .data import make_loader
 from .metrics import accuracy, macro_f1
+from .step import TrainStep, kept_modes, modes, set_modes
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainSettings:
     warmup_ratio: float = 0.06
     grad_accum: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16", passed to Accelerate
+    max_grad_norm: float | None = 1.0  # gradients clipped to this L2 norm; None: no clipping
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 50
@@ -66,7 +68,10 @@ class TrainingInterrupted(RuntimeError):
 
 
 class Trainer:
-    """Train the parameters of `model` that require grad (set them up first, e.g. `am.train_adapter`)."""
+    """Train the parameters of `model` that require grad (set them up first, e.g. `am.train_adapter`).
+
+    Every module trains in the mode it has when the Trainer is made (`am.train_adapter` leaves the
+    frozen base in eval mode and the adapter in train mode); evaluation switches to eval and back."""
 
     def __init__(
         self, model: nn.Module, train_data: Dataset, eval_data: Dataset | None, collate: Callable,
@@ -82,6 +87,7 @@ class Trainer:
         self.collate, self.s, self.task, self.on_step = collate, settings, task, on_step
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.training_modes = modes(model)
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad (call am.train_adapter(name) first)")
         self.accelerator = Accelerator(mixed_precision=settings.mixed_precision,
@@ -99,6 +105,8 @@ class Trainer:
             self.optimizer, int(settings.warmup_ratio * self.total_steps), max(1, self.total_steps)
         )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.train_step = TrainStep(list(self.trainable.values()), self.optimizer,
+                                    max_grad_norm=settings.max_grad_norm, accelerator=self.accelerator)
         self.history = History()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_score: float | None = None
@@ -126,17 +134,14 @@ class Trainer:
         return self.history
 
     def _run_epoch(self, progress: Progress, task: Any) -> None:
-        self.model.train()
+        set_modes(self.training_modes)
         loader = make_loader(self.train_data, self.collate, self.s.batch_size, shuffle=True, seed=self.s.seed + self.epoch)
         loader = self.accelerator.skip_first_batches(self.accelerator.prepare(loader), self.batch_in_epoch)
         epoch_started, rows_seen = time.perf_counter(), 0
         for batch in loader:
             started = time.perf_counter()
             with self.accelerator.accumulate(self.model):
-                loss = self.loss(batch)
-                self.accelerator.backward(loss)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.train_step(lambda: self.loss(batch))  # noqa: B023 (called at once)
             self.batch_in_epoch += 1
             if self.accelerator.sync_gradients:
                 self.scheduler.step()
@@ -185,8 +190,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Dataset, batch_size: int | None = None) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
+        with kept_modes(self.model):
+            self.model.eval()
+            return self._evaluate(data, batch_size)
+
+    def _evaluate(self, data: Dataset, batch_size: int | None) -> dict[str, Any]:
         losses, predictions, truths = [], [], []
         for batch in make_loader(data, self.collate, batch_size or self.s.batch_size):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -198,7 +206,6 @@ class Trainer:
             losses.append(float(F.cross_entropy(logits, labels)))
             predictions.extend(logits.argmax(-1).tolist())
             truths.extend(labels.tolist())
-        self.model.train(was_training)
         result: dict[str, Any] = {"loss": float(np.mean(losses)) if losses else float("nan")}
         if self.task == "classify" and truths:
             num_labels = logits.shape[-1]
