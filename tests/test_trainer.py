@@ -221,3 +221,29 @@ def test_default_train_end_to_end(tmp_path, monkeypatch):
     # The majority class is 42% of the tweets (macro-F1 0.20 when always predicted).
     assert metrics["test_accuracy"] > 0.50 and metrics["test_macro_f1"] > 0.40
     assert (tmp_path / "runs" / "tweets-sentiment" / "curves.png").stat().st_size > 1000
+
+
+def test_ctrl_c_without_a_checkpoint_folder_stops_cleanly():
+    from datasets import Dataset
+
+    from adapterkit.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    rows = Dataset.from_dict({"x": torch.randn(16, 4).tolist(), "labels": [0, 1] * 8})
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):  # the Trainer reads .logits
+            return type("Out", (), {"logits": self.inner(x)})()
+
+    def collate(batch):
+        return {"x": torch.tensor([r["x"] for r in batch]), "labels": torch.tensor([r["labels"] for r in batch])}
+
+    trainer = Trainer(Logits(), rows, None, collate, TrainSettings(epochs=2, batch_size=4, progress=False),
+                      on_step=lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
+    with pytest.raises(TrainingInterrupted, match="stopped at step 2; no checkpoint folder"):
+        trainer.fit()

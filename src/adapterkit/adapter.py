@@ -9,16 +9,55 @@ hold references to these modules for the forward pass; the record is what owns t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
 from .config import MethodConfig
 
+if TYPE_CHECKING:
+    from .methods.base import SiteMethod
+    from .methods.fusion import FusionLayer
+    from .setups import Fuse
+
 #: the key prefixes of an adapter's tensors in files: sites.<module>.*, model.*, head.*, copies.<module>.*
 SITES, MODEL, HEAD, COPIES = "sites", "model", "head", "copies"
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+if TYPE_CHECKING:
+
+    class ModuleMap(nn.Module, Generic[ModuleT]):
+        """An `nn.ModuleDict` whose modules are all `ModuleT`s, as type checkers see it. At run time
+        it is `nn.ModuleDict` itself, so state-dict keys, repr and behaviour are the ModuleDict's."""
+
+        def __init__(self, modules: Mapping[str, ModuleT] | None = None) -> None: ...
+        def __getitem__(self, key: str) -> ModuleT: ...
+        def __setitem__(self, key: str, module: ModuleT) -> None: ...
+        def __delitem__(self, key: str) -> None: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[str]: ...
+        def __contains__(self, key: str) -> bool: ...
+        def clear(self) -> None: ...
+        def pop(self, key: str) -> ModuleT: ...
+        def keys(self) -> KeysView[str]: ...
+        def items(self) -> ItemsView[str, ModuleT]: ...
+        def values(self) -> ValuesView[ModuleT]: ...
+        def update(self, modules: Mapping[str, ModuleT]) -> None: ...
+
+else:
+    ModuleMap = nn.ModuleDict
+
+
+@runtime_checkable
+class PreparesCall(Protocol):
+    """What a model-level method's module (prompt, prefix tuning) does: it rewrites the arguments
+    of the call to the base model (`methods.register(..., model_level=True)`)."""
+
+    def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
 
 
 def module_key(path: str) -> str:
@@ -45,8 +84,8 @@ class Adapter(nn.Module):
         self.name = name
         self.config = config
         self.meta: dict[str, Any] = dict(meta or {})
-        self.site_methods = nn.ModuleDict()
-        self.copies = nn.ModuleDict()
+        self.site_methods: ModuleMap[SiteMethod] = ModuleMap()
+        self.copies: ModuleMap[nn.Module] = ModuleMap()
         self.model_method: nn.Module | None = None
         self.head: nn.Module | None = None
 
@@ -62,7 +101,7 @@ class Adapter(nn.Module):
             yield f"{COPIES}.{module_path(key)}", copy
 
     @property
-    def methods_by_path(self) -> dict[str, nn.Module]:
+    def methods_by_path(self) -> dict[str, SiteMethod]:
         """Module path -> the method's module there. (`AdaptedModel.sites` are the hooks on the frozen
         modules; a manifest's "sites" names the module paths and sides, as the file format has it.)"""
         return {module_path(k): m for k, m in self.site_methods.items()}
@@ -100,10 +139,10 @@ class Fusion(nn.Module):
     adapters it was trained with.
     """
 
-    def __init__(self, fuse: Any) -> None:
+    def __init__(self, fuse: Fuse) -> None:
         super().__init__()
         self.fuse = fuse
-        self.layers = nn.ModuleDict()  # site module path ("." → "/") -> FusionLayer
+        self.layers: ModuleMap[FusionLayer] = ModuleMap()  # site module path ("." → "/") -> FusionLayer
 
     def parts(self) -> Iterator[tuple[str, nn.Module]]:
         for key, layer in self.layers.items():

@@ -15,7 +15,7 @@ from .adapter import Adapter, module_key
 from .config import MethodConfig
 from .errors import CompositionError, TargetError
 from .heads import new_head
-from .methods import SiteShape, build_model_method, build_site_method, is_model_level
+from .methods import SiteMethod, SiteShape, build_model_method, build_site_method, is_model_level
 from .targets import default_targets, find_sites, matches
 
 
@@ -39,7 +39,7 @@ def build_adapter(
 
 
 def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_path: str | None,
-                       sites: dict[str, str | None] | None = None) -> dict[str, nn.Module]:
+                       sites: dict[str, str | None] | None = None) -> dict[str, SiteMethod]:
     """Module name -> the method's module there, for every site the config's targets find (or `sites`)."""
     if sites is not None:
         return _build_at(base, name, config, head_path, sites)
@@ -51,7 +51,7 @@ def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_pa
     exclude = list(config.exclude) + ([rf"(^|\.){re.escape(head_path)}$"] if head_path else [])
     # a module the adapter copies is replaced whole while it is active, so no site goes inside it
     exclude += [rf"^{re.escape(p)}(\.|$)" for p in config.modules_to_save]
-    built = {}
+    built: dict[str, SiteMethod] = {}
     for module_name in find_sites(base, targets + input_targets, exclude, method=f"adapter {name!r}"):
         module = base.get_submodule(module_name)
         on_input = any(matches(module_name, module, t) for t in input_targets)
@@ -63,11 +63,11 @@ def build_site_methods(base: nn.Module, name: str, config: MethodConfig, head_pa
 
 
 def _build_at(base: nn.Module, name: str, config: MethodConfig, head_path: str | None,
-              sites: dict[str, str | None]) -> dict[str, nn.Module]:
+              sites: dict[str, str | None]) -> dict[str, SiteMethod]:
     """The method at exactly the named modules: looked up by name, never matched by a pattern."""
     modules = dict(base.named_modules())
     fenced = ([head_path] if head_path else []) + list(config.modules_to_save)
-    built = {}
+    built: dict[str, SiteMethod] = {}
     for module_name, side in sites.items():
         module = modules.get(module_name) if isinstance(module_name, str) and module_name else None
         if module is None:

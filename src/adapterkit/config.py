@@ -108,6 +108,8 @@ class Bottleneck(MethodConfig):
     def size_for(self, features: int) -> int:
         if self.bottleneck_size is not None:
             return self.bottleneck_size
+        if self.reduction is None:  # validate() refuses this config
+            raise AdapterConfigError("Bottleneck needs reduction > 0 or bottleneck_size >= 1")
         return max(1, int(features // self.reduction))
 
 

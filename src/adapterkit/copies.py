@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
-from .adapter import Adapter, module_path
+from .adapter import Adapter, ModuleMap, module_path
 from .errors import TargetError
 from .heads import HeadSwitch, new_head
 from .site import ActiveState
@@ -28,7 +28,7 @@ class CopySwitches:
     the hooks, one per base module that at least one loaded adapter copies.
     """
 
-    def __init__(self, base: nn.Module, state: ActiveState, adapters: Mapping[str, Adapter]) -> None:
+    def __init__(self, base: nn.Module, state: ActiveState, adapters: ModuleMap[Adapter]) -> None:
         self.base, self.state, self.adapters = base, state, adapters
         self._switches: dict[str, HeadSwitch] = {}
 
@@ -74,5 +74,5 @@ class CopySwitches:
                 self._switches.pop(key).remove()
 
 
-def _copy_in(adapters: Mapping[str, Adapter], key: str, name: str) -> nn.Module | None:
+def _copy_in(adapters: ModuleMap[Adapter], key: str, name: str) -> nn.Module | None:
     return adapters[name].copies._modules.get(key) if name in adapters else None

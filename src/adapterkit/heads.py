@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .setups import names_in
+from .setups import Setup, names_in
 from .site import ActiveState
 
 #: attribute names of classification / LM heads in transformers and torchvision models
@@ -53,13 +53,13 @@ def new_head(template: nn.Module, num_labels: int | None) -> nn.Module:
     head = hookless_copy(template)
     if num_labels is None:
         return head
-    parent, attr, last = None, None, None
+    last: str | None = None
+    old: nn.Linear | None = None
     for name, module in head.named_modules():
         if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
+            last, old = name, module
+    if last is None or old is None:
         raise ValueError(f"cannot resize a head without a Linear layer ({type(template).__name__})")
-    old = head.get_submodule(last)
     fresh = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
     nn.init.normal_(fresh.weight, std=0.02)
     if fresh.bias is not None:
@@ -85,27 +85,40 @@ class HeadSwitch:
         self.handle = module.register_forward_hook(self._after, with_kwargs=True)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        if self.state.route is not None:
-            return self._routed(args, kwargs, output)
-        owner = self.owner(self.state.setup)
-        return None if owner is None else self.own(owner)(*args, **kwargs)
+        route = self.state.route
+        if route is not None:
+            return self._routed(route.names, args, kwargs, output)
+        owned = self._owned(self.state.setup)
+        return None if owned is None else owned[1](*args, **kwargs)
 
-    def owner(self, setup) -> str | None:
+    def owner(self, setup: Setup) -> str | None:
         """The adapter whose module answers for a setup: the last one in it that has one."""
+        owned = self._owned(setup)
+        return None if owned is None else owned[0]
+
+    def _owned(self, setup: Setup) -> tuple[str, nn.Module] | None:
+        """(name, module) of the adapter whose module answers for a setup, or None."""
         for name in reversed(names_in(setup)):
-            if self.own(name) is not None:
-                return name
+            own = self.own(name)
+            if own is not None:
+                return name, own
         return None
 
-    def _routed(self, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
-        names = self.state.route.names
-        used = sorted({n for n in names if n is not None and self.own(n) is not None})
+    def _routed(self, names: tuple[str | None, ...], args: tuple, kwargs: dict,
+                base_out: torch.Tensor) -> torch.Tensor | None:
+        # a plain loop: torch.compile cannot trace an assignment expression inside a comprehension
+        used: dict[str, nn.Module] = {}
+        for n in sorted({n for n in names if n is not None}):
+            own = self.own(n)
+            if own is not None:
+                used[n] = own
         if not used:
             return None
         x, rest = args[0], args[1:]
         # Heads are tiny next to the body, so one call per distinct head in the batch is cheap;
         # label counts may differ, so narrower outputs are zero-padded on the right.
-        parts = {n: self.own(n)(x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs) for n in used}
+        parts = {n: own(x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs)
+                 for n, own in used.items()}
         width = max([p.shape[-1] for p in parts.values()] + [base_out.shape[-1]])
         out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
         out[..., : base_out.shape[-1]] = base_out

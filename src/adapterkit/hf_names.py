@@ -103,6 +103,17 @@ def enable_activation_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules transformers recomputes in backward. Each reads its *own* `training` flag, so
+    a frozen base in eval mode keeps these flags on to keep checkpointing (their dropout stays off)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def checkpointing_active(model: nn.Module) -> bool:
+    """Whether a forward of `model` now would drop activations and recompute them in backward."""
+    return any(m.training for m in checkpointed_layers(model))
+
+
 def activation_checkpointing_on(model: nn.Module) -> bool:
     """Whether activation checkpointing is on (read without touching a deprecated property)."""
     for prop in ("is_activation_checkpointing", "is_gradient_checkpointing"):

@@ -14,19 +14,27 @@ import functools
 import gc
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import combine as combining
-from .adapter import Adapter, Fusion, module_key, module_path, tensor_mismatch
+from .adapter import Adapter, Fusion, ModuleMap, PreparesCall, module_key, module_path, tensor_mismatch
 from .build import build_adapter
 from .config import MethodConfig
 from .copies import CopySwitches
-from .errors import AdapterExistsError, AdapterFileError, AdapterNotFoundError, CompositionError, TargetError
+from .errors import (
+    AdapterConfigError,
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    CompositionError,
+    TargetError,
+)
 from .heads import HeadSwitch, find_head
+from .hf_names import checkpointed_layers
 from .methods import check_config
 from .methods.fusion import FusionLayer
 from .setups import Average, Fuse, Setup, Stack, fuses_in, names_in
@@ -43,8 +51,8 @@ class AdaptedModel(nn.Module):
         self.base = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.loaded = nn.ModuleDict()  # adapter name -> Adapter: the one registry of adapters
-        self.fusions = nn.ModuleDict()  # Fuse key -> Fusion
+        self.loaded: ModuleMap[Adapter] = ModuleMap()  # adapter name -> Adapter: the one registry of adapters
+        self.fusions: ModuleMap[Fusion] = ModuleMap()  # Fuse key -> Fusion
         self.state = ActiveState()
         # Hooks on the frozen modules, keyed by module path ("." -> "/"). A plain dict, not submodules:
         # the modules they apply belong to the records above.
@@ -67,13 +75,20 @@ class AdaptedModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's `generate` with the active setup (hooks apply at every step)."""
-        return self.base.generate(*args, **kwargs)
+        generate = getattr(self.base, "generate", None)
+        if not callable(generate):
+            raise AttributeError(f"{type(self.base).__name__!r} object has no attribute 'generate' "
+                                 "(only generative models have one)")
+        return generate(*args, **kwargs)
 
     def _prepare_call(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.state.route is not None:  # routing replaces the active setup for its block
             return None
         live = [m for m in (self.loaded[n].model_method for n in names_in(self.state.setup)) if m is not None]
         for method in live:
+            if not isinstance(method, PreparesCall):
+                raise AdapterConfigError(f"{type(method).__name__}: a model-level method needs "
+                                         "prepare(model, args, kwargs)")
             args, kwargs = method.prepare(self.base, args, kwargs)
         return (args, kwargs) if live else None
 
@@ -206,7 +221,9 @@ class AdaptedModel(nn.Module):
         The frozen base goes to eval mode, as inference has it: its BatchNorm keeps its statistics
         and its dropout stays off. Only the modules that train (the adapter's, or the fusion's) are
         in train mode. `base_in_train_mode=True` puts the whole model in train mode instead, as
-        PEFT and transformers' Trainer do (dropout on in the base, BatchNorm statistics updated)."""
+        PEFT and transformers' Trainer do (dropout on in the base, BatchNorm statistics updated).
+        Layers under activation checkpointing keep their own train flag, which transformers reads
+        to decide whether to recompute, so checkpointing stays on with the base in eval mode."""
         self.activate(setup)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -218,6 +235,8 @@ class AdaptedModel(nn.Module):
         else:
             self.eval()
             (self.fusion(setup) if isinstance(setup, Fuse) else self.adapter(setup)).train()
+            for layer in checkpointed_layers(self.base):
+                layer.training = True
         return params
 
     def adapter_parameters(self, setup: str | Fuse) -> Iterator[nn.Parameter]:
@@ -259,7 +278,7 @@ class AdaptedModel(nn.Module):
         """Within the block, row i of the batch uses adapter names[i] (None = the base model)."""
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise CompositionError("route() takes a non-empty list with one adapter name (or None) per row")
-        for name in set(names) - {None}:
+        for name in (n for n in set(names) - {None} if n is not None):
             if self.adapter(name).model_method is not None:
                 raise CompositionError(f"adapter {name!r}: per-row routing does not support prompt/prefix tuning")
         if self.state.merged:
@@ -437,7 +456,7 @@ class AdaptedModel(nn.Module):
         return load(self, path, name=name)
 
 
-def _all_or_none(sites: list[Site], do, undo) -> None:
+def _all_or_none(sites: list[Site], do: Callable[[Site], None], undo: Callable[[Site], None]) -> None:
     """Apply `do` to every site; if one fails, undo the ones already done and re-raise."""
     done: list[Site] = []
     try:
@@ -450,7 +469,7 @@ def _all_or_none(sites: list[Site], do, undo) -> None:
         raise
 
 
-def _head_in(loaded: nn.ModuleDict, name: str) -> nn.Module | None:
+def _head_in(loaded: ModuleMap[Adapter], name: str) -> nn.Module | None:
     return loaded[name].head if name in loaded else None
 
 

@@ -13,7 +13,7 @@ Every setup has `to_dict()`, and `setup_from_dict` reads it back (adapter files 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .errors import CompositionError
 
@@ -159,10 +159,14 @@ def setup_from_dict(data: Any) -> Setup:
     if isinstance(data, dict) and len(data) == 1:
         (kind, value), = data.items()
         if kind in ("stack", "fuse") and isinstance(value, list):
+            # read from a file, so of any kind: Stack and Fuse check their children themselves
             children = [setup_from_dict(v) for v in value]
-            return Stack(*children) if kind == "stack" else Fuse(*children)
+            if kind == "stack":
+                return Stack(*cast("list[str | Fuse | Average]", children))
+            return Fuse(*cast("list[str | Stack]", children))
         if kind == "average" and isinstance(value, list) and all(
             isinstance(v, list) and len(v) == 2 and isinstance(v[1], int | float) for v in value
         ):
-            return Average({setup_from_dict(c): w for c, w in value})
+            weights = {setup_from_dict(c): w for c, w in value}
+            return Average(cast("dict[str | Stack, float]", weights))  # Average checks its keys itself
     raise CompositionError(f"not a saved setup: {data!r} (expected a name, or {{'stack'|'fuse'|'average': [...]}})")

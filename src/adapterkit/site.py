@@ -9,8 +9,9 @@ reads the module's output.
 
 from __future__ import annotations
 
+from collections.abc import ItemsView, ValuesView
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,13 +37,26 @@ class AttachedAdapters(nn.ModuleDict):
     The per-forward caches (routing groups, stacked parameters, row indices) are keyed by the
     version, so a forward never builds or compares a tuple of all the names loaded: its cost
     depends on the adapters its batch uses, not on how many are attached.
+
+    It holds SiteMethods only (`__setitem__` takes nothing else); ModuleDict, not generic in its
+    values, types them as any Module, so its readers are retyped below for the checker alone
+    (at run time they stay ModuleDict's own, which torch.compile knows).
     """
+
+    # ModuleDict declares dict[str, Module]; only SiteMethods are set here (__setitem__)
+    _modules: dict[str, SiteMethod]  # type: ignore[assignment]
+
+    if TYPE_CHECKING:
+        def __getitem__(self, key: str) -> SiteMethod: ...
+        def items(self) -> ItemsView[str, SiteMethod]: ...
+        def values(self) -> ValuesView[SiteMethod]: ...
 
     def __init__(self) -> None:
         super().__init__()
         self.version = 0
 
-    def __setitem__(self, key: str, module: nn.Module) -> None:
+    # narrower than ModuleDict's (any Module) on purpose: only adapters are attached to a site
+    def __setitem__(self, key: str, module: SiteMethod) -> None:  # type: ignore[override]
         super().__setitem__(key, module)
         self.version += 1
 
@@ -118,13 +132,14 @@ class Site(nn.Module):
         for arg, groups in inputs.items():
             where = self._where(args, kwargs, arg)
             x = _get(args, kwargs, where)
-            if x is None:
+            if where is None or x is None:  # (where is None: not passed, and then x is None too)
                 if self._uses(groups, arg):
                     raise CompositionError(f"{self.module_name}: an input-side adapter reads argument {arg} of "
                                            "this module, which this call does not pass")
                 continue
-            if self.state.route is not None:
-                new = self._routed(groups, "input", x, None)
+            route = self.state.route
+            if route is not None:
+                new = self._routed(route, groups, "input", x, None)
             else:
                 new = self._apply_setup(self.state.setup, "input", x, x, inplace=False, arg=arg)
             if new is not x:
@@ -138,8 +153,9 @@ class Site(nn.Module):
             return None
         h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
         x = args[0] if args else _get(args, kwargs, _first(args, kwargs))
-        if self.state.route is not None:
-            h = self._routed(self._layout().output, "output", x, h)
+        route = self.state.route
+        if route is not None:
+            h = self._routed(route, self._layout().output, "output", x, h)
         else:
             h = self._apply_setup(self.state.setup, "output", x, h, inplace=self._owns_output())
         return h if rest is None else (h, *rest)
@@ -285,16 +301,19 @@ class Site(nn.Module):
         self._stacks[key] = cached
         return cached.stacked
 
-    def _routed(self, groups: dict[RouteKey, Group], side: str, x: torch.Tensor,
+    def _routed(self, route: Route, groups: dict[RouteKey, Group], side: str, x: torch.Tensor,
                 h: torch.Tensor | None) -> torch.Tensor:
-        """Apply each of `groups` to its rows; on the input side x is the argument they read."""
-        route = self.state.route
+        """Apply each of `groups` to its rows; on the input side x is the argument they read (and h
+        is None), on the output side h is the module's output."""
         target = x if side == "input" else h
+        if target is None:
+            raise CompositionError(f"{self.module_name}: per-row routing after the module found no output")
         batch = target.shape[self.shape.batch_dim % target.dim()]
         if batch != len(route.names):
             raise CompositionError(
                 f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
             )
+        out = target
         for key, group in groups.items():
             if torch.is_grad_enabled():  # stacks are rebuilt per step, so only of the adapters used
                 wanted = set(route.names)
@@ -304,7 +323,7 @@ class Site(nn.Module):
             found = route.rows.get(row_key)
             if found is None:
                 slot = group.slot
-                idx = [slot.get(n, group.zero) for n in route.names]
+                idx = [slot.get(n, group.zero) if n is not None else group.zero for n in route.names]
                 used = tuple({n: None for n in route.names if n in slot})
                 found = (torch.tensor(idx, device=target.device) if used else None, used)
                 route.rows[row_key] = found
@@ -313,12 +332,12 @@ class Site(nn.Module):
                 continue
             stacked = self._stacked(key, group, used)
             inplace = side == "output" and key.method.adds_in_place and self._owns_output()
-            result = key.method.route(stacked, rows, x, h, self.shape, inplace=inplace)
+            out = key.method.route(stacked, rows, x, h, self.shape, inplace=inplace)
             if side == "input":
-                x = result
+                x = out
             else:
-                h = result
-        return x if side == "input" else h
+                h = out
+        return out  # the new x (input side) or h: the last group's result, or as given when none routed
 
 
 def _first(args: tuple, kwargs: dict) -> int | str | None:

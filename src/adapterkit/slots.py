@@ -15,6 +15,7 @@ an adapter use, at index `len(slots)`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,8 @@ def assign_slots(previous: list[str | None] | None, present: list[str]) -> list[
 class RoutingSlots:
     """A group's stacked parameters, the modules each slot was written from and their signatures."""
 
-    def __init__(self, method: type[SiteMethod], group: Group, attached: dict[str, nn.Module], version: int) -> None:
+    def __init__(self, method: type[SiteMethod], group: Group, attached: Mapping[str, SiteMethod],
+                 version: int) -> None:
         with torch.no_grad():
             self.stacked = stacked_group(method, group, attached)
         # weak references: a deleted adapter's memory must not wait for the next forward here
@@ -69,13 +71,15 @@ class RoutingSlots:
         self.method, self.version = method, version
         self.kind = _kind(attached[next(n for n in group.names if n is not None)])
 
-    def current(self, group: Group, attached: dict[str, nn.Module], used: tuple[str, ...], version: int) -> bool:
+    def current(self, group: Group, attached: Mapping[str, SiteMethod], used: tuple[str, ...],
+                version: int) -> bool:
         """Whether the stack holds what the rows using `used` need (only their slots are checked)."""
         return version == self.version and all(
             self.modules[group.slot[n]]() is attached[n] and signature(attached[n]) == self.signatures[group.slot[n]]
             for n in used)
 
-    def update(self, group: Group, attached: dict[str, nn.Module], used: tuple[str, ...], version: int) -> bool:
+    def update(self, group: Group, attached: Mapping[str, SiteMethod], used: tuple[str, ...],
+               version: int) -> bool:
         """Write the slots whose adapter is new (or, among `used`, changed) in place; False if the
         stack cannot take them (another slot count, a larger rank than it is padded to)."""
         if len(group.names) != len(self.modules):
@@ -100,7 +104,7 @@ class RoutingSlots:
         return True
 
 
-def stacked_group(method: type[SiteMethod], group: Group, attached: dict[str, nn.Module]) -> RouteStack:
+def stacked_group(method: type[SiteMethod], group: Group, attached: Mapping[str, SiteMethod]) -> RouteStack:
     """`method.stack` over the group's slots; holes hold a copy of another adapter that no row reads."""
     filler = attached[next(n for n in group.names if n is not None)]
     return method.stack([attached[n] if n is not None else filler for n in group.names])
@@ -124,7 +128,7 @@ def signature(module: nn.Module) -> tuple:
 
 def parameters_of(module: nn.Module) -> list[torch.Tensor]:
     """module.parameters() without its generator machinery (3x faster)."""
-    params = [p for p in module._parameters.values() if p is not None]
+    params: list[torch.Tensor] = [p for p in module._parameters.values() if p is not None]
     for child in module._modules.values():
         if child is not None:
             params += parameters_of(child)

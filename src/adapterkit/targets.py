@@ -56,8 +56,9 @@ def matches(name: str, module: nn.Module, target: str | type) -> bool:
     if isinstance(target, type):
         return isinstance(module, target)
     if target == "all-linear":
-        is_linear = isinstance(module, nn.Linear) or (HFConv1D and isinstance(module, HFConv1D))
-        return bool(is_linear) and not any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS)
+        # HFConv1D is () without transformers, which no module is an instance of
+        is_linear = isinstance(module, nn.Linear) or isinstance(module, HFConv1D)
+        return is_linear and not any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS)
     if target.startswith("re:"):
         return re.search(target[3:], name) is not None
     if any(target == cls.__name__ for cls in type(module).__mro__[:-2]):  # a class name matches subclasses too
@@ -69,10 +70,10 @@ def find_sites(
     model: nn.Module, targets: Iterable[str | type], exclude: Iterable[str] = (), method: str = "adapter"
 ) -> list[str]:
     """Names of the modules matched by `targets`, outermost first; nested matches are dropped."""
-    targets, exclude = list(targets), [re.compile(p) for p in exclude]
+    targets, excluded = list(targets), [re.compile(p) for p in exclude]
     found: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(p.search(name) for p in exclude):
+        if not name or any(p.search(name) for p in excluded):
             continue
         if any(matches(name, module, t) for t in targets):
             if not any(name.startswith(f + ".") for f in found):

@@ -50,13 +50,14 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
-    from ..train.job import JobSpec, MethodOptions, default_base, report_lines, run_job
+    from ..train.job import JobSpec, MethodOptions, default_base, parse_task, report_lines, run_job
     from ..train.trainer import TrainSettings
 
+    caps = _cap(max_train), _cap(max_eval), _cap(max_test)  # bad caps are reported before a bad task
     spec = JobSpec(
-        base=base or default_base(), data=data, text_col=text_col, label_col=label_col, task=task, name=name,
-        out=out, max_length=max_length, max_train_examples=_cap(max_train), max_eval_examples=_cap(max_eval),
-        max_test_examples=_cap(max_test),
+        base=base or default_base(), data=data, text_col=text_col, label_col=label_col, task=parse_task(task),
+        name=name, out=out, max_length=max_length, max_train_examples=caps[0], max_eval_examples=caps[1],
+        max_test_examples=caps[2],
         resume=resume,
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .common import clear_errors, command_group, console
+
+if TYPE_CHECKING:
+    from ..edge.recipe import Recipe
+    from ..model import AdaptedModel
 
 edge_app = command_group("edge", "On-device adaptation: plan, fit and export under a memory budget.")
 RecipeOpt = Annotated[str, typer.Option(help="kws | vision | har | har_lstm | vibration")]
 MethodOpt = Annotated[str, typer.Option(help="lite_residual | bottleneck | lora | ia3 | bitfit | *_last")]
 
 
-def _edge_setup(recipe: str, method: str, quick: bool):
+def _edge_setup(recipe: str, method: str, quick: bool) -> tuple[Recipe, AdaptedModel]:
     from ..edge import recipe as build_recipe
     from ..edge.compare import adapted, methods_for
 
@@ -106,7 +110,12 @@ def edge_export(
     base = built.make_source()
     base.load_state_dict(load_file(str(Path(runs[0]) / "base.safetensors")))
     am = adapt(base)
-    names = [am.load(str(Path(r) / "adapter"), name=f"{Path(r).name}") for r in runs]
+    names: list[str] = []
+    for r in runs:
+        loaded = am.load(str(Path(r) / "adapter"), name=f"{Path(r).name}")
+        if not isinstance(loaded, str):
+            raise RecipeError(f"{r}: holds an adapter fusion, not an adapter written by `adapterkit edge fit`")
+        names.append(loaded)
     example = built.test[0][:1]
     manifest = export(am, names, out, example=example, format=format, merged=merged)
     program = EdgeProgram(out)

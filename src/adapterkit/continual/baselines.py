@@ -16,7 +16,6 @@ narrowed to the task's classes (task-incremental); without, all classes compete 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from ..config import MethodConfig
 from ..heads import find_head
 from ..model import AdaptedModel
 from ..train.step import TrainStep
-from .data import Encoder, Inputs, Split, Task, TaskStream, tensor_encoder
+from .data import ContinualError, Encoder, Inputs, Split, Task, TaskStream, tensor_encoder
 from .learner import batches, logits_of, predict_logits, take
 
 
@@ -95,12 +94,13 @@ class SharedLearner:
         # ReLU after conv3 dead (constant logits), which is not forgetting
         step = TrainStep(self.params, torch.optim.AdamW(self.params, lr=self.lr), extra=[self._penalty])
         gen = torch.Generator().manual_seed(self.seed)
-        bx, by = _concat(self.buffer) if self.buffer else (None, None)
+        replay = _concat(self.buffer) if self.buffer else None
         self._set_train()
         for _ in range(self.epochs):
             for idx in batches(len(labels), self.batch_size, gen):
                 x, y = take(inputs, idx), labels[idx]
-                if by is not None:
+                if replay is not None:
+                    bx, by = replay
                     pick = torch.randint(len(by), (min(len(by), len(idx)),), generator=gen)
                     x, y = _concat([(x, y), (take(bx, pick), by[pick])])
                 args, kwargs = self.encode(x)
@@ -171,5 +171,9 @@ def _widen_head(model: nn.Module, head_path: str | None, n: int) -> None:
 
 def _concat(parts: list[tuple[Inputs, torch.Tensor]]) -> tuple[Inputs, torch.Tensor]:
     xs = [x for x, _ in parts]
-    inputs: Any = torch.cat(xs) if isinstance(xs[0], torch.Tensor) else [s for x in xs for s in x]
+    tensors = [x for x in xs if isinstance(x, torch.Tensor)]
+    texts = [x for x in xs if not isinstance(x, torch.Tensor)]
+    if tensors and texts:
+        raise ContinualError("cannot concatenate tensor inputs with text inputs")
+    inputs: Inputs = torch.cat(tensors) if isinstance(xs[0], torch.Tensor) else [s for x in texts for s in x]
     return inputs, torch.cat([y for _, y in parts])

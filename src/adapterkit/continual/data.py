@@ -11,7 +11,7 @@ turns a slice of them into the model's arguments.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class TaskStream:
                 owner[label] = task.name
         self.classes = list(owner)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks)
 
     def __len__(self) -> int:

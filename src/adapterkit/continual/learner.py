@@ -20,7 +20,7 @@ refused before training, with the earlier adapters untouched; `forget(name)` dro
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ class Learner:
             return None
         mean = F.normalize(features.mean(0), dim=0)
         scores = {n: float(F.normalize(p.mean(0), dim=0) @ mean) for n, p in self.prototypes.items()}  # cosine
-        return max(scores, key=scores.get)
+        return max(scores, key=lambda n: scores[n])
 
     # --- features and prediction --------------------------------------------------------------
 
@@ -187,7 +187,7 @@ class Learner:
     def features(self, inputs: Inputs) -> torch.Tensor:
         """The frozen base's features of `inputs` (no adapter active): what its head reads, or the
         `route_features` modules' outputs, pooled and concatenated."""
-        names = self.route_features or [self.am.head_path]
+        names = self._feature_modules()
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         if self.route_features:
             hooks = [self.am.base.get_submodule(n).register_forward_hook(
@@ -204,6 +204,14 @@ class Learner:
                 h.remove()
             self.am.activate(previous)
         return torch.cat([torch.cat(seen[n]) for n in names], 1)
+
+    def _feature_modules(self) -> list[str]:
+        """The modules whose outputs are the routing features, or the head (whose input is)."""
+        if self.route_features:
+            return self.route_features
+        if self.am.head_path is None:
+            raise ContinualError("the model has no head any more: the features are what its head reads")
+        return [self.am.head_path]
 
     @staticmethod
     def _class_means(features: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -253,7 +261,8 @@ class Learner:
         raise ContinualError(f"routing strategy {strategy!r}: use 'prototype', 'entropy' or 'perplexity'")
 
     def _precision(self) -> torch.Tensor:
-        scatter = sum(s for s, _ in self.scatter.values())
+        # a 0-dim zero start keeps the sum a tensor (of the scatters' own dtype: 0 + s is s)
+        scatter = sum((s for s, _ in self.scatter.values()), torch.zeros(()))
         count = sum(n for _, n in self.scatter.values())
         cov = scatter / max(1, count - 1)
         ridge = self.shrinkage * cov.diagonal().mean().clamp_min(1e-12)
@@ -296,12 +305,12 @@ class Learner:
         if task is not None:
             return [self.tasks[task].labels[i] for i in self.task_logits(inputs, task).argmax(-1).tolist()]
         routes = self.route(inputs, strategy)
-        out: list[str | None] = [None] * len(inputs)
+        out: dict[int, str] = {}
         for name in dict.fromkeys(routes):
             rows = torch.tensor([i for i, r in enumerate(routes) if r == name])
             for i, label in zip(rows.tolist(), self.predict(take(inputs, rows), task=name), strict=True):
                 out[i] = label
-        return out  # type: ignore[return-value]
+        return [out[i] for i in range(len(inputs))]  # every input was routed, so every row has a label
 
     def accuracy(self, split: Split, task: Task, task_id: bool = True, strategy: str = "prototype") -> float:
         """Task-incremental (`task_id=True`) or class-incremental accuracy of the learner on a split."""
@@ -309,7 +318,7 @@ class Learner:
         truth = [task.labels[i] for i in split.labels.tolist()]
         return sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
 
-    def routing_accuracy(self, tasks: Sequence[Task], strategy: str = "prototype") -> float:
+    def routing_accuracy(self, tasks: Iterable[Task], strategy: str = "prototype") -> float:
         right = total = 0
         for task in tasks:
             routes = self.route(task.test.inputs, strategy)

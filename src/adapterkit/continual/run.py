@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from .data import ContinualError, Encoder, Split, Task, TaskStream, split_mnist,
 from .learner import Learner
 from .metrics import plot_matrix, summarize
 from .vision import DigitNet, pretrained_digitnet
+
+if TYPE_CHECKING:
+    from ..edge.vibration import Machine
 
 BASELINES = ("naive", "ewc", "replay", "joint", "naive_full")
 
@@ -62,6 +65,8 @@ def run_adapters(setup: StreamSetup) -> dict:
         matrix.append([learner.accuracy(t.test, t) if j <= i else None for j, t in enumerate(stream)])
         if i == 0:
             first_logits = learner.task_logits(first.test.inputs, first.name)
+    if first_logits is None:
+        raise ContinualError(f"stream {stream.name!r} has no tasks")
     # bit for bit: the first task's logits after the whole stream equal those right after it was learned
     identical = bool(torch.equal(first_logits, learner.task_logits(first.test.inputs, first.name)))
     out = {"matrix": matrix, **summarize(matrix), "seconds": time.perf_counter() - start,
@@ -137,7 +142,7 @@ def text_setup(quick: bool = False) -> StreamSetup:
                        {"epochs": 1 if quick else 5, "lr": 2e-3, "batch_size": 32, "seed": 0}, full_lr=5e-5)
 
 
-def drifting_machine(month: int):
+def drifting_machine(month: int) -> Machine:
     """The site's machine `month` months on: its mounting loosens (resonances fall, ring longer) and
     the surroundings get noisier. Month 0 is the lab."""
     from ..edge.vibration import Machine
@@ -213,7 +218,7 @@ def run_stream(stream: str = "split-mnist", *, quick: bool = False, epochs: int 
                                "train_examples": sum(len(t.train) for t in tasks)}
     results["adapters"] = run_adapters(setup)
     log(f"adapters: {json.dumps({k: results['adapters'][k] for k in ('average_accuracy', 'bwt')})}")
-    extras = {"ewc": {"ewc_lambda": 1000.0}, "replay": {"buffer_size": 200}}
+    extras: dict[str, dict[str, Any]] = {"ewc": {"ewc_lambda": 1000.0}, "replay": {"buffer_size": 200}}
     for kind in baselines:
         if kind == "naive_full":
             results[kind] = run_shared(setup, "naive", full=True)

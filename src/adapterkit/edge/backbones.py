@@ -23,7 +23,7 @@ from ..package_data import package_file
 def _conv_bn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
              groups: int = 1, padding: int | tuple[int, int] | None = None) -> nn.Sequential:
     if padding is None:
-        padding = tuple((k - 1) // 2 for k in kernel) if isinstance(kernel, tuple) else (kernel - 1) // 2
+        padding = ((kernel[0] - 1) // 2, (kernel[1] - 1) // 2) if isinstance(kernel, tuple) else (kernel - 1) // 2
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU())
 

@@ -136,7 +136,7 @@ def camera_tasks(out: str | Path, *, quick: bool = False, seed: int = 0, format:
     from .export import EdgeProgram, export
     from .fit import fit
     from .lean import lean
-    from .recipe import EpochLoader, accuracy
+    from .recipe import EpochLoader, RecipeError, accuracy
 
     rec = camera_recipe(quick=quick, seed=seed)
     xd, yd = digits_task(per_class=digits_per_class + (15 if quick else 50), seed=seed)
@@ -151,7 +151,10 @@ def camera_tasks(out: str | Path, *, quick: bool = False, seed: int = 0, format:
     for name, (_, _, classes) in tasks.items():
         am.add(name, Bottleneck(placement="custom", targets=sites, reduction=4), num_labels=classes)
         if name == "defects":
-            warm_head(am.adapter(name).head, am.base.classifier, rec.info["shared_classes"])
+            head = am.adapter(name).head
+            if head is None:
+                raise RecipeError(f"adapter {name!r} was added without its own head; there is no head to warm")
+            warm_head(head, am.base.get_submodule("classifier"), rec.info["shared_classes"])
     lean(am)
     for name, (train, test, _) in tasks.items():
         fitted = fit(am, name, EpochLoader(*train, rec.batch_size, seed=seed), epochs=rec.epochs, lr=rec.lr)

@@ -24,7 +24,7 @@ from ..model import AdaptedModel, adapt
 from ..train.step import TrainStep
 from .fit import fit, train_steps
 from .lean import lean
-from .memory import split_parameters, tensor_bytes
+from .memory import BudgetError, split_parameters, tensor_bytes
 from .quant import quantize_int8
 from .recipe import EpochLoader, Recipe, accuracy
 
@@ -85,13 +85,14 @@ def run_plain(recipe: Recipe, kind: str, *, seed: int = 0, lr: float | None = No
     lr = recipe.lr if lr is None else lr
     torch.manual_seed(seed)
     model = recipe.make_source()
-    head = new_head(model.classifier, recipe.num_labels)
-    warm_head(head, model.classifier, recipe.info.get("shared_classes", 0))
+    source_head = model.get_submodule("classifier")
+    head = new_head(source_head, recipe.num_labels)
+    warm_head(head, source_head, recipe.info.get("shared_classes", 0))
     model.classifier = head
     lean(model)
     if kind == "full_ft":
         params = list(model.parameters())
-        prepare: Callable[[], None] = model.train
+        prepare: Callable[[], object] = model.train
     else:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -104,6 +105,8 @@ def run_plain(recipe: Recipe, kind: str, *, seed: int = 0, lr: float | None = No
     peak, losses, _ = train_steps(model, params, loader, epochs=recipe.epochs, lr=lr, optimizer="adam",
                                   loss_fn=F.cross_entropy, prepare=prepare)
     seconds = time.perf_counter() - start
+    if peak is None:
+        raise BudgetError(f"{recipe.name} {kind}: no training step ran, so no memory was measured")
     result = {"accuracy": accuracy(model, *recipe.test), "writable_bytes": peak.writable, "peak": peak.as_dict(),
               "trainable_bytes": sum(tensor_bytes(p) for p in params), "train_seconds": seconds,
               "final_loss": losses[-1], "lr": lr}
@@ -189,6 +192,6 @@ def adapted(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool = Fal
     am.add(name, config, num_labels=recipe.num_labels)
     head = am.adapter(name).head
     if head is not None:
-        warm_head(head, base.classifier, recipe.info.get("shared_classes", 0))
+        warm_head(head, base.get_submodule("classifier"), recipe.info.get("shared_classes", 0))
     lean(am)
     return am

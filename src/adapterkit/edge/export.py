@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ def _culprit(am: AdaptedModel, x: torch.Tensor, fmt: str, error: Exception) -> E
     """Find the first leaf module that fails to export on its own, so the error can name it."""
     inputs: dict[str, tuple] = {}
 
-    def keep(name: str):
+    def keep(name: str) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             inputs.setdefault(name, args)
         return hook
@@ -144,9 +144,11 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
     previous = am.active
     am.eval()
     outputs = {n: head_output(am, n) for n in names}
-    classes = None if merged or None in outputs.values() else max(o[1] for o in outputs.values())
+    heads = [o for o in outputs.values() if o is not None]
+    classes = None if merged or len(heads) < len(outputs) else max(o[1] for o in heads)
     try:
         for name in names:
+            output = outputs[name]
             layout = layout_of(am, name, classes)
             key = f"merged-{name}" if merged else f"base-{layout_key(layout)}"
             program_path = out / f"{key}{suffix}"
@@ -176,7 +178,7 @@ def export(am: AdaptedModel, names: Sequence[str], out: str | Path, *, example: 
                           metadata={"fingerprint": am.fingerprint(), "layout": json.dumps(layout), "adapter": name})
             manifest["adapters"][name] = {"program": key, "blob": None if merged else blob.name,
                                           "blob_bytes": None if merged else blob.stat().st_size,
-                                          "classes": None if outputs[name] is None else outputs[name][1]}
+                                          "classes": None if output is None else output[1]}
     finally:
         am.activate(previous)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -229,6 +231,7 @@ class EdgeProgram:
         entry = self.manifest["adapters"].get(adapter)
         if entry is None:
             raise ExportError(f"adapter {adapter!r} was not exported here; exported: {sorted(self.manifest['adapters'])}")
+        tensors: dict[str, np.ndarray]
         if entry["blob"] is None:
             key, tensors = entry["program"], {}
         else:

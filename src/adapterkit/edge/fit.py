@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,12 @@ from .memory import (
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class HasLogits(Protocol):
+    """A model output object carrying its logits (e.g. transformers' ModelOutput)."""
+
+    logits: torch.Tensor
 
 
 @dataclass
@@ -74,7 +81,7 @@ def split_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch[0], batch[1]
 
 
-def logits_of(output: object) -> torch.Tensor:
+def logits_of(output: torch.Tensor | HasLogits) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
@@ -109,7 +116,7 @@ def plan(am: AdaptedModel, name: str, example_batch: Batch, *, budget: int | str
     try:
         report = measure_forward(am, example_batch, loss_fn=loss_fn, optimizer=optimizer)
         result = Plan(name, report, limit)
-        if not result.fits:
+        if limit is not None and not result.fits:  # a plan without a limit always fits
             result.alternatives = _alternatives(am, name, example_batch, limit, loss_fn, optimizer)
             _prepare(am, name)
     finally:
@@ -136,10 +143,13 @@ def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn
     order = {n: i for i, (n, _) in enumerate(am.base.named_modules())}
     sites.sort(key=lambda kv: order.get(kv[0], 0))
     for keep in range(len(sites) - 1, 0, -1):
-        kept = dict(sites[-keep:])
+        kept: dict[str, str | None] = dict(sites[-keep:])
         before = len(found)
-        add(f"adapt only the last {keep} of {len(sites)} layers ({', '.join(kept)})",
-            lambda b, kept=kept: _plan_temporary(am, record.config, record.head, b, loss_fn, optimizer, sites=kept))
+
+        def with_kept(b: Batch, kept: dict[str, str | None] = kept) -> int:
+            return _plan_temporary(am, record.config, record.head, b, loss_fn, optimizer, sites=kept)
+
+        add(f"adapt only the last {keep} of {len(sites)} layers ({', '.join(kept)})", with_kept)
         if len(found) > before and "batch size" not in found[-1][0]:
             break
     if not isinstance(record.config, BitFit):
@@ -164,7 +174,7 @@ def _largest_fitting_batch(batch: Batch, writable_at: Callable[[Batch], int], li
 
 
 def _plan_temporary(am: AdaptedModel, config: MethodConfig, head: nn.Module | None, batch: Batch,
-                    loss_fn: LossFn, optimizer: str, sites: dict[str, str] | None = None) -> int:
+                    loss_fn: LossFn, optimizer: str, sites: dict[str, str | None] | None = None) -> int:
     temp = "_edge_plan_alternative"
     num_labels = head_width(head) if head is not None else None
     try:
@@ -201,7 +211,7 @@ def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float) -> tor
 
 def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[Batch], *, epochs: int,
                 lr: float, optimizer: str, loss_fn: LossFn, measure: bool = True,
-                prepare: Callable[[], None] = lambda: None,
+                prepare: Callable[[], object] = lambda: None,
                 limit: int | None = None) -> tuple[MemoryReport | None, list[float], int]:
     """The training loop every edge setup shares; the peak writable memory of any step when `measure`.
     A step measured over `limit` stops training with a BudgetError (the steps before it are kept)."""
@@ -222,6 +232,8 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
         total, count = 0.0, 0
         for batch in loader:
             x, y = split_batch(batch)
+            if y is None:
+                raise BudgetError("training needs batches of (inputs, labels), not inputs alone")
             meter = Meter(model)
 
             def forward(x: torch.Tensor = x, y: torch.Tensor = y, meter: Meter = meter) -> torch.Tensor:

@@ -48,8 +48,10 @@ def _rotation(deg: tuple[float, float, float]) -> np.ndarray:
 
 
 def random_user(rng: np.random.Generator, tilt: float = 15.0) -> User:
-    return User(float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.8, 1.2)), float(rng.uniform(0.0, 0.25)),
-                tuple(float(v) for v in rng.uniform(-tilt, tilt, 3)), tuple(float(v) for v in rng.normal(0, 0.05, 6)))
+    cadence, strength = float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.8, 1.2))
+    asymmetry = float(rng.uniform(0.0, 0.25))
+    tx, ty, tz = (float(v) for v in rng.uniform(-tilt, tilt, 3))
+    return User(cadence, strength, asymmetry, (tx, ty, tz), tuple(float(v) for v in rng.normal(0, 0.05, 6)))
 
 
 TARGET_USER = User(cadence=0.8, strength=0.75, asymmetry=0.35, tilt_deg=(55.0, -30.0, 40.0),

@@ -37,8 +37,11 @@ def utterances(labels: tuple[str, ...], per_class: int, speakers: list[Speaker] 
     waves, ys = [], []
     for index, label in enumerate(labels):
         for _ in range(per_class):
-            speaker = fixed or speakers[rng.integers(len(speakers))]
-            if fixed is not None:  # one person still varies a little from one take to the next
+            if fixed is None:
+                if speakers is None:
+                    raise RecipeError("utterances needs `speakers` to draw from, or a `fixed` speaker")
+                speaker = speakers[rng.integers(len(speakers))]
+            else:  # one person still varies a little from one take to the next
                 speaker = Speaker(fixed.language, fixed.variant, int(fixed.rate + rng.integers(-15, 16)),
                                   int(np.clip(fixed.pitch + rng.integers(-6, 7), 0, 99)))
             if label == SILENCE:

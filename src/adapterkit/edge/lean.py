@@ -104,27 +104,29 @@ def _frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def _conv_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _conv_forward(self: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     if not _frozen(self) or self.padding_mode != "zeros" or isinstance(self.padding, str) or \
             not torch.is_grad_enabled() or not x.requires_grad:
         return type(self).forward(self, x)
     return _FrozenConv.apply(x, self)
 
 
-def _linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not _frozen(self) or not torch.is_grad_enabled() or not x.requires_grad:
         return type(self).forward(self, x)
     return _FrozenLinear.apply(x, self)
 
 
-def _batchnorm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if self.training or not _frozen(self) or self.running_var is None or not torch.is_grad_enabled() \
+def _batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    # running_mean and running_var are registered together: both tensors, or both None
+    mean, var = self.running_mean, self.running_var
+    if self.training or not _frozen(self) or mean is None or var is None or not torch.is_grad_enabled() \
             or not x.requires_grad:
         return type(self).forward(self, x)
-    scale = torch.rsqrt(self.running_var + self.eps)
+    scale = torch.rsqrt(var + self.eps)
     if self.weight is not None:
         scale = scale * self.weight
-    shift = -self.running_mean * scale + (self.bias if self.bias is not None else 0)
+    shift = -mean * scale + (self.bias if self.bias is not None else 0)
     return _Affine.apply(x, scale, shift)
 
 
@@ -145,7 +147,8 @@ def lean(model: nn.Module) -> int:
     for module in model.modules():
         for kind, forward in _LEAN:
             if isinstance(module, kind) and "forward" not in vars(module):
-                module.forward = types.MethodType(forward, module)
+                # an instance attribute shadowing the class's forward (what Module.__setattr__ would store)
+                vars(module)["forward"] = types.MethodType(forward, module)
                 changed += 1
                 break
     return changed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +90,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes as stored: a tensor subclass (torchao's int8 weights) by the tensors it holds inside."""
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
-        names, _ = t.__tensor_flatten__()
+        names, _ = flatten(t)
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
@@ -136,12 +136,12 @@ class Meter:
             for h in handles:
                 h.remove()
 
-    def _enter(self, name: str):
+    def _enter(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             self._stack.append(name or "(model)")
         return hook
 
-    def _leave(self, leaf: bool):
+    def _leave(self, leaf: bool) -> Callable[[nn.Module, tuple, object], None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if leaf:
                 self.working = max(self.working, _nbytes(args) + _nbytes(output))
@@ -167,7 +167,8 @@ def _nbytes(value: object) -> int:
         return sum(_nbytes(v) for v in value)
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())
-    return getattr(value, "logits", None) is not None and _nbytes(value.logits) or 0
+    logits = getattr(value, "logits", None)  # a model output object (e.g. transformers' ModelOutput)
+    return _nbytes(logits) if logits is not None else 0
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], int]:

@@ -28,7 +28,7 @@ class Int8Weight:
     weight_scale: torch.Tensor
 
     @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
         view = (-1,) + (1,) * (self.weight_int8.dim() - 1)
         return self.weight_int8.to(self.weight_scale.dtype) * self.weight_scale.view(view)
 
@@ -57,10 +57,12 @@ class Int8LSTM(nn.LSTM):
 
     int8_names: list[str]
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
         # called only when normal lookup fails: the weights are no longer parameters
         if name in self.__dict__.get("int8_names", ()):
             codes, scale = self._buffers[name + "_int8"], self._buffers[name + "_scale"]
+            if codes is None or scale is None:
+                raise TargetError(f"Int8LSTM lost the int8 codes or scales of {name}")
             return codes.to(scale.dtype) * scale[:, None]
         return super().__getattr__(name)
 
@@ -112,6 +114,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _to_int8(module: nn.Module) -> None:
     if isinstance(module, nn.LSTM):
         return _lstm_to_int8(module)
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        raise TargetError(f"int8 quantization cannot convert a {type(module).__name__}")
     codes, scale = quantize_weight(module.weight)
     del module._parameters["weight"]
     module.__class__ = _INT8[type(module)]

@@ -61,7 +61,7 @@ class _Espeak:
         self._callback = _CALLBACK(self._collect)  # kept referenced: the library calls it later
         self.lib.espeak_SetSynthCallback(self._callback)
 
-    def _collect(self, wav: ctypes.POINTER(ctypes.c_short), n: int, events: ctypes.c_void_p) -> int:
+    def _collect(self, wav: ctypes._Pointer[ctypes.c_short], n: int, events: ctypes.c_void_p) -> int:
         if n > 0:
             self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).astype(np.float32) / 32768.0)
         return 0

@@ -49,7 +49,9 @@ def _matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _mean_product(tensors: list[dict[str, torch.Tensor]], weights: list[float], ka: str, kb: str) -> torch.Tensor:
     total = float(sum(weights))
-    return sum(_matrix(t[ka], t[kb]) * (w / total) for t, w in zip(tensors, weights, strict=True))
+    # a float64 zero start (not the int 0) keeps the sum a Tensor; 0 + x is x either way
+    start = torch.zeros((), dtype=torch.float64)
+    return sum((_matrix(t[ka], t[kb]) * (w / total) for t, w in zip(tensors, weights, strict=True)), start)
 
 
 def product_error(out: dict[str, torch.Tensor], tensors: list[dict[str, torch.Tensor]], weights: list[float]) -> float:

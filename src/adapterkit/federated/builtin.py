@@ -116,13 +116,11 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
     state = _har_source(seed)
     users = [random_user(rng, tilt=60.0) for _ in range(clients)]  # worn turned, each their own way
     per_class = max(1, per_client // len(ACTIVITIES))
-    local = []
-    for i, user in enumerate(users):
-        x, y = imu_set([user], per_class, rng)
-        local.append(ClientData(x, y, f"user {i}"))
+    own = [imu_set([user], per_class, rng) for user in users]
+    local = [ClientData(x, y, f"user {i}") for i, (x, y) in enumerate(own)]
     xt, yt = imu_set(users, max(1, test_size // len(ACTIVITIES)), rng)
     if kind == "iid":  # the floor beside the natural split: every client holds a bit of every user
-        x, y = torch.cat([c.inputs for c in local]), torch.cat([c.labels for c in local])
+        x, y = torch.cat([x for x, _ in own]), torch.cat([y for _, y in own])
         order = torch.from_numpy(rng.permutation(len(y)))
         local = [ClientData(x[idx], y[idx], f"shard {i}") for i, idx in enumerate(order.chunk(clients))]
 

@@ -85,20 +85,10 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
         raise ValueError(f"unknown local loss {loss!r}; use one of {', '.join(LOSSES)}")
     shift = label_shift(data.labels, len(task.labels)) if loss == "balanced" else None
     anchor = part.tensors() if proximal_mu > 0 else None
-
-    def proximal() -> torch.Tensor:
-        return proximal_mu / 2 * sum(((p - anchor[k]).pow(2).sum() for k, p in part.params.items()),
-                                     torch.zeros(()))
-
-    @torch.no_grad()
-    def corrected() -> None:
-        for key, p in part.params.items():
-            p.add_(correction[key])
-
     params = list(part.params.values())
     step = TrainStep(params, torch.optim.AdamW(params, lr=lr, weight_decay=0.0), max_grad_norm=max_grad_norm,
-                     extra=[proximal] if anchor is not None else [],
-                     after=[corrected] if correction is not None else [])
+                     extra=[_proximal(part, anchor, proximal_mu)] if anchor is not None else [],
+                     after=[_corrected(part, correction)] if correction is not None else [])
     gen = torch.Generator().manual_seed(seed)
     part.model.eval()  # the frozen base keeps its BatchNorm statistics; no dropout anywhere
     total, steps = 0.0, 0
@@ -113,6 +103,22 @@ def local_train(task: FederatedTask, part: Participant, data: ClientData, *, epo
 
             total, steps = total + float(step(task_loss)), steps + 1
     return total / max(1, steps), steps
+
+
+def _proximal(part: Participant, anchor: dict[str, torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx's term μ/2·‖w − anchor‖², over the travelling parameters."""
+    def proximal() -> torch.Tensor:
+        return mu / 2 * sum(((p - anchor[k]).pow(2).sum() for k, p in part.params.items()), torch.zeros(()))
+    return proximal
+
+
+def _corrected(part: Participant, correction: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """SCAFFOLD's step: add the control variate correction to each travelling parameter."""
+    @torch.no_grad()
+    def corrected() -> None:
+        for key, p in part.params.items():
+            p.add_(correction[key])
+    return corrected
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 from torch import nn
 
+from ..model import AdaptedModel
 from .records import ADAPTER, Participant, check_arrays
 from .tasks import ClientData, FederatedError, FederatedTask
 
@@ -35,7 +36,7 @@ SHARPNESS = 10.0
 
 def head_linear(part: Participant) -> nn.Linear:
     """The last Linear of the travelling adapter's head (what class means initialise)."""
-    record = part.model.adapter(ADAPTER) if hasattr(part.model, "adapter") else None
+    record = part.model.adapter(ADAPTER) if isinstance(part.model, AdaptedModel) else None
     head = None if record is None else record.head
     linears = [] if head is None else [m for m in head.modules() if isinstance(m, nn.Linear)]
     if not linears:

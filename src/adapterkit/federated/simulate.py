@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from logging import WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -34,6 +34,9 @@ from .faults import FaultsMod, parse_faults
 from .head_init import HEAD_INITS, class_mean_head
 from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
 from .tasks import FederatedError, FederatedTask
+
+if TYPE_CHECKING:
+    from flwr.common.typing import Run
 
 
 @dataclass
@@ -213,13 +216,13 @@ class LocalGrid(Grid):
                                       state=RecordDict(), run_config={}) for nid, pid in self.nodes.items()}
         self.worker = ThreadPoolExecutor(max_workers=num_nodes, thread_name_prefix="local-grid")
         self.pending: dict[str, Any] = {}
-        self._run = None
+        self._run: Run | None = None
 
-    def set_run(self, run) -> None:  # noqa: ANN001 (flwr's Run)
+    def set_run(self, run: Run) -> None:
         self._run = run
 
     @property
-    def run(self):  # noqa: ANN201
+    def run(self) -> Run | None:  # None until set_run
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,

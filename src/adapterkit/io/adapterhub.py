@@ -42,6 +42,9 @@ from torch import nn
 
 from ..config import FORMAT_VERSION, Bottleneck, LoRA
 from ..errors import AdapterFileError, CompositionError
+from ..methods.base import SiteMethod
+from ..methods.bottleneck import BottleneckAdapter
+from ..methods.lora import LoRAAdapter
 from .install import install
 from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
 
@@ -184,7 +187,7 @@ def _older(version: str, than: tuple[int, ...]) -> bool:
 def _check_model(saved: dict[str, Any], am: AdaptedModel, source: str) -> None:
     ours = getattr(am.base, "config", None)
     model_type = getattr(ours, "model_type", None)
-    if model_type not in BERT_STYLE:
+    if ours is None or model_type not in BERT_STYLE:  # no config: no model_type either
         raise AdapterFileError(f"{source}: adapterkit maps AdapterHub adapters onto BERT-style models "
                                f"({', '.join(BERT_STYLE)}), not {model_type or type(am.base).__name__}")
     theirs = saved.get("model_type")
@@ -321,12 +324,13 @@ def export_adapterhub(am: AdaptedModel, name: str, path: str | os.PathLike) -> P
     if record.head is not None or record.model_method is not None or len(record.copies):
         raise CompositionError(f"{what}: AdapterHub's adapter file holds per-layer weights only; this adapter also "
                                "has a head, copied modules or a prompt/prefix (save it with am.save instead)")
-    model_type = getattr(getattr(am.base, "config", None), "model_type", None)
-    if model_type not in BERT_STYLE:
+    base_config = getattr(am.base, "config", None)
+    model_type = getattr(base_config, "model_type", None)
+    if base_config is None or model_type not in BERT_STYLE:  # no config: no model_type either
         raise CompositionError(f"{what}: adapterkit writes AdapterHub files for BERT-style models "
                                f"({', '.join(BERT_STYLE)}), not {model_type or type(am.base).__name__}")
-    layers = int(am.base.config.num_hidden_layers)
-    hidden = int(am.base.config.hidden_size)
+    layers = int(base_config.num_hidden_layers)
+    hidden = int(base_config.hidden_size)
     sites = record.methods_by_path
     if isinstance(config, Bottleneck):
         method_config, tensors = _bottleneck_out(config, sites, name, layers, hidden, what)
@@ -364,7 +368,7 @@ def _same_layers(found: dict[str, set[int]], layers: int, what: str) -> list[int
     return sorted(set(range(layers)) - present)
 
 
-def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, layers: int, hidden: int,
+def _bottleneck_out(config: Bottleneck, sites: dict[str, SiteMethod], name: str, layers: int, hidden: int,
                     what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if config.is_parallel:
         raise CompositionError(f"{what}: a parallel bottleneck reads its module's input; AdapterHub's parallel "
@@ -378,8 +382,11 @@ def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, 
     forms = {b: _BLOCKS[b] + (rf"\.{leaf}" if leaf else "") for b in _BLOCKS}
     found: dict[str, set[int]] = {}
     tensors: dict[str, torch.Tensor] = {}
-    sizes = set()
+    sizes: set[int] = set()
     for path, method in sites.items():
+        if not isinstance(method, BottleneckAdapter):
+            raise CompositionError(f"{what}: site {path!r} holds a {type(method).__name__}, "
+                                   "not a bottleneck adapter")
         layer, block = _place(path, forms, what)
         found.setdefault(block, set()).add(layer)
         module = path if parallel else path.rsplit(".", 1)[0]
@@ -388,11 +395,14 @@ def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, 
                 tensors[f"{module}.adapters.{name}.{theirs}.{t}"] = getattr(getattr(method, ours), t)
         sizes.add(method.down.out_features)
     factor = config.reduction if config.bottleneck_size is None else hidden / config.bottleneck_size
+    if factor is None:  # Bottleneck.validate() refuses this config
+        raise CompositionError(f"{what}: its config has neither reduction nor bottleneck_size")
     if len(sizes) != 1 or sizes != {max(1, int(hidden // factor))}:
         raise CompositionError(f"{what}: bottleneck sizes {sorted(sizes)} are not AdapterHub's int({hidden} // "
                                f"reduction_factor) for one reduction_factor")
-    placement = {"original_ln_before": leaf == "LayerNorm", "original_ln_after": config.renorm or leaf != "LayerNorm",
-                 "residual_before_ln": config.renorm or leaf != "LayerNorm"}
+    placement: dict[str, bool | str] = {
+        "original_ln_before": leaf == "LayerNorm", "original_ln_after": config.renorm or leaf != "LayerNorm",
+        "residual_before_ln": config.renorm or leaf != "LayerNorm"}
     if parallel:  # the library's par_bn preset; init_weights only decides how a new adapter starts
         placement.update(is_parallel=True, init_weights="mam_adapter")
     return {**_BN_DEFAULTS, **placement, "mh_adapter": "mh_adapter" in found,
@@ -402,13 +412,15 @@ def _bottleneck_out(config: Bottleneck, sites: dict[str, nn.Module], name: str, 
             "dropout": float(config.dropout)}, tensors
 
 
-def _lora_out(config: LoRA, sites: dict[str, nn.Module], name: str, layers: int,
+def _lora_out(config: LoRA, sites: dict[str, SiteMethod], name: str, layers: int,
               what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if config.rslora:
         raise CompositionError(f"{what}: rsLoRA scaling (alpha / sqrt(r)) has no AdapterHub option")
     found: dict[str, set[int]] = {}
     tensors: dict[str, torch.Tensor] = {}
     for path, method in sites.items():
+        if not isinstance(method, LoRAAdapter):
+            raise CompositionError(f"{what}: site {path!r} holds a {type(method).__name__}, not a LoRA layer")
         if method.shape.kind != "linear":
             raise CompositionError(f"{what}: site {path!r} is a {method.shape.kind}; "
                                    "AdapterHub's BERT LoRA wraps Linears only")

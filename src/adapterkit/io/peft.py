@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import LoRA
 from ..errors import AdapterFileError, CompositionError
+from ..methods.lora import LoRAAdapter
 from .install import install
 from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
 
@@ -97,13 +98,23 @@ def export_peft_lora(
     sites = record.methods_by_path
     task_type = _task_type(am.base)
     copied = record.copied_paths
-    modules_to_save = ([am.head_path] if record.head is not None else []) + copied or None
-    _check_not_inside_saved_modules(sites, (modules_to_save or []) + _AUTO_MODULES_TO_SAVE.get(task_type, []))
+    heads: list[str] = []
+    if record.head is not None:
+        if am.head_path is None:  # a head given as a module (head=...) to a model adapted with head=None
+            raise CompositionError(f"adapter {name!r} has its own task head but the model has no head module "
+                                   "for PEFT's modules_to_save to name")
+        heads = [am.head_path]
+    modules_to_save = heads + copied or None
+    auto_saved = _AUTO_MODULES_TO_SAVE.get(task_type, []) if task_type is not None else []
+    _check_not_inside_saved_modules(sites, (modules_to_save or []) + auto_saved)
 
     tensors: dict[str, torch.Tensor] = {}
     for module_name, adapter in sites.items():
+        if not isinstance(adapter, LoRAAdapter):
+            raise CompositionError(f"adapter {name!r}: module {module_name!r} holds a "
+                                   f"{type(adapter).__name__}, not a LoRA layer")
         embedding = adapter.shape.kind == "embedding"
-        _check_peft_computes_the_same(module_name, am.base.get_submodule(module_name), adapter.shape.kind)
+        _check_peft_computes_the_same(module_name, am.base.get_submodule(module_name))
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{module_name}.{a_key}"] = adapter.lora_A.detach()
         tensors[f"{PEFT_PREFIX}{module_name}.{b_key}"] = adapter.lora_B.detach()
@@ -115,7 +126,7 @@ def export_peft_lora(
             tensors[f"{PEFT_PREFIX}{module_path}.{pname}"] = value.detach()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
 
-    peft_config = {
+    peft_config: dict[str, Any] = {
         # Only fields every PEFT release since LoRA's introduction reads; older releases refuse unknown keys.
         "peft_type": "LORA",
         "task_type": task_type,
@@ -189,9 +200,9 @@ def _check_not_inside_saved_modules(sites: Iterable[str], modules_to_save: list[
                 )
 
 
-def _check_peft_computes_the_same(module_name: str, module: nn.Module, kind: str) -> None:
+def _check_peft_computes_the_same(module_name: str, module: nn.Module) -> None:
     """PEFT's LoRA conv omits the base layer's dilation, so a dilated conv would compute something else."""
-    if kind == "conv" and any(d != 1 for d in module.dilation):
+    if isinstance(module, nn.modules.conv._ConvNd) and any(d != 1 for d in module.dilation):
         raise CompositionError(
             f"module {module_name!r}: PEFT's LoRA ignores the dilation {tuple(module.dilation)} of this "
             "convolution, so a PEFT file would not reproduce this adapter's outputs"
@@ -372,8 +383,7 @@ def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, 
         rank = entry["lora_A"].shape[0]
         if rank != r:
             raise AdapterFileError(f"{path}: module {module_name!r} has rank {rank} but the config says r={r}")
-        _check_peft_computes_the_same(module_name, module, "conv" if isinstance(module, nn.modules.conv._ConvNd)
-                                      else "")
+        _check_peft_computes_the_same(module_name, module)
         if am.head_path and (module_name == am.head_path or module_name.startswith(am.head_path + ".")):
             raise AdapterFileError(
                 f"{path}: the adapter puts LoRA on {module_name!r}, which adapterkit treats as the task head; "
@@ -383,6 +393,8 @@ def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, 
 
 def _head_num_labels(am: AdaptedModel, path: Path, head: dict[str, torch.Tensor]) -> int | None:
     """The output width of the saved head, read from the weight of the head's last Linear."""
+    if am.head_path is None:  # _split_keys finds head tensors only under the model's head module
+        raise AdapterFileError(f"{path}: the file holds task-head tensors but this model has no head module")
     template = am.base.get_submodule(am.head_path)
     last = [n for n, m in template.named_modules() if isinstance(m, nn.Linear)]
     if not last:

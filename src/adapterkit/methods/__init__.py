@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -36,8 +36,15 @@ from .lora import LoRAAdapter
 from .prefix import PrefixTuningAdapter
 from .prompt import PromptTuningAdapter
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 #: a model-level method: called as `method(config, model)`; the module has `prepare(model, args, kwargs)`
 ModelMethod = Callable[[MethodConfig, nn.Module], nn.Module]
+
+
+def _is_site_method(implementation: type[SiteMethod] | ModelMethod) -> TypeIs[type[SiteMethod]]:
+    return isinstance(implementation, type) and issubclass(implementation, SiteMethod)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,9 @@ class Method:
     def site_method(self) -> type[SiteMethod]:
         if self.model_level:
             raise AdapterConfigError(f"{self.config.__name__} is a model-level method, built once per model")
-        return self.implementation  # type: ignore[return-value]
+        if not _is_site_method(self.implementation):  # register() lets no other per-site method in
+            raise AdapterConfigError(f"{self.implementation!r}: a per-site method is a SiteMethod subclass")
+        return self.implementation
 
     @property
     def mergeable(self) -> bool:
@@ -132,9 +141,9 @@ def build_site_method(config: MethodConfig, shape: SiteShape, module: nn.Module,
 
 def build_model_method(config: MethodConfig, model: nn.Module) -> nn.Module:
     method = method_of(config)
-    if not method.model_level:
+    if not method.model_level or _is_site_method(method.implementation):
         raise AdapterConfigError(f"{type(config).__name__} is not a registered model-level method")
-    return method.implementation(config, model)  # type: ignore[call-arg]
+    return method.implementation(config, model)
 
 
 for _config, _method in ((Bottleneck, BottleneckAdapter), (LoRA, LoRAAdapter), (IA3, IA3Adapter),

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 
 from ..errors import CompositionError, TargetError
 
-try:  # GPT-2 style transposed linear; optional so that adapterkit works without transformers
-    from transformers.pytorch_utils import Conv1D as HFConv1D
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+#: GPT-2 style transposed linear (weight stored [in, out]), as a tuple for isinstance: empty without
+#: transformers (optional, so that adapterkit works without it), which no module is an instance of
+HFConv1D: tuple[type[Conv1D], ...]
+try:
+    from transformers.pytorch_utils import Conv1D
+
+    HFConv1D = (Conv1D,)
 except ImportError:  # pragma: no cover
     HFConv1D = ()
 
@@ -47,7 +55,7 @@ class SiteShape:
     def of(module: nn.Module, name: str) -> SiteShape:
         if isinstance(module, nn.Linear):
             return SiteShape("linear", module.in_features, module.out_features)
-        if HFConv1D and isinstance(module, HFConv1D):
+        if isinstance(module, HFConv1D):
             return SiteShape("hf_conv1d", module.weight.shape[0], module.weight.shape[1])
         if isinstance(module, nn.modules.conv._ConvNd):
             return SiteShape("conv", module.in_channels, module.out_channels, feature_dim=1)
@@ -71,7 +79,7 @@ class SiteShape:
 def _input_width(module: nn.Module) -> int | None:
     """The feature width a composite block reads, from its first sized submodule."""
     for sub in module.modules():
-        if HFConv1D and isinstance(sub, HFConv1D):  # GPT-2's Conv1D stores W as [in, out]
+        if isinstance(sub, HFConv1D):  # GPT-2's Conv1D stores W as [in, out]
             return int(sub.weight.shape[0])
         for attr in ("in_features", "in_channels", "input_size"):
             value = getattr(sub, attr, None)
@@ -83,7 +91,7 @@ def _input_width(module: nn.Module) -> int | None:
 def _output_width(module: nn.Module) -> int | None:
     """The feature width of a composite block, read off its last sized submodule."""
     for sub in reversed(list(module.modules())):
-        if HFConv1D and isinstance(sub, HFConv1D):
+        if isinstance(sub, HFConv1D):
             return int(sub.weight.shape[1])
         for attr in ("out_features", "out_channels", "num_features", "embedding_dim", "hidden_size"):
             value = getattr(sub, attr, None)
@@ -168,11 +176,31 @@ def broadcast_features(vector: torch.Tensor, h: torch.Tensor, shape: SiteShape) 
     return vector.reshape(view)
 
 
+def sum_of(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ terms, added in order as Python's `sum` adds them: the weighted parts of a combination
+    (`fill_combined`), of which a site has at least one."""
+    total = sum(terms)
+    if not isinstance(total, torch.Tensor):
+        raise CompositionError("combine: no adapter at this site to combine")
+    return total
+
+
+def site_output(h: torch.Tensor | None, method: type[SiteMethod]) -> torch.Tensor:
+    """`h` for a method that acts on the site's output; only input-side methods are called without one."""
+    if h is None:
+        raise CompositionError(f"{method.__name__} acts on a module's output and was called without one")
+    return h
+
+
 @dataclass
 class RouteStack:
     """What `SiteMethod.stack` returns: the adapters of one routing group at a site as batched
     tensors, slot i holding adapter i and the last slot the zero adapter (rows without one). Each
     method subclasses it with the fields its `route` reads."""
+
+
+#: the RouteStack subclass of one method: what its `stack` returns and its `route` and `write_slot` read
+StackT = TypeVar("StackT", bound=RouteStack)
 
 
 class RouteKey(NamedTuple):
@@ -184,7 +212,7 @@ class RouteKey(NamedTuple):
     input_arg: int | None = None
 
 
-class SiteMethod(nn.Module):
+class SiteMethod(nn.Module, Generic[StackT]):
     """One adapter's delta at one site.
 
     `side` says which hook applies it: "output" methods map (x, h) -> h', "input" methods map
@@ -197,10 +225,14 @@ class SiteMethod(nn.Module):
     (with `check_merge` first), `combined_config`/`fill_combined` (weighted combination) and
     `stack`/`route`. Nothing outside its file asks which method it is; `methods.register` adds a
     new one, also from outside the package.
+
+    It is generic in its routing record: `class MyAdapter(SiteMethod[MyStack])` makes `stack` return
+    a MyStack and `route` and `write_slot` take one; their adapters are of the subclass itself.
     """
 
-    #: "output": maps (x, h) -> h' after the frozen module; "input": maps x -> x' before it
-    side: ClassVar[str] = "output"
+    #: "output": maps (x, h) -> h' after the frozen module; "input": maps x -> x' before it (an
+    #: instance may set its own)
+    side: str = "output"
     #: which positional argument an input-side method reads (an instance may set its own)
     input_arg: int = 0
     #: linear in the frozen weights: `merge_into`/`unmerge_from` fold the delta in and out
@@ -240,7 +272,7 @@ class SiteMethod(nn.Module):
         raise TargetError(f"{cls.__name__} adapters cannot be combined")
 
     @torch.no_grad()
-    def fill_combined(self, parts: list[tuple[SiteMethod, float]]) -> None:
+    def fill_combined(self, parts: list[tuple[Self, float]]) -> None:
         """Set this (new, combined) adapter's parameters from (adapter, weight) pairs at its site."""
         raise TargetError(f"{type(self).__name__} adapters cannot be combined")
 
@@ -252,7 +284,7 @@ class SiteMethod(nn.Module):
         """Bytes this adapter's slot takes in the routing stacks (padding included)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def reference(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The method's equation, written plainly. A method whose `forward` uses a fast kernel
         (methods/kernels.py) overrides this; tests/test_kernels.py checks the two agree."""
         return self.forward(x, h)
@@ -268,21 +300,22 @@ class SiteMethod(nn.Module):
         return ()
 
     @classmethod
-    def stack(cls, adapters: list[SiteMethod]) -> RouteStack:
+    def stack(cls, adapters: list[Self]) -> StackT:
         """The adapters of one routing group (all `route_group()`-equal) as one RouteStack."""
         raise TargetError(f"{cls.__name__} adapters cannot be routed per row")
 
     @classmethod
-    def write_slot(cls, stacked: RouteStack, slot: int, adapter: SiteMethod) -> bool:
+    def write_slot(cls, stacked: StackT, slot: int, adapter: Self) -> bool:
         """Write `adapter` over slot `slot` of a `stack` result in place (slots.py: a server's install
         changes one slot, not all); False when the stack cannot hold it and must be rebuilt."""
         return False
 
     @classmethod
     def route(
-        cls, stacked: RouteStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
+        cls, stacked: StackT, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
         shape: SiteShape, inplace: bool = False,
     ) -> torch.Tensor:
-        """Row i of the batch with the adapter of slot rows[i]: the new h (input side: the new x).
+        """Row i of the batch with the adapter of slot rows[i]: the new h (input side: the new x, and
+        h is None; `site_output` narrows h for output-side methods).
         `inplace`: h is a fresh output only the site holds (asked only of `adds_in_place` methods)."""
         raise TargetError(f"{cls.__name__} adapters cannot be routed per row")

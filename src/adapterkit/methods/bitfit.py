@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import BitFit
 from ..errors import TargetError
-from .base import RouteStack, SiteMethod, SiteShape, broadcast_features, broadcast_rows
+from .base import RouteStack, SiteMethod, SiteShape, broadcast_features, broadcast_rows, site_output, sum_of
 
 #: the modules whose bias a BitFit config that names none shifts, by model family
 DEFAULT_TARGETS = {"bert": ["all-linear"], "vit": ["all-linear"], "gpt2": ["all-linear"], "llama": ["all-linear"],
@@ -29,7 +29,7 @@ class BitFitStack(RouteStack):
     b: torch.Tensor
 
 
-class BitFitAdapter(SiteMethod):
+class BitFitAdapter(SiteMethod[BitFitStack]):
     mergeable = True
 
     @classmethod
@@ -63,7 +63,7 @@ class BitFitAdapter(SiteMethod):
 
     @torch.no_grad()
     def fill_combined(self, parts: list[tuple[BitFitAdapter, float]]) -> None:
-        self.bias_delta.copy_(sum(w * p.bias_delta for p, w in parts))
+        self.bias_delta.copy_(sum_of(w * p.bias_delta for p, w in parts))
 
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
@@ -86,6 +86,7 @@ class BitFitAdapter(SiteMethod):
         return True
 
     @classmethod
-    def route(cls, stacked: BitFitStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+    def route(cls, stacked: BitFitStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
               shape: SiteShape, inplace: bool = False) -> torch.Tensor:
+        h = site_output(h, cls)
         return h + broadcast_rows(stacked.b[rows], h, shape)

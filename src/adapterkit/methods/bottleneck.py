@@ -20,6 +20,7 @@ works over channels: a Linear over the channel dim is exactly a 1×1 convolution
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,13 @@ from .base import (
     features_last,
     pad_to,
     positional_parameters,
+    site_output,
+    sum_of,
 )
 
-ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh,
+}
 
 
 @dataclass
@@ -61,9 +66,11 @@ class BottleneckStack(RouteStack):
     norm: nn.LayerNorm | None
 
 
-class BottleneckAdapter(SiteMethod):
+class BottleneckAdapter(SiteMethod[BottleneckStack]):
     #: forward accepts inplace=True: the site lets it add into an output it owns
     adds_in_place = True
+    #: the site's frozen LayerNorm when renorm, else None (set with object.__setattr__: not a submodule)
+    norm: nn.LayerNorm | None
 
     def __init__(self, config: Bottleneck, shape: SiteShape, module: nn.Module | None = None) -> None:
         super().__init__(shape)
@@ -84,9 +91,10 @@ class BottleneckAdapter(SiteMethod):
                 raise TargetError(f"a bottleneck on input 0 needs a site with a known input width, not a {shape.kind}")
             reads = writes = width
         else:
-            reads, writes = (shape.in_features if self.parallel else shape.out_features), shape.out_features
-            if reads is None:
+            source = shape.in_features if self.parallel else shape.out_features
+            if source is None:
                 raise TargetError(f"a parallel bottleneck needs a site with a known input width, not a {shape.kind}")
+            reads, writes = source, shape.out_features
         size = config.size_for(writes)
         self.down = nn.Linear(reads, size)
         self.up = nn.Linear(size, writes)
@@ -136,7 +144,9 @@ class BottleneckAdapter(SiteMethod):
         on an input (x: the argument it reads; h unused): x' = x + s·up(act(down(x)))."""
         if self.side == "input":
             h = x
-        if self.renorm:
+        else:
+            h = site_output(h, type(self))
+        if self.norm is not None:  # renorm
             return _renormed(self.norm, x, self.delta(h))
         h_last, restore = features_last(h, self.shape)
         return restore(h_last + self.delta(self._source(x, h)))
@@ -144,6 +154,8 @@ class BottleneckAdapter(SiteMethod):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
         if self.side == "input":  # the serial form on the argument; never in place: the caller holds it
             h, inplace = x, False
+        else:
+            h = site_output(h, type(self))
         if self.renorm:
             return self.reference(x, h)
         hidden = self.dropout(ACTIVATION_FUNCTIONS[self.activation](self.down(self._source(x, h))))
@@ -172,8 +184,8 @@ class BottleneckAdapter(SiteMethod):
     @torch.no_grad()
     def fill_combined(self, parts: list[tuple[BottleneckAdapter, float]]) -> None:
         for pname, param in self.named_parameters():
-            param.copy_(sum(w * dict(p.named_parameters())[pname] * (p.scaling if "up." in pname else 1)
-                            for p, w in parts))
+            param.copy_(sum_of(w * dict(p.named_parameters())[pname] * (p.scaling if "up." in pname else 1)
+                               for p, w in parts))
 
     def route_group(self) -> tuple:
         return (self.parallel, self.activation, self.renorm, self.side)
@@ -206,10 +218,12 @@ class BottleneckAdapter(SiteMethod):
         return True
 
     @classmethod
-    def route(cls, stacked: BottleneckStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+    def route(cls, stacked: BottleneckStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
               shape: SiteShape, inplace: bool = False) -> torch.Tensor:
         if stacked.on_input:  # the serial form on the argument x, which the caller holds
             h, inplace = x, False
+        else:
+            h = site_output(h, cls)
         source = _on_output_grid(x, h, shape) if stacked.parallel else h
         z, _ = as_rows(source, shape)
         h_rows, restore = as_rows(h, shape)
@@ -252,7 +266,8 @@ def _on_output_grid(x: torch.Tensor, h: torch.Tensor, shape: SiteShape) -> torch
         return x
     if x.dim() == h.dim():
         steps = [max(1, round(a / b)) for a, b in zip(x.shape[2:], h.shape[2:], strict=True)]
-        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in steps))]
+        index = (slice(None), slice(None), *(slice(None, None, s) for s in steps))
+        x = x[index]
     if x.shape[2:] != h.shape[2:]:
         raise TargetError(
             f"a parallel bottleneck cannot map the input grid {tuple(x.shape[2:])} onto the output grid "

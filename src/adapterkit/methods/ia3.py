@@ -24,6 +24,8 @@ from .base import (
     broadcast_features,
     broadcast_rows,
     features_last,
+    site_output,
+    sum_of,
     union_targets,
 )
 
@@ -43,15 +45,16 @@ class IA3Stack(RouteStack):
     side: str
 
 
-class IA3Adapter(SiteMethod):
+class IA3Adapter(SiteMethod[IA3Stack]):
     mergeable = True
 
     def __init__(self, shape: SiteShape, on_input: bool) -> None:
         super().__init__(shape)
         self.side = "input" if on_input else "output"
-        if on_input and shape.in_features is None:
+        width = shape.in_features if on_input else shape.out_features
+        if width is None:
             raise TargetError(f"IA³ on the input needs a site with a known input width, not a {shape.kind}")
-        self.ia3_l = nn.Parameter(torch.ones(shape.in_features if on_input else shape.out_features))
+        self.ia3_l = nn.Parameter(torch.ones(width))
 
     @classmethod
     def default_targets(cls, config: IA3, family: str) -> tuple[list, list] | None:
@@ -67,6 +70,7 @@ class IA3Adapter(SiteMethod):
         if self.side == "input":
             x_last, restore = features_last(x, self.shape)
             return restore(x_last * self.ia3_l)
+        h = site_output(h, type(self))
         return h * broadcast_features(self.ia3_l, h, self.shape)
 
     def _weight_scale(self, module: nn.Module, scale: torch.Tensor) -> None:
@@ -74,14 +78,16 @@ class IA3Adapter(SiteMethod):
         if kind not in ("linear", "hf_conv1d", "conv"):
             raise TargetError(f"IA³ can merge into Linear, Conv and GPT-2 Conv1D sites, not a {kind}")
         weight = module.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TargetError(f"IA³ merges into a weight tensor; {type(module).__name__}.weight is not one")
         # Output scaling touches rows of W (columns for Conv1D, which stores W transposed).
         out_dim = 1 if kind == "hf_conv1d" else 0
         dim = (1 - out_dim) if self.side == "input" else out_dim
         view = [1] * weight.dim()
         view[dim] = -1
         weight.mul_(scale.view(view).to(weight.dtype))
-        if self.side == "output" and getattr(module, "bias", None) is not None:
-            module.bias.mul_(scale.to(module.bias.dtype))
+        if self.side == "output" and (bias := getattr(module, "bias", None)) is not None:
+            bias.mul_(scale.to(bias.dtype))
 
     def check_merge(self, module: nn.Module, module_name: str) -> None:
         if self.shape.kind not in ("linear", "hf_conv1d", "conv"):
@@ -104,7 +110,7 @@ class IA3Adapter(SiteMethod):
 
     @torch.no_grad()
     def fill_combined(self, parts: list[tuple[IA3Adapter, float]]) -> None:
-        self.ia3_l.copy_(1 + sum(w * (p.ia3_l - 1) for p, w in parts))
+        self.ia3_l.copy_(1 + sum_of(w * (p.ia3_l - 1) for p, w in parts))
 
     def route_group(self) -> tuple:
         return (self.side,)
@@ -125,4 +131,5 @@ class IA3Adapter(SiteMethod):
         scale = stacked.l[rows]
         if stacked.side == "input":
             return x * broadcast_rows(scale, x, shape)
+        h = site_output(h, cls)
         return h * broadcast_rows(scale, h, shape)

@@ -11,6 +11,7 @@ which is r² times smaller than x: that is where the training memory goes down.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..config import LiteResidual
 from ..errors import TargetError
-from .base import RouteStack, SiteMethod, SiteShape
+from .base import RouteStack, SiteMethod, SiteShape, site_output
 
 
 @dataclass
@@ -28,18 +29,20 @@ class LiteResidualStack(RouteStack):
     adapters: list[LiteResidualAdapter]
 
 
-class LiteResidualAdapter(SiteMethod):
+class LiteResidualAdapter(SiteMethod[LiteResidualStack]):
     def __init__(self, config: LiteResidual, shape: SiteShape, dims: int) -> None:
         super().__init__(shape)
         cin, cout = shape.in_features, shape.out_features
+        if cin is None:
+            raise TargetError(f"a lite residual needs a site with a known input width, not a {shape.kind}")
         groups = max(1, round(cin * config.expansion / config.group_width))
         hidden = groups * config.group_width
         conv = nn.Conv2d if dims == 2 else nn.Conv1d
         self.dims, self.downsample = dims, config.downsample
         self.group = conv(cin, hidden, 3, padding=1, groups=_common_groups(cin, hidden, groups), bias=False)
         self.out = conv(hidden, cout, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        for param in self.out.parameters():  # W₂ and its bias: the branch starts at zero
+            nn.init.zeros_(param)
 
     @classmethod
     def build(cls, config: LiteResidual, shape: SiteShape, module: nn.Module, on_input: bool = False) -> SiteMethod:
@@ -66,9 +69,10 @@ class LiteResidualAdapter(SiteMethod):
         return LiteResidualStack(adapters=list(adapters))
 
     @classmethod
-    def route(cls, stacked: LiteResidualStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+    def route(cls, stacked: LiteResidualStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
               shape: SiteShape, inplace: bool = False) -> torch.Tensor:
         """Each adapter runs once, on its own rows (a conv per adapter; rows of other adapters skip it)."""
+        h = site_output(h, cls)
         out = h
         for index, adapter in enumerate(stacked.adapters):
             mine = torch.nonzero(rows == index).flatten()
@@ -82,15 +86,16 @@ class _Pool(torch.autograd.Function):
     incoming one spread evenly over each tile, which needs no saved input: PyTorch's avg_pool
     would keep x, the very tensor the branch exists not to keep."""
 
+    # ctx: autograd's per-call context, on which this function keeps fields of its own (shape, r)
     @staticmethod
-    def forward(ctx, x: torch.Tensor, r: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx: Any, x: torch.Tensor, r: int) -> torch.Tensor:
         ctx.shape, ctx.r = x.shape, r
         spatial = x.shape[2:]
         x = F.pad(x, [p for n in reversed(spatial) for p in (0, (-n) % r)])
         return F.avg_pool2d(x, r) if x.dim() == 4 else F.avg_pool1d(x, r)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         r, shape = ctx.r, ctx.shape
         for dim in range(2, grad.dim()):
             grad = grad.repeat_interleave(r, dim).narrow(dim, 0, shape[dim])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,14 @@ from torch import nn
 from ..config import LoRA
 from ..errors import TargetError
 from . import kernels
-from .base import RouteStack, SiteMethod, SiteShape, as_rows, pad_to
+from .base import RouteStack, SiteMethod, SiteShape, as_rows, pad_to, site_output
 
 #: the modules a LoRA config that names none attaches to, by model family (targets.model_family)
 DEFAULT_TARGETS = {"bert": ["query", "value"], "vit": ["query", "value"], "gpt2": ["c_attn"],
                    "llama": ["q_proj", "v_proj"], "cnn": ["Conv2d", "Conv1d"], "recurrent": ["all-linear"]}
+
+#: a frozen convolution's stride, padding and dilation, passed on to F.conv1d/2d/3d as keywords
+ConvArgs = dict[str, tuple[int, ...] | str]
 
 
 @dataclass
@@ -36,13 +40,30 @@ class LoRAStack(RouteStack):
     B: torch.Tensor
     rank: int
     A_all: torch.Tensor | None = None
-    conv: dict | None = None
+    conv: ConvArgs | None = None
     padding_idx: int | None = None
 
+    def concatenated(self) -> torch.Tensor:
+        """`A_all`, which `stack` sets for the conv and embedding sites that read it."""
+        if self.A_all is None:
+            raise TargetError("this LoRA stack was built for a linear site: it has no concatenated A")
+        return self.A_all
 
-class LoRAAdapter(SiteMethod):
+    def conv_args(self) -> ConvArgs:
+        """The frozen convolution's settings, which `stack` sets for conv sites."""
+        if self.conv is None:
+            raise TargetError("this LoRA stack was not built for a conv site: it has no convolution settings")
+        return self.conv
+
+
+class LoRAAdapter(SiteMethod[LoRAStack]):
     mergeable = True
     adds_in_place = True
+    #: set on conv sites only: the frozen convolution's settings
+    conv: ConvArgs
+    #: set on embedding sites only: the frozen embedding's padding row and output scale
+    padding_idx: int | None
+    embed_scale: float
 
     def __init__(self, config: LoRA, shape: SiteShape, module: nn.Module) -> None:
         super().__init__(shape)
@@ -51,20 +72,24 @@ class LoRAAdapter(SiteMethod):
         self.r, self.scale = config.r, config.scale
         self.dropout = nn.Dropout(config.dropout)
         if shape.kind == "conv":
+            if not isinstance(module, nn.modules.conv._ConvNd):
+                raise TargetError(f"a LoRA conv site needs a convolution, not a {type(module).__name__}")
             if module.groups != 1:
                 raise TargetError("LoRA on a grouped convolution is not supported")
             self.conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
             kernel = tuple(module.kernel_size)
-            a_shape = (config.r, shape.in_features, *kernel)
+            a_shape = (config.r, _input_width(shape), *kernel)
             b_shape = (shape.out_features, config.r, *([1] * len(kernel)))
         elif shape.kind == "embedding":
+            if not isinstance(module, nn.Embedding):
+                raise TargetError(f"a LoRA embedding site needs an Embedding, not a {type(module).__name__}")
             a_shape, b_shape = (config.r, module.num_embeddings), (shape.out_features, config.r)
             self.padding_idx = module.padding_idx
             # Scaled embeddings (Gemma's `embed_scale`) multiply their lookup inside forward, so the
             # delta must be scaled too: that keeps merge exact (the scale applies to W + ΔW) and matches PEFT.
             self.embed_scale = float(getattr(module, "embed_scale", 1.0))
         else:
-            a_shape, b_shape = (config.r, shape.in_features), (shape.out_features, config.r)
+            a_shape, b_shape = (config.r, _input_width(shape)), (shape.out_features, config.r)
         self.lora_A = nn.Parameter(torch.empty(a_shape))
         self.lora_B = nn.Parameter(torch.zeros(b_shape))
         if shape.kind == "embedding":
@@ -121,11 +146,15 @@ class LoRAAdapter(SiteMethod):
 
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
-        module.weight += self.delta_weight().to(module.weight.dtype)
+        weight = _weight_of(module)
+        weight += self.delta_weight().to(weight.dtype)
+        module.weight = weight  # as `module.weight += ...`: a parametrized weight takes it through its setter
 
     @torch.no_grad()
     def unmerge_from(self, module: nn.Module) -> None:
-        module.weight -= self.delta_weight().to(module.weight.dtype)
+        weight = _weight_of(module)
+        weight -= self.delta_weight().to(weight.dtype)
+        module.weight = weight
 
     @classmethod
     def combined_config(cls, configs: list[LoRA]) -> LoRA:
@@ -181,12 +210,13 @@ class LoRAAdapter(SiteMethod):
         return True
 
     @classmethod
-    def route(cls, stacked: LoRAStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor, shape: SiteShape,
-              inplace: bool = False) -> torch.Tensor:
+    def route(cls, stacked: LoRAStack, rows: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None,
+              shape: SiteShape, inplace: bool = False) -> torch.Tensor:
+        h = site_output(h, cls)
         rank, n_rows = stacked.rank, rows.shape[0]
         if shape.kind == "embedding":
             b_sel = b_sel_of(stacked, rows)
-            low = F.embedding(x, stacked.A_all.T, padding_idx=stacked.padding_idx)
+            low = F.embedding(x, stacked.concatenated().T, padding_idx=stacked.padding_idx)
             low = low.view(n_rows, -1, low.shape[-1] // rank, rank)
             low = low[torch.arange(n_rows, device=rows.device), :, rows]  # [rows, T, r]
             h_rows, restore = as_rows(h, shape)
@@ -194,12 +224,14 @@ class LoRAAdapter(SiteMethod):
         if shape.kind == "conv":
             b_sel = b_sel_of(stacked, rows)
             conv = _CONV[x.dim() - 2]
-            low = conv(x, stacked.A_all, **stacked.conv)  # [rows, (N+1)·r, *spatial]
+            low = conv(x, stacked.concatenated(), **stacked.conv_args())  # [rows, (N+1)·r, *spatial]
             low = low.view(n_rows, -1, rank, low[0, 0].numel())
             low = low[torch.arange(n_rows, device=rows.device), rows]  # [rows, r, L]
             return h + torch.bmm(b_sel, low).view(h.shape)
         z, _ = as_rows(x, shape)
         h_rows, restore = as_rows(h, shape)
+        slots: list[int]
+        mine: Sequence[int]
         if torch.compiler.is_compiling():  # a compiled graph cannot branch on the rows' values
             slots, mine, by_adapter = [], range(n_rows), False
         else:
@@ -245,7 +277,21 @@ def b_sel_of(stacked: LoRAStack, rows: torch.Tensor) -> torch.Tensor:
     return stacked.B.index_select(0, rows)  # [rows, out, r]
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+def _input_width(shape: SiteShape) -> int:
+    if shape.in_features is None:
+        raise TargetError(f"LoRA needs a site with a known input width, not a {shape.kind}")
+    return shape.in_features
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TargetError(f"LoRA merges into a weight tensor, which {type(module).__name__}.weight is not")
+    return weight
+
+
+#: F.conv1d/2d/3d by spatial dims (one signature; their overloads only differ in padding's type)
+_CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def rank_bucket(r: int) -> int:

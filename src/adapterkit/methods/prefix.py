@@ -12,14 +12,18 @@ or RoPE) see what they saw in pre-training. PEFT instead lets the model number t
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import PrefixTuning
 from ..errors import TargetError
-from ..hf_names import activation_checkpointing_on, cache_keyword, given_cache, with_cache
-from .prompt import VIRTUAL, _input_embeddings, bind_args, real_past
+from ..hf_names import cache_keyword, checkpointing_active, given_cache, with_cache
+from .prompt import VIRTUAL, _input_embeddings, bind_args, model_config, real_past
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 
 class PrefixTuningAdapter(nn.Module):
@@ -64,7 +68,7 @@ class PrefixTuningAdapter(nn.Module):
         from transformers import DynamicCache
 
         kwargs = bind_args(model, args, kwargs)
-        if model.training and activation_checkpointing_on(model):
+        if torch.is_grad_enabled() and checkpointing_active(model):
             raise TargetError(
                 "prefix tuning: transformers drops the key/value cache under gradient checkpointing, and with "
                 "them the prefix; turn activation checkpointing off"
@@ -76,7 +80,7 @@ class PrefixTuningAdapter(nn.Module):
         rows, length = x.shape[0], x.shape[1]
         cache = given_cache(kwargs)[1]
         if cache is None:
-            cache = DynamicCache(config=model.config)
+            cache = DynamicCache(config=model_config(model, "prefix tuning"))
         elif not isinstance(cache, DynamicCache):
             raise TargetError(f"prefix tuning extends a DynamicCache, not a {type(cache).__name__}")
         start = real_past(cache)
@@ -105,7 +109,7 @@ class PrefixTuningAdapter(nn.Module):
         kwargs["attention_mask"] = mask
         return (), kwargs
 
-    def _fill(self, cache: object, rows: int, dtype: torch.dtype) -> None:
+    def _fill(self, cache: DynamicCache, rows: int, dtype: torch.dtype) -> None:
         prefix = self.prefix().to(dtype)
         for layer in range(self.layers):
             keys, values = (t.unsqueeze(0).expand(rows, -1, -1, -1) for t in prefix[layer])
@@ -116,9 +120,7 @@ class PrefixTuningAdapter(nn.Module):
 
 def _attention_shape(model: nn.Module) -> tuple[int, int, int, int]:
     """(layers, key/value heads, head_dim, hidden size) from a transformers config, whatever its names."""
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TargetError(f"prefix tuning needs a transformers model with a config, not a {type(model).__name__}")
+    config = model_config(model, "prefix tuning")
     if getattr(config, "is_encoder_decoder", False):
         raise TargetError(
             "prefix tuning supports decoder-only and encoder-only models; an encoder-decoder model would "

@@ -10,7 +10,7 @@ Under generate() the prompt goes in at the first step only; later steps find it 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from ..config import PromptTuning
 from ..errors import TargetError
 from ..hf_names import given_cache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 #: attribute set on a transformers cache: how many of its entries are prefix-tuning keys/values, not tokens
 VIRTUAL = "adapterkit_virtual_entries"
@@ -55,7 +58,7 @@ class PromptTuningAdapter(nn.Module):
         vocab, width = embeddings.weight.shape
         with torch.no_grad():
             if config.init_text is not None and hasattr(model, "config"):
-                ids = _tokenize(model, config.init_text)
+                ids = _tokenize(model_config(model, "prompt tuning"), config.init_text)
                 ids = (ids * (config.num_virtual_tokens // len(ids) + 1))[: config.num_virtual_tokens]
                 init = embeddings.weight[torch.tensor(ids)].clone()
             else:
@@ -106,10 +109,18 @@ def _input_embeddings(model: nn.Module) -> nn.Embedding:
     return embeddings
 
 
-def _tokenize(model: nn.Module, text: str) -> list[int]:
+def model_config(model: nn.Module, method: str) -> PreTrainedConfig:
+    """A transformers model's config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TargetError(f"{method} needs a transformers model with a config, not a {type(model).__name__}")
+    return config
+
+
+def _tokenize(config: PreTrainedConfig, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(config._name_or_path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise TargetError(f"init_text {text!r} has no tokens")

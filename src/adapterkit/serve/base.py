@@ -73,13 +73,11 @@ def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
     The split minimising sum(rows x longest) + overhead x forwards, over length-sorted rows."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     sizes = [lengths[i] for i in order]
-    best = [0] + [None] * len(sizes)  # best[j]: cost of the first j sorted rows
+    best = [0] * (len(sizes) + 1)  # best[j]: cost of the first j sorted rows
     cut = [0] * (len(sizes) + 1)
     for j in range(1, len(sizes) + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * sizes[j - 1] + overhead
-            if best[j] is None or cost < best[j]:
-                best[j], cut[j] = cost, i
+        # the cheapest cut, the first one on a tie
+        best[j], cut[j] = min((best[i] + (j - i) * sizes[j - 1] + overhead, i) for i in range(j))
     groups, j = [], len(sizes)
     while j > 0:
         groups.append(order[cut[j]:j])

@@ -20,6 +20,7 @@ trickle of single-row prefills would otherwise take half the model thread's time
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -176,7 +177,7 @@ class Batcher:
         try:
             manifest, tensors = self.read(key)
         except BaseException as err:  # noqa: BLE001 - reported to the parked requests
-            self._post(lambda failure=err: self._load_failed(key, failure))
+            self._post(functools.partial(self._load_failed, key, err))  # err is unbound after the except
             return
         self._post(lambda: self._install(key, manifest, tensors, start))
 
@@ -230,18 +231,18 @@ class Batcher:
                 if items:
                     self._run_batch(kind, items)
             else:
-                self._continuous_pass()
+                self._continuous_pass(self.decoder)
             self._maintain()
         self._shutdown()
 
-    def _continuous_pass(self) -> None:
+    def _continuous_pass(self, decoder: Decoder) -> None:
         """Encode rows or newcomers to the decode (the older first), then one decode step."""
-        dropped = self.decoder.drop(lambda item: item[0].future.done())
+        dropped = decoder.drop(lambda item: item[0].future.done())
         if dropped:
             with self._cond:
                 for req, _ in dropped:
                     self._unpin(req)
-        running = self.decoder.running
+        running = decoder.running
         room = self.max_batch - running
         if running and room < min(self.min_admit, len(self._queues["generate"])):
             room = 0  # newcomers wait for a few more rows to leave, then prefill together
@@ -249,22 +250,22 @@ class Batcher:
         if kind == "encode" and items:
             self._run_batch(kind, items)
         elif items:
-            self._decode("generate", lambda: self.decoder.admit(items), items)
-        if self.decoder.running:
-            self._decode("generate", self.decoder.step, None)
+            self._decode(decoder, "generate", lambda: decoder.admit(items), items)
+        if decoder.running:
+            self._decode(decoder, "generate", decoder.step, None)
 
-    def _decode(self, kind: str, run: Callable[[], list], items: Items | None) -> None:
+    def _decode(self, decoder: Decoder, kind: str, run: Callable[[], list], items: Items | None) -> None:
         """Admit (`items`) or step (None: every running row); a failure fails exactly those rows."""
         start = time.perf_counter()
         try:
             finished = run()
         except BaseException as err:  # noqa: BLE001 - one bad batch must not stop the server
-            failed = items if items is not None else self.decoder.abort()
+            failed = items if items is not None else decoder.abort()
             for req in list({id(r): r for r, _ in failed}.values()):
                 self._fail(req, err)
             return
         if items is None:
-            self.metrics.batch_rows.labels(kind).observe(self.decoder.running + len(finished))
+            self.metrics.batch_rows.labels(kind).observe(decoder.running + len(finished))
             self.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - start)
         self._complete(finished)
 

@@ -148,7 +148,8 @@ class AdapterCache:
             return None, 0
         spare = None
         for victim in self.over_budget(pinned, incoming=size):
-            alike = self.get(victim).structure == structure
+            resident = self.get(victim)  # None: evicted meanwhile (then _evict finds nothing either)
+            alike = resident is not None and resident.structure == structure
             record = self._evict(victim)
             if alike and spare is None:
                 spare = record

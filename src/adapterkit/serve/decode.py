@@ -57,7 +57,7 @@ class ContinuousDecoder:
         self._extra = last_logits_only(am.base)
         self._rows: list[_Running] = []
         self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # [rows, cached columns]
+        self._mask: torch.Tensor = _NO_ROWS  # [rows, cached columns]
 
     @property
     def running(self) -> int:
@@ -67,20 +67,20 @@ class ContinuousDecoder:
         return [r.handle for r in self._rows]
 
     @torch.inference_mode()
-    def admit(self, handles: Sequence[Any]) -> list[tuple[Any, Generated]]:
+    def admit(self, handles: Sequence[Any]) -> list[tuple[Any, Generated | RowFailure]]:
         """Prefill newcomers as one batch and add them to the running rows; returns the rows that
-        finished on their first token. On an error nothing is admitted and the running rows stay."""
+        finished on their first token (a RowFailure: that row's logits were not finite). On an error
+        nothing is admitted and the running rows stay."""
         if not handles:
             return []
-        if self._keyword is None:
-            raise TargetError(f"{type(self.am.base).__name__}.forward takes no key/value cache, so it cannot generate")
+        keyword = self._cache_keyword()
         entries = [(h, *self.describe(h)) for h in handles]
         rows = [_Running(h, row, name, _generator(row.seed), [], len(row.prompt)) for h, row, name in entries]
         input_ids, mask = pad([r.row.prompt for r in rows], self.pad_id, left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.routing([r.name for r in rows]):
             out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{self._keyword: None}, **self._extra)
+                          **{keyword: None}, **self._extra)
         cache = output_cache(out)
         layers = _layers(cache)  # before any token is sampled: an unusable cache admits nothing
         logits = out.logits[:, -1, :].float()
@@ -93,8 +93,9 @@ class ContinuousDecoder:
         return [(h, g) for h, g in finished if g is not None]
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Any, Generated]]:
-        """One token for every running row; returns the rows that finished."""
+    def step(self) -> list[tuple[Any, Generated | RowFailure]]:
+        """One token for every running row; returns the rows that finished (a RowFailure: that row's
+        logits were not finite)."""
         if not self._rows:
             return []
         n = len(self._rows)
@@ -103,11 +104,11 @@ class ContinuousDecoder:
         positions = torch.tensor([r.position for r in self._rows], dtype=torch.long).unsqueeze(1)
         with self.routing([r.name for r in self._rows]):
             out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{self._keyword: self._cache}, **self._extra)
+                          **{self._cache_keyword(): self._cache}, **self._extra)
         self._cache, self._mask = output_cache(out), mask
         logits = out.logits[:, -1, :].float()
         finite = torch.isfinite(logits).all(dim=-1).tolist()
-        finished = []
+        finished: list[tuple[Any, Generated | RowFailure]] = []
         for i, r in enumerate(self._rows):
             r.position += 1
             generated = self._advance(r, logits[i], finite[i])
@@ -127,10 +128,16 @@ class ContinuousDecoder:
     def abort(self) -> list[Any]:
         """Forget every running row (after a failed step); returns their handles."""
         handles = self.handles()
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache, self._mask = [], None, _NO_ROWS
         return handles
 
     # --- inside ---------------------------------------------------------------------------------
+
+    def _cache_keyword(self) -> str:
+        """The keyword under which the base model takes its key/value cache."""
+        if self._keyword is None:
+            raise TargetError(f"{type(self.am.base).__name__}.forward takes no key/value cache, so it cannot generate")
+        return self._keyword
 
     def _advance(self, r: _Running, logits: torch.Tensor, finite: bool = True) -> Generated | RowFailure | None:
         """Sample r's next token; the finished result if this ends the row (a failure of this row
@@ -182,6 +189,10 @@ class ContinuousDecoder:
             mask = mask[:, first:]
         self._mask = mask
         self._rows = [self._rows[i] for i in indices]
+
+
+#: the mask of no running rows (every path that reads the mask has running rows)
+_NO_ROWS = torch.zeros((0, 0), dtype=torch.long)
 
 
 def _layers(cache: Any) -> list:

@@ -485,6 +485,8 @@ class Engine:
     def _label(self, logits: torch.Tensor, key: AdapterKey | None) -> dict[str, Any]:
         entry = self.cache.get(key) if key is not None else None
         labels = entry.labels if entry is not None and entry.labels else self.base_labels
+        if labels is None:  # only a classifier base has labels, and only such a base takes classify requests
+            raise BadRequest(f"this server's base is a {self.task} model: it has no labels to classify with")
         probs = torch.softmax(logits[: len(labels)], dim=-1).tolist()
         best = max(range(len(labels)), key=probs.__getitem__)
         return {"label": labels[best], "scores": dict(zip(labels, probs, strict=True))}

@@ -59,15 +59,16 @@ class DominantMerge:
             self.merged = None  # evicted (and so unmerged) meanwhile
             self.am.activate(None)
         first = names[0] if names else None
-        single = first is not None and all(n == first for n in names)
-        if self.merged is not None and not (single and first == self.merged):
-            self._unmerge()
-        if single and self.merged is None:
-            self._streak = self._streak + 1 if first == self._streak_name else 1
-            self._streak_name = first
-            if self._streak >= self._wait.get(first, self.after):
-                self._merge(first)
-        elif not single:
+        # the one adapter every row names (None: rows name different adapters, or none)
+        single = first if first is not None and all(n == first for n in names) else None
+        if self.merged is not None and single != self.merged:
+            self._unmerge(self.merged)
+        if single is not None and self.merged is None:
+            self._streak = self._streak + 1 if single == self._streak_name else 1
+            self._streak_name = single
+            if self._streak >= self._wait.get(single, self.after):
+                self._merge(single)
+        elif single is None:
             self._streak_name, self._streak = None, 0
         if self.merged is not None:
             self._merged_for += 1
@@ -79,7 +80,7 @@ class DominantMerge:
     def unmerge(self) -> None:
         """Back to plain routing (the model thread, between forwards)."""
         if self.merged is not None:
-            self._unmerge()
+            self._unmerge(self.merged)
 
     def _merge(self, name: str) -> None:
         if name in self.refused:
@@ -92,7 +93,7 @@ class DominantMerge:
         if copy > self.max_copy_bytes:  # the originals could not be kept, so the unmerge would not be exact
             self.refused[name] = f"its merge changes {copy} bytes of weights, over the {self.max_copy_bytes} kept"
             return
-        expected = self._probe([name]) if self.probe is not None else None
+        expected = self._probe(self.probe, [name]) if self.probe is not None else None
         try:
             self.am.merge(name, keep_original=True)
         except (AdapterError, RuntimeError, TypeError, NotImplementedError) as err:
@@ -112,9 +113,9 @@ class DominantMerge:
         """Why the merged weights must not serve (None: they may)."""
         if not all(bool(torch.isfinite(t).all()) for t in self.am.merged_tensors(name)):
             return "the merged weights hold NaN or infinite values"
-        if expected is None:
+        if expected is None or self.probe is None:  # no probe batch (`expected` is None then too)
             return None
-        got = self._probe(None)
+        got = self._probe(self.probe, None)
         if not bool(torch.isfinite(expected).all()) or not bool(torch.isfinite(got).all()):
             return "its output on the probe batch is not finite"
         scale = float(expected.abs().max()) + 1e-6
@@ -122,15 +123,16 @@ class DominantMerge:
             return "the merged output differs from the routed output on the probe batch"
         return None
 
-    def _probe(self, route: list[str] | None) -> torch.Tensor:
+    def _probe(self, probe: Callable[[], torch.Tensor], route: list[str] | None) -> torch.Tensor:
         with torch.inference_mode():
             if route is None:
-                return self.probe().float()
+                return probe().float()
             with self.am.route(route):
-                return self.probe().float()
+                return probe().float()
 
-    def _unmerge(self) -> None:
-        name, self.merged = self.merged, None
+    def _unmerge(self, name: str) -> None:
+        """Takes out the merge of `name` (the merged adapter)."""
+        self.merged = None
         self._streak_name, self._streak = None, 0
         if self._merged_for < self._wait.get(name, self.after):  # the bet lost: wait longer next time
             self._wait[name] = min(self.max_after, 2 * self._wait.get(name, self.after))

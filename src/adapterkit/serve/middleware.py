@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -153,7 +154,7 @@ async def refuse(err: ServeError, scope: dict, receive: Any, send: Any) -> None:
     await JSONResponse(as_json(err), status_code=status_of(err), headers=headers)(scope, receive, send)
 
 
-def api_key(scope: dict) -> str | None:
+def api_key(scope: Mapping[str, Any]) -> str | None:
     """The key of `X-API-Key`, else of `Authorization: Bearer` (the first of each header)."""
     key = auth = None
     for name, value in scope.get("headers", ()):
@@ -166,14 +167,14 @@ def api_key(scope: dict) -> str | None:
     return key
 
 
-def content_type(scope: dict) -> str:
+def content_type(scope: Mapping[str, Any]) -> str:
     for key, value in scope.get("headers", ()):
         if key == b"content-type":
             return value.decode("latin-1").split(";")[0].strip().lower()
     return ""
 
 
-def content_length(scope: dict) -> int:
+def content_length(scope: Mapping[str, Any]) -> int:
     for key, value in scope.get("headers", ()):
         if key == b"content-length":
             try:

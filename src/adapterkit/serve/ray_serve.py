@@ -33,7 +33,7 @@ import asyncio
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from .engine import Engine
 from .errors import ServeError
@@ -59,6 +59,12 @@ class LoadedAdapter:
             pass
 
 
+class _Limits(TypedDict, total=False):
+    """Options of `serve.deployment` given only when set (Ray Serve's own default otherwise)."""
+
+    max_ongoing_requests: int
+
+
 def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, max_adapters_per_replica: int = 256,
                ray_actor_options: dict[str, Any] | None = None, max_ongoing_requests: int | None = None,
                **engine_options: Any) -> Any:
@@ -73,7 +79,7 @@ def deployment(base: str, store: str | os.PathLike, *, num_replicas: int = 1, ma
 
     store = str(store)
 
-    limits = {} if max_ongoing_requests is None else {"max_ongoing_requests": max_ongoing_requests}
+    limits: _Limits = {} if max_ongoing_requests is None else {"max_ongoing_requests": max_ongoing_requests}
 
     @serve.deployment(name="adapterkit", num_replicas=num_replicas, ray_actor_options=ray_actor_options or {},
                       **limits)

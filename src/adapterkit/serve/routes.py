@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, overload
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -54,6 +54,20 @@ class GenerateIn(BaseModel):
     stream: StrictBool = Field(False, description="server-sent events, one per token, then a final summary")
 
 
+class GenerateOptions(TypedDict):
+    """The options of a /v1/generate request, as `Engine.submit_generate` takes them."""
+
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+
+
+@overload
+def adapter_of(engine: Engine, request: Request, who: Principal, ref: str) -> tuple[str, str]: ...
+@overload
+def adapter_of(engine: Engine, request: Request, who: Principal, ref: str | None) -> tuple[str, str | None]: ...
+
+
 def adapter_of(engine: Engine, request: Request, who: Principal, ref: str | None) -> tuple[str, str | None]:
     """The (tenant, adapter) a request names, checked to exist (404 first, so unknown names do not
     become metric labels); None: the base model."""
@@ -84,7 +98,7 @@ def inference_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     @router.post("/v1/generate", summary="Text generation (causal-LM bases); stream=true for server-sent events")
     async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = adapter_of(engine, request, who, body.adapter)
-        options = {"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "seed": body.seed}
+        options = GenerateOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed)
         engine.require(RequestKind.GENERATE)  # before a stream starts: once it has, the status is 200
         if not body.stream:
             return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
@@ -163,11 +177,15 @@ def operations_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     return router
 
 
-async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str, options: dict) -> AsyncIterator[str]:
+async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str,
+                  options: GenerateOptions) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[int | None] = asyncio.Queue()
-    future = engine.submit_generate(prompt, name, tenant, **options,
-                                    on_token=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
+
+    def on_token(token: int) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, token)
+
+    future = engine.submit_generate(prompt, name, tenant, **options, on_token=on_token)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
     tokens: list[int] = []
     sent = ""

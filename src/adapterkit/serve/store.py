@@ -23,6 +23,7 @@ a crash followed by a quick restart leaves nothing behind, and another process's
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -225,6 +226,7 @@ class AdapterStore:
                 out += [(t, p.name) for p in sorted(folder.iterdir()) if valid_name(p.name) and (p / STATE).is_file()]
         return out
 
+    # below this method `list` in the class body is the method: later annotations say builtins.list
     def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
         records = []
         for t, n in self.names(tenant):
@@ -345,7 +347,7 @@ class AdapterStore:
         """The mark of a version this store reserved and has not yet published or discarded."""
         return self.root / INFLIGHT / f"{self.owner}.{tenant}.{name}.{version}"
 
-    def publish(self, tenant: str, name: str, version: int) -> list[int]:
+    def publish(self, tenant: str, name: str, version: int) -> builtins.list[int]:
         """Make `version` live; the one live before goes on the history for rollback. Returns the
         versions pruned beyond the quota's `keep_versions`. Conflict if the version was deleted meanwhile."""
         with self._locked():
@@ -406,7 +408,7 @@ class AdapterStore:
             _remove(self.path(tenant, name, current))  # withdrawn: nothing refers to it any more
             return current, history[-1]
 
-    def delete(self, tenant: str, name: str) -> list[int]:
+    def delete(self, tenant: str, name: str) -> builtins.list[int]:
         """Remove an adapter with all its versions; returns the versions removed."""
         with self._locked():
             self.resolve(tenant, name)
@@ -425,7 +427,7 @@ class AdapterStore:
         self.publish(tenant, name, version)
         return version
 
-    def adopt_flat(self, tenant: str = DEFAULT_TENANT) -> list[str]:
+    def adopt_flat(self, tenant: str = DEFAULT_TENANT) -> builtins.list[str]:
         """Adapter folders placed directly in the store become versions of `tenant` (once)."""
         adopted = []
         for child in sorted(self.root.iterdir()):

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import BadRequest, Unauthorized, not_found
 
@@ -32,7 +32,7 @@ DEFAULT_TENANT = "default"
 NAME = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*$")
 
 
-def valid_name(name: str) -> bool:
+def valid_name(name: object) -> TypeGuard[str]:
     return isinstance(name, str) and len(name) <= 64 and bool(NAME.match(name))
 
 

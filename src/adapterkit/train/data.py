@@ -40,8 +40,8 @@ def _one_line(exc: BaseException) -> str:
     # datasets wraps the real failure (pandas/arrow/unicode) in a generic DatasetGenerationError;
     # the innermost cause is what tells the user what is wrong with their file.
     root = exc
-    while root.__cause__ is not None or root.__context__ is not None:
-        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    while (inner := root.__cause__ or root.__context__) is not None:
+        root = inner
     text = str(root).strip().splitlines()
     return f"{type(root).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -174,7 +174,12 @@ class TextClassificationData:
     ) -> TextClassificationData:
         """Random subsets (fixed seed) of at most the given sizes. ``max_eval_examples`` caps the
         validation split, and the test split too unless ``max_test_examples`` is given (None: all)."""
-        test_cap = max_eval_examples if max_test_examples == "same" else max_test_examples
+        if isinstance(max_test_examples, str):
+            if max_test_examples != "same":
+                raise DataError(f"max_test_examples={max_test_examples!r}: give a count, None (all) or 'same'")
+            test_cap = max_eval_examples
+        else:
+            test_cap = max_test_examples
         caps = {"train": max_train_examples, "validation": max_eval_examples, "test": test_cap}
         return replace(self, **{k: _take(getattr(self, k), n, seed) for k, n in caps.items()})
 
@@ -233,11 +238,11 @@ def load_text_classification(
     keep = [i for i, (t, y) in pairs if y is not None and isinstance(t, str) and t.strip()]
     if not keep:
         raise DataError(f"{src}: no rows with both a non-empty '{text_col}' and a '{label_col}'")
-    values = set(raw_labels[i] for i in keep)
+    distinct = set(raw_labels[i] for i in keep)
     try:
-        values = sorted(values)  # numeric labels sort numerically (2 before 10)
+        values = sorted(distinct)  # numeric labels sort numerically (2 before 10)
     except TypeError:
-        values = sorted(values, key=str)
+        values = sorted(distinct, key=str)
     if len(values) < 2:
         raise DataError(f"{src}: column '{label_col}' has {len(values)} distinct label(s); need at least 2")
     names = [str(v) for v in values]

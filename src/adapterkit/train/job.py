@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .data import (
 )
 from .memory import PeakMemory, human_bytes, optimizer_state_bytes
 from .plots import plot_curves
-from .trainer import Trainer, TrainSettings
+from .trainer import History, Trainer, TrainSettings
 
 METHODS = ("bottleneck", "lora", "ia3", "bitfit", "prompt", "prefix")
 AUTO = "auto"
@@ -45,6 +46,14 @@ DEFAULT_LR = {"bottleneck": 3e-3, "lora": 2e-3}
 
 def default_lr(method: str) -> float:
     return DEFAULT_LR.get(method, 1e-3)
+
+
+def parse_task(value: str | Task) -> Task:
+    """The task of a job, from its name; AdapterConfigError naming the tasks a job takes."""
+    try:
+        return Task.parse(value)
+    except ValueError as err:
+        raise AdapterConfigError(f"{err}; use classify or causal-lm") from None
 
 
 def pooler_modules(model: torch.nn.Module) -> list[str]:
@@ -110,10 +119,7 @@ class JobSpec:
     resume: bool = True
 
     def __post_init__(self) -> None:
-        try:
-            self.task = Task.parse(self.task)
-        except ValueError as err:
-            raise AdapterConfigError(f"{err}; use classify or causal-lm") from None
+        self.task = parse_task(self.task)  # a str is accepted too (e.g. "causal-lm")
 
     @property
     def run_dir(self) -> Path:
@@ -124,7 +130,15 @@ class JobSpec:
         given = {"train": self.max_train_examples, "validation": self.max_eval_examples,
                  "test": self.max_test_examples}
         bundled = self.data is None and self.task == Task.CLASSIFY
-        return {split: (DEMO_CAPS[split] if bundled else None) if cap == AUTO else cap for split, cap in given.items()}
+        caps: dict[str, int | None] = {}
+        for split, cap in given.items():
+            if isinstance(cap, str):
+                if cap != AUTO:
+                    raise AdapterConfigError(f"cap on {split} examples {cap!r}: give a count, None (all) or {AUTO!r}")
+                caps[split] = DEMO_CAPS[split] if bundled else None
+            else:
+                caps[split] = cap
+        return caps
 
 
 def load_base(base: str, task: str | Task, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
@@ -141,7 +155,7 @@ def load_base(base: str, task: str | Task, num_labels: int | None = None) -> tup
     return model, tokenizer
 
 
-def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
+def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train one adapter; write adapter/, metrics.json and curves.png under the run folder."""
     config = spec.method.config()
     if spec.train.lr is None:
@@ -150,6 +164,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)
     caps = spec.caps()
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     if spec.task == Task.CLASSIFY:
         data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed)
         available = data.sizes()
@@ -189,7 +204,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
     test = trainer.evaluate(test_ds)
     adapter_dir = run_dir / "adapter"
     am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base})
-    am.save(spec.name, adapter_dir)
+    am.save(spec.name, str(adapter_dir))
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
     metrics["examples"] = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
@@ -202,7 +217,7 @@ def run_job(spec: JobSpec, on_step=None) -> dict[str, Any]:
 
 
 def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, adapter_dir: Path,
-             train_seconds: float, history) -> dict[str, Any]:
+             train_seconds: float, history: History) -> dict[str, Any]:
     info = am.adapter_info(spec.name)
     base_params = am.base_parameter_count()
     adapter_bytes = sum(f.stat().st_size for f in adapter_dir.iterdir())

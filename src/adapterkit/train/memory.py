@@ -12,7 +12,7 @@ import torch
 try:
     import resource  # POSIX only
 except ImportError:  # pragma: no cover - Windows
-    resource = None  # type: ignore[assignment]
+    resource = None  # type: ignore[assignment]  # an optional stdlib module: None marks it absent
 
 # Optimizer states kept per parameter (AdamW: exp_avg and exp_avg_sq).
 _STATES_PER_PARAM = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1, "momentum": 1}

@@ -49,6 +49,7 @@ def classification_report_dict(y_true: Any, y_pred: Any, labels: Sequence[str]) 
     """
     t, p = _pair(y_true, y_pred)
     names = [str(n) for n in labels]
+    ids: list[int] | list[str]
     if np.issubdtype(t.dtype, np.integer) and np.issubdtype(p.dtype, np.integer):
         ids = list(range(len(names)))
     else:

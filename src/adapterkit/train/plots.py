@@ -21,8 +21,7 @@ _ACC_KEYS = ("val_accuracy", "val_acc", "eval_accuracy")
 
 def _series(history: Mapping[str, Any], keys: Sequence[str], x_key: str | None) -> tuple[list, list]:
     """Points from a list of values (x = 1, 2, ...; or ``history[x_key]``) or of (x, y) pairs."""
-    values = next((history[k] for k in keys if k in history and history[k] is not None), [])
-    values = list(values)
+    values: list[Any] = list(next((history[k] for k in keys if k in history and history[k] is not None), []))
     if values and isinstance(values[0], (tuple, list)):
         xs, ys = [v[0] for v in values], [v[1] for v in values]
     else:

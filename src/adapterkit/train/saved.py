@@ -40,7 +40,9 @@ def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedMode
 
         tokenizer = AutoTokenizer.from_pretrained(run_tokenizer)
     am = adapt(model)
-    name = am.load(path)
+    name = am.load(str(path))
+    if not isinstance(name, str):
+        raise AdapterFileError(f"{path}: a fusion file, not one adapter")
     am.activate(name)
     am.eval()
     return am, tokenizer, name, manifest
@@ -113,8 +115,12 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
 def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) -> Path:
     """Fold the adapter into the base weights; the adapter's head replaces the base head."""
     am, tokenizer, name, manifest = open_adapter(path, base)
+    from transformers import PreTrainedModel
+
     am.merge(name)
     model = am.base
+    if not isinstance(model, PreTrainedModel):  # load_base always makes one
+        raise AdapterFileError(f"{path}: its base is a {type(model).__name__}, not a transformers model to save")
     # the adapter's own copies and head replace the base modules
     record = am.adapter(name)
     replacements = {m: record.copy_of(m) for m in record.copied_paths}

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from ..hf_names import enable_activation_checkpointing
+from ..hf_names import checkpointed_layers, enable_activation_checkpointing
 from ..io.storage import atomic_folder
 from ..task import Task
 from .data import make_loader
@@ -87,7 +87,6 @@ class Trainer:
         self.collate, self.s, self.task, self.on_step = collate, settings, task, on_step
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.training_modes = modes(model)
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires grad (call am.train_adapter(name) first)")
         self.accelerator = Accelerator(mixed_precision=settings.mixed_precision,
@@ -96,6 +95,9 @@ class Trainer:
         base = getattr(model, "base", model)
         if settings.gradient_checkpointing:
             enable_activation_checkpointing(base)
+            for layer in checkpointed_layers(base):  # they recompute only when their own flag is on
+                layer.training = True
+        self.training_modes = modes(model)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=1e-3 if settings.lr is None else settings.lr, weight_decay=settings.weight_decay)
         steps_per_epoch = -(-len(train_data) // settings.batch_size) // settings.grad_accum
         self.total_steps = steps_per_epoch * settings.epochs
@@ -158,6 +160,8 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 if self._stop_requested:
+                    if self.checkpoint_dir is None:
+                        raise TrainingInterrupted(f"stopped at step {self.step}; no checkpoint folder, nothing saved")
                     self.save_checkpoint()
                     raise TrainingInterrupted(f"stopped at step {self.step}; run again to resume")
                 if self.checkpoint_dir and self.step % self.s.checkpoint_every == 0:
@@ -223,8 +227,14 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
 
+    def _checkpoint_folder(self) -> Path:
+        if self.checkpoint_dir is None:
+            raise ValueError("this Trainer was made without a checkpoint_dir: there is no checkpoint to save or load")
+        return self.checkpoint_dir
+
     def save_checkpoint(self) -> None:
         """Trained tensors, optimizer state and RNG states at a step boundary, written atomically."""
+        folder = self._checkpoint_folder()
         tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in self.trainable.items()}
         if self.best_state is not None:
             tensors.update({f"best.{n}": t.contiguous().cpu() for n, t in self.best_state.items()})
@@ -239,12 +249,12 @@ class Trainer:
             "param_groups": opt["param_groups"], "python_rng": _jsonable(random.getstate()),
             "numpy_rng": _jsonable(np.random.get_state()), "settings": asdict(self.s),
         }
-        atomic_folder(self.checkpoint_dir, {"state.safetensors": save(tensors),
-                                             "state.json": json.dumps(meta).encode()})
+        atomic_folder(folder, {"state.safetensors": save(tensors), "state.json": json.dumps(meta).encode()})
 
     def _restore(self) -> None:
-        meta = json.loads((self.checkpoint_dir / "state.json").read_text())
-        tensors = load_file(str(self.checkpoint_dir / "state.safetensors"))
+        folder = self._checkpoint_folder()
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
         self._load_trainable({n[len("param."):]: t for n, t in tensors.items() if n.startswith("param.")})
         best = {n[len("best."):]: t for n, t in tensors.items() if n.startswith("best.")}
         self.best_state = best or None
@@ -263,8 +273,9 @@ class Trainer:
                 self.scheduler.step()
         torch.set_rng_state(tensors["rng.torch"])
         random.setstate(_tuples(meta["python_rng"]))
-        np.random.set_state(tuple(np.array(v, dtype=np.uint32) if i == 1 else v
-                                  for i, v in enumerate(meta["numpy_rng"])))
+        # numpy's legacy state: (name, keys as uint32, pos, has_gauss, cached_gaussian)
+        name, keys, pos, has_gauss, cached_gaussian = meta["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
 
     @torch.no_grad()
     def _load_trainable(self, values: dict[str, torch.Tensor]) -> None:
