@@ -50,7 +50,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                         "--method", method, "--epochs", "1", "--batch-size", "8", "--max-length", "16",
                         "--name", method, "--out", str(out), "--no-progress", *extra)
         assert result.exit_code == 0, result.output
-        assert "test accuracy" in result.output
+        assert "test accuracy" in result.output and "frozen embeddings + logistic regression" in result.output
         runs[method] = out
     runs["data"] = data
     return runs
@@ -72,6 +72,9 @@ def test_train_writes_run_folder(trained):
     assert sum(metrics["examples"].values()) == 90 and metrics["examples"]["train"] == 72
     assert "tweets.csv" in metrics["split"] and "80/10/10" in metrics["split"]
     assert metrics["settings"]["lr"] == 3e-3  # the bottleneck's default, when --lr is not given
+    # what the adapter is worth, on the same test split: majority class (30 of each class: 1/3)
+    assert abs(metrics["majority_accuracy"] - 1 / 3) < 0.01
+    assert 0 <= metrics["embed_logreg_accuracy"] <= 1 and metrics["embed_logreg_C"] > 0
 
 
 def test_caps_apply_to_the_bundled_demo_only(tmp_path):
@@ -174,3 +177,96 @@ def test_help_explains_every_option():
     for option in ("--base", "--data", "--method", "--epochs", "--lr", "--batch-size", "--max-length", "--seed",
                    "--out", "--task"):
         assert option in text
+
+
+def test_eval_and_predict_follow_the_training_columns(trained, tmp_path):
+    out = trained["bottleneck"]
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())["meta"]
+    assert (meta["text_col"], meta["label_col"]) == ("tweet", "mood")
+    # no column options: eval reads 'tweet' and 'mood', as training did
+    result = invoke("eval", str(out), "--data", str(trained["data"]), "--max-length", "16")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["examples"] == 90
+    # a file with other columns: guessed as train guesses them, or named when nothing fits
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text(trained["data"].read_text().replace("tweet,mood", "text,label", 1))
+    result = invoke("eval", str(out), "--data", str(renamed), "--max-length", "16")
+    assert result.exit_code == 0, result.output
+    odd = tmp_path / "odd.csv"
+    odd.write_text(trained["data"].read_text().replace("tweet,mood", "words,verdict", 1))
+    result = invoke("eval", str(out), "--data", str(odd))
+    assert result.exit_code == 2 and "available columns: words, verdict" in result.output
+
+    predictions = tmp_path / "p.jsonl"
+    result = invoke("predict", str(out), "--data", str(trained["data"]), "--out", str(predictions))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 90 and set(rows[0]) == {"text", "label", "scores"}
+    result = invoke("predict", str(out), "I love this so much", "worst day ever", "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.output)
+    assert [a["text"] for a in answers] == ["I love this so much", "worst day ever"]
+    assert all(a["label"] in ("negative", "neutral", "positive") for a in answers)
+    assert all(abs(sum(a["scores"].values()) - 1) < 1e-4 for a in answers)
+    result = invoke("predict", str(out))
+    assert result.exit_code != 0 and "--data" in result.output
+
+
+def test_default_name_comes_from_the_data_file():
+    from adapterkit.train.job import default_name
+
+    assert default_name(None) == "tweets-sentiment"
+    assert default_name("data/my.csv") == "my"
+    assert default_name("chat.jsonl.gz") == "chat"
+    assert default_name("Intent Questions (v2).csv") == "Intent-Questions-v2"
+
+
+def test_bad_labels_are_one_line_before_the_base_loads(tmp_path):
+    lone = tmp_path / "lone.csv"
+    lone.write_text("text,label\n" + "".join(f"row {i},a\nrow {i}b,b\n" for i in range(5)) + "only one,c\n")
+    result = invoke("train", "--data", str(lone), "--base", str(tmp_path / "no-such-base"), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "class(es) 'c' have one example" in result.output
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("text,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(10)))
+    result = invoke("train", "--data", str(numbers), "--base", str(tmp_path / "no-such-base"), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "column 'text' holds int 0 at row 1, not text" in result.output
+
+
+def test_a_command_starts_without_third_party_chatter(trained):
+    import subprocess
+    import sys
+
+    # predict loads the base through transformers, which imports torchao when it is installed
+    done = subprocess.run([sys.executable, "-m", "adapterkit.cli", "predict", str(trained["bottleneck"]), "fine"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "Failed to load" not in done.stderr and "_pytree" not in done.stderr, done.stderr
+
+
+def test_embedding_baseline_pools_the_frozen_base_like_a_plain_reimplementation(make_minilm, minilm_path,
+                                                                                 minilm_tokenizer):
+    from datasets import Dataset
+    from transformers import AutoModel
+
+    import adapterkit as ak
+    from adapterkit.train.baseline import majority_accuracy, mean_embeddings
+    from adapterkit.train.data import classification_collator, tokenize_classification
+
+    texts = ["a short one", "a somewhat longer sentence than the first", "three words here", "ok"]
+    data = tokenize_classification(Dataset.from_dict({"text": texts, "label": [0, 1, 2, 0]}), minilm_tokenizer, 32)
+    am = ak.adapt(make_minilm())
+    am.add("b", ak.Bottleneck(reduction=8), labels=["a", "b", "c"])
+    torch.nn.init.normal_(am.adapter("b").site_methods[next(iter(am.adapter("b").site_methods))].up.weight)
+    am.train_adapter("b")
+    ours, labels = mean_embeddings(am, data, classification_collator(minilm_tokenizer), batch_size=3)
+    assert am.active == "b" and am.adapter("b").training and not am.base.training  # put back as found
+    # sentence-transformers' mean pooling, written out on a plain BertModel of the same checkpoint
+    plain = AutoModel.from_pretrained(minilm_path).eval()
+    enc = minilm_tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = plain(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    expected = (hidden * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(torch.from_numpy(ours), expected, rtol=1e-4, atol=1e-5)
+    assert labels.tolist() == [0, 1, 2, 0]
+    assert majority_accuracy([0, 0, 1], [0, 1, 1, 0]) == 0.5

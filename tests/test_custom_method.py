@@ -193,3 +193,21 @@ def test_a_registered_method_is_served_uploaded_routed_merged_and_refused_by_pef
             assert engine.merging.merges == 1 and engine.am.state.merged
     with pytest.raises(ak.AdapterError, match="only LoRA adapters have a Hugging Face PEFT layout"):
         export_adapter(folders["s1"], tmp_path / "peft", "peft", minilm_path())
+
+
+def test_model_level_methods_subclass_model_method():
+    from torch import nn
+
+    from adapterkit.errors import AdapterConfigError
+    from adapterkit.methods import register
+    from adapterkit.methods.base import ModelMethod
+    from adapterkit.methods.prefix import PrefixTuningAdapter
+    from adapterkit.methods.prompt import PromptTuningAdapter
+
+    assert issubclass(PromptTuningAdapter, ModelMethod) and issubclass(PrefixTuningAdapter, ModelMethod)
+
+    class Loose(nn.Module):  # has no declared prepare(): refused at registration, not at the first call
+        pass
+
+    with pytest.raises(AdapterConfigError, match="ModelMethod subclass"):
+        register(ak.PromptTuning, Loose, model_level=True)

@@ -129,3 +129,13 @@ def test_plot_curves_handles_empty_and_pairs(tmp_path):
     assert _is_png(out)
     plot_curves({"train_loss": [0.5, float("nan"), 0.4]}, out)  # overwrite in place, NaN skipped
     assert _is_png(out)
+
+
+def test_epoch_ticks_are_whole_numbers():
+    from adapterkit.train.plots import curves_figure
+
+    fig = curves_figure({"train_loss": [1.0, 0.8, 0.7, 0.6], "val_epoch": [1, 2, 3],
+                         "val_accuracy": [0.5, 0.6, 0.7]})
+    fig.canvas.draw()
+    ticks = fig.axes[1].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .config import MethodConfig
 
 if TYPE_CHECKING:
-    from .methods.base import SiteMethod
+    from .methods.base import ModelMethod, SiteMethod
     from .methods.fusion import FusionLayer
     from .setups import Fuse
 
@@ -52,14 +52,6 @@ else:
     ModuleMap = nn.ModuleDict
 
 
-@runtime_checkable
-class PreparesCall(Protocol):
-    """What a model-level method's module (prompt, prefix tuning) does: it rewrites the arguments
-    of the call to the base model (`methods.register(..., model_level=True)`)."""
-
-    def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]: ...
-
-
 def module_key(path: str) -> str:
     """A module path as an nn.ModuleDict key ("." is not allowed in one)."""
     return path.replace(".", "/")
@@ -86,7 +78,7 @@ class Adapter(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         self.site_methods: ModuleMap[SiteMethod] = ModuleMap()
         self.copies: ModuleMap[nn.Module] = ModuleMap()
-        self.model_method: nn.Module | None = None
+        self.model_method: ModelMethod | None = None
         self.head: nn.Module | None = None
 
     def parts(self) -> Iterator[tuple[str, nn.Module]]:

@@ -12,7 +12,10 @@ Activation checkpointing: transformers 5.24 also renamed `gradient_checkpointing
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,3 +123,41 @@ def activation_checkpointing_on(model: nn.Module) -> bool:
         if hasattr(type(model), prop):
             return bool(getattr(model, prop))
     return False
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+#: what importing torchao logs on a machine without its CUDA kernels: none of it is about a user's job
+_TORCHAO_IMPORT_NOISE = {
+    "torchao": ("Failed to load",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+def import_torchao_quietly() -> None:
+    """Import torchao, if installed, without its import-time messages.
+
+    transformers imports torchao with its first model class whenever torchao is installed, and
+    torchao then logs that its CUDA kernels did not load and torch warns about two of its enums:
+    lines a CPU user's `adapterkit train` would print before anything of its own. Only those
+    messages, from those two loggers, are dropped: torchao's during this import, torch's enum
+    notice for the rest of the process (transformers imports more torchao modules later)."""
+    if importlib.util.find_spec("torchao") is None:
+        return
+    filters = {name: _DropMessages(fragments) for name, fragments in _TORCHAO_IMPORT_NOISE.items()}
+    for name, dropped in filters.items():
+        logging.getLogger(name).addFilter(dropped)
+    try:
+        importlib.import_module("torchao")
+    except Exception:  # noqa: BLE001 - a broken optional install surfaces where torchao is used, not here
+        pass
+    finally:
+        logging.getLogger("torchao").removeFilter(filters["torchao"])
+

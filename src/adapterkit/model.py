@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from . import combine as combining
-from .adapter import Adapter, Fusion, ModuleMap, PreparesCall, module_key, module_path, tensor_mismatch
+from .adapter import Adapter, Fusion, ModuleMap, module_key, module_path, tensor_mismatch
 from .build import build_adapter
 from .config import MethodConfig
 from .copies import CopySwitches
 from .errors import (
-    AdapterConfigError,
     AdapterExistsError,
     AdapterFileError,
     AdapterNotFoundError,
@@ -86,9 +85,6 @@ class AdaptedModel(nn.Module):
             return None
         live = [m for m in (self.loaded[n].model_method for n in names_in(self.state.setup)) if m is not None]
         for method in live:
-            if not isinstance(method, PreparesCall):
-                raise AdapterConfigError(f"{type(method).__name__}: a model-level method needs "
-                                         "prepare(model, args, kwargs)")
             args, kwargs = method.prepare(self.base, args, kwargs)
         return (args, kwargs) if live else None
 

@@ -43,22 +43,34 @@ def train(
         help="Cap on validation examples (0 = all; default: all of --data, 1000 of the bundled tweets)")] = None,
     max_test: Annotated[int | None, typer.Option(help="Cap on test examples (0 = all; the default)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, the order and the initialisation")] = 0,
-    name: Annotated[str, typer.Option(help="Adapter name; the run folder is runs/<name>")] = "tweets-sentiment",
+    name: Annotated[str | None, typer.Option(
+        help="Adapter name; the run folder is runs/<name> (default: the data file's name, my.csv -> my; "
+             "tweets-sentiment for the bundled tweets)")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder (default runs/<name>)")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints")] = 50,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's checkpoint if there is one")] = True,
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+    baseline: Annotated[bool, typer.Option(
+        help="Also report the majority class and frozen embeddings + logistic regression on the same split")] = True,
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
-    from ..train.job import JobSpec, MethodOptions, default_base, parse_task, report_lines, run_job
+    from ..train.job import (
+        JobSpec,
+        MethodOptions,
+        default_base,
+        default_name,
+        parse_task,
+        report_lines,
+        run_job,
+    )
     from ..train.trainer import TrainSettings
 
     caps = _cap(max_train), _cap(max_eval), _cap(max_test)  # bad caps are reported before a bad task
     spec = JobSpec(
         base=base or default_base(), data=data, text_col=text_col, label_col=label_col, task=parse_task(task),
-        name=name, out=out, max_length=max_length, max_train_examples=caps[0], max_eval_examples=caps[1],
+        name=name or default_name(data), out=out, max_length=max_length, max_train_examples=caps[0], max_eval_examples=caps[1],
         max_test_examples=caps[2],
-        resume=resume,
+        resume=resume, baseline=baseline,
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
                              modules_to_save=modules_to_save, pooler_copy=pooler_copy),
@@ -103,14 +115,37 @@ def evaluate(
 @clear_errors
 def predict(
     adapter: Annotated[str, typer.Argument(help="Adapter folder (or run folder)")],
-    texts: Annotated[list[str], typer.Argument(help="One or more texts")],
+    texts: Annotated[list[str] | None, typer.Argument(help="One or more texts (or --data)")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="CSV/JSONL/Parquet file of texts; the predictions go to --out")] = None,
+    text_col: TextCol = None,
+    out: Annotated[str | None, typer.Option(
+        help="Predictions file (JSONL) for --data; default: <data name>-predictions.jsonl here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, label, scores}")] = False,
     base: Base = None,
 ) -> None:
-    """Label and scores for each text."""
-    from ..train.saved import predict_texts
+    """Label and scores for each text, given on the command line or read from a file."""
+    from pathlib import Path
 
+    from ..train.job import default_name
+    from ..train.saved import predict_texts, texts_from_file
+
+    if bool(texts) == bool(data):
+        raise typer.BadParameter("give texts on the command line or --data FILE, not both or neither")
+    inputs = list(texts) if texts else texts_from_file(adapter, str(data), text_col)
+    answers = predict_texts(adapter, inputs, base)
+    rows = [{"text": t, "label": label, "scores": scores} for t, label, scores in answers]
+    if data:
+        target = Path(out) if out else Path(f"{default_name(data)}-predictions.jsonl")
+        target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if as_json:
+        print(json.dumps(rows))
+        return
+    if data:
+        console.print(f"{len(rows)} predictions written to {target}")
+        return
     table = Table("text", "label", "scores")
-    for text, label, scores in predict_texts(adapter, texts, base):
+    for text, label, scores in answers:
         table.add_row(text[:60], label, " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     console.print(table)
 

@@ -22,6 +22,9 @@ Base = Annotated[str | None, typer.Option(help="Base model: a hub id or a local 
 @app.callback()
 def quiet() -> None:
     """Adapter layers on a frozen model: train, inspect, merge, export and serve them."""
+    from ..hf_names import import_torchao_quietly
+
+    import_torchao_quietly()  # before anything imports transformers' models, which import torchao
     from ..train.job import environment_quiet
 
     environment_quiet()

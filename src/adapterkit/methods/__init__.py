@@ -9,7 +9,6 @@ Adding a method is one file plus one `register` call, here or in the user's own 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ from ..config import (
     parse_config,
 )
 from ..errors import AdapterConfigError
-from .base import SiteMethod, SiteShape
+from .base import ModelMethod, SiteMethod, SiteShape
 from .bitfit import BitFitAdapter
 from .bottleneck import BottleneckAdapter
 from .ia3 import IA3Adapter
@@ -39,11 +38,8 @@ from .prompt import PromptTuningAdapter
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
-#: a model-level method: called as `method(config, model)`; the module has `prepare(model, args, kwargs)`
-ModelMethod = Callable[[MethodConfig, nn.Module], nn.Module]
 
-
-def _is_site_method(implementation: type[SiteMethod] | ModelMethod) -> TypeIs[type[SiteMethod]]:
+def _is_site_method(implementation: type[SiteMethod] | type[ModelMethod]) -> TypeIs[type[SiteMethod]]:
     return isinstance(implementation, type) and issubclass(implementation, SiteMethod)
 
 
@@ -55,7 +51,7 @@ class Method:
 
     name: str
     config: type[MethodConfig]
-    implementation: type[SiteMethod] | ModelMethod
+    implementation: type[SiteMethod] | type[ModelMethod]
     model_level: bool = False
 
     @property
@@ -76,12 +72,15 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(config_type: type[MethodConfig], method: type | ModelMethod, *, model_level: bool = False) -> None:
+def register(config_type: type[MethodConfig], method: type[SiteMethod] | type[ModelMethod], *,
+             model_level: bool = False) -> None:
     """Make `config_type` usable in `am.add(name, config_type(...))`, in files and in serving."""
     if not (isinstance(config_type, type) and issubclass(config_type, MethodConfig)) or not config_type.method:
         raise AdapterConfigError(f"{config_type!r}: a method config is a MethodConfig subclass with a `method` name")
     if not model_level and not (isinstance(method, type) and issubclass(method, SiteMethod)):
         raise AdapterConfigError(f"{method!r}: a per-site method is a SiteMethod subclass")
+    if model_level and not (isinstance(method, type) and issubclass(method, ModelMethod)):
+        raise AdapterConfigError(f"{method!r}: a model-level method is a ModelMethod subclass")
     taken = METHODS.get(config_type.method)
     if taken is not None and taken.config is not config_type:
         raise AdapterConfigError(f"method name {config_type.method!r} is already registered by {taken.config.__name__}")
@@ -139,7 +138,7 @@ def build_site_method(config: MethodConfig, shape: SiteShape, module: nn.Module,
     return site_method_class(config).build(config, shape, module, on_input)
 
 
-def build_model_method(config: MethodConfig, model: nn.Module) -> nn.Module:
+def build_model_method(config: MethodConfig, model: nn.Module) -> ModelMethod:
     method = method_of(config)
     if not method.model_level or _is_site_method(method.implementation):
         raise AdapterConfigError(f"{type(config).__name__} is not a registered model-level method")
@@ -153,4 +152,4 @@ register(PromptTuning, PromptTuningAdapter, model_level=True)
 register(PrefixTuning, PrefixTuningAdapter, model_level=True)
 
 __all__ = ["METHODS", "Method", "SiteMethod", "SiteShape", "build_model_method", "build_site_method", "check_config",
-           "config_from_dict", "is_model_level", "method_of", "register", "site_method_class"]
+           "config_from_dict", "is_model_level", "method_of", "register", "site_method_class", "ModelMethod"]

@@ -212,6 +212,15 @@ class RouteKey(NamedTuple):
     input_arg: int | None = None
 
 
+class ModelMethod(nn.Module):
+    """A method that acts on the whole model's call (prompt, prefix tuning), built once per model as
+    `cls(config, model)`; before each call of the base it rewrites the call's arguments."""
+
+    def prepare(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call's (args, kwargs) with this method's part added (virtual tokens, a key/value prefix)."""
+        raise NotImplementedError(f"{type(self).__name__} must define prepare(model, args, kwargs)")
+
+
 class SiteMethod(nn.Module, Generic[StackT]):
     """One adapter's delta at one site.
 

@@ -20,13 +20,14 @@ from torch import nn
 from ..config import PrefixTuning
 from ..errors import TargetError
 from ..hf_names import cache_keyword, checkpointing_active, given_cache, with_cache
+from .base import ModelMethod
 from .prompt import VIRTUAL, _input_embeddings, bind_args, model_config, real_past
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
 
-class PrefixTuningAdapter(nn.Module):
+class PrefixTuningAdapter(ModelMethod):
     """Model-level method: fills the cache with the prefix before the base model runs."""
 
     def __init__(self, config: PrefixTuning, model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import PromptTuning
 from ..errors import TargetError
 from ..hf_names import given_cache
+from .base import ModelMethod
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -49,7 +50,7 @@ def real_past(cache: Any) -> int:
     return cache.get_seq_length() - getattr(cache, VIRTUAL, 0)
 
 
-class PromptTuningAdapter(nn.Module):
+class PromptTuningAdapter(ModelMethod):
     """Model-level method: changes the call to the base model instead of one module's output."""
 
     def __init__(self, config: PromptTuning, model: nn.Module) -> None:

@@ -144,6 +144,26 @@ def _guess_column(ds: Dataset, guesses: Sequence[str], kind: str, source: str) -
     return found
 
 
+def pick_columns(ds: Dataset, text_col: str | None, label_col: str | None, source: str,
+                 remembered: tuple[str | None, str | None] = (None, None)) -> tuple[str, str]:
+    """(text, label) columns: the ones given, else the ones training used (`remembered`, from the
+    adapter's metadata) if this table has them, else the first of a few common names."""
+    require_columns(ds, [c for c in (text_col, label_col) if c is not None], source)
+    label = label_col or (remembered[1] if remembered[1] in ds.column_names else None)
+    return (pick_text_column(ds, text_col, source, remembered[0]),
+            label or _guess_column(ds, _LABEL_GUESSES, "label", source))
+
+
+def pick_text_column(ds: Dataset, text_col: str | None, source: str, remembered: str | None = None) -> str:
+    """The text column: the one given, else the one training used if present, else a common name."""
+    require_columns(ds, [text_col] if text_col is not None else [], source)
+    if text_col is not None:
+        return text_col
+    if remembered is not None and remembered in ds.column_names:
+        return remembered
+    return _guess_column(ds, _TEXT_GUESSES, "text", source)
+
+
 @dataclass
 class TextClassificationData:
     """Train/validation/test splits with columns ``text`` (str) and ``label`` (int index into ``labels``)."""
@@ -152,6 +172,8 @@ class TextClassificationData:
     validation: Dataset
     test: Dataset
     labels: list[str]
+    text_col: str = "text"  # the source's columns the texts and labels were read from
+    label_col: str = "label"
 
     @property
     def num_labels(self) -> int:
@@ -225,8 +247,7 @@ def load_text_classification(
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(f"bad split fractions val={val_fraction} test={test_fraction}; need 0 <= f, sum < 1")
     ds = load_table(src, text_col, label_col, encoding=encoding)
-    text_col = text_col or _guess_column(ds, _TEXT_GUESSES, "text", src)
-    label_col = label_col or _guess_column(ds, _LABEL_GUESSES, "label", src)
+    text_col, label_col = pick_columns(ds, text_col, label_col, src)
 
     # Materialise once: datasets' lazy Column makes per-row indexing very slow.
     table = ds.select_columns(list(dict.fromkeys([text_col, label_col])))[:]
@@ -234,6 +255,10 @@ def load_text_classification(
     feature = ds.features[label_col]
     if isinstance(feature, ClassLabel):  # hub datasets store ints; users want the names
         raw_labels = [None if v is None or v < 0 else feature.int2str(v) for v in raw_labels]
+    not_text = next(((i, t) for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if not_text is not None:
+        raise DataError(f"{src}: column '{text_col}' holds {type(not_text[1]).__name__} {not_text[1]!r} at row "
+                        f"{not_text[0] + 1}, not text; is '{text_col}' the text column? {_have(ds)}")
     pairs = enumerate(zip(texts, raw_labels, strict=True))
     keep = [i for i, (t, y) in pairs if y is not None and isinstance(t, str) and t.strip()]
     if not keep:
@@ -250,6 +275,11 @@ def load_text_classification(
         raise DataError(f"{src}: labels in '{label_col}' collide when written as text: {names}")
     index = {v: i for i, v in enumerate(values)}
     y = np.array([index[raw_labels[i]] for i in keep])
+    counts = np.bincount(y, minlength=len(values))
+    if test_fraction + val_fraction > 0 and counts.min() < 2:
+        lone = [names[c] for c in np.flatnonzero(counts < 2)]
+        raise DataError(f"{src}: column '{label_col}': class(es) {', '.join(map(repr, lone[:5]))} have one "
+                        "example; a stratified split needs at least 2 per class (drop or merge them)")
     x = [texts[i] for i in keep]
 
     rng = np.random.default_rng(seed)
@@ -266,7 +296,8 @@ def load_text_classification(
         order = rng.permutation(np.array(idx, dtype=np.int64))  # don't leave rows grouped by class
         return Dataset.from_dict({"text": [x[i] for i in order], "label": y[order].tolist()})
 
-    data = TextClassificationData(labels=names, **{k: build(v) for k, v in parts.items()})
+    data = TextClassificationData(labels=names, text_col=text_col, label_col=label_col,
+                                  **{k: build(v) for k, v in parts.items()})
     return data.subsample(max_train_examples, max_eval_examples, seed, max_test_examples)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -18,6 +19,7 @@ from ..errors import AdapterConfigError
 from ..methods import check_config
 from ..model import AdaptedModel, adapt
 from ..task import Task
+from .baseline import embed_logreg_accuracy, majority_accuracy
 from .data import (
     causal_lm_collator,
     classification_collator,
@@ -99,6 +101,21 @@ class MethodOptions:
         return config
 
 
+BUNDLED_NAME = "tweets-sentiment"
+
+
+def default_name(data: str | None) -> str:
+    """An adapter name from the data file (`my.csv` -> `my`, `chat.jsonl` -> `chat`); the bundled
+    tweets' demo is `tweets-sentiment`. Characters a name or folder should not hold become '-'."""
+    if data is None:
+        return BUNDLED_NAME
+    stem = Path(data).name
+    for suffix in (".gz", ".bz2", ".csv", ".tsv", ".jsonl", ".json", ".txt"):
+        stem = stem.removesuffix(suffix)
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")
+    return cleaned or "adapter"
+
+
 @dataclass
 class JobSpec:
     base: str = field(default_factory=default_base)
@@ -117,6 +134,7 @@ class JobSpec:
     max_eval_examples: int | None | str = AUTO
     max_test_examples: int | None | str = AUTO
     resume: bool = True
+    baseline: bool = True  # classification: also score the majority class and frozen embeddings + LR
 
     def __post_init__(self) -> None:
         self.task = parse_task(self.task)  # a str is accepted too (e.g. "causal-lm")
@@ -165,8 +183,10 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
     torch.manual_seed(spec.train.seed)
     caps = spec.caps()
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    columns: dict[str, str] = {}
     if spec.task == Task.CLASSIFY:
         data = load_text_classification(spec.data, spec.text_col, spec.label_col, seed=spec.train.seed)
+        columns = {"text_col": data.text_col, "label_col": data.label_col}
         available = data.sizes()
         data = data.subsample(caps["train"], caps["validation"], spec.train.seed, caps["test"])
         source = (f"stratified 80/10/10 split (seed {spec.train.seed}) of "
@@ -204,16 +224,29 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
     test = trainer.evaluate(test_ds)
     adapter_dir = run_dir / "adapter"
     am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base})
+    am.adapter(spec.name).meta.update(columns)  # eval reads the user's files with the same columns
     am.save(spec.name, str(adapter_dir))
     tokenizer.save_pretrained(run_dir / "tokenizer")
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
     metrics["examples"] = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
     metrics["examples_available"] = available
     metrics["split"] = source
+    if spec.task == Task.CLASSIFY and spec.baseline:
+        metrics.update(_baselines(am, train_ds, val_ds, test_ds, collate))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     base_label = "all-MiniLM-L6-v2" if spec.base == default_base() else Path(spec.base).name
     plot_curves(asdict(history), run_dir / "curves.png", title=f"{spec.name}: {config.method} on {base_label}")
     return metrics
+
+
+def _baselines(am: AdaptedModel, train: Any, validation: Any, test: Any,
+               collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
+    """Majority class and frozen embeddings + logistic regression, on the adapter's own splits."""
+    started = time.perf_counter()
+    result: dict[str, Any] = {"majority_accuracy": majority_accuracy(train["labels"], test["labels"])}
+    result.update(embed_logreg_accuracy(am, train, validation, test, collate))
+    result["baseline_seconds"] = time.perf_counter() - started
+    return result
 
 
 def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, adapter_dir: Path,
@@ -250,6 +283,9 @@ def report_lines(metrics: dict[str, Any]) -> list[str]:
             for k in ("train", "validation", "test")))
     if metrics.get("test_accuracy") is not None:
         lines.append(f"test accuracy {metrics['test_accuracy']:.4f}   macro-F1 {metrics['test_macro_f1']:.4f}")
+        if metrics.get("embed_logreg_accuracy") is not None:
+            lines.append(f"  without an adapter: majority class {metrics['majority_accuracy']:.4f}, frozen "
+                         f"embeddings + logistic regression {metrics['embed_logreg_accuracy']:.4f}")
     else:
         lines.append(f"test loss {metrics['test_loss']:.4f}   perplexity {metrics['test_perplexity']:.2f}")
     lines += [

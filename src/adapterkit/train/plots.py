@@ -14,6 +14,7 @@ from typing import Any
 # so plotting is safe from worker threads and leaks no figures.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _LOSS_KEYS = ("train_loss", "loss")
 _ACC_KEYS = ("val_accuracy", "val_acc", "eval_accuracy")
@@ -57,6 +58,23 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike[str], title:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig = curves_figure(history, title)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the plot is meant to be shared
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def curves_figure(history: Mapping[str, Any], title: str | None = None) -> Figure:
+    """The two panels `plot_curves` writes: loss per step, validation accuracy per (whole) epoch."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -89,20 +107,9 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike[str], title:
         _empty(ax_acc, "validation accuracy")
     ax_acc.set_title("Validation accuracy")
     ax_acc.set_xlabel("epoch")
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.25 ticks
     ax_acc.set_ylabel("accuracy")
     ax_acc.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the plot is meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return out
+    return fig

@@ -10,7 +10,15 @@ import torch
 from ..errors import AdapterFileError
 from ..io.files import MANIFEST, read_adapter
 from ..model import AdaptedModel, adapt
-from .data import classification_collator, load_table, load_text_classification, tokenize_classification
+from .data import (
+    DataError,
+    classification_collator,
+    load_table,
+    load_text_classification,
+    pick_columns,
+    pick_text_column,
+    tokenize_classification,
+)
 from .job import load_base
 from .metrics import accuracy, macro_f1
 
@@ -49,16 +57,36 @@ def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedMode
 
 
 @torch.no_grad()
-def predict_texts(path: str | Path, texts: list[str], base: str | None = None) -> list[tuple[str, str, dict]]:
+def predict_texts(path: str | Path, texts: list[str], base: str | None = None,
+                  batch_size: int = 64) -> list[tuple[str, str, dict]]:
+    """(text, label, {label: probability}) for each text, in order."""
     am, tokenizer, name, manifest = open_adapter(path, base)
     labels = manifest.get("labels")
     if not labels:
         raise AdapterFileError(f"adapter {name!r} has no label names; predict needs a classification adapter")
     max_length = (manifest.get("meta") or {}).get("max_length", 128)
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    probs = am(**batch).logits.softmax(-1)
-    return [(t, labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p, strict=True)})
-            for t, p in zip(texts, probs, strict=True)]
+    answers: list[tuple[str, str, dict]] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        probs = am(**batch).logits.softmax(-1)
+        answers += [(t, labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p, strict=True)})
+                    for t, p in zip(chunk, probs, strict=True)]
+    return answers
+
+
+def texts_from_file(path: str | Path, data: str, text_col: str | None = None) -> list[str]:
+    """The texts of a CSV/JSONL/Parquet file, from `text_col`, else the column the adapter was trained
+    on, else the first of a few common names; a cell that is not text is an error naming its row."""
+    manifest, _ = read_adapter(resolve(path))
+    meta = manifest.get("meta") or {}
+    table = load_table(data, text_col)
+    column = pick_text_column(table, text_col, data, meta.get("text_col"))
+    texts = table[column]
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{data}: column {column!r}, row {row + 1}: {text!r} is not a non-empty text")
+    return list(texts)
 
 
 @torch.no_grad()
@@ -74,13 +102,14 @@ def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, l
         names = load_text_classification(None, seed=seed).labels
     else:
         table = load_table(data, text_col, label_col)
-        text_col = text_col or "text"
-        label_col = label_col or "label"
-        names = [str(v) for v in table[label_col]]
+        meta = manifest.get("meta") or {}
+        text, label = pick_columns(table, text_col, label_col, str(data), (meta.get("text_col"), meta.get("label_col")))
+        names = [str(v) for v in table[label]]
         unknown = sorted(set(names) - set(labels))
         if unknown:
-            raise AdapterFileError(f"labels {unknown[:5]} are not among the adapter's labels {labels}")
-        ds = table.map(lambda row: {"text": row[text_col], "label": labels.index(str(row[label_col]))},
+            raise AdapterFileError(f"{data}: labels {unknown[:5]} in column {label!r} are not among the adapter's "
+                                   f"labels {labels}")
+        ds = table.map(lambda row: {"text": row[text], "label": labels.index(str(row[label]))},
                        remove_columns=table.column_names)
         if max_eval:
             ds = ds.select(range(min(max_eval, len(ds))))
