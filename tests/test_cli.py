@@ -50,7 +50,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                         "--method", method, "--epochs", "1", "--batch-size", "8", "--max-length", "16",
                         "--name", method, "--out", str(out), "--no-progress", *extra)
         assert result.exit_code == 0, result.output
-        assert "test accuracy" in result.output and "frozen embeddings + logistic regression" in result.output
+        printed = " ".join(result.output.split())  # rich wraps lines at the terminal's width
+        assert "test accuracy" in printed and "frozen embeddings + logistic regression" in printed
         runs[method] = out
     runs["data"] = data
     return runs
