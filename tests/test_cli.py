@@ -271,3 +271,19 @@ def test_embedding_baseline_pools_the_frozen_base_like_a_plain_reimplementation(
     torch.testing.assert_close(torch.from_numpy(ours), expected, rtol=1e-4, atol=1e-5)
     assert labels.tolist() == [0, 1, 2, 0]
     assert majority_accuracy([0, 0, 1], [0, 1, 1, 0]) == 0.5
+
+
+def test_eval_skips_blank_rows_and_predict_names_them(trained, tmp_path):
+    out = trained["bottleneck"]
+    lines = trained["data"].read_text().splitlines()
+    holes = tmp_path / "holes.csv"
+    holes.write_text("\n".join([lines[0], lines[1], ',"negative"', *lines[2:11]]) + "\n")  # row 2: no text
+    result = invoke("eval", str(out), "--data", str(holes), "--max-length", "16")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["examples"] == 10  # the blank row is skipped, as train skips it
+    result = invoke("predict", str(out), "--data", str(holes), "--out", str(tmp_path / "p.jsonl"))
+    assert result.exit_code == 2 and "column 'tweet', row 2 is empty" in " ".join(result.output.split())
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("tweet,mood\n" + "".join(f"{i},negative\n" for i in range(4)))
+    result = invoke("eval", str(out), "--data", str(numbers))
+    assert result.exit_code == 2 and "column 'tweet' holds int 0 at row 1, not text" in " ".join(result.output.split())

@@ -247,3 +247,8 @@ def test_ctrl_c_without_a_checkpoint_folder_stops_cleanly():
                       on_step=lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
     with pytest.raises(TrainingInterrupted, match="stopped at step 2; no checkpoint folder"):
         trainer.fit()
+    # the loader left mid-epoch is no longer accelerate's active one (older releases kept it, and the
+    # next Accelerator in the process then applied every micro-batch instead of accumulating)
+    from accelerate.state import GradientState
+
+    assert GradientState().active_dataloader is None

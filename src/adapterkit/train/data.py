@@ -154,6 +154,15 @@ def pick_columns(ds: Dataset, text_col: str | None, label_col: str | None, sourc
             label or _guess_column(ds, _LABEL_GUESSES, "label", source))
 
 
+def check_text_cells(texts: Sequence[Any], column: str, source: str, ds: Dataset) -> None:
+    """Refuse a column whose cells are not text (numbers, lists): it is likely not the text column.
+    Empty or missing cells are allowed here; the readers drop those rows."""
+    found = next(((i, t) for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if found is not None:
+        raise DataError(f"{source}: column '{column}' holds {type(found[1]).__name__} {found[1]!r} at row "
+                        f"{found[0] + 1}, not text; is '{column}' the text column? {_have(ds)}")
+
+
 def pick_text_column(ds: Dataset, text_col: str | None, source: str, remembered: str | None = None) -> str:
     """The text column: the one given, else the one training used if present, else a common name."""
     require_columns(ds, [text_col] if text_col is not None else [], source)
@@ -255,10 +264,7 @@ def load_text_classification(
     feature = ds.features[label_col]
     if isinstance(feature, ClassLabel):  # hub datasets store ints; users want the names
         raw_labels = [None if v is None or v < 0 else feature.int2str(v) for v in raw_labels]
-    not_text = next(((i, t) for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
-    if not_text is not None:
-        raise DataError(f"{src}: column '{text_col}' holds {type(not_text[1]).__name__} {not_text[1]!r} at row "
-                        f"{not_text[0] + 1}, not text; is '{text_col}' the text column? {_have(ds)}")
+    check_text_cells(texts, text_col, src, ds)
     pairs = enumerate(zip(texts, raw_labels, strict=True))
     keep = [i for i, (t, y) in pairs if y is not None and isinstance(t, str) and t.strip()]
     if not keep:

@@ -12,6 +12,7 @@ from ..io.files import MANIFEST, read_adapter
 from ..model import AdaptedModel, adapt
 from .data import (
     DataError,
+    check_text_cells,
     classification_collator,
     load_table,
     load_text_classification,
@@ -83,9 +84,10 @@ def texts_from_file(path: str | Path, data: str, text_col: str | None = None) ->
     table = load_table(data, text_col)
     column = pick_text_column(table, text_col, data, meta.get("text_col"))
     texts = table[column]
+    check_text_cells(texts, column, data, table)
     for row, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{data}: column {column!r}, row {row + 1}: {text!r} is not a non-empty text")
+        if text is None or not text.strip():  # a prediction per row: a blank row is not skipped silently
+            raise DataError(f"{data}: column {column!r}, row {row + 1} is empty; remove it or give it a text")
     return list(texts)
 
 
@@ -104,6 +106,12 @@ def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, l
         table = load_table(data, text_col, label_col)
         meta = manifest.get("meta") or {}
         text, label = pick_columns(table, text_col, label_col, str(data), (meta.get("text_col"), meta.get("label_col")))
+        check_text_cells(table[text], text, str(data), table)
+        # rows without a text or a label are skipped, as training skipped them
+        table = table.filter(lambda row: isinstance(row[text], str) and bool(row[text].strip())
+                             and row[label] is not None)
+        if len(table) == 0:
+            raise DataError(f"{data}: no rows with both a non-empty {text!r} and a {label!r}")
         names = [str(v) for v in table[label]]
         unknown = sorted(set(names) - set(labels))
         if unknown:

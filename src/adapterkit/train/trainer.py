@@ -140,32 +140,38 @@ class Trainer:
         loader = make_loader(self.train_data, self.collate, self.s.batch_size, shuffle=True, seed=self.s.seed + self.epoch)
         loader = self.accelerator.skip_first_batches(self.accelerator.prepare(loader), self.batch_in_epoch)
         epoch_started, rows_seen = time.perf_counter(), 0
-        for batch in loader:
-            started = time.perf_counter()
-            with self.accelerator.accumulate(self.model):
-                loss = self.train_step(lambda: self.loss(batch))  # noqa: B023 (called at once)
-            self.batch_in_epoch += 1
-            if self.accelerator.sync_gradients:
-                self.scheduler.step()
-                self.step += 1
-                seconds = time.perf_counter() - started
-                self.history.train_step.append(self.step)
-                self.history.train_loss.append(float(loss.detach()))
-                self.history.step_seconds.append(seconds)
-                rows_seen += next(iter(batch.values())).shape[0]
-                rate = rows_seen / max(time.perf_counter() - epoch_started, 1e-9)
-                progress.update(task, advance=1, loss=float(loss.detach()), rate=rate)
-                if self.on_step is not None:
-                    self.on_step(self.step)
-                if self.step >= self.total_steps:
-                    break
-                if self._stop_requested:
-                    if self.checkpoint_dir is None:
-                        raise TrainingInterrupted(f"stopped at step {self.step}; no checkpoint folder, nothing saved")
-                    self.save_checkpoint()
-                    raise TrainingInterrupted(f"stopped at step {self.step}; run again to resume")
-                if self.checkpoint_dir and self.step % self.s.checkpoint_every == 0:
-                    self.save_checkpoint()
+        try:
+            for batch in loader:
+                started = time.perf_counter()
+                with self.accelerator.accumulate(self.model):
+                    loss = self.train_step(lambda: self.loss(batch))  # noqa: B023 (called at once)
+                self.batch_in_epoch += 1
+                if self.accelerator.sync_gradients:
+                    self.scheduler.step()
+                    self.step += 1
+                    seconds = time.perf_counter() - started
+                    self.history.train_step.append(self.step)
+                    self.history.train_loss.append(float(loss.detach()))
+                    self.history.step_seconds.append(seconds)
+                    rows_seen += next(iter(batch.values())).shape[0]
+                    rate = rows_seen / max(time.perf_counter() - epoch_started, 1e-9)
+                    progress.update(task, advance=1, loss=float(loss.detach()), rate=rate)
+                    if self.on_step is not None:
+                        self.on_step(self.step)
+                    if self.step >= self.total_steps:
+                        break
+                    if self._stop_requested:
+                        if self.checkpoint_dir is None:
+                            raise TrainingInterrupted(f"stopped at step {self.step}; no checkpoint folder, nothing saved")
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(f"stopped at step {self.step}; run again to resume")
+                    if self.checkpoint_dir and self.step % self.s.checkpoint_every == 0:
+                        self.save_checkpoint()
+        finally:
+            # a loop left early (max steps, Ctrl-C) never reaches the loader's own `end()`; older
+            # accelerate then keeps it as the active loader and later runs sync on every micro-batch
+            if loader in self.accelerator.gradient_state.dataloader_references:
+                loader.end()
         self.epoch += 1
         self.batch_in_epoch = 0
         self._end_of_epoch()
