@@ -20,6 +20,7 @@ from torch import nn
 
 from adapterkit.config import LoRA, MethodConfig
 from adapterkit.model import AdaptedModel, adapt
+from adapterkit.pooling import pool_as_trained
 
 
 def minilm_path() -> str:
@@ -29,7 +30,8 @@ def minilm_path() -> str:
 
 
 def load_minilm(num_labels: int = 2) -> nn.Module:
-    """The bundled MiniLM as a sequence classifier (its new head seeded, as `load_base` does)."""
+    """The bundled MiniLM as a sequence classifier, read through its sentence pooling with its new
+    head seeded, as the server's `load_base` does."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -41,6 +43,7 @@ def load_minilm(num_labels: int = 2) -> nn.Module:
             model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
     finally:
         logging.set_verbosity(verbosity)
+    pool_as_trained(model, minilm_path())
     return model.eval()
 
 

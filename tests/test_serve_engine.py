@@ -261,10 +261,11 @@ def test_closed_engine_refuses_work(folders, tmp_path):
         eng.classify(["x"])
 
 
-def test_an_adapter_with_its_own_pooler_serves_beside_others(engine, folders, reference, tmp_path):
+def test_an_adapter_with_its_own_module_copy_serves_beside_others(engine, folders, reference, tmp_path):
     builder = ak.adapt(load_minilm())
     folder = make_adapter(builder, "pooled", tmp_path / "pooled", seed=7, scale=0.3,
-                          config=ak.LoRA(r=4, targets=["query", "value"], modules_to_save=["bert.pooler"]))
+                          config=ak.LoRA(r=4, targets=["query", "value"],
+                                         modules_to_save=["bert.encoder.layer.5.output.LayerNorm"]))
     engine.store.add("default", "pooled", folder)
     futures = [engine.submit("classify", [text], adapter=name)
                for text in TEXTS for name in ("pooled", "a0", None)]

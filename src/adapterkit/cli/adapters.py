@@ -29,6 +29,9 @@ def train(
         help="A base module the adapter trains its own copy of, e.g. bert.pooler; repeat")] = None,
     pooler_copy: Annotated[bool, typer.Option(
         help="Classification: the adapter also trains its own copy of the base's pooler, if it has one")] = True,
+    head_init: Annotated[str, typer.Option(
+        help="Classification: probe (the head starts as logistic regression on the frozen features, "
+             "then trains with the adapter) | seeded (a random head)")] = "probe",
     epochs: Annotated[int, typer.Option(help="Passes over the training split")] = 3,
     lr: Annotated[float | None, typer.Option(
         help="Peak learning rate, linear warm-up and decay (default: 3e-3 bottleneck, 2e-3 LoRA, else 1e-3)")] = None,
@@ -73,7 +76,8 @@ def train(
         resume=resume, baseline=baseline,
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
-                             modules_to_save=modules_to_save, pooler_copy=pooler_copy),
+                             modules_to_save=modules_to_save, pooler_copy=pooler_copy,
+                             head_init=head_init),
         train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                             seed=seed, checkpoint_every=checkpoint_every, progress=progress),

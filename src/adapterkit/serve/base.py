@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..pooling import read_as_trained
 from ..task import Task
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -35,6 +36,8 @@ def load_base(base: str) -> tuple[nn.Module, Any]:
     finally:
         logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(base)
+    if not causal:
+        read_as_trained(model, tokenizer, base)  # as training read it
     return model.eval(), tokenizer
 
 

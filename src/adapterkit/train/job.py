@@ -18,6 +18,7 @@ from ..config import IA3, BitFit, Bottleneck, LoRA, MethodConfig, PrefixTuning, 
 from ..errors import AdapterConfigError
 from ..methods import check_config
 from ..model import AdaptedModel, adapt
+from ..pooling import read_as_trained
 from ..task import Task
 from .baseline import embed_logreg_accuracy, majority_accuracy
 from .data import (
@@ -28,6 +29,7 @@ from .data import (
 )
 from .memory import PeakMemory, human_bytes, optimizer_state_bytes
 from .plots import plot_curves
+from .probe import probe_head
 from .trainer import History, Trainer, TrainSettings
 
 METHODS = ("bottleneck", "lora", "ia3", "bitfit", "prompt", "prefix")
@@ -64,6 +66,9 @@ def pooler_modules(model: torch.nn.Module) -> list[str]:
             if name.rsplit(".", 1)[-1] == "pooler" and any(True for _ in module.parameters())]
 
 
+HEAD_INITS = ("probe", "seeded")
+
+
 @dataclass
 class MethodOptions:
     """The default is bench/quality.py's best on the bundled tweets: houlsby bottleneck, reduction 4,
@@ -79,6 +84,9 @@ class MethodOptions:
     num_virtual_tokens: int = 20
     modules_to_save: list[str] | None = None
     pooler_copy: bool = True  # classification only
+    #: classification: "probe" starts the head as a linear probe of the frozen features (train/probe.py),
+    #: "seeded" as a random head
+    head_init: str = "probe"
 
     def config(self) -> MethodConfig:
         targets = self.targets or None
@@ -91,6 +99,8 @@ class MethodOptions:
             "prompt": lambda: PromptTuning(num_virtual_tokens=self.num_virtual_tokens),
             "prefix": lambda: PrefixTuning(num_virtual_tokens=self.num_virtual_tokens),
         }
+        if self.head_init not in HEAD_INITS:
+            raise AdapterConfigError(f"head init {self.head_init!r}: use one of {', '.join(HEAD_INITS)}")
         if self.method not in builders:
             raise AdapterConfigError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         config = builders[self.method]()
@@ -159,8 +169,11 @@ class JobSpec:
         return caps
 
 
-def load_base(base: str, task: str | Task, num_labels: int | None = None) -> tuple[torch.nn.Module, Any]:
-    """The frozen base model and its tokenizer, from a local folder or a hub id (hub needs network)."""
+def load_base(base: str, task: str | Task, num_labels: int | None = None,
+              pooled: bool = True) -> tuple[torch.nn.Module, Any]:
+    """The frozen base model and its tokenizer, from a local folder or a hub id (hub needs network).
+    A classifier reads a sentence-transformers base through its own pooling (`pooled=False`: through
+    BERT's pooler, as adapters trained before this reading did)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -170,6 +183,7 @@ def load_base(base: str, task: str | Task, num_labels: int | None = None) -> tup
             tokenizer.pad_token = tokenizer.eos_token
     else:
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels or 2)
+        read_as_trained(model, tokenizer, base, pooled=pooled)
     return model, tokenizer
 
 
@@ -214,6 +228,9 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
         config.modules_to_save = list(dict.fromkeys([*config.modules_to_save, *pooler_modules(model)]))
     am = adapt(model)
     am.add(spec.name, config, labels=labels)
+    probe: dict[str, float] = {}
+    if spec.task == Task.CLASSIFY and spec.method.head_init == "probe":
+        probe = probe_head(am, spec.name, train_ds, val_ds, collate)
     am.train_adapter(spec.name)
     trainer = Trainer(am, train_ds, val_ds, collate, spec.train, task=spec.task,
                       checkpoint_dir=run_dir / "checkpoint", on_step=on_step)
@@ -231,6 +248,7 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
     metrics["examples"] = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
     metrics["examples_available"] = available
     metrics["split"] = source
+    metrics.update(probe)
     if spec.task == Task.CLASSIFY and spec.baseline:
         metrics.update(_baselines(am, train_ds, val_ds, test_ds, collate))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -10,6 +10,7 @@ import torch
 from ..errors import AdapterFileError
 from ..io.files import MANIFEST, read_adapter
 from ..model import AdaptedModel, adapt
+from ..pooling import pooling_of, write_pooling
 from .data import (
     DataError,
     check_text_cells,
@@ -43,12 +44,16 @@ def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedMode
     task = meta.get("task", "classify")
     labels = manifest.get("labels")
     model, tokenizer = load_base(base, task, len(labels) if labels else None)
+    am = adapt(model)
+    if pooling_of(model) is not None and manifest["base"].get("fingerprint") != am.fingerprint():
+        # trained when adapterkit read this base through BERT's pooler: read it that way again
+        model, tokenizer = load_base(base, task, len(labels) if labels else None, pooled=False)
+        am = adapt(model)
     run_tokenizer = path.parent / "tokenizer"
     if run_tokenizer.is_dir():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(run_tokenizer)
-    am = adapt(model)
     name = am.load(str(path))
     if not isinstance(name, str):
         raise AdapterFileError(f"{path}: a fusion file, not one adapter")
@@ -172,13 +177,30 @@ def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) 
             model.config.num_labels = len(labels)
             model.config.id2label = dict(enumerate(labels))
             model.config.label2id = {lab: i for i, lab in enumerate(labels)}
+    pooling = pooling_of(model)
     for module in model.modules():  # adapterkit's hooks must not travel with a standalone model
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    write_pooling(model, out)
+    (out / "README.md").write_text(_merged_readme(name, manifest, pooling is not None))
     return out
+
+
+def _merged_readme(name: str, manifest: dict, pooled: bool) -> str:
+    loader = ("from adapterkit.pooling import load_pooled_classifier\n"
+              "model = load_pooled_classifier(folder)  # reads the sentence pooling in pooling.json\n"
+              if pooled else
+              "from transformers import AutoModelForSequenceClassification\n"
+              "model = AutoModelForSequenceClassification.from_pretrained(folder)\n")
+    why = ("\nThe base is a sentence-transformers model: its head reads the pooled sentence embedding "
+           "(pooling.json), which a plain `AutoModelForSequenceClassification` would not do (it would "
+           "read an untrained CLS pooler and warn that its weights are newly initialised).\n" if pooled else "")
+    return (f"# {name}, merged\n\nThe adapter `{name}` folded into `{manifest['base']['name']}`.\n{why}\n"
+            f"```python\nfrom transformers import AutoTokenizer\n{loader}"
+            "tokenizer = AutoTokenizer.from_pretrained(folder)\n```\n")
 
 
 def export_adapter(path: str | Path, out: str | Path, fmt: str, base: str | None = None) -> Path:
@@ -188,4 +210,7 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str, base: str | None
 
     am, _, name, manifest = open_adapter(path, base)
     export_peft_lora(am, name, out)
+    # PEFT loads the adapter onto transformers' classifier; pooling.json tells how training read it
+    # (`adapterkit.pooling.pool_as_trained(model, folder)` after PeftModel.from_pretrained)
+    write_pooling(am.base, out)
     return Path(out)
