@@ -92,6 +92,8 @@ def test_train_writes_run_folder(trained):
     # what the adapter is worth, on the same test split: majority class (30 of each class: 1/3)
     assert abs(metrics["majority_accuracy"] - 1 / 3) < 0.01
     assert 0 <= metrics["embed_logreg_accuracy"] <= 1 and metrics["embed_logreg_C"] > 0
+    # the head started as a linear probe of the frozen features (train/probe.py)
+    assert 0 <= metrics["probe_val_accuracy"] <= 1 and metrics["probe_C"] > 0
 
 
 def test_caps_apply_to_the_bundled_demo_only(tmp_path):
@@ -156,6 +158,7 @@ def test_merge_and_peft_export_of_a_pooled_base_give_the_training_logits(trained
     base = AutoModelForSequenceClassification.from_pretrained(default_base(), num_labels=3)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     pool_as_trained(peft_model.base_model.model, tmp_path / "peft")  # pooling.json, as the export says
+    assert "pool_as_trained" in (tmp_path / "peft" / "README.md").read_text()
     torch.testing.assert_close(_logits(peft_model, tokenizer), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -194,6 +197,7 @@ def test_merge_bottleneck_is_a_clear_error(trained, tmp_path):
     [
         (["--text-col", "nope"], "columns"),
         (["--method", "magic"], "unknown method"),
+        (["--head-init", "zeros"], "head init 'zeros': use one of probe, seeded"),
     ],
 )
 def test_train_bad_input_is_one_line(trained, tmp_path, args, message):

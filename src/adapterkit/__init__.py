@@ -11,6 +11,7 @@ from .errors import (
     TargetError,
 )
 from .model import AdaptedModel, adapt
+from .pooling import Pooling, pool_as_trained
 from .setups import Average, Fuse, Stack
 
 __version__ = "0.1.0"
@@ -19,5 +20,5 @@ __all__ = [
     "IA3", "AdaptedModel", "AdapterConfigError", "AdapterError", "AdapterExistsError", "AdapterFileError",
     "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "Fuse", "LiteResidual",
     "LoRA",
-    "MethodConfig", "PrefixTuning", "PromptTuning", "Stack", "TargetError", "adapt",
+    "MethodConfig", "Pooling", "PrefixTuning", "PromptTuning", "Stack", "TargetError", "adapt", "pool_as_trained",
 ]

@@ -28,7 +28,8 @@ def train(
     modules_to_save: Annotated[list[str] | None, typer.Option(
         help="A base module the adapter trains its own copy of, e.g. bert.pooler; repeat")] = None,
     pooler_copy: Annotated[bool, typer.Option(
-        help="Classification: the adapter also trains its own copy of the base's pooler, if it has one")] = True,
+        help="Classification: the adapter also trains its own copy of the base's pooler, if it has one (a "
+             "sentence-transformers base has none: it is read through its own pooling)")] = True,
     head_init: Annotated[str, typer.Option(
         help="Classification: probe (the head starts as logistic regression on the frozen features, "
              "then trains with the adapter) | seeded (a random head)")] = "probe",
@@ -56,7 +57,12 @@ def train(
     baseline: Annotated[bool, typer.Option(
         help="Also report the majority class and frozen embeddings + logistic regression on the same split")] = True,
 ) -> None:
-    """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets."""
+    """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets.
+
+    A classifier reads a sentence-transformers base (a folder with modules.json) through its own
+    pooling (MiniLM: the normalised mean of its tokens), a plain encoder through its pooler, a
+    decoder through its last real token. The head starts as logistic regression on those frozen
+    features (--head-init probe), so training begins at the frozen baseline and improves on it."""
     from ..train.job import (
         JobSpec,
         MethodOptions,

@@ -37,24 +37,23 @@ def probed_linear(am: AdaptedModel, name: str) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def head_inputs(am: AdaptedModel, name: str, linear: nn.Linear, data: Dataset,
-                collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
-                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(what `linear` reads, labels) over `data`, adapter `name` active and the model in eval mode."""
+def linear_inputs(model: nn.Module, linear: nn.Linear, data: Dataset,
+                  collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(what `linear` reads, labels) over `data`, `model` in eval mode."""
     seen: list[torch.Tensor] = []
     handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float()))
     labels = []
-    previous = am.active
     try:
-        with kept_modes(am):
-            am.eval()
-            am.activate(name)
+        with kept_modes(model):
+            model.eval()
             for batch in make_loader(data, collate, batch_size):
                 labels.append(batch.pop("labels").numpy())
-                am(**batch)
+                model(**batch)
     finally:
         handle.remove()
-        am.activate(previous)
+    if not seen:
+        raise ValueError(f"the model never called {linear}: it is not the head of this model")
     return torch.cat(seen).numpy(), np.concatenate(labels)
 
 
@@ -81,14 +80,11 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     return weight, bias, {"probe_C": best, "probe_val_accuracy": scores[best]}
 
 
-def probe_head(am: AdaptedModel, name: str, train: Dataset, validation: Dataset,
-               collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, float]:
-    """Set adapter `name`'s head to the linear probe of its frozen inputs; {} when it has no Linear head."""
-    linear = probed_linear(am, name)
-    if linear is None or not len(train):
-        return {}
-    x_train, y_train = head_inputs(am, name, linear, train, collate)
-    x_val, y_val = head_inputs(am, name, linear, validation, collate) if len(validation) else (x_train, y_train)
+def probe_linear(model: nn.Module, linear: nn.Linear, train: Dataset, validation: Dataset,
+                 collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, float]:
+    """Set `linear` (the model's last layer) to the linear probe of what it reads; {} with one class."""
+    x_train, y_train = linear_inputs(model, linear, train, collate)
+    x_val, y_val = linear_inputs(model, linear, validation, collate) if len(validation) else (x_train, y_train)
     if len(np.unique(y_train)) < 2:
         return {}
     weight, bias, facts = fit_probe(x_train, y_train, x_val, y_val, linear.out_features)
@@ -97,3 +93,17 @@ def probe_head(am: AdaptedModel, name: str, train: Dataset, validation: Dataset,
         if linear.bias is not None:
             linear.bias.copy_(torch.as_tensor(bias, dtype=linear.bias.dtype))
     return facts
+
+
+def probe_head(am: AdaptedModel, name: str, train: Dataset, validation: Dataset,
+               collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, float]:
+    """Set adapter `name`'s head to the linear probe of its frozen inputs; {} when it has no Linear head."""
+    linear = probed_linear(am, name)
+    if linear is None or not len(train):
+        return {}
+    previous = am.active
+    am.activate(name)
+    try:
+        return probe_linear(am, linear, train, validation, collate)
+    finally:
+        am.activate(previous)

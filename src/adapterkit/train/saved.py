@@ -212,5 +212,13 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str, base: str | None
     export_peft_lora(am, name, out)
     # PEFT loads the adapter onto transformers' classifier; pooling.json tells how training read it
     # (`adapterkit.pooling.pool_as_trained(model, folder)` after PeftModel.from_pretrained)
-    write_pooling(am.base, out)
+    if write_pooling(am.base, out) is not None:
+        (Path(out) / "README.md").write_text(
+            f"# {name}, as a PEFT adapter\n\nTrained on `{manifest['base']['name']}` read through its sentence "
+            "pooling (pooling.json), not BERT's CLS pooler. Load it so:\n\n```python\n"
+            "from peft import PeftModel\nfrom transformers import AutoModelForSequenceClassification\n"
+            "from adapterkit.pooling import pool_as_trained\n\n"
+            f"base = AutoModelForSequenceClassification.from_pretrained(base_folder, num_labels={len(manifest.get('labels') or [])})\n"
+            "model = PeftModel.from_pretrained(base, folder)\n"
+            "pool_as_trained(model.base_model.model, folder)\n```\n")
     return Path(out)
