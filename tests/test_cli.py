@@ -336,3 +336,23 @@ def test_eval_skips_blank_rows_and_predict_names_them(trained, tmp_path):
     numbers.write_text("tweet,mood\n" + "".join(f"{i},negative\n" for i in range(4)))
     result = invoke("eval", str(out), "--data", str(numbers))
     assert result.exit_code == 2 and "column 'tweet' holds int 0 at row 1, not text" in " ".join(result.output.split())
+
+
+def test_the_server_and_predict_give_the_scores_training_saw(trained, tmp_path):
+    from adapterkit.serve.engine import Engine
+    from adapterkit.train.job import default_base
+    from adapterkit.train.saved import open_adapter, predict_texts
+
+    texts = ["so happy today", "this is awful, I hate waiting in line for hours", "meh"]
+    am, tokenizer, _, _ = open_adapter(trained["bottleneck"])
+    with torch.no_grad():
+        trained_probs = am(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    predicted = predict_texts(trained["bottleneck"], texts)
+    with Engine(default_base(), tmp_path / "store") as engine:
+        engine.store.add("default", "mood", trained["bottleneck"] / "adapter")
+        served = engine.classify(texts, adapter="mood")["results"]
+    for i, (answer, (_, label, scores)) in enumerate(zip(served, predicted, strict=True)):
+        expected = dict(zip(["negative", "neutral", "positive"], trained_probs[i].tolist(), strict=True))
+        assert answer["label"] == label
+        for name, value in expected.items():
+            assert abs(answer["scores"][name] - value) < 1e-4 and abs(scores[name] - value) < 1e-4
