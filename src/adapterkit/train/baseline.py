@@ -18,10 +18,12 @@ from datasets import Dataset
 from torch import nn
 
 from ..model import AdaptedModel
+from ..pooling import Pooling
 from .data import make_loader
+from .probe import fit_probe
 from .step import kept_modes
 
-C_GRID = (0.1, 1.0, 10.0, 100.0)
+MEAN = Pooling("mean")  # the baseline a user would write: the masked mean, not normalised
 
 
 def majority_accuracy(train_labels: list[int], test_labels: list[int]) -> float:
@@ -46,8 +48,7 @@ def mean_embeddings(am: AdaptedModel, data: Dataset, collate: Callable[[list[dic
             for batch in make_loader(data, collate, batch_size):
                 labels.append(batch.pop("labels").numpy())
                 hidden = _last_hidden(am.base, batch)
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                features.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().numpy())
+                features.append(MEAN(hidden, batch["attention_mask"]).float().numpy())
         finally:
             am.activate(previous)
     return np.concatenate(features), np.concatenate(labels)
@@ -65,15 +66,10 @@ def embed_logreg_accuracy(am: AdaptedModel, train: Dataset, validation: Dataset,
                           collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, float]:
     """Test accuracy of LogisticRegression on the frozen mean-pooled embeddings, C picked on validation
     (the training split when there is no validation split)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     x_train, y_train = mean_embeddings(am, train, collate)
     x_val, y_val = mean_embeddings(am, validation, collate) if len(validation) else (x_train, y_train)
     x_test, y_test = mean_embeddings(am, test, collate)
-    scaler = StandardScaler().fit(x_train)
-    x_train, x_val, x_test = scaler.transform(x_train), scaler.transform(x_val), scaler.transform(x_test)
-    scores = {c: LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train).score(x_val, y_val) for c in C_GRID}
-    best = max(C_GRID, key=lambda c: scores[c])  # the smallest C among equals: the most regularised
-    chosen = LogisticRegression(C=best, max_iter=2000).fit(x_train, y_train)
-    return {"embed_logreg_accuracy": float(chosen.score(x_test, y_test)), "embed_logreg_C": best}
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    weight, bias, facts = fit_probe(x_train, y_train, x_val, y_val, classes)  # the head's probe, on embeddings
+    accuracy = float(np.mean((x_test @ weight.T + bias).argmax(1) == y_test))
+    return {"embed_logreg_accuracy": accuracy, "embed_logreg_C": facts["probe_C"]}
