@@ -8,10 +8,12 @@ from .errors import (
     AdapterFileError,
     AdapterNotFoundError,
     CompositionError,
+    PrecisionError,
     TargetError,
 )
 from .model import AdaptedModel, adapt
 from .pooling import Pooling, pool_as_trained
+from .quantize import Precision, quantize_base
 from .setups import Average, Fuse, Stack
 
 __version__ = "0.1.0"
@@ -20,5 +22,6 @@ __all__ = [
     "IA3", "AdaptedModel", "AdapterConfigError", "AdapterError", "AdapterExistsError", "AdapterFileError",
     "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "Fuse", "LiteResidual",
     "LoRA",
-    "MethodConfig", "Pooling", "PrefixTuning", "PromptTuning", "Stack", "TargetError", "adapt", "pool_as_trained",
+    "MethodConfig", "Pooling", "Precision", "PrecisionError", "PrefixTuning", "PromptTuning", "Stack", "TargetError",
+    "adapt", "pool_as_trained", "quantize_base",
 ]

@@ -30,3 +30,8 @@ class CompositionError(AdapterError):
 
 class AdapterFileError(AdapterError):
     """A missing, truncated, unsafe or mismatched adapter file."""
+
+
+class PrecisionError(AdapterError):
+    """A dtype, device or quantization that cannot be used here, or a merge into a quantized base
+    that does not say how."""

@@ -89,7 +89,7 @@ class HeadSwitch:
         if route is not None:
             return self._routed(route.names, args, kwargs, output)
         owned = self._owned(self.state.setup)
-        return None if owned is None else owned[1](*args, **kwargs)
+        return None if owned is None else _call_in_own_dtype(owned[1], args, kwargs, output.dtype)
 
     def owner(self, setup: Setup) -> str | None:
         """The adapter whose module answers for a setup: the last one in it that has one."""
@@ -117,7 +117,8 @@ class HeadSwitch:
         x, rest = args[0], args[1:]
         # Heads are tiny next to the body, so one call per distinct head in the batch is cheap;
         # label counts may differ, so narrower outputs are zero-padded on the right.
-        parts = {n: own(x[[i for i, m in enumerate(names) if m == n]], *rest, **kwargs)
+        parts = {n: _call_in_own_dtype(own, (x[[i for i, m in enumerate(names) if m == n]], *rest), kwargs,
+                                       base_out.dtype)
                  for n, own in used.items()}
         width = max([p.shape[-1] for p in parts.values()] + [base_out.shape[-1]])
         out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
@@ -130,3 +131,13 @@ class HeadSwitch:
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def _call_in_own_dtype(module: nn.Module, args: tuple, kwargs: dict, out_dtype: torch.dtype) -> torch.Tensor:
+    """`module(*args, **kwargs)` with floating tensor arguments cast to the module's dtype and the
+    result to `out_dtype`: an adapter's head (fp32, trained) may answer for a bf16 base's."""
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if first is None or all(not isinstance(a, torch.Tensor) or a.dtype == first.dtype for a in args):
+        return module(*args, **kwargs)
+    cast = tuple(a.to(first.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return module(*cast, **kwargs).to(out_dtype)

@@ -30,12 +30,14 @@ from .errors import (
     AdapterFileError,
     AdapterNotFoundError,
     CompositionError,
+    PrecisionError,
     TargetError,
 )
 from .heads import HeadSwitch, find_head
 from .hf_names import checkpointed_layers
 from .methods import check_config
 from .methods.fusion import FusionLayer
+from .precision import dequantize_, full_precision_shapes, requantize_, scheme_of
 from .setups import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .site import ActiveState, Route, Site
 
@@ -45,9 +47,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 class AdaptedModel(nn.Module):
     """A frozen base model with named adapters. Call it like the base model."""
 
-    def __init__(self, model: nn.Module, base_name: str | None = None, head: str | None = "auto") -> None:
+    def __init__(self, model: nn.Module, base_name: str | None = None, head: str | None = "auto",
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.base = model
+        #: the dtype new adapters (and their heads and module copies) hold their parameters in: fp32 by
+        #: default, a master copy beside a bf16 or quantized base; the sites cast in and out of it
+        self.adapter_dtype = adapter_dtype
         for p in model.parameters():
             p.requires_grad_(False)
         self.loaded: ModuleMap[Adapter] = ModuleMap()  # adapter name -> Adapter: the one registry of adapters
@@ -59,6 +65,8 @@ class AdaptedModel(nn.Module):
         self._copy_switches = CopySwitches(model, self.state, self.loaded)
         # merged adapter -> the frozen tensors it changed, as they were (merge(..., keep_original=True))
         self._originals: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # adapters merged into quantized weights that were quantized again: no exact unmerge
+        self._requantized: set[str] = set()
         config = getattr(model, "config", None)
         self.base_name = base_name or getattr(config, "_name_or_path", None) or type(model).__name__
         self.head_path = find_head(model) if head == "auto" else head
@@ -126,7 +134,7 @@ class AdaptedModel(nn.Module):
             for path, copy in self._copy_switches.build(copied).items():
                 record.copies[module_key(path)] = copy
         if not on_meta:
-            record.to(self.device)
+            record.to(self.device, dtype=self.adapter_dtype)
         return record.train(self.training)
 
     def attach(self, record: Adapter) -> None:
@@ -249,8 +257,8 @@ class AdaptedModel(nn.Module):
         for key, site in self.sites.items():
             here = [site.adapters[n] for n in fuse.names if n in site.adapters]
             if here:
-                device = next(here[0].parameters()).device
-                fusion.layers[key] = FusionLayer(site.fusion_width()).to(device)
+                first = next(here[0].parameters())
+                fusion.layers[key] = FusionLayer(site.fusion_width()).to(first.device, dtype=first.dtype)
         if len(fusion.layers) == 0:
             raise CompositionError(f"{fuse}: none of these adapters has a per-site module to fuse")
         fusion.train(self.training)
@@ -288,13 +296,27 @@ class AdaptedModel(nn.Module):
 
     # --- merging and combining -------------------------------------------------------------
 
-    def merge(self, name: str, *, keep_original: bool = False) -> None:
+    def merge(self, name: str, *, keep_original: bool = False, quantized: str | None = None) -> None:
         """Fold a LoRA / IA³ / BitFit adapter into the frozen weights (outputs stay the same).
 
         `keep_original`: keep a copy of every frozen tensor the merge changes, so that `unmerge`
         restores them bit for bit instead of subtracting (W + ΔW − ΔW is W only up to rounding, and
-        not at all when ΔW overflows). It costs that copy in memory, and needs nothing else merged."""
+        not at all when ΔW overflows). It costs that copy in memory, and needs nothing else merged.
+
+        `quantized`: how to merge into quantized Linear layers, which must be said: "dequantize"
+        turns each into a float Linear (the weight it computed with) and merges there, exactly;
+        "requantize" then quantizes the merged weight again, which adds rounding (measure it
+        against the unmerged outputs) and cannot be unmerged exactly."""
         sites = self._mergeable_sites(name)
+        quantized_sites = {s.module_name: scheme for s in sites if (scheme := scheme_of(s.frozen)) is not None}
+        if quantized_sites and quantized not in ("dequantize", "requantize"):
+            raise PrecisionError(
+                f"adapter {name!r} would merge into {len(quantized_sites)} quantized layers "
+                f"({sorted(set(quantized_sites.values()))}); say how: merge(..., quantized='dequantize') "
+                "keeps the merged layers in full precision, 'requantize' quantizes them again (adds rounding)")
+        if quantized_sites and keep_original:
+            raise PrecisionError(f"merge {name!r}: keep_original keeps float tensors; a quantized base cannot "
+                                 "take them back (reload the base to undo)")
         if name in self.state.merged:
             raise CompositionError(f"adapter {name!r} is already merged")
         if self.state.route is not None:
@@ -308,12 +330,20 @@ class AdaptedModel(nn.Module):
             with torch.inference_mode(False), torch.no_grad():  # the copies must outlive any inference block
                 self._originals[name] = [(p, p.detach().clone()) for s in sites
                                          for p in s.frozen.parameters(recurse=False)]
+        for site in sites:
+            if site.module_name in quantized_sites:
+                dequantize_(site.frozen)
         try:
             _all_or_none(sites, lambda s: s.adapters[name].merge_into(s.frozen),
                          lambda s: s.adapters[name].unmerge_from(s.frozen))
         except Exception:
             self._originals.pop(name, None)
             raise
+        if quantized == "requantize" and quantized_sites:
+            for site in sites:
+                if site.module_name in quantized_sites:
+                    requantize_(site.frozen, quantized_sites[site.module_name])
+            self._requantized.add(name)
         self.state.merged.add(name)
 
     def unmerge(self, name: str) -> None:
@@ -322,6 +352,9 @@ class AdaptedModel(nn.Module):
         sites = self._mergeable_sites(name)
         if name not in self.state.merged:
             raise CompositionError(f"adapter {name!r} is not merged")
+        if name in self._requantized:
+            raise PrecisionError(f"adapter {name!r} was merged into weights that were quantized again, which "
+                                 "rounded them: it cannot be taken out exactly; reload the base")
         originals = self._originals.pop(name, None)
         if originals is not None:
             with torch.no_grad():
@@ -346,6 +379,8 @@ class AdaptedModel(nn.Module):
                 "linear in the frozen weights; bottleneck adapters have a nonlinearity, prompt/prefix add tokens"
             )
         for site in sites:
+            if scheme_of(site.frozen) is not None:  # merge() dequantizes it first, when told to
+                continue
             try:
                 site.adapters[name].check_merge(site.frozen, site.module_name)
             except TargetError as err:
@@ -407,12 +442,13 @@ class AdaptedModel(nn.Module):
         return "\n".join(lines)
 
     def fingerprint(self) -> str:
-        """Hash of the frozen weights' names, shapes and dtypes (the head left out)."""
+        """Hash of the frozen weights' names and full-precision shapes (the head left out): the same
+        for the base in fp32, bf16 or quantized (precision.full_precision_shapes)."""
         digest = hashlib.sha256()
-        for pname, p in sorted(self.base.state_dict().items()):
+        for pname, (shape, dtype) in sorted(full_precision_shapes(self.base).items()):
             if self.head_path and (pname.startswith(self.head_path + ".")):
                 continue
-            digest.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
+            digest.update(f"{pname}:{shape}:{dtype};".encode())
         return digest.hexdigest()[:16]
 
     # --- tensors of one adapter, as files hold them --------------------------------------------
@@ -477,9 +513,10 @@ def _fuse_or_average_nodes(setup: Setup) -> list[Fuse | Average]:
     return []
 
 
-def adapt(model: nn.Module, base_name: str | None = None, head: str | None = "auto") -> AdaptedModel:
-    """Freeze `model` and return an AdaptedModel around it."""
-    return AdaptedModel(model, base_name=base_name, head=head)
+def adapt(model: nn.Module, base_name: str | None = None, head: str | None = "auto",
+          adapter_dtype: torch.dtype = torch.float32) -> AdaptedModel:
+    """Freeze `model` and return an AdaptedModel around it (new adapters in `adapter_dtype`)."""
+    return AdaptedModel(model, base_name=base_name, head=head, adapter_dtype=adapter_dtype)
 
 
 __all__ = ["AdaptedModel", "Average", "Fuse", "Stack", "adapt"]

@@ -81,6 +81,13 @@ class _Layout:
     version: int = -1
     output: dict[RouteKey, Group] = field(default_factory=dict)
     inputs: dict[int, dict[RouteKey, Group]] = field(default_factory=dict)
+    #: the first parameter of the adapters here: a site whose frozen module computes in another dtype
+    #: than it (a bf16 or quantized base) casts into it and back (kept, not its dtype: `.to()` changes that)
+    first: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.first.dtype if self.first is not None else None
 
 
 @dataclass
@@ -137,12 +144,17 @@ class Site(nn.Module):
                     raise CompositionError(f"{self.module_name}: an input-side adapter reads argument {arg} of "
                                            "this module, which this call does not pass")
                 continue
+            given = x
+            dtype = self._layout().dtype
+            if dtype is not None and x.dtype != dtype and x.is_floating_point():
+                x = x.to(dtype)
             route = self.state.route
             if route is not None:
                 new = self._routed(route, groups, "input", x, None)
             else:
                 new = self._apply_setup(self.state.setup, "input", x, x, inplace=False, arg=arg)
-            if new is not x:
+            if new is not x or x is not given:
+                new = new.to(given.dtype)
                 args, kwargs = _put(args, kwargs, where, new)
         return args, kwargs
 
@@ -153,11 +165,19 @@ class Site(nn.Module):
             return None
         h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
         x = args[0] if args else _get(args, kwargs, _first(args, kwargs))
+        given = h.dtype
+        dtype = self._layout().dtype
+        if dtype is not None and given != dtype and h.is_floating_point():
+            # into the adapters' dtype and back: a fresh copy of h, which only this hook holds
+            h = h.to(dtype)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.to(dtype)
         route = self.state.route
         if route is not None:
             h = self._routed(route, self._layout().output, "output", x, h)
         else:
             h = self._apply_setup(self.state.setup, "output", x, h, inplace=self._owns_output())
+        h = h.to(given)
         return h if rest is None else (h, *rest)
 
     def _uses(self, groups: dict[RouteKey, Group], arg: int) -> bool:
@@ -268,8 +288,10 @@ class Site(nn.Module):
             self._slots = {key: assign_slots(self._slots.get(key), names)
                            for key, names in [*output.items(), *(g for arg in inputs.values() for g in arg.items())]}
             self._stacks = {key: stack for key, stack in self._stacks.items() if key in self._slots}
+            first = next((p for a in self.adapters.values() for p in a.parameters() if p.is_floating_point()), None)
             self._layout_cache = _Layout(self.adapters.version, self._grouped(output),
-                                         {arg: self._grouped(inputs[arg]) for arg in sorted(inputs)})
+                                         {arg: self._grouped(inputs[arg]) for arg in sorted(inputs)},
+                                         first)
         return self._layout_cache
 
     def _grouped(self, found: dict[RouteKey, list[str]]) -> dict[RouteKey, Group]:
