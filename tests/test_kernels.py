@@ -121,3 +121,39 @@ def test_bottleneck_on_an_input_equals_its_reference(kind, rows, tokens, d_in, s
             want = x[i : i + 1] if slot == len(group) else group[slot].reference(x[i : i + 1])
             torch.testing.assert_close(got[i : i + 1], want, **tol)
     assert torch.equal(x, kept)  # the caller's argument is never written
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(sorted(CONFIGS)), kind=st.sampled_from(["linear", "conv"]),
+       rows=st.integers(1, 4), tokens=st.integers(1, 5), d_in=st.integers(1, 9), d_out=st.integers(1, 9),
+       sizes=st.lists(st.integers(1, 4), min_size=1, max_size=3), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       inplace=st.booleans(), seed=st.integers(0, 1000))
+def test_fast_forms_in_half_precision_stay_within_its_rounding(method, kind, rows, tokens, d_in, d_out, sizes, dtype,
+                                                               inplace, seed):
+    """bf16 / fp16: the fast forms, whole batch and routed, against the reference computed exactly (float64)
+    on the same inputs and parameters. Each result may be off by the rounding of a few low-precision steps
+    (each rounds to eps = 2^-8 for bf16, 2^-11 for fp16, relative to the size of what it sums), no more."""
+    group, shape = adapters(method, kind, d_in, d_out, sizes, dtype, seed)
+    x, h = tensors(kind, rows, tokens, d_in, d_out, dtype, seed)
+    eps = torch.finfo(dtype).eps
+    takes_inplace = getattr(group[0], "adds_in_place", False) and kind == "linear"
+    with torch.no_grad():
+        exact = []
+        for adapter in group:
+            exact.append(adapter.to(torch.float64).reference(x.double(), h.double()))
+            adapter.to(dtype)
+
+        def close(got, want):
+            size = max(1.0, float(want.abs().max()))
+            torch.testing.assert_close(got.double(), want, rtol=8 * eps, atol=8 * eps * size)
+
+        for adapter, want in zip(group, exact, strict=True):
+            got = adapter(x, h.clone(), inplace=True) if inplace and takes_inplace else adapter(x, h)
+            assert got.dtype == dtype
+            close(got, want)
+        picks = torch.randint(0, len(group) + 1, (rows,), generator=torch.Generator().manual_seed(seed))
+        extra = {"inplace": True} if inplace and takes_inplace else {}
+        got = type(group[0]).route(type(group[0]).stack(group), picks, x, h.clone(), shape, **extra)
+        for i, slot in enumerate(picks.tolist()):
+            want = h[i : i + 1].double() if slot == len(group) else exact[slot][i : i + 1]
+            close(got[i : i + 1], want)
