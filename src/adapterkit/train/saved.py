@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, PrecisionError
 from ..io.files import MANIFEST, read_adapter
 from ..model import AdaptedModel, adapt
 from ..pooling import pooling_of, write_pooling
@@ -21,6 +22,8 @@ from .data import (
     pick_text_column,
     tokenize_classification,
 )
+from ..precision import dequantize_, dtype_name, is_quantized, quantization_of
+from ..quantize import Precision
 from .job import load_base
 from .metrics import accuracy, macro_f1
 
@@ -35,19 +38,33 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
-def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedModel, Any, str, dict]:
-    """(model with the adapter active, tokenizer, adapter name, manifest)."""
+def as_trained(path: str | Path, dtype: str | None = None, quantize: str | None = None,
+               device: str = "cpu") -> Precision:
+    """The precision to open an adapter in: what is given, else what it was trained in (its metadata),
+    else fp32. `quantize="none"` opens it unquantized whatever it was trained on."""
+    manifest, _ = read_adapter(resolve(path))
+    trained = (manifest.get("meta") or {}).get("precision") or {}
+    scheme = quantize if quantize is not None else (trained.get("quantization") or {}).get("scheme")
+    return Precision(dtype=dtype or trained.get("dtype") or "fp32",
+                     quantize=None if scheme in (None, "none") else scheme, device=device)
+
+
+def open_adapter(path: str | Path, base: str | None = None,
+                 precision: Precision | None = None) -> tuple[AdaptedModel, Any, str, dict]:
+    """(model with the adapter active, tokenizer, adapter name, manifest); the base in `precision`
+    (default: as the adapter was trained, `as_trained`)."""
     path = resolve(path)
     manifest, _ = read_adapter(path)
     meta = manifest.get("meta") or {}
     base = base or meta.get("base_path") or manifest["base"]["name"]
     task = meta.get("task", "classify")
     labels = manifest.get("labels")
-    model, tokenizer = load_base(base, task, len(labels) if labels else None)
+    precision = precision or as_trained(path)
+    model, tokenizer = load_base(base, task, len(labels) if labels else None, precision=precision)
     am = adapt(model)
     if pooling_of(model) is not None and manifest["base"].get("fingerprint") != am.fingerprint():
         # trained when adapterkit read this base through BERT's pooler: read it that way again
-        model, tokenizer = load_base(base, task, len(labels) if labels else None, pooled=False)
+        model, tokenizer = load_base(base, task, len(labels) if labels else None, pooled=False, precision=precision)
         am = adapt(model)
     run_tokenizer = path.parent / "tokenizer"
     if run_tokenizer.is_dir():
@@ -64,9 +81,9 @@ def open_adapter(path: str | Path, base: str | None = None) -> tuple[AdaptedMode
 
 @torch.no_grad()
 def predict_texts(path: str | Path, texts: list[str], base: str | None = None,
-                  batch_size: int = 64) -> list[tuple[str, str, dict]]:
+                  batch_size: int = 64, precision: Precision | None = None) -> list[tuple[str, str, dict]]:
     """(text, label, {label: probability}) for each text, in order."""
-    am, tokenizer, name, manifest = open_adapter(path, base)
+    am, tokenizer, name, manifest = open_adapter(path, base, precision)
     labels = manifest.get("labels")
     if not labels:
         raise AdapterFileError(f"adapter {name!r} has no label names; predict needs a classification adapter")
@@ -75,7 +92,7 @@ def predict_texts(path: str | Path, texts: list[str], base: str | None = None,
     for start in range(0, len(texts), batch_size):
         chunk = texts[start: start + batch_size]
         batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        probs = am(**batch).logits.softmax(-1)
+        probs = am(**batch.to(am.device)).logits.float().softmax(-1).cpu()
         answers += [(t, labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p, strict=True)})
                     for t, p in zip(chunk, probs, strict=True)]
     return answers
@@ -99,8 +116,8 @@ def texts_from_file(path: str | Path, data: str, text_col: str | None = None) ->
 @torch.no_grad()
 def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, label_col: str | None,
                      base: str | None, max_length: int, batch_size: int, max_eval: int | None,
-                     seed: int) -> dict[str, Any]:
-    am, tokenizer, name, manifest = open_adapter(path, base)
+                     seed: int, precision: Precision | None = None) -> dict[str, Any]:
+    am, tokenizer, name, manifest = open_adapter(path, base, precision)
     labels = manifest.get("labels")
     if not labels:
         raise AdapterFileError(f"adapter {name!r} has no label names; eval needs a classification adapter")
@@ -135,7 +152,7 @@ def evaluate_adapter(path: str | Path, data: str | None, text_col: str | None, l
     for start in range(0, len(ds), batch_size):
         batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
         truths += batch.pop("labels").tolist()
-        preds += am(**batch).logits.argmax(-1).tolist()
+        preds += am(**{k: v.to(am.device) for k, v in batch.items()}).logits.argmax(-1).tolist()
     return {"adapter": name, "examples": len(truths), "accuracy": accuracy(truths, preds),
             "macro_f1": macro_f1(truths, preds, labels=range(len(labels)))}
 
@@ -154,13 +171,42 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     }
 
 
-def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) -> Path:
-    """Fold the adapter into the base weights; the adapter's head replaces the base head."""
-    am, tokenizer, name, manifest = open_adapter(path, base)
+#: what a merge's check runs the adapter on, before and after
+MERGE_PROBE = ["The service was quick and the staff were friendly.", "I would not buy this again.",
+               "Stocks fell sharply after the central bank raised rates.", "ok"]
+
+
+def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None, precision: Precision | None = None,
+                    quantized: str = "dequantize") -> tuple[Path, dict[str, Any]]:
+    """Fold the adapter into the base weights; the adapter's head replaces the base head. The folder
+    and a report of how far the merged model's outputs are from the unmerged adapter's.
+
+    The base opens as the adapter was trained (`as_trained`), quantized too. On a quantized base
+    `quantized` says how: "dequantize" merges into the weights the quantized layers computed with
+    and writes them in `precision.dtype` (the outputs stay the adapter's); "requantize" writes the
+    same folder for a server that quantizes again (quantization.json) and reports the rounding
+    that quantizing the merged weights adds."""
+    if quantized not in ("dequantize", "requantize"):
+        raise PrecisionError(f"quantized={quantized!r}: 'dequantize' or 'requantize'")
+    am, tokenizer, name, manifest = open_adapter(path, base, precision)
     from transformers import PreTrainedModel
 
-    am.merge(name)
+    probe = {k: v.to(am.device) for k, v in tokenizer(MERGE_PROBE, padding=True, return_tensors="pt").items()}
+    quantization = quantization_of(am.base)
+    with torch.no_grad():
+        unmerged = _scores(am(**probe))
+        am.merge(name, quantized=quantized if quantization else None)
+        merged = _scores(am(**probe))
     model = am.base
+    requantized = quantized == "requantize" and quantization is not None
+    for module in model.modules():  # written in full precision: what the quantized layers compute with
+        if is_quantized(module):
+            dequantize_(module)
+    report = {"adapter": name, "base_quantization": quantization, "how": quantized if quantization else "plain",
+              "written_dtype": dtype_name(next(p for p in model.parameters() if p.is_floating_point()).dtype),
+              "max_abs_score_difference": float((merged - unmerged).abs().max()),
+              "argmax_agreement": float((merged.argmax(-1) == unmerged.argmax(-1)).float().mean()),
+              "probe_texts": len(MERGE_PROBE)}
     if not isinstance(model, PreTrainedModel):  # load_base always makes one
         raise AdapterFileError(f"{path}: its base is a {type(model).__name__}, not a transformers model to save")
     # the adapter's own copies and head replace the base modules
@@ -185,8 +231,17 @@ def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None) 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_pooling(model, out)
+    if requantized and quantization is not None:
+        (out / "quantization.json").write_text(json.dumps({"scheme": quantization["scheme"]}))
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2))
     (out / "README.md").write_text(_merged_readme(name, manifest, pooling is not None))
-    return out
+    return out, report
+
+
+def _scores(output: Any) -> torch.Tensor:
+    """The logits of a classifier, or a causal LM's logits of its last position, in float32."""
+    logits = output.logits.float()
+    return logits[:, -1] if logits.dim() == 3 else logits
 
 
 def _merged_readme(name: str, manifest: dict, pooled: bool) -> str:
