@@ -125,3 +125,27 @@ def test_a_classifier_on_an_int8_base_evaluates_and_predicts_as_trained(tmp_path
     predicted = invoke("predict", str(out), "so happy today", "--json", "--dtype", "bf16")
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.output)[0]["label"] in {"positive", "negative", "neutral"}
+
+
+def test_a_server_on_an_nf4_bf16_base_generates_as_the_qlora_adapter_does(qlora_run, tmp_path):
+    """The QLoRA adapter served on the same nf4 / bf16 base, routed beside the plain base in one
+    continuous batch: its greedy tokens are the ones the adapter gives alone on that base."""
+    from adapterkit.serve.engine import Engine
+    from adapterkit.train.saved import open_adapter
+
+    am, tokenizer, _, _ = open_adapter(qlora_run["run"])
+    prompt = "question : what sat on the mat ? answer :"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = am.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                           pad_token_id=1)[0, ids.shape[1]:].tolist()
+    with Engine(str(qlora_run["base"]), tmp_path / "store", quantize="nf4", dtype="bf16", max_wait_ms=20) as engine:
+        assert engine.quantized == 14 and engine.health()["precision"]["quantization"]["scheme"] == "nf4"
+        engine.store.add("default", "qa", qlora_run["run"] / "adapter")
+        futures = [engine.submit_generate(prompt, adapter=name, max_new_tokens=6, ignore_eos=True)
+                   for name in ("qa", None, "qa")]
+        answers = [f.result() for f in futures]
+    until_eos = want[: want.index(1)] if 1 in want else want  # generate() stops at eos (id 1)
+    got = answers[0]["token_ids"]
+    assert len(until_eos) >= 3 and got[: len(until_eos)] == until_eos
+    assert answers[2]["token_ids"] == got

@@ -120,11 +120,15 @@ def _probed_sentiment_adapters(root, minilm_tokenizer) -> dict:
     return folders
 
 
-def test_int8_base_routes_adapters_and_agrees_with_fp32(minilm_tokenizer, tmp_path):
+@pytest.mark.parametrize("quantize, dtype", [("int8", "fp32"), ("nf4", "fp32"), (None, "bf16")])
+def test_a_quantized_or_bf16_base_routes_adapters_and_agrees_with_fp32(minilm_tokenizer, tmp_path, quantize, dtype):
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
     folders = _probed_sentiment_adapters(tmp_path, minilm_tokenizer)
     reference = Reference(ak.adapt(load_minilm()), minilm_tokenizer)
-    with _engine(folders, tmp_path / "int8", quantize="int8", merge_after=2) as engine:
-        assert engine.quantized > 0
+    with _engine(folders, tmp_path / "int8", quantize=quantize, dtype=dtype, merge_after=2) as engine:
+        assert engine.quantized == (0 if quantize is None else 36)  # 6 layers x 6 Linears
+        assert engine.health()["precision"]["dtype"] == dtype
         deviations, clear, agree = [], 0, 0
         for name in ("lora0", "lora1"):
             out = engine.classify(TEXTS, adapter=name)["results"]
@@ -137,7 +141,10 @@ def test_int8_base_routes_adapters_and_agrees_with_fp32(minilm_tokenizer, tmp_pa
                     clear += 1
                     agree += answer["label"] == labels[expected.index(max(expected))]
         assert clear >= 4 and agree == clear
-        assert 0 < sum(deviations) / len(deviations) < 0.1  # int8 weights: near fp32, not equal
-        for _ in range(3):  # int8 weights cannot take a merge: the adapter stays routed
+        # near fp32, not equal; nf4 (4 bits, on a 22M-parameter model, adapters trained in fp32) moves
+        # scores further but keeps every clear label
+        assert 0 < sum(deviations) / len(deviations) < (0.35 if quantize == "nf4" else 0.1)
+        for _ in range(3):  # quantized weights are not merged into: the adapter stays routed
             engine.classify(TEXTS, adapter="lora0")
-        assert engine.merging.merged is None and not engine.am.state.merged
+        if quantize is not None:
+            assert engine.merging.merged is None and not engine.am.state.merged

@@ -24,13 +24,18 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(help="The base model's name in the OpenAI API")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="The most tokens one generation may ask for")] = 256,
     merge_after: Annotated[int, typer.Option(help="Forwards in a row for one mergeable adapter before it is served merged (0: never)")] = 8,
-    quantize: Annotated[str | None, typer.Option(help="int8: int8 weight-only Linear layers in the base (torchao)")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="nf4 (bitsandbytes) | int8 | int4 (torchao): the base's frozen Linear layers quantized")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: the base's dtype (adapters keep fp32)")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto: where the base and the adapters live")] = "cpu",
 ) -> None:
     """Serve many adapters on one base model over HTTP (FastAPI), with an OpenAI-compatible API."""
+    from ..quantize import Precision
     from ..serve import serve_command
     from ..train.job import default_base
 
+    Precision(dtype=dtype, quantize=quantize, device=device)  # a bad value fails before the model loads
     serve_command(base=base or default_base(), store=store, port=port, host=host, max_batch=max_batch,
                   max_wait_ms=max_wait_ms, cache_bytes=cache_bytes, keys=keys, scheduling=scheduling,
                   served_name=served_model_name, max_new_tokens=max_new_tokens, merge_after=merge_after,
-                  quantize=quantize)
+                  quantize=quantize, dtype=dtype, device=device)

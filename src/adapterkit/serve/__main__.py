@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens one generation may ask for")
     parser.add_argument("--merge-after", type=int, default=8,
                         help="forwards in a row for one mergeable adapter before it is served merged (0: never)")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only Linear layers in the base")
+    parser.add_argument("--quantize", choices=["nf4", "int8", "int4"], default=None,
+                        help="the base's Linear layers: nf4 (bitsandbytes), int8 or int4 weight-only (torchao)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="the base's dtype")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     serve_command(args.base, args.store, port=args.port, host=args.host, max_batch=args.max_batch,
                   max_wait_ms=args.max_wait_ms, cache_bytes=args.cache_bytes, keys=args.keys,
                   scheduling=args.scheduling, served_name=args.served_model_name, max_new_tokens=args.max_new_tokens,
-                  merge_after=args.merge_after, quantize=args.quantize)
+                  merge_after=args.merge_after, quantize=args.quantize, dtype=args.dtype,
+                  device=args.device)
 
 
 if __name__ == "__main__":

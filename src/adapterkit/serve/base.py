@@ -13,9 +13,9 @@ from ..task import Task
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def load_base(base: str) -> tuple[nn.Module, Any]:
+def load_base(base: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """A causal LM for decoder checkpoints, a sequence classifier otherwise (its head is the
-    template that adapters' own heads are copies of), and the checkpoint's tokenizer."""
+    template that adapters' own heads are copies of), in `dtype`, and the checkpoint's tokenizer."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -32,7 +32,7 @@ def load_base(base: str) -> tuple[nn.Module, Any]:
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the base's own (untrained) head, if new, is the same in every process
             factory = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-            model = factory.from_pretrained(base)
+            model = factory.from_pretrained(base, dtype=dtype)
     finally:
         logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -100,18 +100,3 @@ def raw_encoder(tokenizer: Any) -> Any:
     encoder.no_truncation()
     encoder.no_padding()
     return encoder
-
-
-def quantize_base(model: nn.Module, quantize: str | None, skip: str | None = None) -> int:
-    """Quantize the base's Linear weights in place (torchao int8 weight-only; `skip`: the task
-    head's path, which adapters replace anyway); the number quantized. None: nothing."""
-    if quantize is None:
-        return 0
-    if quantize != "int8":
-        raise ValueError(f"quantize: 'int8' or None, not {quantize!r}")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    names = {n for n, m in model.named_modules()
-             if type(m) is nn.Linear and not (skip and (n == skip or n.startswith(skip + ".")))}
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in names)
-    return len(names)

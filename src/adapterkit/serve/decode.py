@@ -83,7 +83,7 @@ class ContinuousDecoder:
                           **{keyword: None}, **self._extra)
         cache = output_cache(out)
         layers = _layers(cache)  # before any token is sampled: an unusable cache admits nothing
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU, with its generators
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         finished = [(r.handle, self._advance(r, logits[i], finite[i])) for i, r in enumerate(rows)]
         keep = [i for i, r in enumerate(rows) if not r.finish]
@@ -106,7 +106,7 @@ class ContinuousDecoder:
             out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                           **{self._cache_keyword(): self._cache}, **self._extra)
         self._cache, self._mask = output_cache(out), mask
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU, with its generators
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         finished: list[tuple[Any, Generated | RowFailure]] = []
         for i, r in enumerate(self._rows):

@@ -29,8 +29,10 @@ from ..errors import AdapterFileError
 from ..hf_names import last_logits_only
 from ..io.files import read_adapter
 from ..model import AdaptedModel
+from ..precision import parse_dtype, quantized_modules
+from ..quantize import Precision
 from ..task import Task
-from .base import length_groups, load_base, max_positions, pad, quantize_base, raw_encoder, task_of
+from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
 from .batcher import Batcher, Items, Request, RequestKind
 from .cache import AdapterCache, AdapterKey
 from .decode import ContinuousDecoder
@@ -70,28 +72,35 @@ class Engine:
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
         merge_after: int = 8, quantize: str | None = None, merge_copy_bytes: int = 1 << 30,
+        dtype: str = "fp32", device: str = "cpu",
     ) -> None:
         """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
         (0: never merge). `merge_copy_bytes`: a merge keeps a copy of the weights it changes (so that the
-        unmerge is exact); an adapter that would change more is never merged. `quantize="int8"`:
-        torchao int8 weight-only Linear layers in the base."""
+        unmerge is exact); an adapter that would change more is never merged. `quantize`: nf4 | int8 |
+        int4 Linear layers in the base (quantize.py); `dtype`: the base's; `device`: cpu | cuda | auto,
+        where the base, the adapters and their routing stacks live (requests arrive on the CPU and
+        are moved there once per forward)."""
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
             torch.set_num_threads(threads)
         if isinstance(base, str | os.PathLike):
-            model, loaded_tokenizer = load_base(str(base))
+            model, loaded_tokenizer = load_base(str(base), parse_dtype(dtype))
             tokenizer = tokenizer or loaded_tokenizer
         else:
             model = base.eval()
         if tokenizer is None:
             raise ValueError("pass the base model's tokenizer (tokenizer=...) along with a model object")
+        self.precision = Precision(dtype=dtype, quantize=quantize, device=device)
+        self.precision.apply(model)  # before the adapter sites hook its layers
+        self.device = self.precision.torch_device
+        self._to_device = model.register_forward_pre_hook(_inputs_to(self.device), with_kwargs=True, prepend=True)
         self.am = AdaptedModel(model)
         self.am.eval()
         self.base_name = self.am.base_name
         self.task = task_of(model, self.am.head_path)
         self.fingerprint = self.am.fingerprint()  # of the full-precision base, which adapters were made for
-        self.quantized = quantize_base(model, quantize, skip=self.am.head_path)
+        self.quantized = len(quantized_modules(model))  # Linear layers held quantized
         self.merging = (DominantMerge(self.am, merge_after, probe=self._probe, max_copy_bytes=merge_copy_bytes)
                         if merge_after else None)
         self._routing = self.merging.routing if self.merging is not None else self.am.route
@@ -367,6 +376,7 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.base_name, "task": self.task, "fingerprint": self.fingerprint,
+                "precision": {**Precision.of(self.am.base), "device": str(self.device)},
                 **self.stats()}
 
     def close(self) -> None:
@@ -463,7 +473,7 @@ class Engine:
         finite = [True] * len(items)
         if embed:
             hidden = out.hidden_states[-1].float()
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            weights = mask.unsqueeze(-1).to(hidden.device, hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             finite = [a and b for a, b in zip(finite, torch.isfinite(pooled).all(-1).tolist(), strict=True)]
         if any(req.kind == RequestKind.CLASSIFY for req, _ in items):
@@ -531,3 +541,15 @@ def _then(future: Future, fn: Callable[[Any], Any]) -> Future:
 
 def _first_int(*values: Any) -> int:
     return next(v for v in values if isinstance(v, int))
+
+
+def _inputs_to(device: torch.device) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict] | None]:
+    """A forward pre-hook that moves a call's tensors to `device` (requests are built on the CPU)."""
+    if device.type == "cpu":
+        return lambda module, args, kwargs: None
+
+    def move(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return (tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args),
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+    return move

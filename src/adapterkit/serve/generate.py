@@ -58,7 +58,7 @@ def generate_batch(
             out = am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                      **{keyword: past}, **extra)
             past = output_cache(out)
-            logits = out.logits[:, -1, :].float()
+            logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU, with its generators
             finite = torch.isfinite(logits).all(dim=-1).tolist()
             chosen = []
             for i, row in enumerate(rows):
