@@ -115,9 +115,9 @@ def _nf4(model: nn.Module, names: list[str]) -> None:
     import bitsandbytes as bnb
 
     for name in names:
-        linear = model.get_submodule(name)
+        linear: Any = model.get_submodule(name)  # an nn.Linear (quantize_linears picked it)
         weight = linear.weight
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        quantized: Any = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=weight.dtype, quant_type="nf4", device="meta")
         quantized.weight = bnb.nn.Params4bit(weight.data.detach().clone(), requires_grad=False, quant_type="nf4",
                                              compress_statistics=True, module=quantized)
@@ -129,7 +129,7 @@ def _nf4(model: nn.Module, names: list[str]) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, quantized)
 
 
-def _no_cpu_repack(module: nn.Module) -> None:
+def _no_cpu_repack(module: Any) -> None:
     # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel the first
     # time the layer runs without gradients, and keeps it so; that kernel has no backward, so an adapter
     # trained after any no-grad forward (an evaluation, a probe) would fail. Its generic path does both.
@@ -142,7 +142,8 @@ def _config(scheme: str) -> Any:
 
     if scheme == "int8":
         return Int8WeightOnlyConfig()
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+    int4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # (in torch, missing from its stubs)
+    return IntxWeightOnlyConfig(weight_dtype=int4, granularity=PerGroup(INT4_GROUP))
 
 
 def _torchao(model: nn.Module, scheme: str, names: set[str]) -> None:
@@ -177,7 +178,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The weight a quantized Linear computes with, as a float tensor [out, in]."""
-    weight = module.weight
+    weight: Any = module.weight  # a library's tensor subclass: its own attributes, untyped here
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
         import bitsandbytes.functional as bnbf
@@ -205,8 +206,9 @@ def dequantize_(module: nn.Module, dtype: torch.dtype | None = None) -> None:
     module.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if type(module) is not nn.Linear:
         module.__class__ = nn.Linear
-    if module.bias is not None and module.bias.dtype != dtype:
-        module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    bias = module.bias
+    if isinstance(bias, torch.Tensor) and bias.dtype != dtype:
+        module.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
     if hasattr(module, SCHEME_ATTR):
         delattr(module, SCHEME_ATTR)
 
@@ -215,7 +217,8 @@ def _compute_dtype(module: nn.Module, weight: torch.Tensor) -> torch.dtype:
     compute = getattr(module, "compute_dtype", None)
     if isinstance(compute, torch.dtype):
         return compute
-    return module.bias.dtype if module.bias is not None else weight.dtype
+    bias = module.bias
+    return bias.dtype if isinstance(bias, torch.Tensor) else weight.dtype
 
 
 @torch.no_grad()
@@ -227,15 +230,16 @@ def requantize_(module: nn.Module, scheme: str) -> None:
     if scheme == "nf4":
         import bitsandbytes as bnb
 
-        dtype = module.weight.dtype
-        weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                   compress_statistics=True, module=module)
-        module.__class__ = bnb.nn.Linear4bit
+        layer: Any = module  # becomes a Linear4bit below, whose attributes are set by hand
+        dtype, device = layer.weight.dtype, layer.weight.device
+        weight: Any = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                        compress_statistics=True, module=layer)
+        layer.__class__ = bnb.nn.Linear4bit
         # what Linear4bit.__init__ sets, given here because the module is not built anew
-        module.compute_dtype, module.compute_type_is_set = dtype, True
-        module.quant_state, module.quant_storage = None, torch.uint8
-        _no_cpu_repack(module)
-        module.weight = weight.to(module.bias.device if module.bias is not None else weight.device)
+        layer.compute_dtype, layer.compute_type_is_set = dtype, True
+        layer.quant_state, layer.quant_storage = None, torch.uint8
+        _no_cpu_repack(layer)
+        layer.weight = weight.to(device)  # moving a Params4bit is what quantizes it
     else:
         from torchao.quantization import quantize_
 
@@ -269,7 +273,7 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def _tensor_bytes(t: Any) -> int:
     if _is_subclass(t):
         inner, _ = t.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(t, name)) for name in inner)

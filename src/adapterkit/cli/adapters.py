@@ -68,6 +68,7 @@ def train(
     pooling (MiniLM: the normalised mean of its tokens), a plain encoder through its pooler, a
     decoder through its last real token. The head starts as logistic regression on those frozen
     features (--head-init probe), so training begins at the frozen baseline and improves on it."""
+    from ..quantize import Precision
     from ..train.job import (
         JobSpec,
         MethodOptions,
@@ -77,7 +78,6 @@ def train(
         report_lines,
         run_job,
     )
-    from ..quantize import Precision
     from ..train.trainer import TrainSettings
 
     caps = _cap(max_train), _cap(max_eval), _cap(max_test)  # bad caps are reported before a bad task

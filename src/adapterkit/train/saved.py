@@ -12,6 +12,8 @@ from ..errors import AdapterFileError, PrecisionError
 from ..io.files import MANIFEST, read_adapter
 from ..model import AdaptedModel, adapt
 from ..pooling import pooling_of, write_pooling
+from ..precision import dequantize_, dtype_name, is_quantized, quantization_of
+from ..quantize import Precision
 from .data import (
     DataError,
     check_text_cells,
@@ -22,8 +24,6 @@ from .data import (
     pick_text_column,
     tokenize_classification,
 )
-from ..precision import dequantize_, dtype_name, is_quantized, quantization_of
-from ..quantize import Precision
 from .job import load_base
 from .metrics import accuracy, macro_f1
 
