@@ -151,6 +151,40 @@ def child(task: str, setting: str, args: argparse.Namespace, work: Path) -> dict
     return json.loads(target.read_text())
 
 
+def compare(task: str, rows: dict[str, dict], args: argparse.Namespace) -> None:
+    """Each setting's ratios to fp32's, and for classify the fp32 adapter's labels served on its base."""
+    base = rows["fp32"]
+    for row in rows.values():
+        row["step_time_ratio"] = row["median_step_seconds"] / base["median_step_seconds"]
+        row["linear_bytes_ratio"] = base["linear_weight_bytes"] / row["linear_weight_bytes"]
+        row["base_bytes_ratio"] = base["base_weight_bytes"] / row["base_weight_bytes"]
+    if task == "classify":
+        from adapterkit.train.saved import predict_texts
+
+        texts = test_texts(args)
+        reference = [label for _, label, _ in predict_texts(Path(base["run"]), texts)]
+        for setting, row in rows.items():
+            row["serving_label_agreement"] = agreement(Path(base["run"]), setting, reference, texts)
+            row["accuracy_points_vs_fp32"] = 100 * (row["accuracy"] - base["accuracy"])
+    else:
+        for row in rows.values():
+            row["eval_loss_vs_fp32"] = row["eval_loss"] - base["eval_loss"]
+
+
+def met(cls: dict[str, dict]) -> dict[str, bool]:
+    """The issue's targets, on the classification rows present."""
+    targets = {}
+    if "nf4" in cls:
+        targets["nf4_within_1_point"] = abs(cls["nf4"]["accuracy_points_vs_fp32"]) <= 1.0
+        targets["nf4_linear_bytes_6x_smaller"] = cls["nf4"]["linear_bytes_ratio"] >= 6.0
+    if "bf16" in cls:
+        targets["bf16_within_half_point"] = abs(cls["bf16"]["accuracy_points_vs_fp32"]) <= 0.5
+    for setting in ("bf16", "int8"):
+        if setting in cls:
+            targets[f"{setting}_serving_agreement_0.98"] = cls[setting]["serving_label_agreement"] >= 0.98
+    return targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["classify", "causal-lm"], choices=["classify", "causal-lm"])
@@ -181,35 +215,11 @@ def main() -> None:
             (work / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_rows(1200)))
         for task in args.tasks:
             rows = {s: child(task, s, args, work) for s in args.settings}
-            base = rows["fp32"]
-            for row in rows.values():
-                row["step_time_ratio"] = row["median_step_seconds"] / base["median_step_seconds"]
-                row["linear_bytes_ratio"] = base["linear_weight_bytes"] / row["linear_weight_bytes"]
-                row["base_bytes_ratio"] = base["base_weight_bytes"] / row["base_weight_bytes"]
-            if task == "classify":
-                texts = test_texts(args)
-                from adapterkit.train.saved import predict_texts
-
-                reference = [label for _, label, _ in predict_texts(Path(base["run"]), texts)]
-                for setting, row in rows.items():
-                    row["serving_label_agreement"] = agreement(Path(base["run"]), setting, reference, texts)
-                    row["accuracy_points_vs_fp32"] = 100 * (row["accuracy"] - base["accuracy"])
-            else:
-                for row in rows.values():
-                    row["eval_loss_vs_fp32"] = row["eval_loss"] - base["eval_loss"]
+            compare(task, rows, args)
             report["tasks"][task] = rows
             for row in rows.values():
                 print(json.dumps({k: v for k, v in row.items() if k != "run"}), flush=True)
-        cls = report["tasks"].get("classify", {})
-        targets = {}
-        if "nf4" in cls:
-            targets["nf4_within_1_point"] = abs(cls["nf4"]["accuracy_points_vs_fp32"]) <= 1.0
-            targets["nf4_linear_bytes_6x_smaller"] = cls["nf4"]["linear_bytes_ratio"] >= 6.0
-        if "bf16" in cls:
-            targets["bf16_within_half_point"] = abs(cls["bf16"]["accuracy_points_vs_fp32"]) <= 0.5
-        for setting in ("bf16", "int8"):
-            if setting in cls:
-                targets[f"{setting}_serving_agreement_0.98"] = cls[setting]["serving_label_agreement"] >= 0.98
+        targets = met(report["tasks"].get("classify", {}))
         report["targets"] = targets
         for rows in report["tasks"].values():
             for row in rows.values():

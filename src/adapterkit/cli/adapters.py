@@ -98,6 +98,8 @@ def train(
     )
     spec.method.config()  # fail on bad method options before loading anything
     metrics = run_job(spec)
+    if not metrics["main_process"]:  # accelerate launch: the main process reports
+        return
     for line in report_lines(metrics):
         console.print(line)
     console.print(f"run folder: {spec.run_dir}  (adapter/, metrics.json, curves.png)")

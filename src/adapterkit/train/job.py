@@ -252,9 +252,17 @@ def run_job(spec: JobSpec, on_step: Callable[[int], None] | None = None) -> dict
     am.adapter(spec.name).meta.update({"task": spec.task.value, "max_length": spec.max_length, "base_path": spec.base,
                                        "precision": spec.precision.record(model)})
     am.adapter(spec.name).meta.update(columns)  # eval reads the user's files with the same columns
-    am.save(spec.name, str(adapter_dir))
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    # data parallel (accelerate launch): every process holds the same adapter; the main one writes the run
+    main = trainer.accelerator.is_main_process
+    if main:
+        am.save(spec.name, str(adapter_dir))
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    trainer.accelerator.wait_for_everyone()
     metrics = _metrics(am, spec, test, memory, adapter_dir, train_seconds, history)
+    metrics["processes"] = trainer.accelerator.num_processes
+    metrics["main_process"] = main
+    if not main:
+        return metrics
     metrics["examples"] = {"train": len(train_ds), "validation": len(val_ds), "test": len(test_ds)}
     metrics["examples_available"] = available
     metrics["split"] = source

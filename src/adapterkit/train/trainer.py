@@ -26,6 +26,7 @@ from datasets import Dataset
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from ..hf_names import checkpointed_layers, enable_activation_checkpointing
@@ -99,13 +100,21 @@ class Trainer:
                 layer.training = True
         self.training_modes = modes(model)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=1e-3 if settings.lr is None else settings.lr, weight_decay=settings.weight_decay)
-        steps_per_epoch = -(-len(train_data) // settings.batch_size) // settings.grad_accum
+        # with several processes each takes every n-th batch of the epoch
+        per_process = -(-len(train_data) // settings.batch_size) // self.accelerator.num_processes
+        steps_per_epoch = max(1, per_process // settings.grad_accum)
         self.total_steps = steps_per_epoch * settings.epochs
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(settings.warmup_ratio * self.total_steps), max(1, self.total_steps)
         )
+        if self.accelerator.num_processes > 1:
+            # Data parallel: DDP would broadcast the whole frozen base when it wraps the model and its
+            # buffers before every forward; only the trained tensors must agree, so only they are synced
+            # (and only their gradients are all-reduced, as DDP does for parameters that train).
+            frozen = [n for n, _ in [*model.named_parameters(), *model.named_buffers()] if n not in self.trainable]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.train_step = TrainStep(list(self.trainable.values()), self.optimizer,
                                     max_grad_norm=settings.max_grad_norm, accelerator=self.accelerator)
@@ -239,8 +248,11 @@ class Trainer:
         return self.checkpoint_dir
 
     def save_checkpoint(self) -> None:
-        """Trained tensors, optimizer state and RNG states at a step boundary, written atomically."""
+        """Trained tensors, optimizer state and RNG states at a step boundary, written atomically (by
+        the main process of a data-parallel run: the others hold the same tensors)."""
         folder = self._checkpoint_folder()
+        if not self.accelerator.is_main_process:
+            return
         tensors = {f"param.{n}": p.detach().contiguous().cpu() for n, p in self.trainable.items()}
         if self.best_state is not None:
             tensors.update({f"best.{n}": t.contiguous().cpu() for n, t in self.best_state.items()})
