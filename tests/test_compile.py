@@ -89,3 +89,31 @@ def test_compiled_training_step_matches_eager(am):
     am.activate(None)
     for eager, compiled in zip(*grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+def test_a_bf16_base_with_fp32_adapters_compiles_alone_composed_and_routed():
+    """The sites' casts into the adapters' fp32 and back compile into the graph (no break)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, num_labels=3)
+    half = ak.adapt(transformers.BertForSequenceClassification(config).eval().to(torch.bfloat16))
+    for name in ("lora", "pfeiffer", "ia3"):
+        half.add(name, CONFIGS[name], labels=["a", "b", "c"])
+        with torch.no_grad():
+            for p in half.adapter_parameters(name):
+                p.add_(torch.randn_like(p) * 0.1)
+        assert {p.dtype for p in half.adapter_parameters(name)} == {torch.float32}
+    for setup in ("lora", ak.Stack("pfeiffer", "ia3")):
+        half.activate(setup)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(half, fullgraph=True)(**batch()).logits,
+                                       half(**batch()).logits, rtol=0.02, atol=0.02)
+    half.activate(None)
+    with half.route(["lora", "pfeiffer", None, "ia3"]):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(half, fullgraph=True)(**batch()).logits
+            want = half(**batch()).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)

@@ -1,5 +1,8 @@
-"""Data-parallel training with `accelerate launch --cpu --num_processes 2` (gloo): both processes end
-with the same adapter, and only the adapter's gradients travel between them."""
+"""Data-parallel training on two CPU processes (torchrun, with Accelerate told to use the CPU: gloo):
+both processes end with the same adapter, and only the adapter's gradients travel between them.
+
+(`accelerate launch --cpu --num_processes 2` starts one process unless an MPI hostfile is given, on
+accelerate 1.16: its CPU launcher is mpirun; torchrun is what starts gloo processes here.)"""
 
 from __future__ import annotations
 
@@ -68,10 +71,10 @@ def free_port() -> int:
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -104,7 +107,7 @@ def test_the_command_line_trains_data_parallel_and_writes_one_run(tmp_path):
             {"prompt": "question : what ran on the log ? answer :", "completion": "the dog ran on the log ."}] * 12
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    result = launch(["-m", "adapterkit.cli", "train", "--base", str(base), "--data", str(data), "--task",
+    result = launch(["--module", "adapterkit.cli", "train", "--base", str(base), "--data", str(data), "--task",
                      "causal-lm", "--method", "lora", "--targets", "all-linear", "--epochs", "2", "--batch-size", "4",
                      "--out", str(tmp_path / "run"), "--no-progress"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

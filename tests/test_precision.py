@@ -270,3 +270,27 @@ def test_bad_precision_inputs_are_clear_errors(monkeypatch):
     with pytest.raises(ak.PrecisionError, match=r"pip install 'adapterkit\[quant\]'"):
         ak.quantize_base(model, "nf4")
     assert not quantized_modules(model)
+
+
+def test_a_method_that_reads_the_frozen_weight_is_refused_on_a_quantized_layer():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from adapterkit.methods import register
+    from adapterkit.methods.lora import LoRAAdapter
+
+    @dataclass
+    class WeightReading(ak.LoRA):  # a stand-in for a method such as DoRA, which needs ||W + BA||
+        method: ClassVar[str] = "test-weight-reading"
+
+    class WeightReadingAdapter(LoRAAdapter):
+        on_quantized = False
+
+    register(WeightReading, WeightReadingAdapter)
+    model = ak.quantize_base(llama(), "int8", skip=("model.layers.1.self_attn.q_proj",))
+    am = ak.adapt(model)
+    with pytest.raises(ak.TargetError, match=r"'model.layers.0.self_attn.q_proj'.*holds quantized \(int8\)"):
+        am.add("w", WeightReading(r=2, targets=["q_proj"]))
+    assert not am.adapters and not am.sites
+    am.add("w", WeightReading(r=2), sites={"model.layers.1.self_attn.q_proj": None})  # kept in full precision
+    assert am.adapters == ["w"]

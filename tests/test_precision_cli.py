@@ -60,6 +60,7 @@ def test_qlora_training_records_its_base_and_lowers_the_loss(qlora_run):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     info = invoke("info", str(qlora_run["run"]))
     assert info.exit_code == 0, info.output
+    assert "bf16 base, nf4 Linear layers (14)" in " ".join(info.output.split())
 
 
 def test_merge_after_qlora_keeps_the_adapters_outputs_and_writes_plain_weights(qlora_run):

@@ -25,7 +25,8 @@ from ..config import (
     PromptTuning,
     parse_config,
 )
-from ..errors import AdapterConfigError
+from ..errors import AdapterConfigError, TargetError
+from ..precision import scheme_of
 from .base import ModelMethod, SiteMethod, SiteShape
 from .bitfit import BitFitAdapter
 from .bottleneck import BottleneckAdapter
@@ -135,7 +136,12 @@ def site_method_class(config: MethodConfig) -> type[SiteMethod]:
 
 
 def build_site_method(config: MethodConfig, shape: SiteShape, module: nn.Module, on_input: bool = False) -> SiteMethod:
-    return site_method_class(config).build(config, shape, module, on_input)
+    method = site_method_class(config)
+    scheme = scheme_of(module)
+    if scheme is not None and not method.on_quantized:
+        raise TargetError(f"{method.__name__} reads the frozen weight, which this layer holds quantized ({scheme}); "
+                          "keep the layer in full precision (quantize_base(..., skip=[name])) or use another method")
+    return method.build(config, shape, module, on_input)
 
 
 def build_model_method(config: MethodConfig, model: nn.Module) -> ModelMethod:

@@ -248,6 +248,9 @@ class SiteMethod(nn.Module, Generic[StackT]):
     mergeable: ClassVar[bool] = False
     #: `forward` and `route` may add into an output only the site holds (`inplace=True`)
     adds_in_place: ClassVar[bool] = False
+    #: it can attach to a quantized Linear (precision.py) and train there: its delta reads the frozen
+    #: module's input and output, never its weight (merging dequantizes first, in the model)
+    on_quantized: ClassVar[bool] = True
 
     def __init__(self, shape: SiteShape) -> None:
         super().__init__()

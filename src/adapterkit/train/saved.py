@@ -167,6 +167,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "params": sum(t.numel() for t in tensors.values()),
         "base": manifest["base"].get("name"), "fingerprint": manifest["base"].get("fingerprint"),
         "labels": manifest.get("labels"), "sites": len(manifest.get("sites") or {}),
+        "trained_on": _precision_text((manifest.get("meta") or {}).get("precision")),
         "bytes": sum(f.stat().st_size for f in files), "format_version": manifest.get("format_version"),
     }
 
@@ -174,6 +175,17 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
 #: what a merge's check runs the adapter on, before and after
 MERGE_PROBE = ["The service was quick and the staff were friendly.", "I would not buy this again.",
                "Stocks fell sharply after the central bank raised rates.", "ok"]
+
+
+def _precision_text(precision: dict | None) -> str:
+    """How the base was held when the adapter trained, e.g. 'bf16 base, nf4 Linear layers (14)'."""
+    if not precision:
+        return "fp32 base (not recorded)"
+    quantization = precision.get("quantization")
+    text = f"{precision.get('dtype', 'fp32')} base"
+    if quantization:
+        text += f", {quantization['scheme']} Linear layers ({quantization['modules']})"
+    return text
 
 
 def merge_to_folder(path: str | Path, out: str | Path, base: str | None = None, precision: Precision | None = None,

@@ -101,7 +101,8 @@ class Trainer:
         self.training_modes = modes(model)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=1e-3 if settings.lr is None else settings.lr, weight_decay=settings.weight_decay)
         # with several processes each takes every n-th batch of the epoch
-        per_process = -(-len(train_data) // settings.batch_size) // self.accelerator.num_processes
+        batches = -(-len(train_data) // settings.batch_size)
+        per_process = -(-batches // self.accelerator.num_processes)
         steps_per_epoch = max(1, per_process // settings.grad_accum)
         self.total_steps = steps_per_epoch * settings.epochs
         if settings.max_steps is not None:
