@@ -35,28 +35,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny.py
 RESULTS = Path(__file__).parent / "results" / "precision.json"
 SETTINGS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("fp32", "int8"), "int4": ("fp32", "int4"),
             "nf4": ("bf16", "nf4")}
 
 
 def tiny_llama(folder: Path) -> Path:
-    """A Llama-like decoder with random weights and a word-level tokenizer over the task's words."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A Llama-like decoder (4 layers, width 256) with random weights and a tokenizer over the task's words."""
+    from tests.tiny import tiny_llama as save
 
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *sorted(set(" ".join(WORDS).split()))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=1, bos_token_id=1, pad_token_id=1, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return save(folder, sorted(set(" ".join(WORDS).split())), hidden=256, intermediate=768, layers=4)
 
 
 ANIMALS = "cat dog fox owl bee ant cow pig hen rat".split()

@@ -187,13 +187,19 @@ def test_an_fp32_head_answers_for_a_bf16_classifier_alone_and_routed():
     torch.testing.assert_close(routed[1:, :3], alone[1:], rtol=0, atol=0.02)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_merge_into_a_quantized_base_must_say_how_and_then_keeps_the_outputs(scheme):
+def lora_on(scheme: str) -> ak.AdaptedModel:
+    """A LoRA adapter "a", away from the identity, active on a tiny Llama quantized with `scheme`."""
     am = ak.adapt(ak.quantize_base(llama(), scheme))
     am.add("a", ak.LoRA(r=4, targets="all-linear"))
     for p in am.adapter_parameters("a"):
         nn.init.normal_(p, std=0.05)
     am.activate("a")
+    return am
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_merge_into_a_quantized_base_must_say_how_and_then_keeps_the_outputs(scheme):
+    am = lora_on(scheme)
     with torch.no_grad():
         unmerged = am(IDS).logits
         with pytest.raises(ak.PrecisionError, match="say how"):
@@ -210,11 +216,7 @@ def test_merge_into_a_quantized_base_must_say_how_and_then_keeps_the_outputs(sch
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_requantized_merge_adds_only_rounding_and_cannot_be_unmerged(scheme):
-    am = ak.adapt(ak.quantize_base(llama(), scheme))
-    am.add("a", ak.LoRA(r=4, targets="all-linear"))
-    for p in am.adapter_parameters("a"):
-        nn.init.normal_(p, std=0.05)
-    am.activate("a")
+    am = lora_on(scheme)
     with torch.no_grad():
         unmerged = am(IDS).logits
         am.merge("a", quantized="requantize")

@@ -9,28 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import tiny
 from tests.test_cli import invoke, tweets_slice
 
 pytest.importorskip("bitsandbytes")
 
 
-def tiny_llama(folder: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+WORDS = "the cat dog sat ran on mat log a is what answer question : . yes no".split()
 
-    words = "the cat dog sat ran on mat log a is what answer question : . yes no".split()
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    # widths that are multiples of 64, as bitsandbytes' 4-bit blocks need
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=1, bos_token_id=1, pad_token_id=1, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+
+def tiny_llama(folder: Path) -> Path:
+    return tiny.tiny_llama(folder, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from adapterkit.train.job import JobSpec, MethodOptions, run_job
 from adapterkit.train.trainer import TrainingInterrupted, TrainSettings
 
 from .test_cli import invoke, tweets_slice
+from .tiny import word_tokenizer
 
 
 def small_spec(data: Path, out: Path, **train) -> JobSpec:
@@ -174,14 +175,10 @@ def test_optimizer_holds_only_adapter_parameters(data, tmp_path):
 
 def tiny_causal_lm(folder: Path) -> Path:
     """A random GPT-2 and a word-level tokenizer, saved like a hub model (nothing is downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    words = "the cat dog sat ran on mat log a is what answer question : . yes no".split()
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    fast = word_tokenizer("the cat dog sat ran on mat log a is what answer question : . yes no".split())
+    vocab = fast.get_vocab()
     torch.manual_seed(0)
     # A wide initialiser lets the frozen, tied output layer express confident predictions.
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=64,
