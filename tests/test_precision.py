@@ -296,3 +296,40 @@ def test_a_method_that_reads_the_frozen_weight_is_refused_on_a_quantized_layer()
     assert not am.adapters and not am.sites
     am.add("w", WeightReading(r=2), sites={"model.layers.1.self_attn.q_proj": None})  # kept in full precision
     assert am.adapters == ["w"]
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_mixed_precision_training_through_accelerate_keeps_fp32_adapters(base_dtype):
+    """Accelerate's bf16 autocast on top of an fp32 or bf16 base: the loss falls, the adapter stays fp32."""
+    from datasets import Dataset
+
+    from adapterkit.train.trainer import Trainer, TrainSettings
+
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]] * 8
+    data = Dataset.from_dict({"input_ids": rows})
+
+    def collate(batch):
+        ids = torch.tensor([r["input_ids"] for r in batch])
+        return {"input_ids": ids, "labels": ids}
+
+    from accelerate.state import AcceleratorState
+
+    runs = {}
+    for mixed in ("no", "bf16"):
+        # one process holds one Accelerator setting (a command line makes one); a test makes two
+        AcceleratorState._reset_state(True)
+        am = ak.adapt(llama().to(base_dtype))
+        torch.manual_seed(0)
+        am.add("a", ak.LoRA(r=4, targets="all-linear"))
+        am.activate("a")
+        am.train_adapter("a")
+        trainer = Trainer(am, data, None, collate, TrainSettings(epochs=6, batch_size=4, lr=3e-2, progress=False,
+                                                                 mixed_precision=mixed), task="causal-lm")
+        try:
+            runs[mixed] = trainer.fit(resume=False).train_loss
+        finally:
+            AcceleratorState._reset_state(True)
+        assert {p.dtype for p in am.adapter_parameters("a")} == {torch.float32}
+    losses = runs["bf16"]
+    assert all(loss == loss for loss in losses) and sum(losses[-4:]) < 0.95 * sum(losses[:4])
+    assert abs(losses[-1] - runs["no"][-1]) < 0.1  # the same training, to bf16's rounding

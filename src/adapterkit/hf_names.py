@@ -140,15 +140,26 @@ _TORCHAO_IMPORT_NOISE = {
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
 }
 
+_BITSANDBYTES_IMPORT_NOISE = {
+    "bitsandbytes.backends.cpu.ops": _DropMessages(("Failed to load CPU gemm_4bit_forward from kernels-community",)),
+    "kernels._internals.hf_hub": _DropMessages(("Skipping publisher trust check for 'kernels-community/",)),
+}
+
 
 def import_torchao_quietly() -> None:
-    """Import torchao, if installed, without its import-time messages.
+    """Import torchao, if installed, without its import-time messages (and drop bitsandbytes' two
+    import-time lines whenever it is imported later).
 
     transformers imports torchao with its first model class whenever torchao is installed, and
     torchao then logs that its CUDA kernels did not load and torch warns about two of its enums:
     lines a CPU user's `adapterkit train` would print before anything of its own. Only those
     messages, from those two loggers, are dropped: torchao's during this import, torch's enum
     notice for the rest of the process (transformers imports more torchao modules later)."""
+    # bitsandbytes (imported by transformers when installed) asks the hub for a CPU kernel at import and
+    # logs that it fell back to its own when it cannot have one (offline, or untrusted): that fallback
+    # is what runs here, so the two lines say nothing a user can act on
+    for name, dropped in _BITSANDBYTES_IMPORT_NOISE.items():
+        logging.getLogger(name).addFilter(dropped)  # (the same filter object: added once however often called)
     if importlib.util.find_spec("torchao") is None:
         return
     filters = {name: _DropMessages(fragments) for name, fragments in _TORCHAO_IMPORT_NOISE.items()}
