@@ -128,8 +128,12 @@ def test_an_overflowing_rank_and_labels_in_meta_are_refused_or_ignored(saved, ma
     assert am.adapter("y").meta["labels"] == ["neg", "pos"] and am.adapter("y").meta["task"] == "sentiment"
 
 
-def test_the_base_fingerprint_follows_a_dtype_change(make_minilm):
+def test_the_base_fingerprint_is_the_full_precision_identity(make_minilm):
+    """The same weights in fp16 keep the identity (adapters load on a half or quantized copy, issue 29);
+    another shape does not."""
     am = ak.adapt(make_minilm())
     before = am.fingerprint()
     am.half()
+    assert am.fingerprint() == before
+    am.base.resize_token_embeddings(am.base.config.vocab_size + 8)
     assert am.fingerprint() != before

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import CompositionError
+from .methods.base import sum_of
+from .routes import Route, RowAdapters, names_of
 from .setups import Setup, names_in
 from .site import ActiveState
 
@@ -86,8 +89,10 @@ class HeadSwitch:
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         route = self.state.route
+        if route is not None and route.mixed:
+            return self._mixed(route, args, kwargs, output)
         if route is not None:
-            return self._routed(route.names, args, kwargs, output)
+            return self._routed(route.names, args, kwargs, output)  # (no mixture: every entry a name or None)
         owned = self._owned(self.state.setup)
         return None if owned is None else _call_in_own_dtype(owned[1], args, kwargs, output.dtype)
 
@@ -104,11 +109,11 @@ class HeadSwitch:
                 return name, own
         return None
 
-    def _routed(self, names: tuple[str | None, ...], args: tuple, kwargs: dict,
+    def _routed(self, names: tuple[RowAdapters, ...], args: tuple, kwargs: dict,
                 base_out: torch.Tensor) -> torch.Tensor | None:
         # a plain loop: torch.compile cannot trace an assignment expression inside a comprehension
         used: dict[str, nn.Module] = {}
-        for n in sorted({n for n in names if n is not None}):
+        for n in sorted({n for n in names if isinstance(n, str)}):
             own = self.own(n)
             if own is not None:
                 used[n] = own
@@ -127,6 +132,37 @@ class HeadSwitch:
             rows = [i for i, m in enumerate(names) if m == n]
             out[rows] = 0
             out[rows, ..., : part.shape[-1]] = part
+        return out
+
+    def _mixed(self, route: Route, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
+        """Routed, with mixtures: a mixture's row is Σ w_i · (adapter i's module, or the base's, on that
+        row), which needs one output width (one label set) across the mixture."""
+        used: dict[str, nn.Module] = {}
+        for n in sorted(route.used()):  # a plain loop, as in _routed, for torch.compile
+            own = self.own(n)
+            if own is not None:
+                used[n] = own
+        if not used:
+            return None
+        x, rest = args[0], args[1:]
+        rows_of = {n: [i for i, e in enumerate(route.names) if n in names_of(e)] for n in used}
+        parts = {n: dict(zip(rows, _call_in_own_dtype(used[n], (x[rows], *rest), kwargs, base_out.dtype), strict=True))
+                 for n, rows in rows_of.items()}
+        width = max([next(iter(p.values())).shape[-1] for p in parts.values()] + [base_out.shape[-1]])
+        out = torch.zeros(*base_out.shape[:-1], width, dtype=base_out.dtype, device=base_out.device)
+        out[..., : base_out.shape[-1]] = base_out
+        for i, entry in enumerate(route.names):
+            if isinstance(entry, str) and entry in parts:
+                out[i] = 0
+                out[i, ..., : parts[entry][i].shape[-1]] = parts[entry][i]
+            elif isinstance(entry, tuple):
+                answers = [(parts[n][i] if n in parts else base_out[i], w) for n, w in entry]
+                widths = {a.shape[-1] for a, _ in answers}
+                if len(widths) > 1:
+                    raise CompositionError(f"mixture {dict(entry)}: its adapters' heads give {sorted(widths)} outputs; "
+                                           "a mixture needs one label set")
+                out[i] = 0
+                out[i, ..., : widths.pop()] = sum_of(w * a for a, w in answers)
         return out
 
     def remove(self) -> None:

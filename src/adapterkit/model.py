@@ -14,7 +14,7 @@ import functools
 import gc
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,8 +38,9 @@ from .hf_names import checkpointed_layers
 from .methods import check_config
 from .methods.fusion import FusionLayer
 from .precision import dequantize_, full_precision_shapes, requantize_, scheme_of
+from .routes import route_of
 from .setups import Average, Fuse, Setup, Stack, fuses_in, names_in
-from .site import ActiveState, Route, Site
+from .site import ActiveState, Site
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -278,17 +279,17 @@ class AdaptedModel(nn.Module):
         del self.fusions[fuse.key]
 
     @contextlib.contextmanager
-    def route(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Within the block, row i of the batch uses adapter names[i] (None = the base model)."""
-        if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
-            raise CompositionError("route() takes a non-empty list with one adapter name (or None) per row")
-        for name in (n for n in set(names) - {None} if n is not None):
+    def route(self, names: Sequence[str | None | Mapping[str, float]]) -> Iterator[None]:
+        """Within the block, row i of the batch uses adapter names[i] (None = the base model), or a
+        weighted mixture {name: weight, ...} of adapters (routes.py says what a mixture computes)."""
+        route = route_of(names)
+        for name in sorted(route.used()):
             if self.adapter(name).model_method is not None:
                 raise CompositionError(f"adapter {name!r}: per-row routing does not support prompt/prefix tuning")
         if self.state.merged:
             raise CompositionError(f"unmerge {sorted(self.state.merged)} before routing: merged weights change every row")
         previous = self.state.route
-        self.state.route = Route(tuple(names))
+        self.state.route = route
         try:
             yield
         finally:

@@ -18,17 +18,9 @@ from torch import nn
 
 from .errors import CompositionError
 from .methods.base import RouteKey, RouteStack, SiteMethod, SiteShape, features_last, positional_parameters
+from .routes import Route
 from .setups import Average, Fuse, Setup, Stack, names_in
 from .slots import Group, RoutingSlots, assign_slots, stacked_group
-
-
-@dataclass
-class Route:
-    """Per-row routing for one forward: `names[i]` is row i's adapter (None = base model)."""
-
-    names: tuple[str | None, ...]
-    #: row indices into each site's stacks, computed once per route, site, group and site version
-    rows: dict[tuple, tuple[torch.Tensor | None, tuple[str, ...]]] = field(default_factory=dict)
 
 
 class AttachedAdapters(nn.ModuleDict):
@@ -183,7 +175,8 @@ class Site(nn.Module):
     def _uses(self, groups: dict[RouteKey, Group], arg: int) -> bool:
         """Whether the active setup or route applies any of `groups` (the adapters reading `arg`)."""
         if self.state.route is not None:
-            return any(n in g.slot for g in groups.values() for n in self.state.route.names)
+            used = self.state.route.used()
+            return any(n in g.slot for g in groups.values() for n in used)
         return self._touches(self.state.setup, "input", arg)
 
     def _where(self, args: tuple, kwargs: dict, arg: int) -> int | str | None:
@@ -326,7 +319,8 @@ class Site(nn.Module):
     def _routed(self, route: Route, groups: dict[RouteKey, Group], side: str, x: torch.Tensor,
                 h: torch.Tensor | None) -> torch.Tensor:
         """Apply each of `groups` to its rows; on the input side x is the argument they read (and h
-        is None), on the output side h is the module's output."""
+        is None), on the output side h is the module's output. A route with mixtures gives each row
+        target + Σ_k w_k · (component k applied to target − target) (routes.py)."""
         target = x if side == "input" else h
         if target is None:
             raise CompositionError(f"{self.module_name}: per-row routing after the module found no output")
@@ -335,21 +329,11 @@ class Site(nn.Module):
             raise CompositionError(
                 f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
             )
+        if route.mixed:
+            return self._mixed(route, groups, side, x, target)
         out = target
         for key, group in groups.items():
-            if torch.is_grad_enabled():  # stacks are rebuilt per step, so only of the adapters used
-                wanted = set(route.names)
-                names = tuple(n for n in group.names if n is not None and n in wanted)
-                group = Group(names, {n: i for i, n in enumerate(names)})
-            row_key = (self.module_name, key, self.adapters.version, torch.is_grad_enabled())
-            found = route.rows.get(row_key)
-            if found is None:
-                slot = group.slot
-                idx = [slot.get(n, group.zero) if n is not None else group.zero for n in route.names]
-                used = tuple({n: None for n in route.names if n in slot})
-                found = (torch.tensor(idx, device=target.device) if used else None, used)
-                route.rows[row_key] = found
-            rows, used = found
+            rows, used, group = self._rows(route, 0, key, group, target.device)
             if rows is None:
                 continue
             stacked = self._stacked(key, group, used)
@@ -360,6 +344,41 @@ class Site(nn.Module):
             else:
                 h = out
         return out  # the new x (input side) or h: the last group's result, or as given when none routed
+
+    def _mixed(self, route: Route, groups: dict[RouteKey, Group], side: str, x: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
+        """target + Σ over components k and groups of w_k · (the group's adapters of component k − target):
+        every adapter of a row's mixture reads the same target, whatever its group."""
+        total: torch.Tensor | None = None
+        for k in range(len(route.components)):
+            for key, group in groups.items():
+                rows, used, group = self._rows(route, k, key, group, target.device)
+                if rows is None:
+                    continue
+                stacked = self._stacked(key, group, used)
+                out = key.method.route(stacked, rows, x, None if side == "input" else target, self.shape)
+                part = (out - target) * route.weight(k, target, self.shape.batch_dim)
+                total = part if total is None else total + part
+        return target if total is None else target + total
+
+    def _rows(self, route: Route, k: int, key: RouteKey, group: Group,
+              device: torch.device) -> tuple[torch.Tensor | None, tuple[str, ...], Group]:
+        """Component k's slot per row in `group` (None: no row uses it), the adapters it uses, and the
+        group itself (while training: narrowed to those adapters, whose stacks are rebuilt every step)."""
+        names = route.components[k][0]
+        if torch.is_grad_enabled():
+            wanted = set(names)
+            kept = tuple(n for n in group.names if n is not None and n in wanted)
+            group = Group(kept, {n: i for i, n in enumerate(kept)})
+        row_key = (self.module_name, key, self.adapters.version, torch.is_grad_enabled(), k)
+        found = route.rows.get(row_key)
+        if found is None:
+            slot = group.slot
+            idx = [slot.get(n, group.zero) if n is not None else group.zero for n in names]
+            used = tuple({n: None for n in names if n in slot})
+            found = (torch.tensor(idx, device=device) if used else None, used)
+            route.rows[row_key] = found
+        return found[0], found[1], group
 
 
 def _first(args: tuple, kwargs: dict) -> int | str | None:
