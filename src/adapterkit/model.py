@@ -14,7 +14,7 @@ import functools
 import gc
 import hashlib
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from .hf_names import checkpointed_layers
 from .methods import check_config
 from .methods.fusion import FusionLayer
 from .precision import dequantize_, full_precision_shapes, requantize_, scheme_of
-from .routes import route_of
+from .routes import RouteEntry, route_of
 from .setups import Average, Fuse, Setup, Stack, fuses_in, names_in
 from .site import ActiveState, Site
 
@@ -279,7 +279,7 @@ class AdaptedModel(nn.Module):
         del self.fusions[fuse.key]
 
     @contextlib.contextmanager
-    def route(self, names: Sequence[str | None | Mapping[str, float]]) -> Iterator[None]:
+    def route(self, names: Sequence[RouteEntry]) -> Iterator[None]:
         """Within the block, row i of the batch uses adapter names[i] (None = the base model), or a
         weighted mixture {name: weight, ...} of adapters (routes.py says what a mixture computes)."""
         route = route_of(names)

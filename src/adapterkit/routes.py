@@ -21,9 +21,11 @@ from .errors import CompositionError
 
 #: a row's adapters: a name, None (the base model), or a mixture as ((name, weight), ...) by name
 RowAdapters = str | None | tuple[tuple[str, float], ...]
+#: what `am.route` takes for a row: a name, None, or a {name: weight} mixture
+RouteEntry = str | None | Mapping[str, float]
 
 
-def row_adapters(entry: str | None | Mapping[str, float]) -> RowAdapters:
+def row_adapters(entry: RouteEntry) -> RowAdapters:
     """One row's entry of a route, checked: a mixture becomes ((name, weight), ...) sorted by name, and
     a mixture of one adapter at weight 1 becomes its name."""
     if entry is None or isinstance(entry, str):
@@ -94,7 +96,7 @@ class Route:
         return found
 
 
-def route_of(entries: Sequence[str | None | Mapping[str, float]]) -> Route:
+def route_of(entries: Sequence[RouteEntry]) -> Route:
     """A Route from `am.route`'s list; raises CompositionError for a malformed entry."""
     if isinstance(entries, str) or not isinstance(entries, Sequence) or len(entries) == 0:
         raise CompositionError("route() takes a non-empty list with one adapter name, None or {name: weight} "

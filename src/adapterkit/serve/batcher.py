@@ -49,16 +49,26 @@ class RequestKind(str, Enum):
 @dataclass(eq=False)
 class Request:
     kind: RequestKind
-    key: AdapterKey | None  # None: the base model
+    key: AdapterKey | None  # None: the base model (or a mixture)
     rows: list[list[int]]
     options: dict[str, Any] = field(default_factory=dict)
     on_token: Callable[[int], None] | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+    #: a weighted set of adapters instead of `key`: ((key, weight), ...) by name
+    mixture: tuple[tuple[AdapterKey, float], ...] | None = None
 
     def __post_init__(self) -> None:
         self.results: list[Any] = [None] * len(self.rows)
         self.remaining = len(self.rows)
+        self.missing: set[AdapterKey] = set()  # its adapters not resident yet (it waits for them)
+
+    @property
+    def keys(self) -> tuple[AdapterKey, ...]:
+        """Every adapter the request needs resident (pinned while it is queued or running)."""
+        if self.mixture is not None:
+            return tuple(k for k, _ in self.mixture)
+        return (self.key,) if self.key is not None else ()
 
     @property
     def queue(self) -> str:
@@ -81,9 +91,11 @@ class Batcher:
         self, cache: AdapterCache, read: Callable[[AdapterKey], tuple[dict, dict]],
         execute: Callable[[str, Items], list[Any]], metrics: ServeMetrics, *,
         max_batch: int = 32, max_wait_ms: float = 5.0, max_queue_rows: int = 4096, name: str = "adapterkit-model",
-        decoder: Decoder | None = None, min_admit: int | None = None,
+        decoder: Decoder | None = None, min_admit: int | None = None, max_mixed_rows: int = 8,
     ) -> None:
         self.cache, self.read, self.execute, self.metrics = cache, read, execute, metrics
+        #: rows with a mixture per batch: each costs the batch a pass per mixture component at every site
+        self.max_mixed_rows = max(1, max_mixed_rows)
         self.decoder = decoder
         self.min_admit = max(1, min_admit if min_admit is not None else max_batch // 8)
         self.max_batch, self.max_wait, self.max_queue_rows = max(1, max_batch), max_wait_ms / 1000.0, max_queue_rows
@@ -112,15 +124,18 @@ class Batcher:
                 raise Overloaded("the engine is shutting down")
             if self._queued_rows + len(req.rows) > self.max_queue_rows:
                 raise Overloaded(f"more than {self.max_queue_rows} rows are waiting; retry shortly")
-            if req.key is not None:
-                self._pins[req.key] += 1
-                if self.cache.touch(req.key) is None:
-                    self._parked.setdefault(req.key, []).append(req)
-                    self._queued_rows += len(req.rows)
-                    if req.key not in self._loading:
-                        self._loading.add(req.key)
-                        self._io.submit(self._read_then_install, req.key)
-                    return req.future
+            for key in req.keys:
+                self._pins[key] += 1
+                if self.cache.touch(key) is None:
+                    req.missing.add(key)
+            if req.missing:
+                self._queued_rows += len(req.rows)
+                for key in req.missing:
+                    self._parked.setdefault(key, []).append(req)
+                    if key not in self._loading:
+                        self._loading.add(key)
+                        self._io.submit(self._read_then_install, key)
+                return req.future
             self._queued_rows += len(req.rows)
             self._ready(req)
             self._cond.notify_all()
@@ -193,7 +208,9 @@ class Batcher:
         with self._cond:
             self._loading.discard(key)
             for req in self._parked.pop(key, []):
-                self._ready(req)
+                req.missing.discard(key)
+                if not req.missing:  # a mixture waits for all its adapters
+                    self._ready(req)
 
     def _load_failed(self, key: AdapterKey, err: BaseException) -> None:
         with self._cond:
@@ -201,6 +218,9 @@ class Batcher:
             parked = self._parked.pop(key, [])
             for req in parked:
                 self._queued_rows -= len(req.rows)
+                for other in req.missing - {key}:  # a mixture parked for other adapters too leaves them
+                    self._parked[other] = [r for r in self._parked.get(other, []) if r is not req]
+                req.missing.clear()
         for req in parked:
             self._fail(req, err)
 
@@ -287,13 +307,21 @@ class Batcher:
                     break
                 self._cond.wait(left)
             items: Items = []
+            held: list[tuple[Request, int]] = []  # mixed rows over this batch's bound: the next batch's
+            mixed = 0
             while queue and len(items) < limit:
                 req, i = queue.popleft()
+                if req.mixture is not None and not req.future.done():
+                    if mixed >= self.max_mixed_rows:
+                        held.append((req, i))
+                        continue
+                    mixed += 1
                 self._queued_rows -= 1
                 if req.future.done():  # a failed or cancelled request: drop its rows, free its adapter
                     self._unpin(req)
                 else:
                     items.append((req, i))
+            queue.extendleft(reversed(held))
             return kind, items
 
     def _run_batch(self, kind: str, items: Items) -> None:
@@ -350,11 +378,12 @@ class Batcher:
         _reject(req.future, err)
 
     def _unpin(self, req: Request) -> None:
-        if req.key is not None and not getattr(req, "_unpinned", False):
+        if req.keys and not getattr(req, "_unpinned", False):
             req._unpinned = True  # type: ignore[attr-defined]
-            self._pins[req.key] -= 1
-            if self._pins[req.key] <= 0:
-                del self._pins[req.key]
+            for key in req.keys:
+                self._pins[key] -= 1
+                if self._pins[key] <= 0:
+                    del self._pins[key]
 
     def _shutdown(self) -> None:
         with self._cond:

@@ -27,6 +27,7 @@ import torch
 from ..errors import TargetError
 from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
+from ..routes import RouteEntry
 from .base import pad
 from .errors import RowFailure, non_finite
 from .generate import Generated, GenerationRow, _generator, _sample
@@ -36,7 +37,7 @@ from .generate import Generated, GenerationRow, _generator, _sample
 class _Running:
     handle: Any
     row: GenerationRow
-    name: str | None
+    name: RouteEntry
     generator: torch.Generator
     tokens: list[int]
     position: int  # the position id of the next token fed
@@ -49,8 +50,8 @@ class ContinuousDecoder:
     (None: the base model); handles are the caller's own names for rows."""
 
     def __init__(self, am: AdaptedModel, pad_id: int, eos_id: int | None,
-                 describe: Callable[[Any], tuple[GenerationRow, str | None]],
-                 routing: Callable[[list[str | None]], ContextManager] | None = None) -> None:
+                 describe: Callable[[Any], tuple[GenerationRow, RouteEntry]],
+                 routing: Callable[[list[RouteEntry]], ContextManager] | None = None) -> None:
         self.am, self.pad_id, self.eos_id, self.describe = am, pad_id, eos_id, describe
         self.routing = routing or am.route
         self._keyword = cache_keyword(am.base)

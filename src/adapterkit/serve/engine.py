@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ from ..io.files import read_adapter
 from ..model import AdaptedModel
 from ..precision import parse_dtype, quantized_modules
 from ..quantize import Precision
+from ..routes import RouteEntry
 from ..task import Task
 from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
 from .batcher import Batcher, Items, Request, RequestKind
-from .cache import AdapterCache, AdapterKey
+from .cache import AdapterCache, AdapterKey, Resident
 from .decode import ContinuousDecoder
 from .errors import (
     BadRequest,
@@ -45,6 +47,7 @@ from .errors import (
     PayloadTooLarge,
     Redactor,
     RowFailure,
+    Unmixable,
     Withdrawn,
     non_finite,
     not_found,
@@ -61,6 +64,11 @@ CAN_ANSWER: dict[Task, frozenset[RequestKind]] = {
     Task.CAUSAL_LM: frozenset({RequestKind.GENERATE, RequestKind.EMBED}),
     Task.ENCODE: frozenset({RequestKind.EMBED}),
 }
+#: a request's weighted adapters, by name: ((key, weight), ...)
+Mixture = tuple[tuple[AdapterKey, float], ...]
+#: what a request runs with: an adapter's name, a {name: weight} mixture, or None (the base model)
+Target = str | Mapping[str, float] | None
+
 #: the fixed input an upload's and a merge's check runs on
 PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
 
@@ -72,14 +80,15 @@ class Engine:
         max_tokens: int | None = None, max_new_tokens: int = 256, max_queue_rows: int = 4096,
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
         merge_after: int = 8, quantize: str | None = None, merge_copy_bytes: int = 1 << 30,
-        dtype: str = "fp32", device: str = "cpu",
+        dtype: str = "fp32", device: str = "cpu", max_mixture: int = 4, max_mixed_rows: int = 8,
     ) -> None:
         """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
         (0: never merge). `merge_copy_bytes`: a merge keeps a copy of the weights it changes (so that the
         unmerge is exact); an adapter that would change more is never merged. `quantize`: nf4 | int8 |
         int4 Linear layers in the base (quantize.py); `dtype`: the base's; `device`: cpu | cuda | auto,
         where the base, the adapters and their routing stacks live (requests arrive on the CPU and
-        are moved there once per forward)."""
+        are moved there once per forward). `max_mixture`: adapters in one request's mixture;
+        `max_mixed_rows`: rows with a mixture in one batch (the rest wait for the next)."""
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
@@ -112,6 +121,7 @@ class Engine:
         positions = max_positions(model) or 512
         self.max_tokens = min(max_tokens or positions, positions)
         self.max_inputs, self.max_input_chars, self.max_new_tokens = max_inputs, max_input_chars, max_new_tokens
+        self.max_mixture = max_mixture
         self.padding_cost = padding_cost
         config = getattr(model, "config", None)
         labels = getattr(config, "id2label", None) or {}
@@ -130,7 +140,8 @@ class Engine:
         if self.task == Task.CAUSAL_LM and scheduling == "continuous":
             decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe, self._routing)
         self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
-                               max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder)
+                               max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder,
+                               max_mixed_rows=max_mixed_rows)
         self.metrics.watch(self.stats)
         # Uploads are unpacked, hashed and checked on two low-priority threads, one upload per tenant
         # at a time: a tenant's stream of uploads takes CPU from nobody's requests but its own.
@@ -141,7 +152,7 @@ class Engine:
 
     # --- inference: sync, future and asyncio flavours -----------------------------------------
 
-    def submit(self, kind: str, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+    def submit(self, kind: str, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT,
                **options: Any) -> Future:
         """Queue a classify/embed request; the future gives its response dict."""
         if kind not in (RequestKind.CLASSIFY, RequestKind.EMBED):
@@ -153,7 +164,7 @@ class Engine:
         return self._queue(tenant, adapter, lambda key: Request(request_kind, key, rows, options),
                            lambda key, results: self._respond(key, results, field))
 
-    def submit_generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+    def submit_generate(self, prompt: str, adapter: Target = None, tenant: str = DEFAULT_TENANT,
                         max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
                         on_token: Callable[[int], None] | None = None, top_p: float = 1.0,
                         ignore_eos: bool = False, prompt_ids: list[int] | None = None) -> Future:
@@ -174,15 +185,15 @@ class Engine:
             raise PayloadTooLarge(f"prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {self.max_tokens}")
         row = GenerationRow(ids, int(max_new_tokens), float(temperature), seed, on_token, float(top_p), bool(ignore_eos))
 
-        def respond(key: AdapterKey | None, results: list) -> dict:
+        def respond(key: AdapterKey | Mixture | None, results: list) -> dict:
             out = results[0]
             return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
                     "token_ids": out.tokens, "prompt_tokens": len(ids), "finish_reason": out.finish_reason}
 
         return self._queue(tenant, adapter, lambda key: Request(RequestKind.GENERATE, key, [ids], {"row": row}), respond)
 
-    def _queue(self, tenant: str, adapter: str | None, make: Callable[[AdapterKey | None], Request],
-               respond: Callable[[AdapterKey | None, list], dict], tries: int = 3) -> Future:
+    def _queue(self, tenant: str, adapter: Target, make: Callable[[AdapterKey | None], Request],
+               respond: Callable[[AdapterKey | Mixture | None, list], dict], tries: int = 3) -> Future:
         """Queue a request for the adapter's live version; the future of its response. A version
         withdrawn (rolled back, pruned) before its files were read is asked again for the version
         live then: the caller sees the swap, not the race."""
@@ -190,8 +201,15 @@ class Engine:
         running: list[Future] = []
 
         def attempt(left: int) -> None:
-            key = self.key(tenant, adapter)
-            inner = self.batcher.submit(make(key))
+            if isinstance(adapter, Mapping):
+                mixture = self.mixture(tenant, adapter)
+                request = make(None)
+                request.mixture = mixture
+                key: AdapterKey | Mixture | None = mixture
+            else:
+                key = self.key(tenant, adapter)
+                request = make(key)
+            inner = self.batcher.submit(request)
             running[:] = [inner]
 
             def done(f: Future) -> None:
@@ -218,24 +236,24 @@ class Engine:
         out.add_done_callback(lambda f: f.cancelled() and running and running[0].cancel())
         return out
 
-    def classify(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT) -> dict:
+    def classify(self, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT) -> dict:
         return self.submit("classify", inputs, adapter, tenant).result()
 
-    def embed(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+    def embed(self, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT,
               normalize: bool = False) -> dict:
         return self.submit("embed", inputs, adapter, tenant, normalize=normalize).result()
 
-    def generate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT, **options: Any) -> dict:
+    def generate(self, prompt: str, adapter: Target = None, tenant: str = DEFAULT_TENANT, **options: Any) -> dict:
         return self.submit_generate(prompt, adapter, tenant, **options).result()
 
-    async def aclassify(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT) -> dict:
+    async def aclassify(self, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT) -> dict:
         return await asyncio.wrap_future(self.submit("classify", inputs, adapter, tenant))
 
-    async def aembed(self, inputs: list[str], adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+    async def aembed(self, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT,
                      normalize: bool = False) -> dict:
         return await asyncio.wrap_future(self.submit("embed", inputs, adapter, tenant, normalize=normalize))
 
-    async def agenerate(self, prompt: str, adapter: str | None = None, tenant: str = DEFAULT_TENANT,
+    async def agenerate(self, prompt: str, adapter: Target = None, tenant: str = DEFAULT_TENANT,
                         **options: Any) -> dict:
         return await asyncio.wrap_future(self.submit_generate(prompt, adapter, tenant, **options))
 
@@ -264,6 +282,23 @@ class Engine:
                              + (" (generation needs a causal-LM base)" if kind == RequestKind.GENERATE else ""))
 
     # --- adapters -------------------------------------------------------------------------------
+
+    def mixture(self, tenant: str, adapters: Mapping[str, float]) -> Mixture:
+        """The live versions of a tenant's weighted adapters, by name (BadRequest for a malformed or
+        too large mixture, NotFound for an adapter the tenant does not have)."""
+        if not adapters:
+            raise BadRequest("adapters: a non-empty {name: weight} object", param="adapters")
+        if len(adapters) > self.max_mixture:
+            raise PayloadTooLarge(f"adapters: {len(adapters)} in one mixture; at most {self.max_mixture}")
+        mixture = []
+        for name, weight in sorted(adapters.items()):
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise BadRequest(f"adapters: the weight of {name!r} must be a finite number, not {weight!r}",
+                                 param="adapters")
+            key = self.key(tenant, name)
+            assert key is not None  # (a name, so a key)
+            mixture.append((key, float(weight)))
+        return tuple(mixture)
 
     def key(self, tenant: str, adapter: str | None) -> AdapterKey | None:
         """The live version of a tenant's adapter (None for the base model)."""
@@ -433,22 +468,33 @@ class Engine:
                 raise not_found(key.tenant, key.name) from None
             raise
 
-    def _respond(self, key: AdapterKey | None, results: list, field: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"adapter": key.name if key else None, "version": key.version if key else None}
+    def _respond(self, key: AdapterKey | Mixture | None, results: list, field: str | None) -> dict[str, Any]:
+        if isinstance(key, tuple) and not isinstance(key, AdapterKey):
+            out: dict[str, Any] = {"adapter": None, "version": None,
+                                   "adapters": {k.name: {"version": k.version, "weight": w} for k, w in key}}
+        else:
+            out = {"adapter": key.name if key else None, "version": key.version if key else None}
         if field is not None:
             out[field] = results
         return out
 
-    def _names(self, items: Items) -> list[str | None]:
+    def _names(self, items: Items) -> list[RouteEntry]:
         return [self._name(req) for req, _ in items]
 
-    def _name(self, req: Request) -> str | None:
-        entry = self.cache.get(req.key) if req.key is not None else None
-        if req.key is not None and entry is None:  # cannot happen: queued rows pin their adapter
-            raise NotFound(f"adapter {req.key.name!r} is no longer loaded")
-        return entry.internal if entry else None
+    def _name(self, req: Request) -> RouteEntry:
+        """The model's name(s) of a request's adapter, or its mixture as {internal name: weight}."""
+        if req.mixture is not None:
+            self._labels(req)  # Unmixable before the forward: the batch runs again without this request
+            return {self._entry(k).internal: w for k, w in req.mixture}
+        return self._entry(req.key).internal if req.key is not None else None
 
-    def _describe(self, item: tuple[Request, int]) -> tuple[GenerationRow, str | None]:
+    def _entry(self, key: AdapterKey) -> Resident:
+        entry = self.cache.get(key)
+        if entry is None:  # cannot happen: queued rows pin their adapters
+            raise NotFound(f"adapter {key.name!r} is no longer loaded")
+        return entry
+
+    def _describe(self, item: tuple[Request, int]) -> tuple[GenerationRow, RouteEntry]:
         return item[0].options["row"], self._name(item[0])
 
     def _execute(self, kind: str, items: Items) -> list[Any]:
@@ -463,7 +509,7 @@ class Engine:
                 results[k] = result
         return results
 
-    def _encode(self, items: Items, names: list[str | None]) -> list[Any]:
+    def _encode(self, items: Items, names: list[RouteEntry]) -> list[Any]:
         """One forward of classify/embed rows, each routed to its own adapter."""
         input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
         embed = any(req.kind == RequestKind.EMBED for req, _ in items)
@@ -489,12 +535,25 @@ class Engine:
                     vector = torch.nn.functional.normalize(vector, dim=-1)
                 results.append(vector.tolist())
             else:
-                results.append(self._label(out.logits[j].float(), req.key))
+                try:
+                    results.append(self._label(out.logits[j].float(), req))
+                except Unmixable as err:
+                    results.append(RowFailure(err))
         return results
 
-    def _label(self, logits: torch.Tensor, key: AdapterKey | None) -> dict[str, Any]:
-        entry = self.cache.get(key) if key is not None else None
-        labels = entry.labels if entry is not None and entry.labels else self.base_labels
+    def _labels(self, req: Request) -> list[str] | None:
+        """The labels a request's scores are named by: its adapter's, else the base's; a mixture's
+        adapters must share one label set (Unmixable)."""
+        keys = req.keys
+        sets = {tuple(self._entry(k).labels or self.base_labels or ()) for k in keys}
+        if len(sets) > 1:
+            raise Unmixable(f"the adapters of this mixture ({', '.join(k.name for k in keys)}) have different label "
+                            "sets; a mixture of classifiers needs one", param="adapters")
+        labels = list(sets.pop()) if sets else self.base_labels
+        return labels or None
+
+    def _label(self, logits: torch.Tensor, req: Request) -> dict[str, Any]:
+        labels = self._labels(req)
         if labels is None:  # only a classifier base has labels, and only such a base takes classify requests
             raise BadRequest(f"this server's base is a {self.task} model: it has no labels to classify with")
         probs = torch.softmax(logits[: len(labels)], dim=-1).tolist()

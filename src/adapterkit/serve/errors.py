@@ -75,6 +75,12 @@ class InvalidAdapter(ServeError):
     code = "invalid_adapter"
 
 
+class Unmixable(ServeError):
+    """A mixture of adapters that cannot answer as one: heads with different label sets."""
+
+    code = "unmixable"
+
+
 class Overloaded(ServeError):
     code = "overloaded"
 

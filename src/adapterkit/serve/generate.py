@@ -16,6 +16,7 @@ import torch
 from ..errors import TargetError
 from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
+from ..routes import RouteEntry
 from .base import pad
 from .errors import RowFailure, non_finite
 
@@ -39,8 +40,8 @@ class Generated:
 
 @torch.inference_mode()
 def generate_batch(
-    am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[str | None], pad_id: int, eos_id: int | None,
-    routing: Callable[[list[str | None]], ContextManager] | None = None,
+    am: AdaptedModel, rows: Sequence[GenerationRow], names: Sequence[RouteEntry], pad_id: int, eos_id: int | None,
+    routing: Callable[[list[RouteEntry]], ContextManager] | None = None,
 ) -> list[Generated | RowFailure]:
     n = len(rows)
     input_ids, mask = pad([r.prompt for r in rows], pad_id, left=True)

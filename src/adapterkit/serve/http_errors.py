@@ -20,12 +20,13 @@ from .errors import (
     RequestTimeout,
     ServeError,
     Unauthorized,
+    Unmixable,
 )
 
 #: the HTTP status of each error class (a subclass answers as its nearest listed ancestor)
 STATUS: dict[type[ServeError], int] = {
     BadRequest: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, RequestTimeout: 408, Conflict: 409,
-    PayloadTooLarge: 413, InvalidAdapter: 422, NonFiniteOutput: 422, Overloaded: 503,
+    PayloadTooLarge: 413, InvalidAdapter: 422, NonFiniteOutput: 422, Unmixable: 422, Overloaded: 503,
 }
 
 #: OpenAI's error types by HTTP status

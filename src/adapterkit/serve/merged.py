@@ -30,6 +30,7 @@ import torch
 
 from ..errors import AdapterError
 from ..model import AdaptedModel
+from ..routes import RouteEntry
 
 #: the merged output may differ from the routed one by float rounding only (relative to its scale)
 PROBE_TOLERANCE = 1e-3
@@ -53,14 +54,14 @@ class DominantMerge:
         self.merges = self.unmerges = 0
 
     @contextlib.contextmanager
-    def routing(self, names: Sequence[str | None]) -> Iterator[None]:
+    def routing(self, names: Sequence[RouteEntry]) -> Iterator[None]:
         """The context one forward over rows naming `names` runs in."""
         if self.merged is not None and self.merged not in self.am.state.merged:
             self.merged = None  # evicted (and so unmerged) meanwhile
             self.am.activate(None)
         first = names[0] if names else None
         # the one adapter every row names (None: rows name different adapters, or none)
-        single = first if first is not None and all(n == first for n in names) else None
+        single = first if isinstance(first, str) and all(n == first for n in names) else None
         if self.merged is not None and single != self.merged:
             self._unmerge(self.merged)
         if single is not None and self.merged is None:

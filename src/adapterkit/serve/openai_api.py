@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .batcher import RequestKind
-from .engine import Engine
+from .engine import Engine, Target
 from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError
 from .http_errors import as_json, error_body
+from .routes import target_of
 from .tenants import Principal
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -63,6 +64,9 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     logprobs: Any = None
     ignore_eos: StrictBool = False
+    #: adapterkit's own field (the openai client sends it as extra_body={"adapters": {...}}): a weighted
+    #: mixture of adapters; `model` then names the base or one of them
+    adapters: dict[str, float] | None = None
 
 
 class CompletionIn(_Sampling):
@@ -92,7 +96,13 @@ def openai_router(engine: Engine, principal: Callable, served_name: str | None =
     public_base = served_name or Path(str(engine.base_name)).name
     created = int(time.time())
 
-    def adapter_of(request: Request, who: Principal, model: str) -> tuple[str, str | None]:
+    def adapter_of(request: Request, who: Principal, model: str,
+                   mixture: dict[str, float] | None = None) -> tuple[str, Target]:
+        if mixture is not None:
+            if model not in base_names and model not in mixture:
+                raise BadRequest(f"with adapters, model names the base ({public_base!r}) or one of them, "
+                                 f"not {model!r}", param="model")
+            return target_of(engine, request, who, None, mixture)
         if model in base_names:
             request.state.adapter = "base"
             return who.tenant, None
@@ -117,14 +127,14 @@ def openai_router(engine: Engine, principal: Callable, served_name: str | None =
     async def completions(body: CompletionIn, request: Request, who: Principal = Depends(principal)) -> Any:
         prompt = _one_prompt(body.prompt)
         _supported(body, engine)
-        tenant, name = adapter_of(request, who, body.model)
+        tenant, name = adapter_of(request, who, body.model, body.adapters)
         ids = _tokens(engine, prompt)
         return await _respond(engine, body, ids, name, tenant, chat=False, prefix=prompt if body.echo else "")
 
     @router.post("/v1/chat/completions", summary="OpenAI: chat completion with the tokenizer's chat template")
     async def chat(body: ChatIn, request: Request, who: Principal = Depends(principal)) -> Any:
         _supported(body, engine)
-        tenant, name = adapter_of(request, who, body.model)
+        tenant, name = adapter_of(request, who, body.model, body.adapters)
         ids = _chat_tokens(engine, body.messages)
         return await _respond(engine, body, ids, name, tenant, chat=True)
 
@@ -237,7 +247,7 @@ class _Run:
         return self.text, out["finish_reason"], out["tokens"]
 
 
-async def _respond(engine: Engine, body: _Sampling, ids: list[int], name: str | None, tenant: str, *,
+async def _respond(engine: Engine, body: _Sampling, ids: list[int], name: Target, tenant: str, *,
                    chat: bool, prefix: str = "") -> Any:
     max_tokens = _budget(body, engine, len(ids), chat)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

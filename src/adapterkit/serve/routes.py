@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, StrictBool
 from starlette.datastructures import UploadFile
 
 from .batcher import RequestKind
-from .engine import Engine
+from .engine import Engine, Target
 from .errors import INTERNAL_ERROR, BadRequest, BadUpload, Forbidden, PayloadTooLarge, ServeError, not_found
 from .http_errors import as_json, error_body
 from .middleware import MAX_UPLOAD
@@ -36,8 +36,13 @@ UPLOAD_DOC = {"requestBody": {"content": {
 PrincipalOf = Callable[..., Any]
 
 
+MIXTURE_HELP = ("a weighted mixture of your adapters instead of one, {name: weight}: LoRA/IA³/BitFit mix their "
+                "deltas, bottlenecks their outputs, classifiers their scores (one label set)")
+
+
 class ClassifyIn(BaseModel):
     adapter: str | None = Field(None, description="adapter name (admin: '<tenant>/<name>'); none: the base model")
+    adapters: dict[str, float] | None = Field(None, description=MIXTURE_HELP)
     inputs: list[str]
 
 
@@ -47,6 +52,7 @@ class EmbedIn(ClassifyIn):
 
 class GenerateIn(BaseModel):
     adapter: str | None = None
+    adapters: dict[str, float] | None = Field(None, description=MIXTURE_HELP)
     prompt: str
     max_new_tokens: int = 32
     temperature: float = Field(0.0, description="0: greedy", allow_inf_nan=False)
@@ -80,24 +86,43 @@ def adapter_of(engine: Engine, request: Request, who: Principal, ref: str | None
     return tenant, name
 
 
+def target_of(engine: Engine, request: Request, who: Principal, ref: str | None,
+              mixture: dict[str, float] | None) -> tuple[str, str | dict[str, float] | None]:
+    """(tenant, what the request runs with): one adapter, a mixture {name: weight} of one tenant's
+    adapters (each checked to exist: 404 names the first that does not), or None for the base."""
+    if mixture is None:
+        return adapter_of(engine, request, who, ref)
+    if ref is not None:
+        raise BadRequest("give adapter or adapters, not both", param="adapters")
+    resolved = [(who.resolve(name), weight) for name, weight in mixture.items()]
+    tenants = {tenant for (tenant, _), _ in resolved}
+    if len(tenants) > 1:
+        raise BadRequest(f"a mixture takes the adapters of one tenant, not of {sorted(tenants)}", param="adapters")
+    tenant = tenants.pop() if tenants else who.tenant
+    named = {name: weight for (_, name), weight in resolved}
+    engine.mixture(tenant, named)
+    request.state.adapter = "mixture"
+    return tenant, named
+
+
 def inference_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/classify", summary="Labels and scores of each input, from the adapter's own head")
     async def classify(body: ClassifyIn, request: Request, who: Principal = Depends(principal)) -> Any:
-        tenant, name = adapter_of(engine, request, who, body.adapter)
+        tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
         return JSONResponse(await asyncio.wrap_future(engine.submit("classify", body.inputs, name, tenant)))
 
     @router.post("/v1/embed", summary="Mean-pooled last hidden state of each input, with the adapter routed")
     async def embed(body: EmbedIn, request: Request, who: Principal = Depends(principal)) -> Any:
-        tenant, name = adapter_of(engine, request, who, body.adapter)
+        tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
         return JSONResponse(
             await asyncio.wrap_future(engine.submit("embed", body.inputs, name, tenant, normalize=body.normalize))
         )
 
     @router.post("/v1/generate", summary="Text generation (causal-LM bases); stream=true for server-sent events")
     async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
-        tenant, name = adapter_of(engine, request, who, body.adapter)
+        tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
         options = GenerateOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed)
         engine.require(RequestKind.GENERATE)  # before a stream starts: once it has, the status is 200
         if not body.stream:
@@ -177,7 +202,7 @@ def operations_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     return router
 
 
-async def _stream(engine: Engine, prompt: str, name: str | None, tenant: str,
+async def _stream(engine: Engine, prompt: str, name: Target, tenant: str,
                   options: GenerateOptions) -> AsyncIterator[str]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[int | None] = asyncio.Queue()
