@@ -1,6 +1,16 @@
 """adapterkit: adapter layers on any PyTorch model, many named adapters on one frozen base."""
 
-from .config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig, PrefixTuning, PromptTuning
+from .config import (
+    IA3,
+    BitFit,
+    Bottleneck,
+    DoRA,
+    LiteResidual,
+    LoRA,
+    MethodConfig,
+    PrefixTuning,
+    PromptTuning,
+)
 from .errors import (
     AdapterConfigError,
     AdapterError,
@@ -20,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3", "AdaptedModel", "AdapterConfigError", "AdapterError", "AdapterExistsError", "AdapterFileError",
-    "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "Fuse", "LiteResidual",
+    "AdapterNotFoundError", "Average", "BitFit", "Bottleneck", "CompositionError", "DoRA", "Fuse", "LiteResidual",
     "LoRA",
     "MethodConfig", "Pooling", "Precision", "PrecisionError", "PrefixTuning", "PromptTuning", "Stack", "TargetError",
     "adapt", "pool_as_trained", "quantize_base",

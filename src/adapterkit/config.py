@@ -135,6 +135,14 @@ class LoRA(MethodConfig):
 
 
 @dataclass
+class DoRA(LoRA):
+    """DoRA: LoRA's direction with a learned magnitude per output feature,
+    W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_c (Liu et al. 2024); Linear and GPT-2 Conv1D sites."""
+
+    method: ClassVar[str] = "dora"
+
+
+@dataclass
 class IA3(MethodConfig):
     """IA³: l ⊙ f(x) (on="output") or f(l ⊙ x) (on="input"); l starts at ones.
 

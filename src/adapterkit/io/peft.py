@@ -7,6 +7,7 @@ A: [r, vocab], B: [dim, r]), so conversion is a renaming of keys:
     sites.<module>.lora_A              base_model.model.<module>.lora_A.weight      (Linear, Conv, GPT-2 Conv1D)
     sites.<module>.lora_B              base_model.model.<module>.lora_B.weight
     sites.<module>.lora_A / lora_B     base_model.model.<module>.lora_embedding_A / _B   (Embedding)
+    sites.<module>.magnitude           base_model.model.<module>.lora_magnitude_vector  (DoRA: use_dora)
     head.<param>                       base_model.model.<head>.<param>   (a `modules_to_save` entry)
     copies.<module>.<param>            base_model.model.<module>.<param> (a `modules_to_save` entry)
 
@@ -26,8 +27,9 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..config import LoRA
+from ..config import DoRA, LoRA
 from ..errors import AdapterFileError, CompositionError
+from ..methods.dora import DoRAAdapter
 from ..methods.lora import LoRAAdapter
 from .install import install
 from .storage import PICKLE_SUFFIXES, atomic_folder, load_tensors
@@ -55,7 +57,6 @@ _AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["clas
 
 #: LoraConfig fields that change what the forward pass computes in ways plain LoRA cannot express
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias terms (lora_bias)",
     "rank_pattern": "per-module ranks (rank_pattern)",
     "alpha_pattern": "per-module alphas (alpha_pattern)",
@@ -70,9 +71,11 @@ _UNSUPPORTED_OPTIONS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
 }
 
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                       r"|lora_magnitude_vector)$")
 _PEFT_PARAM = {"lora_A.weight": ("lora_A", False), "lora_B.weight": ("lora_B", False),
-               "lora_embedding_A": ("lora_A", True), "lora_embedding_B": ("lora_B", True)}
+               "lora_embedding_A": ("lora_A", True), "lora_embedding_B": ("lora_B", True),
+               "lora_magnitude_vector": ("magnitude", False)}
 
 
 # --- export --------------------------------------------------------------------------------
@@ -118,6 +121,8 @@ def export_peft_lora(
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{module_name}.{a_key}"] = adapter.lora_A.detach()
         tensors[f"{PEFT_PREFIX}{module_name}.{b_key}"] = adapter.lora_B.detach()
+        if isinstance(adapter, DoRAAdapter):
+            tensors[f"{PEFT_PREFIX}{module_name}.lora_magnitude_vector"] = adapter.magnitude.detach()
     if record.head is not None:
         for pname, value in record.head.state_dict().items():
             tensors[f"{PEFT_PREFIX}{am.head_path}.{pname}"] = value.detach()
@@ -137,6 +142,7 @@ def export_peft_lora(
         "lora_alpha": _plain_number(config.alpha),
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
+        "use_dora": isinstance(config, DoRA),
         "target_modules": _target_modules(am.base, list(sites)),
         "bias": "none",
         # GPT-2's Conv1D stores its weight as [in, out]; PEFT wants this flag set for such layers.
@@ -231,8 +237,9 @@ def read_peft_lora(am: AdaptedModel, path: str | os.PathLike) -> tuple[dict[str,
     _check_peft_config(path, peft_config)
     saved = peft_config.get("modules_to_save") or []
     lora, head, copies = _split_keys(am, path, tensors, saved if isinstance(saved, list) else [saved])
-    _check_lora_modules(am, path, lora, int(peft_config["r"]))
-    config = LoRA(
+    dora = bool(peft_config.get("use_dora", False))
+    _check_lora_modules(am, path, lora, int(peft_config["r"]), dora)
+    config = (DoRA if dora else LoRA)(
         r=int(peft_config["r"]),
         alpha=_plain_number(peft_config.get("lora_alpha", 8)),
         dropout=float(peft_config.get("lora_dropout") or 0.0),
@@ -316,8 +323,6 @@ def _split_keys(
     base_params = dict(am.base.named_parameters(remove_duplicate=False))
     for key, tensor in tensors.items():
         rest = key.removeprefix(PEFT_PREFIX)
-        if ".lora_magnitude_vector" in rest:
-            raise AdapterFileError(f"{path}: tensor {key!r} is a DoRA magnitude; DoRA is not supported")
         match = _LORA_KEY.match(rest)
         if match:
             param, embedding = _PEFT_PARAM[match["param"]]
@@ -361,14 +366,17 @@ def _saved_module_paths(am: AdaptedModel, saved: list[str]) -> list[str]:
     return found
 
 
-def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, Any]], r: int) -> None:
+def _check_lora_modules(am: AdaptedModel, path: Path, lora: dict[str, dict[str, Any]], r: int, dora: bool) -> None:
     if not lora:
         raise AdapterFileError(f"{path}: no LoRA tensors (lora_A / lora_B) in {WEIGHTS_FILE}")
     modules = dict(am.base.named_modules())
     for module_name, entry in lora.items():
-        for param in ("lora_A", "lora_B"):
+        for param in ("lora_A", "lora_B", *(["magnitude"] if dora else [])):
             if param not in entry:
                 raise AdapterFileError(f"{path}: module {module_name!r} has no {param} tensor")
+        if not dora and "magnitude" in entry:
+            raise AdapterFileError(f"{path}: module {module_name!r} has a DoRA magnitude but the config's use_dora "
+                                   "is not set")
         module = modules.get(module_name)
         if module is None:
             raise AdapterFileError(

@@ -18,6 +18,7 @@ from ..config import (
     IA3,
     BitFit,
     Bottleneck,
+    DoRA,
     LiteResidual,
     LoRA,
     MethodConfig,
@@ -30,6 +31,7 @@ from ..precision import scheme_of
 from .base import ModelMethod, SiteMethod, SiteShape
 from .bitfit import BitFitAdapter
 from .bottleneck import BottleneckAdapter
+from .dora import DoRAAdapter
 from .ia3 import IA3Adapter
 from .lite_residual import LiteResidualAdapter
 from .lora import LoRAAdapter
@@ -151,7 +153,7 @@ def build_model_method(config: MethodConfig, model: nn.Module) -> ModelMethod:
     return method.implementation(config, model)
 
 
-for _config, _method in ((Bottleneck, BottleneckAdapter), (LoRA, LoRAAdapter), (IA3, IA3Adapter),
+for _config, _method in ((Bottleneck, BottleneckAdapter), (LoRA, LoRAAdapter), (DoRA, DoRAAdapter), (IA3, IA3Adapter),
                          (BitFit, BitFitAdapter), (LiteResidual, LiteResidualAdapter)):
     register(_config, _method)
 register(PromptTuning, PromptTuningAdapter, model_level=True)
