@@ -19,7 +19,12 @@ base model alone:
   * torch.compile (Inductor): the base model (against the eager base), and the LoRA case
     (against the compiled base).
 Training (one step: forward + backward + AdamW, batch 16 x 128 by default), baseline = one full
-fine-tuning step of the same model; the adapter step trains a pfeiffer bottleneck and its head.
+fine-tuning step of the same model; the adapter steps train a pfeiffer bottleneck, a LoRA or a DoRA
+(all-linear r=8) with the head, and PEFT's DoRA with the head (modules_to_save).
+DoRA (issue 33): one DoRA adapter unmerged, against the base, against LoRA (`dora_vs_lora`) and
+against PEFT's DoRA (`dora_vs_peft_dora`), in inference and in a training step:
+    python bench/overhead.py --only dora,lora,peft_dora,train_lora,train_dora,peft_train_dora \
+        --out bench/results/overhead_dora.json
 
 Writes bench/results/overhead.json and prints a markdown table for the README. Timing stops
 early (after at least 3 rounds) when --max-minutes is reached. Other processes on the machine
@@ -69,8 +74,13 @@ CASES: dict[str, tuple[str, str | None, float | None]] = {
     "peft_routed32": ("PEFT: mixed batch over 32 LoRA adapters", "base", None),
     "compiled_base": ("torch.compile: base model", "base", None),
     "compiled_lora": ("torch.compile: one LoRA, all-linear r=8 (vs compiled base)", "compiled_base", None),
+    "dora": ("adapterkit: one DoRA, all-linear r=8, unmerged", "base", None),
+    "peft_dora": ("PEFT: one DoRA, all-linear r=8", "base", None),
     "train_full": ("training step: full fine-tuning", None, None),
     "train_bottleneck": ("training step: bottleneck adapter + head", "train_full", 0.75),
+    "train_lora": ("training step: LoRA all-linear r=8 + head", "train_full", None),
+    "train_dora": ("training step: DoRA all-linear r=8 + head", "train_full", None),
+    "peft_train_dora": ("training step: PEFT DoRA all-linear r=8 + head", "train_full", None),
 }
 # the keys of overhead.json that the issue asks for
 RATIO_KEYS = {
@@ -83,7 +93,15 @@ RATIO_KEYS = {
     "train_bottleneck": "train_step_ratio",
     "compiled_base": "compiled_base_ratio",
     "compiled_lora": "compiled_lora_ratio",
+    "dora": "dora_ratio",
+    "peft_dora": "peft_dora_ratio",
+    "train_lora": "train_lora_ratio",
+    "train_dora": "train_dora_ratio",
+    "peft_train_dora": "peft_train_dora_ratio",
 }
+#: ratios between two cases of the same run, paired by round: DoRA against LoRA and against PEFT's DoRA
+PAIRS = {"dora_vs_lora": ("dora", "lora"), "dora_vs_peft_dora": ("dora", "peft_dora"),
+         "train_dora_vs_lora": ("train_dora", "train_lora"), "train_dora_vs_peft": ("train_dora", "peft_train_dora")}
 
 
 def load_base() -> nn.Module:
@@ -152,11 +170,17 @@ def build_adapterkit(base: nn.Module, batch: dict) -> tuple[dict[str, Callable[[
 
         return run
 
-    for model in (bottleneck, lora, routed, crowded):
+    dora = ak.adapt(copy.deepcopy(base))
+    dora.add("d", ak.DoRA(r=8, alpha=16, targets="all-linear"))
+    randomize_lora_b([(n, p) for n, p in dora.named_parameters() if n.endswith("lora_B")], seed=1)
+    dora.activate("d")
+
+    for model in (bottleneck, lora, routed, crowded, dora):
         model.eval()
     cases = {
         "bottleneck": inference(bottleneck, batch),
         "lora": inference(lora, batch),
+        "dora": inference(dora, batch),
         "routed32": run_routed(routed, names),
         "routed32_of512": run_routed(crowded, used),
     }
@@ -190,7 +214,12 @@ def build_peft(base: nn.Module, batch: dict, n_sites: int) -> dict[str, Callable
             raise SystemExit(
                 f"PEFT adapts {sites} modules, adapterkit {n_sites}: the comparison would be unfair"
             )
-    return {"peft_lora": inference(one, batch), "peft_routed32": inference(mixed, batch, adapter_names=names)}
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", exclude_modules=["classifier", "pooler.dense"], use_dora=True))
+    randomize_lora_b([(n, p) for n, p in dora.named_parameters() if "lora_B" in n], seed=1)
+    dora.eval()
+    return {"peft_lora": inference(one, batch), "peft_routed32": inference(mixed, batch, adapter_names=names),
+            "peft_dora": inference(dora, batch)}
 
 
 def build_compiled(base: nn.Module, batch: dict) -> dict[str, Callable[[], None]]:
@@ -231,7 +260,20 @@ def build_training(base: nn.Module, batch: dict) -> dict[str, Callable[[], None]
 
         return run
 
-    return {"train_full": step(full, full_opt), "train_bottleneck": step(adapted, adapter_opt)}
+    steps = {"train_full": step(full, full_opt), "train_bottleneck": step(adapted, adapter_opt)}
+    for case, config in (("train_lora", ak.LoRA(r=8, alpha=16, targets="all-linear")),
+                         ("train_dora", ak.DoRA(r=8, alpha=16, targets="all-linear"))):
+        low_rank = ak.adapt(copy.deepcopy(base))
+        low_rank.add("x", config, num_labels=NUM_LABELS)
+        steps[case] = step(low_rank, torch.optim.AdamW(low_rank.train_adapter("x"), lr=1e-4))
+    from peft import LoraConfig, get_peft_model
+
+    peft_dora = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", exclude_modules=["classifier", "pooler.dense"], use_dora=True,
+        modules_to_save=["classifier"])).train()
+    steps["peft_train_dora"] = step(peft_dora, torch.optim.AdamW(
+        [p for p in peft_dora.parameters() if p.requires_grad], lr=1e-4))
+    return steps
 
 
 def measure(
@@ -337,12 +379,12 @@ def main() -> None:
     cases: dict[str, Callable[[], None]] = {"base": inference(base, batch)}
     adapterkit_cases, n_sites = build_adapterkit(base, batch)
     cases.update(adapterkit_cases)
-    if wanted & {"peft_lora", "peft_routed32"}:
+    if wanted & {"peft_lora", "peft_routed32", "peft_dora"}:
         cases.update(build_peft(base, batch, n_sites))
     if wanted & {"compiled_base", "compiled_lora"}:
         print("compiling the base model and the LoRA case ...", flush=True)
         cases.update(build_compiled(base, batch))
-    if wanted & {"train_full", "train_bottleneck"}:
+    if wanted & {"train_full", "train_bottleneck", "train_lora", "train_dora", "peft_train_dora"}:
         cases.update(build_training(base, make_batch(base, args.train_rows, args.tokens, seed=1)))
     cases = {n: run for n, run in cases.items() if n in wanted}
     print(f"{len(cases)} cases, {warmup} warm-up + {rounds} timed rounds, {args.threads} threads", flush=True)
@@ -353,6 +395,8 @@ def main() -> None:
     import transformers
 
     result = {key: stats[name]["ratio"] for name, key in RATIO_KEYS.items() if name in stats}
+    result.update({key: paired_ratio(times[a]["wall"], times[b]["wall"]) for key, (a, b) in PAIRS.items()
+                   if a in times and b in times})
     result["targets"] = {RATIO_KEYS[n]: t for n, (_, _, t) in CASES.items() if t is not None}
     result["cases"] = stats
     result["settings"] = {

@@ -48,6 +48,11 @@ def test_forward_equals_its_equation_and_its_gradients_too(model):
         h = torch.nn.functional.linear(x, weight, site.frozen.bias)  # the frozen module, without its hooks
         with torch.no_grad():
             torch.testing.assert_close(adapter(x, h), adapter.reference(x, h), rtol=1e-5, atol=1e-6)
+            # the paper's form: the rebuilt weight W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_c, applied to x
+            direction = weight + adapter.lora_B @ adapter.lora_A * adapter.scale
+            rebuilt = adapter.magnitude.unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+            torch.testing.assert_close(adapter(x, h), torch.nn.functional.linear(x, rebuilt, site.frozen.bias),
+                                       rtol=1e-5, atol=1e-5)
         grads = []
         for form in (adapter.forward, adapter.reference):
             for p in adapter.parameters():

@@ -36,7 +36,7 @@ class DoRAStack(LoRAStack):
 
 class DoRAAdapter(LoRAAdapter):
     mergeable = True
-    adds_in_place = False
+    adds_in_place = True
     on_quantized = False
     #: the frozen Linear (not a submodule: it belongs to the base model), whose W and b DoRA reads
     frozen: nn.Module
@@ -84,20 +84,24 @@ class DoRAAdapter(LoRAAdapter):
         return self._cache[1]
 
     def reference(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """y = x W'ᵀ + b with W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_c, the norm detached (dropout off)."""
-        weight = self._weight().to(self.lora_A.dtype)
-        direction = weight + (self.lora_B @ self.lora_A) * self.scale
+        """h' = g ⊙ (h − b + s·B(A(x))) + b with g = m / ‖W + s·BA‖_c, the norm detached (dropout off):
+        W' x + b, W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_c, when h = W x + b."""
+        direction = self._weight().to(self.lora_A.dtype) + (self.lora_B @ self.lora_A) * self.scale
+        g = self.magnitude / torch.linalg.norm(direction, dim=1).detach()
         bias = self._bias()
-        return F.linear(x, (self.magnitude / self._norm()).unsqueeze(1) * direction,
-                        None if bias is None else bias.to(x.dtype))
+        b = torch.zeros((), dtype=h.dtype) if bias is None else bias.to(h.dtype)
+        return g * (h - b + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale) + b
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         g = self.gain()
-        out = h + self.delta(x)
+        out = super().forward(x, h, inplace=inplace)  # h + s·BA x, LoRA's fast form
         bias = self._bias()
-        if bias is None:
-            return out * g
-        return (out - bias) * g + bias
+        if torch.is_grad_enabled():
+            return out * g if bias is None else (out - bias) * g + bias
+        # without autograd, `out` is a tensor only this call holds (LoRA's addmm wrote it, or into h
+        # when the site owns h): scale it in place, (h + Δ)·g + b·(1 − g)
+        out.mul_(g)
+        return out if bias is None else out.add_(bias * (1 - g))
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - DoRA merges through merge_into
         raise TargetError("DoRA's merged weight is not W plus a delta; merge it with am.merge")
@@ -148,9 +152,12 @@ class DoRAAdapter(LoRAAdapter):
               shape: SiteShape, inplace: bool = False) -> torch.Tensor:
         if not isinstance(stacked, DoRAStack) or stacked.g is None:
             raise TargetError("a DoRA route needs a DoRA stack")
-        out = super().route(stacked, rows, x, site_output(h, cls), shape)
+        out = super().route(stacked, rows, x, site_output(h, cls), shape, inplace=inplace)
         out_rows, restore = as_rows(out, shape)
         g = stacked.g.index_select(0, rows).unsqueeze(1)  # [rows, 1, out]
-        if stacked.bias is None:
-            return restore(out_rows * g)
-        return restore((out_rows - stacked.bias) * g + stacked.bias)
+        if torch.is_grad_enabled():
+            return restore(out_rows * g if stacked.bias is None else (out_rows - stacked.bias) * g + stacked.bias)
+        if out is h and not inplace:  # no row had an adapter: LoRA's route gave h back (every g is 1)
+            return out
+        out_rows.mul_(g)  # a fresh tensor, or h itself when the site owns it (`inplace`)
+        return restore(out_rows if stacked.bias is None else out_rows.add_(stacked.bias * (1 - g)))
