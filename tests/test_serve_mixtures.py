@@ -31,6 +31,8 @@ def served(tmp_path_factory, minilm_tokenizer):
     folders = {f"lora{i}": make_adapter(builder, f"lora{i}", root / f"lora{i}", seed=i, scale=0.3) for i in range(2)}
     folders["bott"] = make_adapter(builder, "bott", root / "bott", seed=5, scale=0.3, config=ak.Bottleneck(reduction=16))
     folders["three"] = make_adapter(builder, "three", root / "three", seed=6, scale=0.3, labels=("a", "b", "c"))
+    folders["dora"] = make_adapter(builder, "dora", root / "dora", seed=9, scale=0.3,
+                                   config=ak.DoRA(r=4, targets=["query", "value"]))
     reference = ak.adapt(load_minilm())
     for name, folder in folders.items():
         reference.load(folder, name=name)
@@ -50,7 +52,8 @@ def scores_alone(served, entry, text: str) -> list[float]:
 
 def test_mixed_requests_share_batches_and_each_equals_its_mixture_alone(served):
     engine = served["engine"]
-    plan = [{"lora0": 0.3, "lora1": 0.7}, "lora1", None, {"lora0": 1.5, "lora1": -0.5}, {"lora0": 0.5, "bott": 0.5}]
+    plan = [{"lora0": 0.3, "lora1": 0.7}, "lora1", None, {"lora0": 1.5, "lora1": -0.5}, {"lora0": 0.5, "bott": 0.5},
+            "dora", {"dora": 0.6, "lora1": 0.4}]
     futures = [(entry, text, engine.submit("classify", [text], entry, "alice")) for entry in plan for text in TEXTS]
     wait([f for _, _, f in futures], timeout=120)
     for entry, text, future in futures:

@@ -18,6 +18,8 @@ import contextlib
 import math
 import os
 import threading
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +59,7 @@ from .merged import DominantMerge
 from .metrics import ServeMetrics
 from .store import AdapterStore
 from .tenants import DEFAULT_TENANT, check_name, valid_name
+from .versions import VersionStats
 
 #: what each kind of base answers
 CAN_ANSWER: dict[Task, frozenset[RequestKind]] = {
@@ -134,6 +137,7 @@ class Engine:
         if adopt:
             self.store.adopt_flat()
         self.metrics = ServeMetrics()
+        self.versions = VersionStats(self.metrics.registry)
         self.cache = AdapterCache(self.am, cache_bytes)
         self.scheduling = scheduling
         decoder = None
@@ -153,8 +157,9 @@ class Engine:
     # --- inference: sync, future and asyncio flavours -----------------------------------------
 
     def submit(self, kind: str, inputs: list[str], adapter: Target = None, tenant: str = DEFAULT_TENANT,
-               **options: Any) -> Future:
-        """Queue a classify/embed request; the future gives its response dict."""
+               caller: str | None = None, **options: Any) -> Future:
+        """Queue a classify/embed request; the future gives its response dict. `caller`: who asks
+        (hashed to pick a version under a traffic split; None: drawn at random)."""
         if kind not in (RequestKind.CLASSIFY, RequestKind.EMBED):
             raise BadRequest(f"unknown request kind {kind!r}: classify or embed")
         request_kind = RequestKind(kind)
@@ -162,12 +167,13 @@ class Engine:
         rows = self.tokenize(inputs)
         field = "results" if request_kind == RequestKind.CLASSIFY else "vectors"
         return self._queue(tenant, adapter, lambda key: Request(request_kind, key, rows, options),
-                           lambda key, results: self._respond(key, results, field))
+                           lambda key, results: self._respond(key, results, field), caller=caller)
 
     def submit_generate(self, prompt: str, adapter: Target = None, tenant: str = DEFAULT_TENANT,
                         max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
                         on_token: Callable[[int], None] | None = None, top_p: float = 1.0,
-                        ignore_eos: bool = False, prompt_ids: list[int] | None = None) -> Future:
+                        ignore_eos: bool = False, prompt_ids: list[int] | None = None,
+                        caller: str | None = None) -> Future:
         """Queue a generation; the future gives {"adapter", "version", "text", "tokens", "token_ids",
         "prompt_tokens", "finish_reason"}. `prompt_ids`: the prompt already tokenised (then `prompt`
         is not read), as the chat endpoint has it from the chat template."""
@@ -190,24 +196,28 @@ class Engine:
             return {**self._respond(key, [], None), "text": self.decode(out.tokens), "tokens": len(out.tokens),
                     "token_ids": out.tokens, "prompt_tokens": len(ids), "finish_reason": out.finish_reason}
 
-        return self._queue(tenant, adapter, lambda key: Request(RequestKind.GENERATE, key, [ids], {"row": row}), respond)
+        return self._queue(tenant, adapter, lambda key: Request(RequestKind.GENERATE, key, [ids], {"row": row}), respond,
+                           caller=caller)
 
     def _queue(self, tenant: str, adapter: Target, make: Callable[[AdapterKey | None], Request],
-               respond: Callable[[AdapterKey | Mixture | None, list], dict], tries: int = 3) -> Future:
+               respond: Callable[[AdapterKey | Mixture | None, list], dict], tries: int = 3,
+               caller: str | None = None) -> Future:
         """Queue a request for the adapter's live version; the future of its response. A version
         withdrawn (rolled back, pruned) before its files were read is asked again for the version
         live then: the caller sees the swap, not the race."""
         out: Future = Future()
         running: list[Future] = []
 
+        started = time.perf_counter()
+
         def attempt(left: int) -> None:
             if isinstance(adapter, Mapping):
-                mixture = self.mixture(tenant, adapter)
+                mixture = self.mixture(tenant, adapter, caller)
                 request = make(None)
                 request.mixture = mixture
                 key: AdapterKey | Mixture | None = mixture
             else:
-                key = self.key(tenant, adapter)
+                key = self.key(tenant, adapter, caller)
                 request = make(key)
             inner = self.batcher.submit(request)
             running[:] = [inner]
@@ -221,9 +231,15 @@ class Engine:
                     if isinstance(err, Withdrawn) and left > 1:
                         attempt(left - 1)
                     elif err is not None:
+                        if isinstance(key, AdapterKey):
+                            self.versions.failed(key)
                         out.set_exception(err)
                     else:
-                        out.set_result(respond(key, f.result()))
+                        response = {**respond(key, f.result()), "request_id": uuid.uuid4().hex}
+                        if isinstance(key, AdapterKey):
+                            self.versions.answered(key, response["request_id"], time.perf_counter() - started,
+                                                   response)
+                        out.set_result(response)
                 except InvalidStateError:  # `out` was cancelled meanwhile
                     pass
                 except Exception as failure:  # noqa: BLE001 - handed to the caller
@@ -283,7 +299,7 @@ class Engine:
 
     # --- adapters -------------------------------------------------------------------------------
 
-    def mixture(self, tenant: str, adapters: Mapping[str, float]) -> Mixture:
+    def mixture(self, tenant: str, adapters: Mapping[str, float], caller: str | None = None) -> Mixture:
         """The live versions of a tenant's weighted adapters, by name (BadRequest for a malformed or
         too large mixture, NotFound for an adapter the tenant does not have)."""
         if not adapters:
@@ -295,18 +311,19 @@ class Engine:
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
                 raise BadRequest(f"adapters: the weight of {name!r} must be a finite number, not {weight!r}",
                                  param="adapters")
-            key = self.key(tenant, name)
+            key = self.key(tenant, name, caller)
             assert key is not None  # (a name, so a key)
             mixture.append((key, float(weight)))
         return tuple(mixture)
 
-    def key(self, tenant: str, adapter: str | None) -> AdapterKey | None:
-        """The live version of a tenant's adapter (None for the base model)."""
+    def key(self, tenant: str, adapter: str | None, caller: str | None = None) -> AdapterKey | None:
+        """The version of a tenant's adapter that serves `caller`: the live one, or its version
+        under a traffic split (None for the base model)."""
         if adapter is None:
             return None
         if not (valid_name(tenant) and valid_name(adapter)):
             raise not_found(tenant, str(adapter))
-        return AdapterKey(tenant, adapter, self.store.resolve(tenant, adapter))
+        return AdapterKey(tenant, adapter, self.store.resolve(tenant, adapter, caller))
 
     def preload(self, tenant: str, adapter: str) -> Future:
         """Load an adapter's live version now (if it is not resident); resolves when it serves."""
@@ -395,6 +412,27 @@ class Engine:
         previous, live = self.store.rollback(tenant, name)
         self._unload_old(tenant, name, live)
         return {**self.store.record(tenant, name), "rolled_back_from": previous}
+
+    def split(self, tenant: str, name: str, weights: dict[int, float]) -> dict[str, Any]:
+        """Send each caller to one of an adapter's kept versions, by weight (an A/B rollout)."""
+        self.store.split(tenant, name, weights)
+        return self.store.record(tenant, name)
+
+    def promote(self, tenant: str, name: str, version: int) -> dict[str, Any]:
+        """Make a kept version live for everyone (ends a split); other versions leave memory."""
+        self.store.promote(tenant, name, version)
+        self._unload_old(tenant, name, version)
+        return self.store.record(tenant, name)
+
+    def version_stats(self, tenant: str, name: str) -> dict[str, Any]:
+        """Per version: requests, errors, latency quantiles, labels, tokens, feedback and accuracy."""
+        record = self.store.record(tenant, name)
+        return {"tenant": tenant, "name": name, "live": record["version"], "split": record["split"],
+                "versions": {f"v{v}": facts for v, facts in self.versions.summary(tenant, name).items()}}
+
+    def feedback(self, tenant: str, request_id: str, label: str | None = None, score: float | None = None,
+                 index: int = 0) -> dict[str, Any]:
+        return self.versions.record_feedback(tenant, request_id, label, score, index)
 
     def delete(self, tenant: str, name: str) -> dict[str, Any]:
         versions = self.store.delete(tenant, name)

@@ -28,7 +28,7 @@ from .batcher import RequestKind
 from .engine import Engine, Target
 from .errors import INTERNAL_ERROR, BadRequest, NotFound, PayloadTooLarge, ServeError
 from .http_errors import as_json, error_body
-from .routes import target_of
+from .routes import caller_of, target_of
 from .tenants import Principal
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -129,14 +129,15 @@ def openai_router(engine: Engine, principal: Callable, served_name: str | None =
         _supported(body, engine)
         tenant, name = adapter_of(request, who, body.model, body.adapters)
         ids = _tokens(engine, prompt)
-        return await _respond(engine, body, ids, name, tenant, chat=False, prefix=prompt if body.echo else "")
+        return await _respond(engine, body, ids, name, tenant, chat=False, prefix=prompt if body.echo else "",
+                              caller=caller_of(request))
 
     @router.post("/v1/chat/completions", summary="OpenAI: chat completion with the tokenizer's chat template")
     async def chat(body: ChatIn, request: Request, who: Principal = Depends(principal)) -> Any:
         _supported(body, engine)
         tenant, name = adapter_of(request, who, body.model, body.adapters)
         ids = _chat_tokens(engine, body.messages)
-        return await _respond(engine, body, ids, name, tenant, chat=True)
+        return await _respond(engine, body, ids, name, tenant, chat=True, caller=caller_of(request))
 
     return router
 
@@ -248,7 +249,7 @@ class _Run:
 
 
 async def _respond(engine: Engine, body: _Sampling, ids: list[int], name: Target, tenant: str, *,
-                   chat: bool, prefix: str = "") -> Any:
+                   chat: bool, prefix: str = "", caller: str | None = None) -> Any:
     max_tokens = _budget(body, engine, len(ids), chat)
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     loop = asyncio.get_running_loop()
@@ -259,7 +260,7 @@ async def _respond(engine: Engine, body: _Sampling, ids: list[int], name: Target
             seed = None if body.seed is None else body.seed + k  # n choices: n different samples
             run.start(lambda seed=seed, **kw: engine.submit_generate(
                 "", name, tenant, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                seed=seed, ignore_eos=body.ignore_eos, prompt_ids=ids, **kw))
+                seed=seed, ignore_eos=body.ignore_eos, prompt_ids=ids, caller=caller, **kw))
             runs.append(run)
     except BaseException:
         for run in runs:

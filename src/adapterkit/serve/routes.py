@@ -4,6 +4,7 @@ The OpenAI-compatible routes are in openai_api.py; app.py puts them together."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import tempfile
@@ -66,6 +67,7 @@ class GenerateOptions(TypedDict):
     max_new_tokens: int
     temperature: float
     seed: int | None
+    caller: str | None
 
 
 @overload
@@ -84,6 +86,16 @@ def adapter_of(engine: Engine, request: Request, who: Principal, ref: str | None
     engine.key(tenant, name)
     request.state.adapter = f"{tenant}/{name}"
     return tenant, name
+
+
+CALLER_HEADER = "x-adapterkit-caller"
+
+
+def caller_of(request: Request) -> str | None:
+    """Who asks, for a traffic split's sticky choice: the caller header, else the API key (hashed);
+    None (each request drawn at random) without either."""
+    given = request.headers.get(CALLER_HEADER) or request.headers.get("authorization")
+    return hashlib.sha256(given.encode()).hexdigest()[:32] if given else None
 
 
 def target_of(engine: Engine, request: Request, who: Principal, ref: str | None,
@@ -111,19 +123,20 @@ def inference_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     @router.post("/v1/classify", summary="Labels and scores of each input, from the adapter's own head")
     async def classify(body: ClassifyIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
-        return JSONResponse(await asyncio.wrap_future(engine.submit("classify", body.inputs, name, tenant)))
+        return JSONResponse(await asyncio.wrap_future(
+            engine.submit("classify", body.inputs, name, tenant, caller=caller_of(request))))
 
     @router.post("/v1/embed", summary="Mean-pooled last hidden state of each input, with the adapter routed")
     async def embed(body: EmbedIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
-        return JSONResponse(
-            await asyncio.wrap_future(engine.submit("embed", body.inputs, name, tenant, normalize=body.normalize))
-        )
+        return JSONResponse(await asyncio.wrap_future(
+            engine.submit("embed", body.inputs, name, tenant, caller=caller_of(request), normalize=body.normalize)))
 
     @router.post("/v1/generate", summary="Text generation (causal-LM bases); stream=true for server-sent events")
     async def generate(body: GenerateIn, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, name = target_of(engine, request, who, body.adapter, body.adapters)
-        options = GenerateOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed)
+        options = GenerateOptions(max_new_tokens=body.max_new_tokens, temperature=body.temperature, seed=body.seed,
+                                  caller=caller_of(request))
         engine.require(RequestKind.GENERATE)  # before a stream starts: once it has, the status is 200
         if not body.stream:
             return JSONResponse(await asyncio.wrap_future(engine.submit_generate(body.prompt, name, tenant, **options)))
@@ -142,6 +155,12 @@ def adapters_router(engine: Engine, principal: PrincipalOf, max_upload_bytes: in
         scope = (tenant if who.admin else who.tenant)
         records = await run_in_threadpool(engine.adapters, scope)
         return {"adapters": [_public(r, who) for r in records]}
+
+    @router.get("/v1/adapters/{name:path}/versions",
+                summary="Per version: requests, errors, latency, labels, tokens, feedback accuracy; the split")
+    async def version_stats(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        return await run_in_threadpool(engine.version_stats, tenant, adapter)
 
     @router.get("/v1/adapters/{name:path}", summary="One adapter")
     async def get_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
@@ -176,6 +195,19 @@ def adapters_router(engine: Engine, principal: PrincipalOf, max_upload_bytes: in
         tenant, adapter = adapter_of(engine, request, who, name)
         return _public(await run_in_threadpool(engine.rollback, tenant, adapter), who)
 
+    @router.post("/v1/adapters/{name:path}/split",
+                 summary='Split traffic between kept versions, e.g. {"v3": 0.1, "v2": 0.9}; each caller sticks to one')
+    async def split(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        weights = {_version(k): w for k, w in (await _json_body(request)).items()}
+        return _public(await run_in_threadpool(engine.split, tenant, adapter, weights), who)
+
+    @router.post("/v1/adapters/{name:path}/promote", summary='Make a kept version live for everyone: {"version": "v3"}')
+    async def promote(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
+        tenant, adapter = adapter_of(engine, request, who, name)
+        version = _version((await _json_body(request)).get("version"))
+        return _public(await run_in_threadpool(engine.promote, tenant, adapter, version), who)
+
     @router.delete("/v1/adapters/{name:path}", summary="Delete an adapter with all its versions")
     async def delete_adapter(name: str, request: Request, who: Principal = Depends(principal)) -> Any:
         tenant, adapter = adapter_of(engine, request, who, name)
@@ -185,8 +217,27 @@ def adapters_router(engine: Engine, principal: PrincipalOf, max_upload_bytes: in
     return router
 
 
+def _version(value: Any) -> int:
+    """A version as the API spells it: 3, "3" or "v3"."""
+    text = str(value).removeprefix("v") if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    if not text.isdigit():
+        raise BadRequest(f"{value!r} is not a version (write v3 or 3)")
+    return int(text)
+
+
+class FeedbackIn(BaseModel):
+    request_id: str
+    label: str | None = Field(None, description="the right label for the request's input `index`")
+    score: float | None = Field(None, description="how good the answer was (any scale you keep to)")
+    index: int = Field(0, ge=0)
+
+
 def operations_router(engine: Engine, principal: PrincipalOf) -> APIRouter:
     router = APIRouter()
+
+    @router.post("/v1/feedback", summary="Say whether an answer (by its request_id) was right: per-version accuracy")
+    async def feedback(body: FeedbackIn, who: Principal = Depends(principal)) -> Any:
+        return engine.feedback(who.tenant, body.request_id, body.label, body.score, body.index)
 
     @router.get("/healthz", summary="Liveness and a few figures")
     async def healthz() -> Any:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import random
 import shutil
 import threading
 import uuid
@@ -43,7 +45,7 @@ from ..io.install import check_adapter
 from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
 from ..methods import is_model_level
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
-from .errors import BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
+from .errors import BadRequest, BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
 from .tenants import DEFAULT_TENANT, valid_name
 
 STATE = "state.json"
@@ -70,7 +72,8 @@ class AdapterStore:
         self.max_bytes = max_bytes
         self.quota = quota or Quota()
         self._lock = threading.RLock()
-        self._live: dict[tuple[str, str], tuple[tuple[int, int, int], int]] = {}
+        # (tenant, name) -> (state.json's stamp, live version, traffic split or None)
+        self._live: dict[tuple[str, str], tuple[tuple[int, int, int], int, Split | None]] = {}
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         (self.root / OWNERS).mkdir(exist_ok=True)
         self._owner_file: Any = open(self.root / OWNERS / f"{self.owner}.lock", "a")  # noqa: SIM115 - held for life
@@ -162,8 +165,10 @@ class AdapterStore:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def resolve(self, tenant: str, name: str) -> int:
-        """The live version of an adapter; NotFound if the tenant has none by that name.
+    def resolve(self, tenant: str, name: str, caller: str | None = None) -> int:
+        """The version of an adapter that serves a request: the live one, or under a traffic split
+        the one `caller` falls on (the same caller always on the same version; no caller: drawn at
+        random). NotFound if the tenant has no adapter by that name.
 
         Read from disk on every call (so processes sharing a store agree), but parsed again only
         when state.json was replaced: a stat per request instead of a read and a JSON parse.
@@ -174,13 +179,55 @@ class AdapterStore:
             raise not_found(tenant, name) from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._live.get((tenant, name))
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        state = self.state(tenant, name)
-        if state is None or not isinstance(state.get("live"), int):
-            raise not_found(tenant, name)
-        self._live[(tenant, name)] = (stamp, state["live"])
-        return state["live"]
+        if cached is None or cached[0] != stamp:
+            state = self.state(tenant, name)
+            if state is None or not isinstance(state.get("live"), int):
+                raise not_found(tenant, name)
+            split = state.get("split")
+            cached = (stamp, state["live"], _split_of(split) if isinstance(split, dict) and split else None)
+            self._live[(tenant, name)] = cached
+        _, live, split = cached
+        return live if split is None else split.pick(tenant, name, caller)
+
+    def live(self, tenant: str, name: str) -> int:
+        """The live version (the one a rollback withdraws), whatever a split sends callers to."""
+        self.resolve(tenant, name)
+        return self._live[(tenant, name)][1]
+
+    def split(self, tenant: str, name: str, weights: dict[int, float]) -> dict[str, Any]:
+        """Split an adapter's traffic between its kept versions by weight (summing to 1); the state."""
+        if not weights:
+            raise BadRequest("a split names at least one version")
+        for version, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+                raise BadRequest(f"the weight of v{version} must be a number in [0, 1], not {weight!r}")
+        if abs(sum(weights.values()) - 1) > 1e-6:
+            raise BadRequest(f"the weights of a split sum to 1, not {sum(weights.values()):g}")
+        with self._locked():
+            self.resolve(tenant, name)
+            kept = [v for v in self._kept(tenant, name) if self.path(tenant, name, v).is_dir()]
+            missing = sorted(set(weights) - set(kept))
+            if missing:
+                raise NotFound(f"adapter {name!r} has no version {', '.join(f'v{v}' for v in missing)} to split "
+                               f"traffic to; it keeps {', '.join(f'v{v}' for v in sorted(kept))}")
+            state = self.state(tenant, name) or {}
+            state["split"] = {str(v): float(w) for v, w in sorted(weights.items()) if w > 0}
+            self._write_state(tenant, name, state)
+            return state
+
+    def promote(self, tenant: str, name: str, version: int) -> dict[str, Any]:
+        """Make a kept version live and end any split: all traffic goes to it; the state."""
+        with self._locked():
+            live = self.live(tenant, name)
+            state = self.state(tenant, name) or {}
+            history = [v for v in state.get("history", []) if v != version]
+            if version != live:
+                if version not in history and not self.path(tenant, name, version).is_dir():
+                    raise NotFound(f"adapter {name!r} has no version v{version} to promote")
+                history.append(live)
+            state = {"live": version, "history": history}
+            self._write_state(tenant, name, state)
+            return state
 
     def _all_folders(self) -> list[tuple[str, str]]:
         """Every (tenant, name) folder, with a state.json or not (a first upload that never went live)."""
@@ -201,7 +248,7 @@ class AdapterStore:
         return sorted(int(v) for v in found if v.isdigit())
 
     def record(self, tenant: str, name: str) -> dict[str, Any]:
-        live = self.resolve(tenant, name)
+        live = self.live(tenant, name)
         path = self.path(tenant, name, live)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -212,6 +259,7 @@ class AdapterStore:
             "tenant": tenant, "name": name, "version": live,
             "versions": sorted(set(self.versions(tenant, name)) & set(self._kept(tenant, name))),
             "method": config.get("method"), "labels": manifest.get("labels"), "params": manifest.get("params"),
+            "split": (self.state(tenant, name) or {}).get("split"),
             "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else 0,
         }
 
@@ -399,7 +447,7 @@ class AdapterStore:
         """Make the previously live version live again and delete the withdrawn one; returns (from, to).
         (A server keeps serving the withdrawn weights from memory to requests already queued for them.)"""
         with self._locked():
-            current = self.resolve(tenant, name)
+            current = self.live(tenant, name)
             state = self.state(tenant, name) or {}
             history = [v for v in state.get("history", []) if self.path(tenant, name, v).is_dir()]
             if not history:
@@ -441,6 +489,33 @@ class AdapterStore:
 
     def _write_state(self, tenant: str, name: str, state: dict[str, Any]) -> None:
         atomic_write(self.folder(tenant, name) / STATE, json.dumps(state).encode())
+
+
+@dataclass(frozen=True)
+class Split:
+    """A traffic split: (version, cumulative weight) in version order."""
+
+    cumulative: tuple[tuple[int, float], ...]
+
+    def pick(self, tenant: str, name: str, caller: str | None) -> int:
+        """The version a caller falls on: a hash of (adapter, caller) as a point in [0, 1)."""
+        if caller is None:
+            point = random.random()
+        else:
+            digest = hashlib.sha256(f"{tenant}/{name}/{caller}".encode()).digest()
+            point = int.from_bytes(digest[:8], "big") / 2**64
+        for version, edge in self.cumulative:
+            if point < edge:
+                return version
+        return self.cumulative[-1][0]
+
+
+def _split_of(weights: dict[str, float]) -> Split:
+    total, cumulative = 0.0, []
+    for version, weight in sorted((int(v), float(w)) for v, w in weights.items()):
+        total += weight
+        cumulative.append((version, total))
+    return Split(tuple(cumulative))
 
 
 def _remove(path: Path) -> None:
