@@ -109,14 +109,19 @@ class HeadSwitch:
                 return name, own
         return None
 
-    def _routed(self, names: tuple[RowAdapters, ...], args: tuple, kwargs: dict,
-                base_out: torch.Tensor) -> torch.Tensor | None:
+    def _owners(self, names: set[str]) -> dict[str, nn.Module]:
+        """Name -> own module of the adapters among `names` that have one here, by name."""
         # a plain loop: torch.compile cannot trace an assignment expression inside a comprehension
         used: dict[str, nn.Module] = {}
-        for n in sorted({n for n in names if isinstance(n, str)}):
+        for n in sorted(names):
             own = self.own(n)
             if own is not None:
                 used[n] = own
+        return used
+
+    def _routed(self, names: tuple[RowAdapters, ...], args: tuple, kwargs: dict,
+                base_out: torch.Tensor) -> torch.Tensor | None:
+        used = self._owners({n for n in names if isinstance(n, str)})
         if not used:
             return None
         x, rest = args[0], args[1:]
@@ -137,11 +142,7 @@ class HeadSwitch:
     def _mixed(self, route: Route, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
         """Routed, with mixtures: a mixture's row is Σ w_i · (adapter i's module, or the base's, on that
         row), which needs one output width (one label set) across the mixture."""
-        used: dict[str, nn.Module] = {}
-        for n in sorted(route.used()):  # a plain loop, as in _routed, for torch.compile
-            own = self.own(n)
-            if own is not None:
-                used[n] = own
+        used = self._owners(route.used())
         if not used:
             return None
         x, rest = args[0], args[1:]

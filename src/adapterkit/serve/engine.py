@@ -34,27 +34,23 @@ from ..io.files import read_adapter
 from ..model import AdaptedModel
 from ..precision import parse_dtype, quantized_modules
 from ..quantize import Precision
-from ..routes import RouteEntry
 from ..task import Task
-from .base import length_groups, load_base, max_positions, pad, raw_encoder, task_of
-from .batcher import Batcher, Items, Request, RequestKind
-from .cache import AdapterCache, AdapterKey, Resident
+from .base import load_base, max_positions, raw_encoder, task_of
+from .batcher import Batcher, Request, RequestKind
+from .cache import AdapterCache, AdapterKey
 from .decode import ContinuousDecoder
 from .errors import (
     BadRequest,
     Conflict,
     InvalidAdapter,
     NonFiniteOutput,
-    NotFound,
     PayloadTooLarge,
     Redactor,
-    RowFailure,
-    Unmixable,
     Withdrawn,
-    non_finite,
     not_found,
 )
-from .generate import GenerationRow, generate_batch
+from .execute import BatchRunner
+from .generate import GenerationRow
 from .merged import DominantMerge
 from .metrics import ServeMetrics
 from .store import AdapterStore
@@ -140,10 +136,12 @@ class Engine:
         self.versions = VersionStats(self.metrics.registry)
         self.cache = AdapterCache(self.am, cache_bytes)
         self.scheduling = scheduling
+        self.runner = BatchRunner(self.am, self.cache, self.task, self.pad_id, self.eos_id, self.padding_cost,
+                                  self.base_labels, self._routing)
         decoder = None
         if self.task == Task.CAUSAL_LM and scheduling == "continuous":
-            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self._describe, self._routing)
-        self.batcher = Batcher(self.cache, self._read, self._execute, self.metrics, max_batch=max_batch,
+            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self.runner.describe, self._routing)
+        self.batcher = Batcher(self.cache, self._read, self.runner.execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder,
                                max_mixed_rows=max_mixed_rows)
         self.metrics.watch(self.stats)
@@ -515,88 +513,6 @@ class Engine:
         if field is not None:
             out[field] = results
         return out
-
-    def _names(self, items: Items) -> list[RouteEntry]:
-        return [self._name(req) for req, _ in items]
-
-    def _name(self, req: Request) -> RouteEntry:
-        """The model's name(s) of a request's adapter, or its mixture as {internal name: weight}."""
-        if req.mixture is not None:
-            self._labels(req)  # Unmixable before the forward: the batch runs again without this request
-            return {self._entry(k).internal: w for k, w in req.mixture}
-        return self._entry(req.key).internal if req.key is not None else None
-
-    def _entry(self, key: AdapterKey) -> Resident:
-        entry = self.cache.get(key)
-        if entry is None:  # cannot happen: queued rows pin their adapters
-            raise NotFound(f"adapter {key.name!r} is no longer loaded")
-        return entry
-
-    def _describe(self, item: tuple[Request, int]) -> tuple[GenerationRow, RouteEntry]:
-        return item[0].options["row"], self._name(item[0])
-
-    def _execute(self, kind: str, items: Items) -> list[Any]:
-        names = self._names(items)
-        if kind == "generate":
-            rows = [req.options["row"] for req, _ in items]
-            return generate_batch(self.am, rows, names, self.pad_id, self.eos_id, self._routing)
-        results: list[Any] = [None] * len(items)
-        for group in length_groups([len(req.rows[i]) for req, i in items], self.padding_cost):
-            part = self._encode([items[k] for k in group], [names[k] for k in group])
-            for k, result in zip(group, part, strict=True):
-                results[k] = result
-        return results
-
-    def _encode(self, items: Items, names: list[RouteEntry]) -> list[Any]:
-        """One forward of classify/embed rows, each routed to its own adapter."""
-        input_ids, mask = pad([req.rows[i] for req, i in items], self.pad_id)
-        embed = any(req.kind == RequestKind.EMBED for req, _ in items)
-        extra = last_logits_only(self.am.base) if self.task == Task.CAUSAL_LM else {}
-        with torch.inference_mode(), self._routing(names):
-            out = self.am(input_ids=input_ids, attention_mask=mask, output_hidden_states=embed, **extra)
-        finite = [True] * len(items)
-        if embed:
-            hidden = out.hidden_states[-1].float()
-            weights = mask.unsqueeze(-1).to(hidden.device, hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            finite = [a and b for a, b in zip(finite, torch.isfinite(pooled).all(-1).tolist(), strict=True)]
-        if any(req.kind == RequestKind.CLASSIFY for req, _ in items):
-            logits_ok = torch.isfinite(out.logits.flatten(1)).all(-1).tolist()
-            finite = [a and b for a, b in zip(finite, logits_ok, strict=True)]
-        results: list[Any] = []
-        for j, (req, _) in enumerate(items):
-            if not finite[j]:  # this row's adapter overflowed: its request fails, its neighbours answer
-                results.append(RowFailure(non_finite()))
-            elif req.kind == RequestKind.EMBED:
-                vector = pooled[j]
-                if req.options.get("normalize"):
-                    vector = torch.nn.functional.normalize(vector, dim=-1)
-                results.append(vector.tolist())
-            else:
-                try:
-                    results.append(self._label(out.logits[j].float(), req))
-                except Unmixable as err:
-                    results.append(RowFailure(err))
-        return results
-
-    def _labels(self, req: Request) -> list[str] | None:
-        """The labels a request's scores are named by: its adapter's, else the base's; a mixture's
-        adapters must share one label set (Unmixable)."""
-        keys = req.keys
-        sets = {tuple(self._entry(k).labels or self.base_labels or ()) for k in keys}
-        if len(sets) > 1:
-            raise Unmixable(f"the adapters of this mixture ({', '.join(k.name for k in keys)}) have different label "
-                            "sets; a mixture of classifiers needs one", param="adapters")
-        labels = list(sets.pop()) if sets else self.base_labels
-        return labels or None
-
-    def _label(self, logits: torch.Tensor, req: Request) -> dict[str, Any]:
-        labels = self._labels(req)
-        if labels is None:  # only a classifier base has labels, and only such a base takes classify requests
-            raise BadRequest(f"this server's base is a {self.task} model: it has no labels to classify with")
-        probs = torch.softmax(logits[: len(labels)], dim=-1).tolist()
-        best = max(range(len(labels)), key=probs.__getitem__)
-        return {"label": labels[best], "scores": dict(zip(labels, probs, strict=True))}
 
     def _warm_up(self) -> None:
         ids = self.tokenize(["warm up"])
