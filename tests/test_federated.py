@@ -135,8 +135,8 @@ def test_server_drops_bad_replies_and_says_which_and_why():
     assert "non-finite" in reasons[(1, 1)] and "non-finite" in reasons[(2, 1)]
     assert "shape" in reasons[(1, 2)] and (2, 2) not in reasons
     assert "fingerprint" in reasons[(1, 3)]
-    drop = [d for d in outcome.dropped if d["round"] == 2 and d["partition_id"] is None]
-    assert len(drop) == 1 and "dropped out" in drop[0]["reason"]
+    # an error reply carries no partition; the server names it from the node's good reply of round 1
+    assert "dropped out" in reasons[(2, 0)]
     assert outcome.rounds["1"]["kept"] == 3 and outcome.rounds["2"]["kept"] == 3
     assert all(outcome.rounds[r]["aggregated"] for r in ("1", "2"))
     assert all(np.isfinite(a.numpy()).all() for a in outcome.arrays.values())
@@ -548,3 +548,85 @@ def test_scaffold_control_replies_are_checked_and_bad_settings_refused():
         Settings(server_lr=2.0, dp="server:noise=1.0,clip=0.5").validate()
     with pytest.raises(FederatedError, match="server_lr"):
         Settings(server_lr=float("inf")).validate()
+
+
+# --- no hang, and the facts on disk ----------------------------------------------------------------
+
+
+def _shrinking_grid(settings: Settings, after_round: int, left: int):  # noqa: ANN202
+    """An in-process grid that loses all but `left` nodes once `after_round` rounds were sent."""
+    from adapterkit.federated.client import client_app
+    from adapterkit.federated.simulate import LocalGrid
+
+    class Shrinking(LocalGrid):
+        rounds_sent = 0
+
+        def get_node_ids(self):  # noqa: ANN202
+            nodes = list(super().get_node_ids())
+            return nodes[:left] if self.rounds_sent >= after_round else nodes
+
+        def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN202
+            replies = super().send_and_receive(messages, timeout=timeout)
+            self.rounds_sent += 1
+            return replies
+
+    return Shrinking(client_app(settings.factory(), settings.key()), settings.clients)
+
+
+def test_too_few_nodes_stop_the_run_after_node_wait_and_keep_the_last_adapter(tmp_path):
+    import time
+
+    from adapterkit.federated.simulate import _in_process_identity, run_server
+
+    settings = digits(clients=2, rounds=4, min_available=2, node_wait=0.5, checkpoint_dir=str(tmp_path / "ck"),
+                      output_dir=str(tmp_path / "out"))
+    _in_process_identity()
+    grid = _shrinking_grid(settings, after_round=2, left=1)  # round 1 trains and evaluates, then a node goes
+    started = time.monotonic()
+    try:
+        outcome = run_server(grid, settings)
+    finally:
+        grid.close()
+    assert time.monotonic() - started < 60
+    assert outcome.stopped is not None and "fewer than the 2 a round needs" in outcome.stopped
+    assert outcome.rounds["1"]["aggregated"] and "2" not in outcome.rounds
+    assert (tmp_path / "ck" / "state.json").exists()
+    written = __import__("json").loads((tmp_path / "out" / "outcome.json").read_text())
+    assert written["stopped"] == outcome.stopped and written["rounds"]["1"]["kept"] == 2
+    assert (tmp_path / "out" / "adapter" / "adapter.safetensors").exists()
+    with pytest.raises(FederatedError, match="node_wait"):
+        digits(node_wait=0).validate()
+
+
+def test_min_available_one_goes_on_with_the_node_it_has(tmp_path):
+    from adapterkit.federated.simulate import _in_process_identity, run_server
+
+    settings = digits(clients=2, rounds=3, min_available=1, node_wait=0.5)
+    _in_process_identity()
+    grid = _shrinking_grid(settings, after_round=2, left=1)
+    try:
+        outcome = run_server(grid, settings)
+    finally:
+        grid.close()
+    assert outcome.stopped is None
+    assert [outcome.rounds[r]["sent"] for r in ("1", "2", "3")] == [2, 1, 1]
+
+
+def test_a_dropped_reply_names_the_node_it_stands_for_not_the_superlink():
+    """A SuperNode's error reply comes from the SuperLink (src_node_id 1); the server names the real node
+    and its partition (known from its earlier good replies)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    settings = digits(clients=3, rounds=2, min_available=2)
+
+    def fails_in_round_2(msg, context, call_next):  # noqa: ANN001, ANN202 (a Flower client mod)
+        if int(context.node_config["partition-id"]) == 2 and int(msg.content["config"]["server-round"]) == 2:
+            reply = Message(Error(code=0, reason="disk full"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as a SuperLink relays it
+            return reply
+        return call_next(msg, context)
+
+    outcome = run_with_mod(settings, fails_in_round_2)
+    (drop,) = [d for d in outcome.dropped if d["round"] == 2]
+    assert drop["node_id"] == 1002 and drop["partition_id"] == 2 and "disk full" in drop["reason"]

@@ -217,6 +217,11 @@ class Guarded(Strategy):
         self.template = part.template()
         self.dropped: list[Dropped] = []
         self.history: dict[str, Any] = history or {"rounds": {}}
+        # the messages of the round in flight, and each node's partition as its good replies said:
+        # a SuperNode's error reply comes from the SuperLink (its src_node_id is the link's own), so
+        # the node it stands for is read from the message it answers
+        self._sent_messages: list[Message] = []
+        self._partitions: dict[int, int] = {}
 
     def summary(self) -> None:
         self.inner.summary()
@@ -246,16 +251,28 @@ class Guarded(Strategy):
             problem = problem and f"control: {problem}"
         return problem
 
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the destination of the message it replies to."""
+        answered = reply.metadata.reply_to_message_id
+        for sent in self._sent_messages:
+            if answered and sent.metadata.message_id == answered:
+                return int(sent.metadata.dst_node_id)
+        return int(reply.metadata.src_node_id)
+
     def _filter(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
         kept = []
         for msg in replies:
             reason = self.check(msg, is_train)
-            if reason is None:
-                kept.append(msg)
-                continue
+            node = self._node_of(msg)
             meta = None if msg.has_error() else msg.content.config_records.get("meta")
             pid = meta.get("partition-id") if meta is not None else None
-            drop = Dropped(server_round, int(msg.metadata.src_node_id), None if pid is None else int(pid), reason)
+            if reason is None:
+                if isinstance(pid, int):
+                    self._partitions[node] = pid
+                kept.append(msg)
+                continue
+            pid = pid if isinstance(pid, int) else self._partitions.get(node)
+            drop = Dropped(server_round, node, None if pid is None else int(pid), reason)
             self.dropped.append(drop)
             log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s", server_round,
                 drop.node_id, drop.partition_id, reason)
@@ -263,9 +280,9 @@ class Guarded(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        self._sent = len(messages := list(self.inner.configure_train(server_round + self.offset, arrays,
-                                                                     config, grid)))
-        return messages
+        self._sent_messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
+        self._sent = len(self._sent_messages)
+        return self._sent_messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -290,7 +307,8 @@ class Guarded(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        self._sent_messages = list(self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid))
+        return self._sent_messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         kept = self._filter(server_round + self.offset, replies, is_train=False)

@@ -10,6 +10,8 @@ up on a reply after the round's timeout, as the SuperLink does).
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import time
 import traceback
@@ -17,7 +19,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from logging import WARNING
+from logging import ERROR, WARNING
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,13 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from safetensors.torch import save_file
 
 from ..config import MethodConfig
+from ..io.storage import atomic_write
+from ..model import AdaptedModel
 from .aggregate import AGGREGATIONS
 from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import FaultsMod, parse_faults
+from .grid import BoundedGrid, TooFewNodes
 from .head_init import HEAD_INITS, class_mean_head
+from .records import ADAPTER, Participant
 from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
 from .tasks import FederatedError, FederatedTask
 
@@ -58,8 +66,10 @@ class Settings:
     lr: float | None = None
     fraction_train: float = 1.0
     evaluate_clients: bool = False  # also ask the clients to evaluate on their local data
-    min_available: int = 2
+    min_available: int = 2  # the fewest nodes (and good replies) a round needs
     timeout: float = 600.0  # seconds the server waits for a round's replies
+    node_wait: float = 120.0  # seconds the server waits for min_available nodes to connect, then stops
+    output_dir: str | None = None  # where the server writes outcome.json and the final adapter
     dp: str = "none"  # server:noise=σ,clip=C | client:noise=σ,clip=C
     faults: str = ""  # faults.py
     late_seconds: float = 5.0
@@ -80,6 +90,8 @@ class Settings:
             raise FederatedError(f"need rounds >= 1 and clients >= 2, got {self.rounds}, {self.clients}")
         if not 1 <= self.min_available <= self.clients:
             raise FederatedError(f"min_available={self.min_available} must be between 1 and clients={self.clients}")
+        if not (math.isfinite(self.node_wait) and self.node_wait > 0):
+            raise FederatedError(f"node_wait={self.node_wait} must be a number of seconds > 0")
         if self.local_loss not in LOSSES:
             raise FederatedError(f"local_loss {self.local_loss!r}: use one of {', '.join(LOSSES)}")
         if self.head_init not in HEAD_INITS:
@@ -121,6 +133,12 @@ class Outcome:
     head_init: dict[str, Any] | None = None  # the class-means query: replies kept, dropped, unseen classes
     dp: dict[str, Any] | None = None
     arrays: ArrayRecord | None = field(default=None, repr=False)
+    #: why the run stopped before its last round (too few nodes), or None
+    stopped: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """What outcome.json holds: everything but the tensors."""
+        return {k: v for k, v in asdict(self).items() if k != "arrays"}
 
 
 def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTask] | None = None) -> Outcome:
@@ -129,6 +147,8 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
     settings.validate()
     # its own copy, apart from any client's in this process (a late client may still be training)
     task, part = _local(factory or settings.factory(), "server:" + _key(settings, factory), settings.mode)
+    # every wait for nodes is bounded: with fewer than min_available for node_wait seconds, the run stops
+    grid = BoundedGrid(grid, settings.min_available, settings.node_wait)
     num_nodes = len(list(grid.get_node_ids()))
     inner = AdapterStrategy(
         "fedavg" if settings.aggregation == "ffa" else settings.aggregation,
@@ -136,8 +156,8 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
         local_epochs=settings.local_epochs, proximal_mu=settings.proximal_mu, local_loss=settings.local_loss,
         server_lr=settings.server_lr, server_momentum=settings.server_momentum, control=settings.control,
         fraction_train=settings.fraction_train, fraction_evaluate=1.0 if settings.evaluate_clients else 0.0,
-        min_train_nodes=2, min_evaluate_nodes=2 if settings.evaluate_clients else 0,
-        min_available_nodes=min(num_nodes, settings.min_available))
+        min_train_nodes=settings.min_available, min_evaluate_nodes=settings.min_available if settings.evaluate_clients else 0,
+        min_available_nodes=settings.min_available)
     sampled = max(int(num_nodes * settings.fraction_train), 2)
     strategy, dp = dp_wrapped(inner, settings.dp, sampled)
     checkpoints = Checkpoints(settings.checkpoint_dir, part) if settings.checkpoint_dir else None
@@ -163,18 +183,42 @@ def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTa
 
     started = time.perf_counter()
     remaining = settings.rounds - start
+    stopped = None
     if remaining > 0:
-        result = guarded.start(grid, arrays, num_rounds=remaining, timeout=settings.timeout,
-                               train_config=ConfigRecord({"seed": settings.seed}), evaluate_fn=central)
-        arrays = result.arrays if len(result.arrays) else arrays
+        try:
+            result = guarded.start(grid, arrays, num_rounds=remaining, timeout=settings.timeout,
+                                   train_config=ConfigRecord({"seed": settings.seed}), evaluate_fn=central)
+            arrays = result.arrays if len(result.arrays) else arrays
+        except TooFewNodes as err:
+            stopped = str(err)
+            done = [int(r) for r, e in guarded.history["rounds"].items() if e.get("aggregated")]
+            log(ERROR, "the run stops: %s; kept: the adapter after round %s%s", err, max(done, default=start),
+                f" (checkpoint in {settings.checkpoint_dir})" if settings.checkpoint_dir else "")
+            arrays = part.arrays()
     else:
         central(0, arrays)
     seconds = (time.perf_counter() - started) / max(1, remaining)
     sent = part.arrays().count_bytes() * (2 if settings.control == "scaffold" else 1)  # SCAFFOLD: c_i as well
     last = guarded.history["rounds"].get(str(settings.rounds), {})
-    return Outcome(asdict(settings), "", guarded.history["rounds"], [d.__dict__ for d in guarded.dropped],
-                   float(last.get("test_accuracy", float("nan"))), float(sent), seconds,
-                   resumed_from=start, dp=dp, arrays=arrays, head_init=head_report)
+    outcome = Outcome(asdict(settings), "", guarded.history["rounds"], [d.__dict__ for d in guarded.dropped],
+                      float(last.get("test_accuracy", float("nan"))), float(sent), seconds,
+                      resumed_from=start, dp=dp, arrays=arrays, head_init=head_report, stopped=stopped)
+    if settings.output_dir:
+        write_outcome(outcome, part, Path(settings.output_dir))
+    return outcome
+
+
+def write_outcome(outcome: Outcome, part: Participant, folder: Path) -> None:
+    """outcome.json (rounds, dropped replies and why, bytes, accuracy, why it stopped) and the final
+    adapter as an adapter folder (`adapter/`; the full model's tensors for full-model FedAvg)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if outcome.arrays is not None:
+        part.load(outcome.arrays)
+    if isinstance(part.model, AdaptedModel):
+        part.model.save(ADAPTER, str(folder / "adapter"))
+    else:
+        save_file({k: v.contiguous() for k, v in part.tensors().items()}, str(folder / "model.safetensors"))
+    atomic_write(folder / "outcome.json", json.dumps(outcome.to_json(), indent=2, default=str).encode())
 
 
 def _key(settings: Settings, factory: Callable[[], FederatedTask] | None) -> str:
