@@ -630,3 +630,37 @@ def test_a_dropped_reply_names_the_node_it_stands_for_not_the_superlink():
     outcome = run_with_mod(settings, fails_in_round_2)
     (drop,) = [d for d in outcome.dropped if d["round"] == 2]
     assert drop["node_id"] == 1002 and drop["partition_id"] == 2 and "disk full" in drop["reason"]
+
+
+def test_the_run_config_sets_the_servers_settings_and_guards_the_clients_side():
+    from adapterkit.federated import with_run_config
+
+    settings = digits(clients=4)
+    got = with_run_config(settings, {"rounds": "5", "min-available": 3, "output-dir": "/tmp/out",
+                                     "evaluate-clients": "true", "lr": "0.01", "local-epochs": "none",
+                                     "node_wait": 30, "my-own-key": "left alone", "task": "digits", "clients": 4})
+    assert (got.rounds, got.min_available, got.output_dir, got.evaluate_clients) == (5, 3, "/tmp/out", True)
+    assert got.lr == 0.01 and got.local_epochs is None and got.node_wait == 30.0
+    assert settings.rounds == 3  # the app's own Settings are not changed
+    with pytest.raises(FederatedError, match="clients is set where the ClientApp is built"):
+        with_run_config(settings, {"clients": 8})
+    with pytest.raises(FederatedError, match="rounds='many': not a int"):
+        with_run_config(settings, {"rounds": "many"})
+    with pytest.raises(FederatedError, match="min_available=9 must be between 1 and clients=4"):
+        with_run_config(settings, {"min-available": 9})
+
+
+def test_a_node_whose_num_partitions_differs_from_the_task_is_refused_by_name():
+    from adapterkit.federated.client import client_app
+    from adapterkit.federated.simulate import LocalGrid, _in_process_identity, run_server
+
+    settings = digits(clients=3, rounds=1, min_available=2)
+    _in_process_identity()
+    grid = LocalGrid(client_app(settings.factory(), settings.key()), 3)
+    grid.contexts[1002].node_config["num-partitions"] = 5  # this SuperNode was started for another split
+    try:
+        outcome = run_server(grid, settings)
+    finally:
+        grid.close()
+    (drop,) = outcome.dropped
+    assert drop["node_id"] == 1002 and "num-partitions=5" in drop["reason"] and "Settings.clients" in drop["reason"]

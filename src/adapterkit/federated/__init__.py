@@ -21,7 +21,16 @@ from .client import client_app, evaluate, local_train, make_participant  # noqa:
 from .faults import FaultsMod, parse_faults  # noqa: E402
 from .records import ADAPTER, Participant, check_arrays  # noqa: E402
 from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped  # noqa: E402
-from .simulate import LocalGrid, Outcome, Settings, ray_backend_config, run_server, server_app, simulate  # noqa: E402
+from .simulate import (  # noqa: E402
+    LocalGrid,
+    Outcome,
+    Settings,
+    ray_backend_config,
+    run_server,
+    server_app,
+    simulate,
+    with_run_config,
+)
 from .tasks import ClientData, FederatedError, FederatedTask, dirichlet_split  # noqa: E402
 
 __all__ = [
@@ -29,5 +38,5 @@ __all__ = [
     "FederatedTask", "Guarded", "LocalGrid", "Outcome", "Participant", "Settings", "aggregate", "build_task",
     "check_arrays", "client_app", "dirichlet_split", "dp_wrapped", "evaluate", "fedavg", "local_train",
     "make_participant", "method_config", "parse_faults", "ray_backend_config", "run_server", "server_app",
-    "simulate", "svd_refactor",
+    "simulate", "svd_refactor", "with_run_config",
 ]

@@ -176,6 +176,10 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     def own_partition(context: Context) -> tuple[FederatedTask, Participant, int]:
         task, part = _local(factory, key, mode)
         pid = int(context.node_config["partition-id"])
+        partitions = context.node_config.get("num-partitions")
+        if partitions is not None and int(partitions) != len(task.clients):
+            raise ValueError(f"this node's config says num-partitions={partitions}, but the app's task is split "
+                             f"into {len(task.clients)} clients: set Settings.clients to {partitions} in the app")
         if not 0 <= pid < len(task.clients):
             raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
         return task, part, pid

@@ -9,6 +9,7 @@ up on a reply after the round's timeout, as the SuperLink does).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -16,9 +17,9 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from logging import ERROR, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,14 +226,64 @@ def _key(settings: Settings, factory: Callable[[], FederatedTask] | None) -> str
     return settings.key() if factory is None else f"custom:{settings.task}:{settings.key()}"
 
 
+#: Settings the clients build their side from (the task, its split, the local faults and DP clipping):
+#: a run config cannot change them on the server alone, so it may only repeat the app's values
+CLIENT_SIDE = frozenset({"task", "clients", "partition", "method", "full_model", "seed", "per_client", "test_size",
+                         "faults", "late_seconds", "num_cpus", "dp"})
+
+
+def with_run_config(settings: Settings, run_config: Mapping[str, Any]) -> Settings:
+    """`settings` with the fields a Flower run config names (`[tool.flwr.app.config]`, `flwr run
+    --run-config "rounds=5 min-available=3"`): "min-available" and "min_available" are the field
+    min_available, each value converted to the field's type ("" or "none": None). Keys that name no
+    field are the app's own and are left alone; a client-side field may only repeat its value."""
+    names = {f.name: f for f in fields(Settings)}
+    changes: dict[str, Any] = {}
+    for key, value in run_config.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            continue
+        current = getattr(settings, name)
+        converted = _as_field(name, value, current, str(names[name].type))
+        if converted == current:
+            continue
+        if name in CLIENT_SIDE:
+            raise FederatedError(f"run config {key}={value!r}: {name} is set where the ClientApp is built too "
+                                 f"(the app's Settings say {current!r}); change it in the app, for both sides")
+        changes[name] = converted
+    updated = dataclasses.replace(settings, **changes)
+    updated.validate()
+    return updated
+
+
+def _as_field(name: str, value: Any, current: Any, annotation: str) -> Any:
+    if isinstance(value, str) and value.strip().lower() in ("", "none") and "None" in annotation:
+        return None
+    try:
+        if "bool" in annotation:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                return value.lower() == "true"
+            return bool(value)
+        if "int" in annotation and "float" not in annotation:
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FederatedError(f"run config {name}={value!r}: not a {annotation}") from None
+
+
 def server_app(settings: Settings, outcome: list[Outcome] | None = None,
                factory: Callable[[], FederatedTask] | None = None) -> ServerApp:
-    """The ServerApp; `outcome` (a list) receives the run's Outcome."""
+    """The ServerApp; `outcome` (a list) receives the run's Outcome. The run config (`flwr run
+    --run-config`) overrides the server's Settings (`with_run_config`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        done = run_server(grid, settings, factory)
+        done = run_server(grid, with_run_config(settings, context.run_config or {}), factory)
         if outcome is not None:
             outcome.append(done)
 
@@ -364,4 +415,4 @@ def simulate(settings: Settings, backend: str = "ray", factory: Callable[[], Fed
 
 
 __all__ = ["LocalGrid", "Outcome", "Settings", "make_participant", "ray_backend_config", "run_server", "server_app",
-           "simulate"]
+           "simulate", "with_run_config"]
