@@ -664,3 +664,39 @@ def test_a_node_whose_num_partitions_differs_from_the_task_is_refused_by_name():
         grid.close()
     (drop,) = outcome.dropped
     assert drop["node_id"] == 1002 and "num-partitions=5" in drop["reason"] and "Settings.clients" in drop["reason"]
+
+
+def test_faults_come_from_the_run_config_and_clipping_follows_the_servers_dp():
+    """The public client_app takes faults; a run config's `faults` replace them for a run; an update is
+    clipped only when the server's client-side DP sends a clipping norm."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from adapterkit.federated.client import clip_when_asked
+    from adapterkit.federated.faults import FaultsMod, parse_faults
+
+    mod = FaultsMod(parse_faults("drop:0"))
+    train = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                    message_type=MessageType.TRAIN)
+    node0 = Context(run_id=0, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(RuntimeError, match="partition 0 dropped out"):
+        mod(train, node0, lambda m, c: m)
+    calm = Context(run_id=0, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                   run_config={"faults": "nan:3"})
+    assert mod(train, calm, lambda m, c: m) is train  # the run config's faults replace the app's
+
+    def doubled(msg, context):  # noqa: ANN001, ANN202 (a client that moves its update far)
+        arrays = {k: Array(v.numpy() * 0 + 100.0) for k, v in msg.content["arrays"].items()}
+        return Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=msg)
+
+    start = ArrayRecord({"w": Array(np.zeros(4, dtype=np.float32))})
+    for norm, bound in ((None, None), (1.0, 1.0)):
+        config = ConfigRecord({"server-round": 1, **({KEY_CLIPPING_NORM: norm} if norm else {})})
+        msg = Message(RecordDict({"arrays": start, "config": config}), dst_node_id=1, message_type=MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = "m"
+        reply = clip_when_asked(msg, node0, doubled)
+        update = reply.content["arrays"]["w"].numpy()
+        if bound is None:
+            assert np.allclose(update, 100.0)  # no DP: untouched
+        else:
+            assert np.linalg.norm(update) <= bound + 1e-5

@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..model import adapt
 from ..train.step import MAX_GRAD_NORM, TrainStep
+from .faults import FaultsMod, parse_faults
 from .head_init import head_input_sums, sums_reply
 from .records import ADAPTER, Participant, adapter_participant, check_arrays, full_participant
 from .tasks import ClientData, FederatedTask
@@ -159,14 +161,16 @@ def forget_local() -> None:
 
 
 def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "adapter",
-               seed: int = 0, clip_on_client: bool = False, mods: list[Any] | None = None) -> ClientApp:
+               seed: int = 0, faults: str = "", late_seconds: float = 5.0, mods: list[Any] | None = None) -> ClientApp:
     """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
 
     The server's config sets the round's `lr`, `local-epochs`, `proximal-mu`, `local-objective` (the loss)
     and `control` ("scaffold": step with the server's `correction`, reply with this client's c_i too); a
-    `query` message asks for the class sums that initialise the head (head_init.py). `clip_on_client`
-    adds Flower's `fixedclipping_mod` (for `DifferentialPrivacyClientSideFixedClipping`)."""
-    app = ClientApp(mods=[*(mods or []), *([fixedclipping_mod] if clip_on_client else [])])
+    `query` message asks for the class sums that initialise the head (head_init.py). An update is clipped
+    when the server asks for it (client-side DP: `DifferentialPrivacyClientSideFixedClipping` sends the
+    clipping norm). `faults` (faults.py) makes partitions misbehave on purpose, for drills; a run
+    config's `faults` and `late-seconds` replace them for that run."""
+    app = ClientApp(mods=[*(mods or []), FaultsMod(parse_faults(faults), late_seconds), clip_when_asked])
 
     def setup(msg: Message, context: Context) -> tuple[FederatedTask, Participant, int, ClientData]:
         task, part, pid = own_partition(context)
@@ -241,3 +245,12 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
 def _reply(part: Participant, pid: int, metrics: dict[str, float]) -> RecordDict:
     return RecordDict({"arrays": part.arrays(), "metrics": MetricRecord(metrics),
                        "meta": ConfigRecord({"fingerprint": part.fingerprint, "partition-id": pid})})
+
+
+def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's `fixedclipping_mod` on a train message that carries a clipping norm (the server runs
+    client-side DP); any other message passes untouched."""
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)

@@ -44,22 +44,30 @@ def parse_faults(spec: str) -> list[Fault]:
 
 class FaultsMod:
     """A ClientApp mod that misbehaves as `faults` say on train messages; `late_seconds` is how long
-    a late client sleeps (longer than the server's round timeout)."""
+    a late client sleeps (longer than the server's round timeout). A run config's `faults` and
+    `late-seconds` (`flwr run --run-config`) replace them for that run."""
 
     def __init__(self, faults: list[Fault], late_seconds: float = 5.0) -> None:
         self.faults, self.late_seconds = faults, late_seconds
 
+    def _for(self, context: Context) -> tuple[list[Fault], float]:
+        config = context.run_config or {}
+        spec = config.get("faults")
+        late = config.get("late-seconds", config.get("late_seconds", self.late_seconds))
+        return (parse_faults(str(spec)) if spec is not None else self.faults), float(late)
+
     def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN:
+        faults, late_seconds = self._for(context)
+        if msg.metadata.message_type != MessageType.TRAIN or not faults:
             return call_next(msg, context)
         pid = int(context.node_config["partition-id"])
         server_round = int(msg.content["config"].get("server-round", 0))
-        active = {f.kind for f in self.faults
+        active = {f.kind for f in faults
                   if f.partition == pid and (f.rounds is None or server_round in f.rounds)}
         if "drop" in active:
             raise RuntimeError(f"partition {pid} dropped out in round {server_round}")
         if "late" in active:
-            time.sleep(self.late_seconds)
+            time.sleep(late_seconds)
         reply = call_next(msg, context)
         if reply.has_error() or not active & {"nan", "shape", "foreign"}:
             return reply

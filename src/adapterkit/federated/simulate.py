@@ -37,7 +37,7 @@ from ..model import AdaptedModel
 from .aggregate import AGGREGATIONS
 from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
-from .faults import FaultsMod, parse_faults
+from .faults import parse_faults
 from .grid import BoundedGrid, TooFewNodes
 from .head_init import HEAD_INITS, class_mean_head
 from .records import ADAPTER, Participant
@@ -226,10 +226,11 @@ def _key(settings: Settings, factory: Callable[[], FederatedTask] | None) -> str
     return settings.key() if factory is None else f"custom:{settings.task}:{settings.key()}"
 
 
-#: Settings the clients build their side from (the task, its split, the local faults and DP clipping):
+#: Settings the clients build their side from (the task and its split; faults and late-seconds the
+#: clients read from the run config themselves, and they clip whenever the server's DP asks):
 #: a run config cannot change them on the server alone, so it may only repeat the app's values
 CLIENT_SIDE = frozenset({"task", "clients", "partition", "method", "full_model", "seed", "per_client", "test_size",
-                         "faults", "late_seconds", "num_cpus", "dp"})
+                         "num_cpus"})
 
 
 def with_run_config(settings: Settings, run_config: Mapping[str, Any]) -> Settings:
@@ -291,12 +292,9 @@ def server_app(settings: Settings, outcome: list[Outcome] | None = None,
 
 
 def make_client_app(settings: Settings, factory: Callable[[], FederatedTask] | None = None) -> ClientApp:
-    """The ClientApp for `settings` (with its faults and client-side clipping, if any)."""
-    faults = parse_faults(settings.faults)
-    mods = [FaultsMod(faults, settings.late_seconds)] if faults else []
-    dp = parse_dp(settings.dp)
+    """The ClientApp for `settings` (with its faults; it clips updates when the server runs client-side DP)."""
     return client_app(factory or settings.factory(), _key(settings, factory), mode=settings.mode, seed=settings.seed,
-                      clip_on_client=dp is not None and dp[0] == "client", mods=mods)
+                      faults=settings.faults, late_seconds=settings.late_seconds)
 
 
 class LocalGrid(Grid):
