@@ -700,3 +700,37 @@ def test_faults_come_from_the_run_config_and_clipping_follows_the_servers_dp():
             assert np.allclose(update, 100.0)  # no DP: untouched
         else:
             assert np.linalg.norm(update) <= bound + 1e-5
+
+
+def test_new_app_writes_a_flower_project_that_flower_validates_and_whose_apps_load(tmp_path, monkeypatch):
+    import importlib
+
+    import tomllib
+    from flwr.clientapp import ClientApp
+    from flwr.common.config import validate_config
+    from flwr.serverapp import ServerApp
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.federated import with_run_config
+
+    folder = tmp_path / "my-fleet"
+    result = CliRunner().invoke(app, ["federated", "new-app", str(folder), "--task", "digits", "--clients", "3",
+                                      "--rounds", "4", "--min-available", "2"])
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads((folder / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=False)
+    assert valid, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    assert run_config["rounds"] == 4 and run_config["min-available"] == 2 and "clients" not in run_config
+    monkeypatch.syspath_prepend(str(folder))
+    settings_module = importlib.import_module("my_fleet.settings")
+    assert settings_module.SETTINGS.task == "digits" and settings_module.SETTINGS.clients == 3
+    assert isinstance(importlib.import_module("my_fleet.server_app").app, ServerApp)
+    assert isinstance(importlib.import_module("my_fleet.client_app").app, ClientApp)
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=folder)
+    assert valid, errors
+    settings = with_run_config(settings_module.SETTINGS, run_config)  # what the ServerApp runs with
+    assert (settings.rounds, settings.min_available, settings.clients) == (4, 2, 3)
+    again = CliRunner().invoke(app, ["federated", "new-app", str(folder)])
+    assert again.exit_code == 2 and "not empty" in again.output

@@ -66,3 +66,25 @@ def federated_simulate(
 
         record = {k: v for k, v in asdict(outcome).items() if k != "arrays"}
         Path(out).write_text(json.dumps(record, indent=2, default=str))
+
+
+@federated_app.command("new-app")
+@clear_errors
+def federated_new_app(
+    folder: Annotated[str, typer.Argument(help="New folder for the Flower app project")],
+    task: Annotated[str, typer.Option(help="tweets | newsgroups | har | digits")] = "tweets",
+    clients: Annotated[int, typer.Option(help="Partitions: one per SuperNode (its node config's num-partitions)")] = 10,
+    partition: Annotated[str, typer.Option(help="dirichlet:<alpha> | iid | natural (har)")] = "dirichlet:0.3",
+    method: Annotated[str, typer.Option(help="lora | bottleneck | ia3 | bitfit")] = "lora",
+    rounds: int = 20,
+    min_available: Annotated[int, typer.Option(help="Fewest nodes (and good replies) a round needs")] = 2,
+) -> None:
+    """Write a Flower app project (pyproject.toml + a package) whose ServerApp and ClientApp are
+    adapterkit's, for `flwr run` against a SuperLink and SuperNodes; every server Setting is in its run config."""
+    from ..federated import Settings
+    from ..federated.app_project import write_app
+
+    path = write_app(folder, Settings(task=task, clients=clients, partition=partition, method=method, rounds=rounds,
+                                      min_available=min_available))
+    console.print(f"Flower app project written to {path}: run it with `flwr run {path}` "
+                  "(override settings with --run-config \"rounds=5 min-available=3\")")
