@@ -76,7 +76,7 @@ def federated_new_app(
     clients: Annotated[int, typer.Option(help="Partitions: one per SuperNode (its node config's num-partitions)")] = 10,
     partition: Annotated[str, typer.Option(help="dirichlet:<alpha> | iid | natural (har)")] = "dirichlet:0.3",
     method: Annotated[str, typer.Option(help="lora | bottleneck | ia3 | bitfit")] = "lora",
-    rounds: int = 20,
+    rounds: Annotated[int, typer.Option(help="Rounds of training")] = 20,
     min_available: Annotated[int, typer.Option(help="Fewest nodes (and good replies) a round needs")] = 2,
 ) -> None:
     """Write a Flower app project (pyproject.toml + a package) whose ServerApp and ClientApp are
