@@ -674,7 +674,9 @@ def test_faults_come_from_the_run_config_and_clipping_follows_the_servers_dp():
 
     from adapterkit.federated.client import clip_when_asked
     from adapterkit.federated.faults import FaultsMod, parse_faults
+    from adapterkit.federated.simulate import _in_process_identity
 
+    _in_process_identity()  # messages take their run from the process's task identity
     mod = FaultsMod(parse_faults("drop:0"))
     train = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
                     message_type=MessageType.TRAIN)
@@ -723,6 +725,7 @@ def test_new_app_writes_a_flower_project_that_flower_validates_and_whose_apps_lo
     assert valid, errors
     run_config = config["tool"]["flwr"]["app"]["config"]
     assert run_config["rounds"] == 4 and run_config["min-available"] == 2 and "clients" not in run_config
+    assert run_config["output-dir"] == "" and run_config["lr"] == ""  # None, overridable by flwr run --run-config
     monkeypatch.syspath_prepend(str(folder))
     settings_module = importlib.import_module("my_fleet.settings")
     assert settings_module.SETTINGS.task == "digits" and settings_module.SETTINGS.clients == 3
@@ -732,5 +735,8 @@ def test_new_app_writes_a_flower_project_that_flower_validates_and_whose_apps_lo
     assert valid, errors
     settings = with_run_config(settings_module.SETTINGS, run_config)  # what the ServerApp runs with
     assert (settings.rounds, settings.min_available, settings.clients) == (4, 2, 3)
+    assert settings.output_dir is None and settings.lr is None
+    overridden = with_run_config(settings_module.SETTINGS, {**run_config, "output-dir": "/tmp/x", "lr": 0.02})
+    assert overridden.output_dir == "/tmp/x" and overridden.lr == 0.02
     again = CliRunner().invoke(app, ["federated", "new-app", str(folder)])
     assert again.exit_code == 2 and "not empty" in again.output

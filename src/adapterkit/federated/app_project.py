@@ -78,8 +78,10 @@ def write_app(folder: str | Path, settings: Settings) -> Path:
     package = name.replace("-", "_")
     values = asdict(settings)
     client_side = {k: values[k] for k in sorted(CLIENT_SIDE)}
-    run_config = {f.name.replace("_", "-"): values[f.name] for f in fields(Settings)
-                  if f.name not in CLIENT_SIDE and values[f.name] is not None}
+    # every server field, so that `flwr run --run-config` (which overrides only keys the project has)
+    # can set each one; a field that is None by default is written as "" (with_run_config reads it back)
+    run_config = {f.name.replace("_", "-"): "" if values[f.name] is None else values[f.name]
+                  for f in fields(Settings) if f.name not in CLIENT_SIDE}
     (folder / package).mkdir(parents=True)
     (folder / "pyproject.toml").write_text(PYPROJECT.format(
         name=name, package=package, task=settings.task,
