@@ -92,6 +92,8 @@ def test_bf16_base_shares_the_fp32_fingerprint_and_adapters_stay_fp32():
     assert {p.dtype for p in am.adapter_parameters("a")} == {torch.float32}
     am.activate("a")
     assert am(IDS).logits.dtype == torch.bfloat16
+    assert ak.Precision(dtype="bf16").adapter_torch_dtype == torch.float32
+    assert ak.Precision(dtype="bf16", adapter_dtype="base").adapter_torch_dtype == torch.bfloat16
     all_half = ak.adapt(same_weights(llama, full).to(torch.bfloat16), adapter_dtype=torch.bfloat16)
     all_half.add("a", ak.LoRA(r=4))
     assert {p.dtype for p in all_half.adapter_parameters("a")} == {torch.bfloat16}

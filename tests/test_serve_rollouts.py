@@ -90,6 +90,11 @@ def test_split_and_promote_over_http_with_facts_per_version_and_feedback(engine)
     assert client.post("/v1/feedback", headers={"Authorization": "Bearer key-bob-000001"},
                        json={"request_id": first["request_id"], "label": "pos"}).status_code == 404
     assert client.post("/v1/feedback", headers=ALICE, json={"request_id": "nope", "label": "pos"}).status_code == 404
+    scored = client.post("/v1/feedback", headers=ALICE, json={"request_id": answers[2]["request_id"], "score": 0.25})
+    assert scored.status_code == 200 and scored.json()["result"] == "scored", scored.text
+    both = client.post("/v1/feedback", headers=ALICE, json={"request_id": first["request_id"], "label": "pos",
+                                                            "score": 1.0})
+    assert both.status_code == 400 and "one of them" in both.text
     facts = client.get("/v1/adapters/sentiment/versions", headers=ALICE).json()
     assert facts["split"] == {"2": 0.5, "3": 0.5} and facts["live"] == 3
     total = sum(v["requests"] for v in facts["versions"].values())
@@ -97,7 +102,9 @@ def test_split_and_promote_over_http_with_facts_per_version_and_feedback(engine)
     for version in facts["versions"].values():
         assert version["latency_seconds"]["p50"] > 0 and sum(version["labels"].values()) == version["requests"]
     judged = [v for v in facts["versions"].values() if v["feedback"]]
-    assert sum(v["feedback"] for v in judged) == 2
+    assert sum(v["feedback"] for v in judged) == 3
+    assert [v["mean_score"] for v in judged if v["mean_score"] is not None] == [0.25]
+    assert sorted(v["accuracy"] for v in judged if v["accuracy"] is not None) in ([0.0, 1.0], [0.5])
     metrics = client.get("/metrics", headers={"Authorization": "Bearer key-admin-0001"}).text
     assert 'adapterkit_version_requests_total{adapter="sentiment",outcome="ok",tenant="alice",version="2"}' in metrics
     assert "adapterkit_version_feedback_total" in metrics

@@ -109,7 +109,7 @@ class HeadSwitch:
                 return name, own
         return None
 
-    def _owners(self, names: set[str]) -> dict[str, nn.Module]:
+    def _owners(self, names: set[str] | frozenset[str]) -> dict[str, nn.Module]:
         """Name -> own module of the adapters among `names` that have one here, by name."""
         # a plain loop: torch.compile cannot trace an assignment expression inside a comprehension
         used: dict[str, nn.Module] = {}
@@ -142,7 +142,7 @@ class HeadSwitch:
     def _mixed(self, route: Route, args: tuple, kwargs: dict, base_out: torch.Tensor) -> torch.Tensor | None:
         """Routed, with mixtures: a mixture's row is Σ w_i · (adapter i's module, or the base's, on that
         row), which needs one output width (one label set) across the mixture."""
-        used = self._owners(route.used())
+        used = self._owners(route.used)
         if not used:
             return None
         x, rest = args[0], args[1:]

@@ -283,7 +283,7 @@ class AdaptedModel(nn.Module):
         """Within the block, row i of the batch uses adapter names[i] (None = the base model), or a
         weighted mixture {name: weight, ...} of adapters (routes.py says what a mixture computes)."""
         route = route_of(names)
-        for name in sorted(route.used()):
+        for name in sorted(route.used):
             if self.adapter(name).model_method is not None:
                 raise CompositionError(f"adapter {name!r}: per-row routing does not support prompt/prefix tuning")
         if self.state.merged:

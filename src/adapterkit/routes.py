@@ -25,6 +25,11 @@ RowAdapters = str | None | tuple[tuple[str, float], ...]
 RouteEntry = str | None | Mapping[str, float]
 
 
+def finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite: what a mixture weight must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def row_adapters(entry: RouteEntry) -> RowAdapters:
     """One row's entry of a route, checked: a mixture becomes ((name, weight), ...) sorted by name, and
     a mixture of one adapter at weight 1 becomes its name."""
@@ -37,7 +42,7 @@ def row_adapters(entry: RouteEntry) -> RowAdapters:
     for name, weight in entry.items():
         if not isinstance(name, str):
             raise CompositionError(f"mixture {dict(entry)!r}: adapter names are strings, not {name!r}")
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        if not finite_number(weight):
             raise CompositionError(f"mixture weight of adapter {name!r} must be a finite number, not {weight!r}")
         pairs.append((name, float(weight)))
     pairs.sort()
@@ -65,6 +70,8 @@ class Route:
 
     def __post_init__(self) -> None:
         self.mixed = any(isinstance(n, tuple) for n in self.names)
+        #: every adapter some row uses (the hooks ask at every site, so it is worked out once)
+        self.used: frozenset[str] = frozenset(n for entry in self.names for n in names_of(entry))
         width = max((len(n) if isinstance(n, tuple) else 1 for n in self.names), default=1)
         #: component k: (row i's k-th adapter or None, its weight) for every row. Without mixtures there
         #: is one component, the names themselves, at weight 1.
@@ -80,9 +87,6 @@ class Route:
                 names.append(name)
                 weights.append(weight)
             self.components.append((tuple(names), tuple(weights)))
-
-    def used(self) -> set[str]:
-        return {n for entry in self.names for n in names_of(entry)}
 
     def weight(self, k: int, like: torch.Tensor, batch_dim: int) -> torch.Tensor:
         """Component k's per-row weights, shaped to broadcast against `like` along `batch_dim`."""

@@ -175,7 +175,7 @@ class Site(nn.Module):
     def _uses(self, groups: dict[RouteKey, Group], arg: int) -> bool:
         """Whether the active setup or route applies any of `groups` (the adapters reading `arg`)."""
         if self.state.route is not None:
-            used = self.state.route.used()
+            used = self.state.route.used
             return any(n in g.slot for g in groups.values() for n in used)
         return self._touches(self.state.setup, "input", arg)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import threading
 import time
@@ -34,6 +33,7 @@ from ..io.files import read_adapter
 from ..model import AdaptedModel
 from ..precision import parse_dtype, quantized_modules
 from ..quantize import Precision
+from ..routes import finite_number
 from ..task import Task
 from .base import load_base, max_positions, raw_encoder, task_of
 from .batcher import Batcher, Request, RequestKind
@@ -306,7 +306,7 @@ class Engine:
             raise PayloadTooLarge(f"adapters: {len(adapters)} in one mixture; at most {self.max_mixture}")
         mixture = []
         for name, weight in sorted(adapters.items()):
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            if not finite_number(weight):
                 raise BadRequest(f"adapters: the weight of {name!r} must be a finite number, not {weight!r}",
                                  param="adapters")
             key = self.key(tenant, name, caller)

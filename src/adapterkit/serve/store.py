@@ -44,6 +44,7 @@ from ..io.files import MANIFEST, TENSORS, read_adapter
 from ..io.install import check_adapter
 from ..io.storage import PICKLE_SUFFIXES, atomic_write, fsync_dir
 from ..methods import is_model_level
+from ..routes import finite_number
 from .archive import MAX_BYTES, adapter_root, extract_adapter_archive
 from .errors import BadRequest, BadUpload, Conflict, InvalidAdapter, NotFound, QuotaExceeded, not_found
 from .tenants import DEFAULT_TENANT, valid_name
@@ -199,7 +200,7 @@ class AdapterStore:
         if not weights:
             raise BadRequest("a split names at least one version")
         for version, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1:
+            if not (finite_number(weight) and 0 <= weight <= 1):
                 raise BadRequest(f"the weight of v{version} must be a number in [0, 1], not {weight!r}")
         if abs(sum(weights.values()) - 1) > 1e-6:
             raise BadRequest(f"the weights of a split sum to 1, not {sum(weights.values()):g}")
