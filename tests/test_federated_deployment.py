@@ -1,16 +1,17 @@
-"""The app project on a real Flower deployment: a SuperLink and two SuperNodes started as processes on
-loopback (each stopped by its PID), `flwr run` of `adapterkit federated new-app`'s project with a run
-config override, and the outcome the ServerApp writes."""
+"""The app project on a real Flower deployment (federated/local.py): a SuperLink and SuperNodes started
+as processes on loopback, each stopped by its PID, `flwr run` of `adapterkit federated new-app`'s project.
+
+  * TLS and SuperNode authentication: three registered nodes join, an unregistered one is refused;
+    two rounds of digits, one node killed after its first reply: the run finishes with the other two
+    and writes its outcome (the dropped node named) and the final adapter;
+  * two nodes, one lost: the run ends within its timeouts, names the lost node and keeps the adapter it had.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,79 +19,74 @@ import pytest
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr and flower-superexec
+from adapterkit.federated.keys import make_keys  # noqa: E402
+from adapterkit.federated.local import BIN, LocalDeployment, wait_for_text  # noqa: E402
+from adapterkit.federated.tasks import FederatedError  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(path: Path, text: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.5)
-    return False
-
-
-@pytest.fixture
-def deployment(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
-    port = free_port()
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    processes: list[subprocess.Popen] = []
-
-    def start(args: list[str], log: Path) -> subprocess.Popen:
-        handle = open(log, "w")  # noqa: SIM115 - closed with the process below
-        proc = subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        processes.append(proc)
-        return proc
-
-    # the app's dependencies are installed already: the SuperLink is told not to install them (uv)
-    start([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-           "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1", "--port", str(port)],
-          tmp_path / "superlink.log")
-    assert wait_for(tmp_path / "superlink.log", "Uvicorn running", 60), (tmp_path / "superlink.log").read_text()
-    nodes = []
-    for i in range(2):
-        log = tmp_path / f"node{i}.log"
-        nodes.append(start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                            "--node-config", f"partition-id={i} num-partitions=2", "--port", str(free_port())], log))
-        assert wait_for(log, "SuperNode ID", 60), log.read_text()
-    try:
-        yield {"env": env, "nodes": nodes, "root": tmp_path}
-    finally:
-        for proc in processes:
-            with_group = os.getpgid(proc.pid) if proc.poll() is None else None
-            if with_group is not None:
-                os.killpg(with_group, signal.SIGTERM)
-        for proc in processes:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-
-
-def test_flwr_run_of_the_app_project_trains_on_two_supernodes_and_writes_its_outcome(deployment):
-    root, env = deployment["root"], deployment["env"]
-    made = subprocess.run([str(BIN / "adapterkit"), "federated", "new-app", str(root / "app"), "--task", "digits",
-                           "--clients", "2", "--rounds", "2", "--min-available", "2"],
-                          env=env, capture_output=True, text=True, timeout=120)
+def new_app(fleet: LocalDeployment, folder: Path, clients: int, rounds: int, min_available: int) -> Path:
+    made = subprocess.run([str(BIN / "adapterkit"), "federated", "new-app", str(folder), "--task", "digits",
+                           "--clients", str(clients), "--rounds", str(rounds), "--min-available", str(min_available)],
+                          env=fleet.env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
-    out = root / "out"
-    run = subprocess.run([str(BIN / "flwr"), "run", ".", "local", "--stream", "--run-config",
-                          f'output-dir="{out}" timeout=120.0 node-wait=60.0'],
-                         cwd=root / "app", env=env, capture_output=True, text=True, timeout=420)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return folder
+
+
+def kill_after_first_reply(fleet: LocalDeployment, node: int) -> threading.Thread:
+    """Kill SuperNode `node` (and its ClientApp processes) once it has sent its first reply."""
+    def watch() -> None:
+        if wait_for_text(fleet.folder / f"node-{node}.log", ("Sent successfully",), 300, fleet.nodes[node]):
+            fleet.kill(fleet.nodes[node])
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_only_registered_nodes_join_over_tls_and_a_killed_node_leaves_the_run_to_the_others(tmp_path):
+    keys = make_keys(tmp_path / "keys", nodes=4)
+    with LocalDeployment(tmp_path / "fleet", keys=keys) as fleet:
+        for node in range(3):
+            fleet.register(node)
+            fleet.add_node(node, 3, key=node)
+        with pytest.raises(FederatedError, match="did not join"):  # key 3 was never registered
+            fleet.add_node(0, 3, key=3)
+        assert fleet.nodes[3].poll() not in (None, 0)  # it gave up and exited; it did not hang
+        app = new_app(fleet, tmp_path / "app", clients=3, rounds=2, min_available=2)
+        watcher = kill_after_first_reply(fleet, 2)
+        out = tmp_path / "out"
+        run = fleet.run(app, {"output-dir": str(out), "timeout": 25.0, "node-wait": 60.0}, timeout=400)
+        watcher.join(1)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert fleet.nodes[2].poll() is not None  # the killed node
     outcome = json.loads((out / "outcome.json").read_text())
     assert outcome["stopped"] is None and outcome["settings"]["rounds"] == 2
-    assert outcome["rounds"]["2"]["kept"] == 2 and outcome["rounds"]["2"]["aggregated"]
+    assert outcome["rounds"]["1"]["kept"] == 3 and outcome["rounds"]["2"]["kept"] == 2
+    assert outcome["rounds"]["2"]["aggregated"]
     assert outcome["accuracy"] > outcome["rounds"]["0"]["test_accuracy"]
+    assert (out / "adapter" / "adapter.safetensors").exists()
+
+
+def test_a_two_node_run_that_loses_one_ends_within_its_timeouts_names_the_node_and_keeps_its_adapter(tmp_path):
+    with LocalDeployment(tmp_path / "fleet") as fleet:
+        for node in range(2):
+            fleet.add_node(node, 2)
+        app = new_app(fleet, tmp_path / "app", clients=2, rounds=3, min_available=2)
+        watcher = kill_after_first_reply(fleet, 1)
+        out = tmp_path / "out"
+        run = fleet.run(app, {"output-dir": str(out), "timeout": 12.0, "node-wait": 10.0}, timeout=300)
+        watcher.join(1)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    outcome = json.loads((out / "outcome.json").read_text())
+    # the SuperLink lists a dead node until its heartbeat runs out: each later round waits its timeout for
+    # the lost node's reply, keeps the one it got and does not aggregate; once the link has let the node
+    # go, the run stops because fewer nodes than a round needs are connected
+    assert outcome["rounds"]["1"]["aggregated"]
+    later = {int(r): entry for r, entry in outcome["rounds"].items() if int(r) > 1 and "sent" in entry}
+    assert not any(entry["aggregated"] for entry in later.values())
+    lost = [d for d in outcome["dropped"] if d["reason"] == "no reply before the round's timeout"]
+    assert {d["partition_id"] for d in lost} <= {1} and len({d["node_id"] for d in lost}) <= 1
+    if outcome["stopped"] is None:  # every round ran: each after the loss waited for the lost node
+        assert sorted(later) == [2, 3] and {d["round"] for d in lost} == {2, 3}
+    else:
+        assert "fewer than the 2 a round needs" in outcome["stopped"]
     assert (out / "adapter" / "adapter.safetensors").exists()

@@ -16,7 +16,7 @@ from torch import nn
 from .config import MethodConfig
 from .errors import TargetError
 from .methods import site_method_class
-from .methods.base import HFConv1D
+from .methods.base import hf_conv1d
 
 _FAMILY_BY_MODEL_TYPE = {
     "gpt2": "gpt2", "gpt_neo": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
@@ -56,8 +56,7 @@ def matches(name: str, module: nn.Module, target: str | type) -> bool:
     if isinstance(target, type):
         return isinstance(module, target)
     if target == "all-linear":
-        # HFConv1D is () without transformers, which no module is an instance of
-        is_linear = isinstance(module, nn.Linear) or isinstance(module, HFConv1D)
+        is_linear = isinstance(module, (nn.Linear, *hf_conv1d()))
         return is_linear and not any(name == h or name.endswith("." + h) for h in OUTPUT_HEADS)
     if target.startswith("re:"):
         return re.search(target[3:], name) is not None

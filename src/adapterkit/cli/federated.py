@@ -61,11 +61,9 @@ def federated_simulate(
     if outcome.head_init:
         console.print(f"head from class means: {outcome.head_init}")
     if out:
-        from dataclasses import asdict
         from pathlib import Path
 
-        record = {k: v for k, v in asdict(outcome).items() if k != "arrays"}
-        Path(out).write_text(json.dumps(record, indent=2, default=str))
+        Path(out).write_text(json.dumps(outcome.to_json(), indent=2, default=str))
 
 
 @federated_app.command("new-app")
@@ -88,3 +86,20 @@ def federated_new_app(
                                       min_available=min_available))
     console.print(f"Flower app project written to {path}: run it with `flwr run {path}` "
                   "(override settings with --run-config \"rounds=5 min-available=3\")")
+
+
+@federated_app.command("keys")
+@clear_errors
+def federated_keys(
+    folder: Annotated[str, typer.Argument(help="New folder for the certificates and keys")],
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make")] = 2,
+    host: Annotated[list[str] | None, typer.Option(help="The SuperLink's address or DNS name (repeat for several)")] = None,
+) -> None:
+    """A CA, the SuperLink's TLS certificate and one key pair per SuperNode, for a fleet that lets only
+    registered nodes in: `flwr supernode register node-<i>.pub`, then start SuperNode i with
+    `--auth-supernode-private-key node-<i> --root-certificates ca.crt` (README: deploy)."""
+    from ..federated.keys import make_keys
+
+    keys = make_keys(folder, nodes, tuple(host) if host else ("127.0.0.1", "localhost"))
+    console.print(f"written to {keys.folder}: ca.crt (give it to every SuperNode and to flwr), server.pem and "
+                  f"server.key (the SuperLink's), node-0 .. node-{nodes - 1} and their .pub keys")

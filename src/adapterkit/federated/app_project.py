@@ -85,7 +85,7 @@ def write_app(folder: str | Path, settings: Settings) -> Path:
     (folder / package).mkdir(parents=True)
     (folder / "pyproject.toml").write_text(PYPROJECT.format(
         name=name, package=package, task=settings.task,
-        config="\n".join(f"{key} = {_toml(value)}" for key, value in run_config.items())))
+        config="\n".join(f"{key} = {toml_value(value)}" for key, value in run_config.items())))
     (folder / package / "__init__.py").write_text('"""adapterkit on Flower: the app\'s ServerApp and ClientApp."""\n')
     (folder / package / "settings.py").write_text(SETTINGS_PY.format(
         fields=", ".join(f"{k}={v!r}" for k, v in client_side.items())))
@@ -94,7 +94,8 @@ def write_app(folder: str | Path, settings: Settings) -> Path:
     return folder
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` as TOML (and Flower's `key=value` config parser) reads it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

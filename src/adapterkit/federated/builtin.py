@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import os
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..config import LoRA, MethodConfig
 from ..continual.text import newsgroups, tweets
+from ..io.storage import atomic_write
 from .tasks import ClientData, FederatedError, FederatedTask, dirichlet_split, iid_split, parse_partition
 
 TASKS = ("tweets", "newsgroups", "har", "digits")
@@ -141,15 +148,49 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
 
 @lru_cache(maxsize=2)
 def _har_source(seed: int) -> dict[str, torch.Tensor]:
-    from ..edge.backbones import tcn
-    from ..edge.har import ACTIVITIES, imu_set, random_user
-    from ..edge.recipe import pretrain
+    def train() -> dict[str, torch.Tensor]:
+        from ..edge.backbones import tcn
+        from ..edge.har import ACTIVITIES, imu_set, random_user
+        from ..edge.recipe import pretrain
 
-    rng = np.random.default_rng(seed + 1000)
-    source_users = [random_user(rng) for _ in range(20)]
-    xs, ys = imu_set(source_users, 120, rng)
-    model = pretrain(lambda: tcn(6, len(ACTIVITIES)), xs, ys, epochs=8, lr=3e-3, seed=seed)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+        rng = np.random.default_rng(seed + 1000)
+        source_users = [random_user(rng) for _ in range(20)]
+        xs, ys = imu_set(source_users, 120, rng)
+        model = pretrain(lambda: tcn(6, len(ACTIVITIES)), xs, ys, epochs=8, lr=3e-3, seed=seed)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    return pretrained_source(f"har-seed{seed}", train)
+
+
+#: bumped whenever a source's pre-training recipe changes, so that no stale weights are read back
+SOURCES_VERSION = 1
+
+
+def source_cache_dir() -> Path | None:
+    """Where pre-trained sources are kept: $ADAPTERKIT_CACHE/federated (~/.cache/adapterkit by
+    default); ADAPTERKIT_CACHE=off keeps none."""
+    root = os.environ.get("ADAPTERKIT_CACHE", str(Path.home() / ".cache" / "adapterkit"))
+    return None if root.strip().lower() in ("", "off", "0", "none") else Path(root) / "federated"
+
+
+def pretrained_source(name: str, train: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A source model's pre-trained weights, trained once per machine and read back after that: a
+    deployment's SuperNode starts a fresh ClientApp process for every message, and each would
+    otherwise pre-train the base again before its round (2 s of every 4 on digits)."""
+    folder = source_cache_dir()
+    path = None if folder is None else folder / f"{name}-v{SOURCES_VERSION}-torch{torch.__version__}.safetensors"
+    if path is not None and path.exists():
+        try:
+            return load_file(path)
+        except Exception:  # noqa: BLE001 - a torn or foreign file: train again and replace it
+            pass
+    state = train()
+    if path is not None:
+        try:
+            atomic_write(path, save({k: v.contiguous() for k, v in state.items()}))
+        except OSError:  # a read-only home: every process trains its own
+            pass
+    return state
 
 
 # --- digits: a small MLP pre-trained on digits 0-4 learns all ten (scikit-learn's load_digits) ----
@@ -166,17 +207,31 @@ class DigitsMLP(nn.Module):
 
 @lru_cache(maxsize=2)
 def _digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    from sklearn.datasets import load_digits
-
     from ..edge.recipe import pretrain
 
-    x_np, y_np = load_digits(return_X_y=True)
+    x_np, y_np = digits_arrays()
     x, y = torch.tensor(x_np / 16.0, dtype=torch.float32), torch.tensor(y_np)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     source, rest = order[:600], order[600:]
     source = source[y[source] < 5]  # the pre-trained model knows half the digits
-    model = pretrain(DigitsMLP, x[source], y[source], epochs=15, lr=3e-3, seed=seed)
-    return x[rest], y[rest], {k: v.clone() for k, v in model.state_dict().items()}
+
+    def train() -> dict[str, torch.Tensor]:
+        model = pretrain(DigitsMLP, x[source], y[source], epochs=15, lr=3e-3, seed=seed)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    return x[rest], y[rest], pretrained_source(f"digits-seed{seed}", train)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 8x8 images, values 0-16), read from the file its wheel ships, as
+    `load_digits(return_X_y=True)` returns them: importing scikit-learn costs a deployment's every
+    ClientApp process almost two seconds."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FederatedError("task 'digits' reads scikit-learn's digits: pip install scikit-learn")
+    with gzip.open(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 def _digits_task(clients: int, partition: str, seed: int, per_client: int, test_size: int,

@@ -1,6 +1,9 @@
 """A Grid whose waits for nodes are bounded: Flower's node sampling waits for ever for the fewest
 nodes a round needs (a SuperLink that lost a SuperNode keeps logging "Waiting for nodes to
-connect"); this one lets it wait `wait` seconds, then stops the run with a clear reason."""
+connect"); this one lets it wait `wait` seconds, then stops the run with a clear reason.
+
+It also waits for replies itself: a deployment's grid polls the SuperLink every 3 s, so each round
+lost up to 3 s after its last reply had arrived; this one polls after 10 ms, backing off to 0.25 s."""
 
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ from .tasks import FederatedError
 
 if TYPE_CHECKING:
     from flwr.common.typing import Run
+
+
+FIRST_POLL, LAST_POLL = 0.01, 0.25  # seconds between pulls for replies
 
 
 class TooFewNodes(FederatedError):
@@ -62,4 +68,17 @@ class BoundedGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.inner.send_and_receive(messages, timeout=timeout)
+        """Push `messages`, then pull until every one has its reply or `timeout` seconds have passed."""
+        waiting = set(self.inner.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        pause = FIRST_POLL
+        while waiting:
+            got = list(self.inner.pull_messages(waiting))
+            replies += got
+            waiting -= {msg.metadata.reply_to_message_id for msg in got}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(LAST_POLL, pause * 1.5)
+        return replies

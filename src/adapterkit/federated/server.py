@@ -260,7 +260,7 @@ class Guarded(Strategy):
         return int(reply.metadata.src_node_id)
 
     def _filter(self, server_round: int, replies: Iterable[Message], is_train: bool) -> list[Message]:
-        kept = []
+        kept, replies = [], list(replies)
         for msg in replies:
             reason = self.check(msg, is_train)
             node = self._node_of(msg)
@@ -271,12 +271,19 @@ class Guarded(Strategy):
                     self._partitions[node] = pid
                 kept.append(msg)
                 continue
-            pid = pid if isinstance(pid, int) else self._partitions.get(node)
-            drop = Dropped(server_round, node, None if pid is None else int(pid), reason)
-            self.dropped.append(drop)
-            log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s", server_round,
-                drop.node_id, drop.partition_id, reason)
+            self._drop(server_round, node, pid if isinstance(pid, int) else None, reason)
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
+        for sent in self._sent_messages:  # a node that died or hung: nothing came back before the timeout
+            if sent.metadata.message_id not in answered:
+                self._drop(server_round, int(sent.metadata.dst_node_id), None, "no reply before the round's timeout")
         return kept
+
+    def _drop(self, server_round: int, node: int, pid: int | None, reason: str) -> None:
+        pid = pid if pid is not None else self._partitions.get(node)
+        drop = Dropped(server_round, node, pid, reason)
+        self.dropped.append(drop)
+        log(WARNING, "round %d: dropped the reply of node %d (partition %s): %s", server_round,
+            drop.node_id, drop.partition_id, reason)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:

@@ -19,7 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from logging import ERROR, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,7 +139,8 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         """What outcome.json holds: everything but the tensors."""
-        return {k: v for k, v in asdict(self).items() if k != "arrays"}
+        # asdict deep-copies every field: the arrays (memoryviews) are dropped before, not after
+        return {k: v for k, v in asdict(replace(self, arrays=None)).items() if k != "arrays"}
 
 
 def run_server(grid: Grid, settings: Settings, factory: Callable[[], FederatedTask] | None = None) -> Outcome:

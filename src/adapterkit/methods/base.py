@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, TypeVar
@@ -15,15 +16,12 @@ from ..errors import CompositionError, TargetError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-#: GPT-2 style transposed linear (weight stored [in, out]), as a tuple for isinstance: empty without
-#: transformers (optional, so that adapterkit works without it), which no module is an instance of
-HFConv1D: tuple[type[Conv1D], ...]
-try:
-    from transformers.pytorch_utils import Conv1D
-
-    HFConv1D = (Conv1D,)
-except ImportError:  # pragma: no cover
-    HFConv1D = ()
+def hf_conv1d() -> tuple[type[nn.Module], ...]:
+    """GPT-2's transposed linear (transformers' Conv1D, weight stored [in, out]) as a tuple for
+    isinstance; empty until transformers.pytorch_utils has been imported, since no module can be a
+    Conv1D before its class exists, and importing transformers here costs every process a second."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return (module.Conv1D,) if module is not None else ()
 
 
 #: module-name patterns of common model families that several methods' default targets use
@@ -55,7 +53,7 @@ class SiteShape:
     def of(module: nn.Module, name: str) -> SiteShape:
         if isinstance(module, nn.Linear):
             return SiteShape("linear", module.in_features, module.out_features)
-        if isinstance(module, HFConv1D):
+        if isinstance(module, hf_conv1d()):
             return SiteShape("hf_conv1d", module.weight.shape[0], module.weight.shape[1])
         if isinstance(module, nn.modules.conv._ConvNd):
             return SiteShape("conv", module.in_channels, module.out_channels, feature_dim=1)
@@ -79,7 +77,7 @@ class SiteShape:
 def _input_width(module: nn.Module) -> int | None:
     """The feature width a composite block reads, from its first sized submodule."""
     for sub in module.modules():
-        if isinstance(sub, HFConv1D):  # GPT-2's Conv1D stores W as [in, out]
+        if isinstance(sub, hf_conv1d()):  # GPT-2's Conv1D stores W as [in, out]
             return int(sub.weight.shape[0])
         for attr in ("in_features", "in_channels", "input_size"):
             value = getattr(sub, attr, None)
@@ -91,7 +89,7 @@ def _input_width(module: nn.Module) -> int | None:
 def _output_width(module: nn.Module) -> int | None:
     """The feature width of a composite block, read off its last sized submodule."""
     for sub in reversed(list(module.modules())):
-        if isinstance(sub, HFConv1D):
+        if isinstance(sub, hf_conv1d()):
             return int(sub.weight.shape[1])
         for attr in ("out_features", "out_channels", "num_features", "embedding_dim", "hidden_size"):
             value = getattr(sub, attr, None)
