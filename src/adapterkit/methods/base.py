@@ -24,6 +24,12 @@ def hf_conv1d() -> tuple[type[nn.Module], ...]:
     return (module.Conv1D,) if module is not None else ()
 
 
+def conv1d_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a GPT-2 Conv1D, whose weight is stored [in, out]."""
+    weight = module.get_parameter("weight")
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
 #: module-name patterns of common model families that several methods' default targets use
 BERT_FFN_OUT = r"re:(^|\.)layer\.\d+\.output\.dense$"
 BERT_ATTN_OUT = r"re:attention\.output\.dense$"
@@ -54,7 +60,7 @@ class SiteShape:
         if isinstance(module, nn.Linear):
             return SiteShape("linear", module.in_features, module.out_features)
         if isinstance(module, hf_conv1d()):
-            return SiteShape("hf_conv1d", module.weight.shape[0], module.weight.shape[1])
+            return SiteShape("hf_conv1d", *conv1d_dims(module))
         if isinstance(module, nn.modules.conv._ConvNd):
             return SiteShape("conv", module.in_channels, module.out_channels, feature_dim=1)
         if isinstance(module, nn.Embedding):
@@ -78,7 +84,7 @@ def _input_width(module: nn.Module) -> int | None:
     """The feature width a composite block reads, from its first sized submodule."""
     for sub in module.modules():
         if isinstance(sub, hf_conv1d()):  # GPT-2's Conv1D stores W as [in, out]
-            return int(sub.weight.shape[0])
+            return conv1d_dims(sub)[0]
         for attr in ("in_features", "in_channels", "input_size"):
             value = getattr(sub, attr, None)
             if isinstance(value, int):
@@ -90,7 +96,7 @@ def _output_width(module: nn.Module) -> int | None:
     """The feature width of a composite block, read off its last sized submodule."""
     for sub in reversed(list(module.modules())):
         if isinstance(sub, hf_conv1d()):
-            return int(sub.weight.shape[1])
+            return conv1d_dims(sub)[1]
         for attr in ("out_features", "out_channels", "num_features", "embedding_dim", "hidden_size"):
             value = getattr(sub, attr, None)
             if isinstance(value, int):
