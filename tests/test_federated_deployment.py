@@ -4,7 +4,8 @@ as processes on loopback, each stopped by its PID, `flwr run` of `adapterkit fed
   * TLS and SuperNode authentication: three registered nodes join, an unregistered one is refused;
     two rounds of digits, one node killed after its first reply: the run finishes with the other two
     and writes its outcome (the dropped node named) and the final adapter;
-  * two nodes, one lost: the run ends within its timeouts, names the lost node and keeps the adapter it had.
+  * two nodes, one training on a file of its own (data-path), the other lost: the run ends within its
+    timeouts, names the lost node and keeps the adapter it had.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.slow
 
+from adapterkit.federated.builtin import digits_arrays  # noqa: E402
 from adapterkit.federated.keys import make_keys  # noqa: E402
 from adapterkit.federated.local import BIN, LocalDeployment, wait_for_text  # noqa: E402
 from adapterkit.federated.tasks import FederatedError  # noqa: E402
@@ -67,9 +70,11 @@ def test_only_registered_nodes_join_over_tls_and_a_killed_node_leaves_the_run_to
 
 
 def test_a_two_node_run_that_loses_one_ends_within_its_timeouts_names_the_node_and_keeps_its_adapter(tmp_path):
+    x, y = digits_arrays()  # node 0 trains on a file of its own (data-path), node 1 on partition 1
+    np.savez(tmp_path / "site-0.npz", x=(x[-60:] / 16.0).astype(np.float32), y=y[-60:])
     with LocalDeployment(tmp_path / "fleet") as fleet:
-        for node in range(2):
-            fleet.add_node(node, 2)
+        fleet.add_node(0, 2, node_config={"data-path": str(tmp_path / "site-0.npz")})
+        fleet.add_node(1, 2)
         app = new_app(fleet, tmp_path / "app", clients=2, rounds=3, min_available=2)
         watcher = kill_after_first_reply(fleet, 1)
         out = tmp_path / "out"
@@ -80,7 +85,7 @@ def test_a_two_node_run_that_loses_one_ends_within_its_timeouts_names_the_node_a
     # the SuperLink lists a dead node until its heartbeat runs out: each later round waits its timeout for
     # the lost node's reply, keeps the one it got and does not aggregate; once the link has let the node
     # go, the run stops because fewer nodes than a round needs are connected
-    assert outcome["rounds"]["1"]["aggregated"]
+    assert outcome["rounds"]["1"]["aggregated"] and outcome["rounds"]["1"]["kept"] == 2
     later = {int(r): entry for r, entry in outcome["rounds"].items() if int(r) > 1 and "sent" in entry}
     assert not any(entry["aggregated"] for entry in later.values())
     lost = [d for d in outcome["dropped"] if d["reason"] == "no reply before the round's timeout"]

@@ -23,6 +23,7 @@ from adapterkit.cli import app as cli  # noqa: E402
 from adapterkit.federated import FederatedError, LocalGrid, builtin  # noqa: E402
 from adapterkit.federated.grid import BoundedGrid  # noqa: E402
 from adapterkit.federated.keys import make_keys  # noqa: E402
+from adapterkit.federated.simulate import _in_process_identity  # noqa: E402
 
 
 def test_keys_make_a_ca_a_server_certificate_for_the_hosts_and_node_key_pairs(tmp_path):
@@ -96,6 +97,7 @@ def test_the_grid_waits_for_replies_itself_and_returns_what_came_before_the_time
         return Message(RecordDict({"config": ConfigRecord({"node": context.node_config["partition-id"]})}),
                        reply_to=msg)
 
+    _in_process_identity()
     inner = LocalGrid(app, 2)
     grid = BoundedGrid(inner, need=2, wait=5.0)
     messages = [grid.create_message(RecordDict({"config": ConfigRecord({})}), MessageType.TRAIN, node, "1")
@@ -105,3 +107,64 @@ def test_the_grid_waits_for_replies_itself_and_returns_what_came_before_the_time
     assert time.monotonic() - started < 0.9
     assert [r.content["config"]["node"] for r in replies] == [0]
     inner.close()
+
+
+def _train_on(settings_task: str, node_config: dict, **task_args) -> Message:  # noqa: ANN003
+    """One train message to a ClientApp whose node config is `node_config`; its reply."""
+    from adapterkit.federated import Settings, client_app, make_participant
+
+    _in_process_identity()
+    settings = Settings(task=settings_task, clients=2, per_client=40, test_size=40, **task_args)
+    factory = settings.factory()
+    grid = LocalGrid(client_app(factory, settings.key()), 1)
+    (node,) = grid.get_node_ids()
+    grid.contexts[node].node_config = node_config
+    arrays = make_participant(factory(), "adapter").arrays()
+    msg = grid.create_message(RecordDict({"arrays": arrays, "config": ConfigRecord({"local-epochs": 1})}),
+                              MessageType.TRAIN, node, "1")
+    (reply,) = grid.send_and_receive([msg], timeout=300)
+    grid.close()
+    return reply
+
+
+def test_a_node_trains_on_its_own_arrays_from_data_path(tmp_path):
+    x, y = builtin.digits_arrays()
+    np.save(tmp_path / "x.npy", (x[:30] / 16.0).astype(np.float32))
+    np.save(tmp_path / "y.npy", y[:30])
+    reply = _train_on("digits", {"data-path": str(tmp_path), "partition-id": 7})
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-examples"] == 30 and reply.content["meta"]["partition-id"] == 7
+    np.savez(tmp_path / "names.npz", x=(x[:5] / 16.0).astype(np.float32), y=np.array(["3", "1", "4", "1", "5"]))
+    reply = _train_on("digits", {"data-path": str(tmp_path / "names.npz")})
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-examples"] == 5
+
+
+@pytest.mark.parametrize(("x", "y", "problem"), [
+    (np.zeros((4, 64), np.float32), np.array([0, 1, 12, 2]), "row 2 has label 12"),
+    (np.zeros((4, 63), np.float32), np.array([0, 1, 2, 3]), "shaped \\(N, 64\\)"),
+    (np.full((2, 64), np.nan, np.float32), np.array([0, 1]), "finite numbers"),
+])
+def test_data_path_that_does_not_fit_the_task_is_refused_with_the_reason(tmp_path, x, y, problem):
+    np.savez(tmp_path / "bad.npz", x=x, y=y)
+    reply = _train_on("digits", {"data-path": str(tmp_path / "bad.npz")})
+    assert reply.has_error()
+    assert __import__("re").search(problem, reply.error.reason), reply.error.reason
+    reply = _train_on("digits", {"data-path": str(tmp_path / "missing.npz")})
+    assert reply.has_error() and "does not exist on this node" in reply.error.reason
+
+
+@pytest.mark.slow
+def test_a_node_trains_on_its_own_csv_of_texts(tmp_path):
+    from adapterkit.federated.builtin import _corpus
+
+    texts, raw = _corpus("tweets")
+    labels = sorted(set(raw))
+    rows = ["text,sentiment", *(f'"{t.replace(chr(34), "")}",{v}' for t, v in list(zip(texts, raw, strict=True))[:24])]
+    (tmp_path / "site.csv").write_text("\n".join(rows) + "\n")
+    reply = _train_on("tweets", {"data-path": str(tmp_path / "site.csv")})
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-examples"] == 24
+    (tmp_path / "other.csv").write_text("text,sentiment\nhello there,delighted\n")
+    reply = _train_on("tweets", {"data-path": str(tmp_path / "other.csv")})
+    assert reply.has_error() and f"not one of the task's labels ({', '.join(labels)})" in reply.error.reason

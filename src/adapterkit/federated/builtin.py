@@ -17,7 +17,16 @@ from torch import nn
 from ..config import LoRA, MethodConfig
 from ..continual.text import newsgroups, tweets
 from ..io.storage import atomic_write
-from .tasks import ClientData, FederatedError, FederatedTask, dirichlet_split, iid_split, parse_partition
+from .tasks import (
+    ClientData,
+    FederatedError,
+    FederatedTask,
+    dirichlet_split,
+    iid_split,
+    label_indices,
+    parse_partition,
+    read_arrays,
+)
 
 TASKS = ("tweets", "newsgroups", "har", "digits")
 METHODS = ("lora", "bottleneck", "ia3", "bitfit")
@@ -87,10 +96,23 @@ def _text_task(name: str, clients: int, partition: str, seed: int, per_client: i
     base_path = default_base()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
 
+    def encode_texts(batch: list[str], y: torch.Tensor, group: str = "") -> ClientData:
+        enc = tokenizer(batch, truncation=True, max_length=64, padding="max_length", return_tensors="pt")
+        return ClientData(dict(enc), y, group)
+
     def encode(rows: torch.Tensor, group: str = "") -> ClientData:
-        enc = tokenizer([texts[i] for i in rows.tolist()], truncation=True, max_length=64, padding="max_length",
-                        return_tensors="pt")
-        return ClientData(dict(enc), y_all[rows], group)
+        return encode_texts([texts[i] for i in rows.tolist()], y_all[rows], group)
+
+    def read_local(path: Path) -> ClientData:  # a table with a text and a label column (train/data.py's guesses)
+        from ..train.data import DataError, load_table, pick_columns
+
+        try:
+            table = load_table(path)
+            text_col, label_col = pick_columns(table, None, None, str(path))
+        except DataError as err:
+            raise FederatedError(str(err)) from None
+        rows = [(t, v) for t, v in zip(table[text_col], table[label_col], strict=True) if isinstance(t, str) and t]
+        return encode_texts([t for t, _ in rows], label_indices([v for _, v in rows], labels, str(path)), path.name)
 
     everything = encode(pool)
     parts = (dirichlet_split(everything.labels, clients, alpha, seed=seed) if kind == "dirichlet"
@@ -103,7 +125,7 @@ def _text_task(name: str, clients: int, partition: str, seed: int, per_client: i
     return FederatedTask(
         name, make_base, [everything.subset(p, f"client {i}") for i, p in enumerate(parts)], encode(held, "test"),
         method or LoRA(r=8, alpha=16), labels, lr=2e-3, full_lr=5e-5, batch_size=32,
-        info={"base": "all-MiniLM-L6-v2", "partition": partition, "corpus": name},
+        info={"base": "all-MiniLM-L6-v2", "partition": partition, "corpus": name}, read_local=read_local,
     )
 
 
@@ -143,6 +165,7 @@ def _har_task(clients: int, partition: str, seed: int, per_client: int, test_siz
         info={"base": "TCN pre-trained on 20 generated users",
               "partition": "natural (one user per client)" if kind == "natural" else "iid (the users pooled)",
               "shared_head": True},
+        read_local=lambda path: read_arrays(path, ACTIVITIES, xt[0]),
     )
 
 
@@ -260,4 +283,5 @@ def _digits_task(clients: int, partition: str, seed: int, per_client: int, test_
         method or method_config("digits", "lora"), [str(d) for d in range(10)], lr=1e-2, full_lr=3e-3,
         batch_size=16, local_epochs=2, info={"base": "MLP pre-trained on digits 0-4", "partition": partition,
                                              "shared_head": True},
+        read_local=lambda path: read_arrays(path, [str(d) for d in range(10)], x[0]),
     )

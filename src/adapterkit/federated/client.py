@@ -162,7 +162,8 @@ def forget_local() -> None:
 
 def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "adapter",
                seed: int = 0, faults: str = "", late_seconds: float = 5.0, mods: list[Any] | None = None) -> ClientApp:
-    """A ClientApp that trains the travelling tensors on partition `partition-id` of the task.
+    """A ClientApp that trains the travelling tensors on partition `partition-id` of the task (or on the
+    node's own examples, its node config's `data-path`: FederatedTask.local_data).
 
     The server's config sets the round's `lr`, `local-epochs`, `proximal-mu`, `local-objective` (the loss)
     and `control` ("scaffold": step with the server's `correction`, reply with this client's c_i too); a
@@ -173,12 +174,19 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     app = ClientApp(mods=[*(mods or []), FaultsMod(parse_faults(faults), late_seconds), clip_when_asked])
 
     def setup(msg: Message, context: Context) -> tuple[FederatedTask, Participant, int, ClientData]:
-        task, part, pid = own_partition(context)
+        task, part, pid, data = own_data(context)
         part.load(msg.content["arrays"])
-        return task, part, pid, task.clients[pid]
+        return task, part, pid, data
 
-    def own_partition(context: Context) -> tuple[FederatedTask, Participant, int]:
+    def own_data(context: Context) -> tuple[FederatedTask, Participant, int, ClientData]:
+        """This node's examples: its own file (node config `data-path`; `partition-id`, if given, only
+        names it in reports), or partition `partition-id` of the task's built-in split."""
         task, part = _local(factory, key, mode)
+        path = context.node_config.get("data-path")
+        if path:
+            return task, part, int(context.node_config.get("partition-id", -1)), task.local_data(str(path))
+        if "partition-id" not in context.node_config:
+            raise ValueError("this node's config has neither partition-id (with num-partitions) nor data-path")
         pid = int(context.node_config["partition-id"])
         partitions = context.node_config.get("num-partitions")
         if partitions is not None and int(partitions) != len(task.clients):
@@ -186,7 +194,7 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
                              f"into {len(task.clients)} clients: set Settings.clients to {partitions} in the app")
         if not 0 <= pid < len(task.clients):
             raise ValueError(f"partition-id {pid} is not one of the task's {len(task.clients)} clients")
-        return task, part, pid
+        return task, part, pid, task.clients[pid]
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -235,8 +243,8 @@ def client_app(factory: Callable[[], FederatedTask], key: str, *, mode: str = "a
     @app.query()
     def class_sums(msg: Message, context: Context) -> Message:
         with _turn(factory, key, mode):
-            task, part, pid = own_partition(context)
-            sums, counts = head_input_sums(task, part, task.clients[pid])
+            task, part, pid, data = own_data(context)
+            sums, counts = head_input_sums(task, part, data)
         return Message(sums_reply(part, pid, sums, counts), reply_to=msg)
 
     return app

@@ -14,8 +14,9 @@ Built in, all offline:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,10 +70,62 @@ class FederatedTask:
     batch_size: int = 32
     local_epochs: int = 1
     info: dict[str, Any] = field(default_factory=dict)
+    #: reads a node's own examples (its node config's `data-path`) as this task's inputs and labels;
+    #: None: the task has only its built-in partitions
+    read_local: Callable[[Path], ClientData] | None = None
+
+    def local_data(self, path: str | Path) -> ClientData:
+        """A node's own data at `path`, checked: at least one example, labels the task knows."""
+        if self.read_local is None:
+            raise FederatedError(f"task {self.name!r} takes no data-path of its own; use partition-id")
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FederatedError(f"data-path {path} does not exist on this node")
+        data = self.read_local(path)
+        if len(data) == 0:
+            raise FederatedError(f"data-path {path} holds no examples")
+        return data
 
     def logits(self, model: nn.Module, inputs: Inputs) -> torch.Tensor:
         out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
         return out.logits if hasattr(out, "logits") else out
+
+
+def label_indices(values: Sequence[Any], labels: Sequence[str], source: str) -> torch.Tensor:
+    """Each value as an index into the task's `labels`: a label's name, or its index."""
+    out = []
+    for row, value in enumerate(values):
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) < len(labels):
+            out.append(int(value))
+        elif str(value) in labels:
+            out.append(list(labels).index(str(value)))
+        else:
+            raise FederatedError(f"{source}: row {row} has label {value!r}, which is not one of the task's "
+                                 f"labels ({', '.join(labels)}) or their indices 0..{len(labels) - 1}")
+    return torch.tensor(out, dtype=torch.long)
+
+
+def read_arrays(path: Path, labels: Sequence[str], like: torch.Tensor, group: str = "") -> ClientData:
+    """Examples from an .npz file (arrays `x` and `y`) or a folder holding x.npy and y.npy: x shaped
+    like the task's inputs (`like`: one example), y the labels (names or indices)."""
+    if path.is_dir():
+        files = {name: path / f"{name}.npy" for name in ("x", "y")}
+        missing = [str(f.name) for f in files.values() if not f.exists()]
+        if missing:
+            raise FederatedError(f"data-path {path}: a folder needs x.npy and y.npy; missing {', '.join(missing)}")
+        x, y = (np.load(files[name], allow_pickle=False) for name in ("x", "y"))
+    else:
+        with np.load(path, allow_pickle=False) as arrays:
+            if not {"x", "y"} <= set(arrays.files):
+                raise FederatedError(f"data-path {path}: needs arrays 'x' and 'y', found {', '.join(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    if tuple(x.shape[1:]) != tuple(like.shape) or len(x) != len(y) or y.ndim != 1:
+        raise FederatedError(f"data-path {path}: x is {tuple(x.shape)} and y {tuple(y.shape)}; the task needs x "
+                             f"shaped (N, {', '.join(map(str, like.shape))}) and y shaped (N,)")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise FederatedError(f"data-path {path}: x must hold finite numbers, not {x.dtype} with NaN or inf")
+    return ClientData(torch.as_tensor(x, dtype=like.dtype), label_indices(y.tolist(), labels, str(path)),
+                      group or path.name)
 
 
 # --- partitions --------------------------------------------------------------------------------
