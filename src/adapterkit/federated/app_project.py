@@ -58,7 +58,16 @@ from .settings import SETTINGS
 app = server_app(SETTINGS)
 '''
 
-CLIENT_PY = '''"""The ClientApp: each SuperNode trains partition `partition-id` of `num-partitions` (its node config)."""
+CLIENT_PY = '''"""The ClientApp a SuperNode starts for every message: it imports only Flower and hands the message
+to a warm worker process that keeps torch, adapterkit and the built task loaded (adapterkit_relay)."""
+
+from adapterkit_relay import relay_app
+
+app = relay_app("{package}.trainer:app")
+'''
+
+TRAINER_PY = '''"""The real ClientApp, run in the warm worker: each SuperNode trains partition `partition-id` of
+`num-partitions` (its node config), or its own examples (`data-path`)."""
 
 from adapterkit.federated.simulate import make_client_app
 
@@ -90,7 +99,8 @@ def write_app(folder: str | Path, settings: Settings) -> Path:
     (folder / package / "settings.py").write_text(SETTINGS_PY.format(
         fields=", ".join(f"{k}={v!r}" for k, v in client_side.items())))
     (folder / package / "server_app.py").write_text(SERVER_PY)
-    (folder / package / "client_app.py").write_text(CLIENT_PY)
+    (folder / package / "client_app.py").write_text(CLIENT_PY.format(package=package))
+    (folder / package / "trainer.py").write_text(TRAINER_PY)
     return folder
 
 
