@@ -154,6 +154,9 @@ def main() -> None:
     if args.on_device_rounds:
         result["on_device"] = on_device(args.on_device_rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    # bench/federated_deployment.py's keys in the same file are its own: kept as they are
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    result.update({k: v for k, v in previous.items() if k.startswith("deployment")})
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
