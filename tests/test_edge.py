@@ -78,12 +78,15 @@ def test_bits_pack_and_unpack():
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
 
 
-def test_lite_residual_pool_gradient_matches_padded_average_pooling():
-    from adapterkit.methods.lite_residual import _Pool
+def test_lite_residual_pool_matches_padded_average_pooling_and_keeps_no_tensor_for_backward():
+    from adapterkit.methods.lite_residual import tile_mean
 
     for shape, r in (((2, 3, 25, 5), 2), ((2, 3, 25, 5), 4), ((2, 4, 33), 3)):
         x = torch.randn(shape, requires_grad=True)
-        ours = _Pool.apply(x, r)
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(kept.append, lambda t: t):
+            ours = tile_mean(x, r)
+        assert kept == []
         g = torch.randn_like(ours)
         (dx,) = torch.autograd.grad(ours, x, g)
         spatial = shape[2:]

@@ -26,8 +26,10 @@ LINEAR_ONLY = {"dora"}
 TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-12}}
 
 
-def site(kind: str, d_in: int, d_out: int) -> tuple[nn.Module, SiteShape]:
-    module = nn.Linear(d_in, d_out) if kind == "linear" else nn.Conv2d(d_in, d_out, 1)
+def site(kind: str, d_in: int, d_out: int, seed: int = 0) -> tuple[nn.Module, SiteShape]:
+    with torch.random.fork_rng():  # the frozen weights too are the same on every call (hypothesis replays)
+        torch.manual_seed(seed)
+        module = nn.Linear(d_in, d_out) if kind == "linear" else nn.Conv2d(d_in, d_out, 1)
     return module, SiteShape.of(module, "m")
 
 
@@ -39,7 +41,7 @@ def tensors(kind, rows, tokens, d_in, d_out, dtype, seed):
 
 
 def adapters(method, kind, d_in, d_out, sizes, dtype, seed):
-    module, shape = site(kind, d_in, d_out)
+    module, shape = site(kind, d_in, d_out, seed)
     built = []
     for i, size in enumerate(sizes):
         adapter = build_site_method(CONFIGS[method](size), shape, module).to(dtype)
@@ -141,6 +143,12 @@ def test_fast_forms_in_half_precision_stay_within_its_rounding(method, kind, row
     group, shape = adapters(method, kind, d_in, d_out, sizes, dtype, seed)
     x, h = tensors(kind, rows, tokens, d_in, d_out, dtype, seed)
     eps = torch.finfo(dtype).eps
+    if method == "dora":  # DoRA divides by ‖W + s·BA‖ per row: where W and s·BA nearly cancel, that norm is
+        for adapter in group:  # mostly the low precision's rounding, and so is the result
+            weight = adapter.frozen.weight.double()
+            delta = (adapter.lora_B.double() @ adapter.lora_A.double()) * adapter.scale
+            condition = (weight.norm(dim=1) + delta.norm(dim=1)) / (weight + delta).norm(dim=1)
+            assume(bool((condition < 4).all()))
     takes_inplace = getattr(group[0], "adds_in_place", False) and kind == "linear"
     with torch.no_grad():
         exact = []

@@ -11,7 +11,6 @@ which is r² times smaller than x: that is where the training memory goes down.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ class LiteResidualAdapter(SiteMethod[LiteResidualStack]):
         return cls(config, shape, 2 if isinstance(convs[0], nn.Conv2d) else 1)
 
     def delta(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        pooled = _Pool.apply(x, self.downsample) if self.downsample > 1 else x
+        pooled = tile_mean(x, self.downsample) if self.downsample > 1 else x
         small = self.out(F.relu(self.group(pooled)))
         return F.interpolate(small, size=size, mode="nearest") if small.shape[2:] != size else small
 
@@ -81,25 +80,17 @@ class LiteResidualAdapter(SiteMethod[LiteResidualStack]):
         return out
 
 
-class _Pool(torch.autograd.Function):
-    """Average over r-wide tiles (the input zero-padded to a multiple of r). Its gradient is the
-    incoming one spread evenly over each tile, which needs no saved input: PyTorch's avg_pool
-    would keep x, the very tensor the branch exists not to keep."""
-
-    # ctx: autograd's per-call context, on which this function keeps fields of its own (shape, r)
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, r: int) -> torch.Tensor:
-        ctx.shape, ctx.r = x.shape, r
-        spatial = x.shape[2:]
-        x = F.pad(x, [p for n in reversed(spatial) for p in (0, (-n) % r)])
-        return F.avg_pool2d(x, r) if x.dim() == 4 else F.avg_pool1d(x, r)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        r, shape = ctx.r, ctx.shape
-        for dim in range(2, grad.dim()):
-            grad = grad.repeat_interleave(r, dim).narrow(dim, 0, shape[dim])
-        return grad / r ** (len(shape) - 2), None
+def tile_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Average over r-wide tiles of every spatial dim (x zero-padded to a multiple of r), written as a
+    reshape and a mean. Autograd keeps no tensor for it (the mean's gradient needs only shapes), where
+    avg_pool would keep x, the very tensor the branch exists not to keep. A device runtime also
+    differentiates these plain ops (ExecuTorch has no avg_pool backward kernel)."""
+    spatial = x.shape[2:]
+    for dim, n in enumerate(spatial, start=2):  # zeros appended with cat: its gradient is a slice, where
+        if n % r:                                # pad's is a negative pad, which ExecuTorch refuses
+            x = torch.cat([x, x.new_zeros(*x.shape[:dim], r - n % r, *x.shape[dim + 1:])], dim)
+    tiles = [d for n in x.shape[2:] for d in (n // r, r)]
+    return x.reshape(*x.shape[:2], *tiles).mean(dim=tuple(range(3, 3 + 2 * len(spatial), 2)))
 
 
 def _common_groups(cin: int, hidden: int, groups: int) -> int:
