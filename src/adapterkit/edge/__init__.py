@@ -8,12 +8,14 @@
     plan = edge.plan(am, "user7", example_batch, budget="256KiB")   # fits or not, and why
     edge.fit(am, "user7", loader, budget="256KiB", epochs=5)        # refuses before any step if over
     edge.export(am, ["user7", "user8"], "out/", example=x, format="onnx")   # one program, a blob each
+    edge.export_training(am, "user7", "out/", example=x)     # the device trains it: edge.DeviceTrainer
 
 Recipes (a pre-trained source model and a different target): `kws_recipe`, `camera_recipe`,
 `har_recipe` / `basic_motions_recipe`, `vibration_recipe`; `compare` runs every way of adapting one.
 """
 
 from . import backbones
+from .device_train import DeviceTrainer, TrainingProgramInfo, export_training
 from .export import EdgeProgram, ExportError, export
 from .fit import FitReport, Plan, fit, plan
 from .lean import lean, unlean
@@ -36,6 +38,6 @@ def recipe(name: str, **options: object) -> Recipe:
     return getattr(importlib.import_module(module), func)(**options)
 
 
-__all__ = ["BudgetError", "EdgeProgram", "ExportError", "FitReport", "MemoryReport", "Plan", "RECIPES", "Recipe",
-           "RecipeError", "backbones", "export", "fit", "lean", "parse_budget", "plan", "quantize_int8", "recipe",
+__all__ = ["BudgetError", "DeviceTrainer", "EdgeProgram", "ExportError", "FitReport", "MemoryReport", "Plan", "RECIPES", "Recipe",
+           "RecipeError", "TrainingProgramInfo", "backbones", "export", "export_training", "fit", "lean", "parse_budget", "plan", "quantize_int8", "recipe",
            "unlean"]

@@ -113,7 +113,7 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
             return low @ self.lora_B.T * (self.scale * self.embed_scale)
         x = self._dropout(x)
         if self.shape.kind == "conv":
-            conv = _CONV[self.lora_A.dim() - 2]
+            conv = _conv(self.lora_A.dim() - 2)
             return conv(conv(x, self.lora_A, **self.conv), self.lora_B) * self.scale
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
@@ -223,7 +223,7 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
             return restore(h_rows + torch.bmm(low, b_sel.transpose(1, 2)))
         if shape.kind == "conv":
             b_sel = b_sel_of(stacked, rows)
-            conv = _CONV[x.dim() - 2]
+            conv = _conv(x.dim() - 2)
             low = conv(x, stacked.concatenated(), **stacked.conv_args())  # [rows, (N+1)·r, *spatial]
             low = low.view(n_rows, -1, rank, low[0, 0].numel())
             low = low[torch.arange(n_rows, device=rows.device), rows]  # [rows, r, L]
@@ -290,8 +290,10 @@ def _weight_of(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-#: F.conv1d/2d/3d by spatial dims (one signature; their overloads only differ in padding's type)
-_CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+def _conv(dims: int) -> Callable[..., torch.Tensor]:
+    """F.conv1d/2d/3d by spatial dims (one signature; their overloads only differ in padding's type),
+    looked up at each call, as nn.Conv1d does: edge/device_train.py swaps F.conv1d while it exports."""
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
 
 
 def rank_bucket(r: int) -> int:
