@@ -85,11 +85,17 @@ def test_edge_cli_plan_fit_export(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["peak"]["measured"] and report["peak"]["writable"] > 0
         runs.append(str(out))
-    result = runner.invoke(app, ["edge", "export", *runs, "--out", str(tmp_path / "export")])
+    result = runner.invoke(app, ["edge", "export", *runs, "--out", str(tmp_path / "export"), "--train",
+                                 "--batch", "4"])
     assert result.exit_code == 0, result.output
     assert result.output.count("max |onnx - PyTorch|") == 2
     manifest = json.loads((tmp_path / "export" / "edge.json").read_text())
     assert len(manifest["programs"]) == 1 and set(manifest["adapters"]) == {"site1", "site2"}
+    # the training programs: one per adapter and full fine-tuning's, each with the arena it plans
+    assert " ".join(result.output.split()).count("less than full fine-tuning") == 2
+    for name in ("site1", "site2", "full"):
+        info = json.loads((tmp_path / "export" / f"train-{name}.json").read_text())
+        assert info["batch"] == 4 and info["arena_bytes"] > 0 and (tmp_path / "export" / info["file"]).exists()
 
 
 def test_camera_serves_a_defect_task_and_a_digit_task_from_one_exported_program(tmp_path):

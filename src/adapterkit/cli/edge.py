@@ -90,8 +90,12 @@ def edge_export(
     out: Annotated[str, typer.Option(help="Folder for the program(s), the blobs and edge.json")] = "runs/edge-export",
     format: Annotated[str, typer.Option(help="onnx | pte (ExecuTorch)")] = "onnx",
     merged: Annotated[bool, typer.Option(help="One program per adapter, merged (LoRA, IA³, BitFit)")] = False,
+    train: Annotated[bool, typer.Option(help="Also write ExecuTorch training programs: the device trains the "
+                                              "adapter (and, for comparison, full fine-tuning)")] = False,
+    batch: Annotated[int, typer.Option(help="The training programs' batch size (fixed in the program)")] = 8,
 ) -> None:
-    """Export one base program and one blob per adapter; check each against PyTorch."""
+    """Export one base program and one blob per adapter; check each against PyTorch. With --train, also a
+    training program per adapter, with the memory ExecuTorch plans for it."""
     from pathlib import Path
 
     import numpy as np
@@ -126,4 +130,19 @@ def edge_export(
             diff = float(np.abs(program.run(example, name) - am(example).numpy()).max())
         blob = manifest["adapters"][name]["blob_bytes"]
         console.print(f"{name}: blob {blob} bytes, max |{format} - PyTorch| = {diff:.2e}")
+    if train:
+        from ..edge import export_training
+        from ..edge.memory import human
+
+        x = built.test[0][:batch]
+        if len(x) < batch:
+            raise RecipeError(f"--batch {batch}: the recipe's test set has only {len(x)} examples")
+        full = export_training(am, names[0], out, example=x, full=True)
+        console.print(f"full fine-tuning: {full.file}, arena {human(full.arena_bytes)}, "
+                      f"trainable {human(full.trainable_bytes)}, flash {human(full.flash_bytes)}")
+        for name in names:
+            info = export_training(am, name, out, example=x)
+            console.print(f"{name}: {info.file}, arena {human(info.arena_bytes)} "
+                          f"({full.arena_bytes / info.arena_bytes:.1f}x less than full fine-tuning), trainable "
+                          f"{human(info.trainable_bytes)}, flash {human(info.flash_bytes)}")
     console.print(f"written to {out}")
