@@ -125,6 +125,7 @@ def test_sgd_steps_in_the_runtime_follow_pytorchs_and_the_result_loads_back(tmp_
             opt.zero_grad()
             loss = F.cross_entropy(am(x), y)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the trainer clips by default
             opt.step()
             epoch.append(float(loss))
         losses.append(sum(epoch) / len(epoch))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import AdaptedModel
+from ..train.step import MAX_GRAD_NORM
 from .export import ExportError
 from .fit import Batch, split_batch
 from .lean import unlean
@@ -197,11 +198,13 @@ def planned_arena(program: Any) -> int:
 
 
 class DeviceTrainer:
-    """Trains with a training program in ExecuTorch's runtime: forward_backward for each batch, then
-    the runtime's SGD (momentum, weight decay, Nesterov) on the parameters the program holds."""
+    """Trains with a training program in ExecuTorch's runtime: forward_backward for each batch, the
+    gradients clipped to `max_grad_norm` as every training loop of ours clips them (None: not at all),
+    then the runtime's SGD (momentum, weight decay, Nesterov) on the parameters the program holds."""
 
     def __init__(self, program: str | Path, *, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, max_grad_norm: float | None = MAX_GRAD_NORM
+                 ) -> None:
         from executorch.extension.training import _load_for_executorch_for_training, get_sgd_optimizer
 
         path = Path(program)
@@ -213,6 +216,7 @@ class DeviceTrainer:
         self._optimizer_args = (lr, momentum, 0.0, weight_decay, nesterov)
         self._get_sgd_optimizer = get_sgd_optimizer
         self._optimizer: Any = None
+        self.max_grad_norm = max_grad_norm
         self.steps = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -223,7 +227,14 @@ class DeviceTrainer:
         loss = self.module.forward_backward("forward", (x.contiguous(), y.long().contiguous()))[0]
         if self._optimizer is None:  # the parameters exist once the program has run
             self._optimizer = self._get_sgd_optimizer(self.module.named_parameters(), *self._optimizer_args)
-        self._optimizer.step(self.module.named_gradients())
+        gradients = self.module.named_gradients()
+        if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_ (and every loop of ours) clips
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients.values()]))
+            scale = self.max_grad_norm / (float(total) + 1e-6)
+            if scale < 1:
+                for g in gradients.values():
+                    g.mul_(scale)
+        self._optimizer.step(gradients)
         self.steps += 1
         return float(loss)
 
