@@ -120,6 +120,11 @@ def main() -> None:
                 results["vision_tasks"] = camera_tasks(tmp, quick=args.quick)
             log(f"vision tasks on one program: {json.dumps(results['vision_tasks'])}")
     RESULTS.parent.mkdir(exist_ok=True)
+    # bench/edge_device_training.py's keys (device_*, full_ft_arena_*) in each recipe are its own: kept
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name, row in previous.items():
+        if isinstance(row, dict) and isinstance(results.get(name), dict):
+            results[name].update({k: v for k, v in row.items() if k.startswith(("device_", "full_ft_arena"))})
     RESULTS.write_text(json.dumps(results, indent=2))
     shown = {k: {m: v[m] for m in ("full_ft_accuracy", "last_layer_accuracy", "best_adapter_accuracy",
                                    "best_adapter_method", "memory_ratio_vs_full_ft", "int8_accuracy")}

@@ -34,34 +34,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from adapterkit.federated import Settings, simulate  # noqa: E402
+from adapterkit.federated.app_project import PYPROJECT  # noqa: E402
 from adapterkit.federated.client import forget_local  # noqa: E402
 from adapterkit.federated.local import BIN, LocalDeployment  # noqa: E402
 
-FLOOR_PYPROJECT = """[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "floor"
-version = "1.0.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["floor"]
-
-[tool.flwr.app]
-publisher = "adapterkit"
-
-[tool.flwr.app.components]
-serverapp = "floor.server_app:app"
-clientapp = "floor.client_app:app"
-
-[tool.flwr.app.config]
-rounds = 3
-nodes = 2
-bytes = 10000
-out = ""
-"""
+#: the floor's project: new-app's pyproject (components floor.server_app:app, floor.client_app:app)
+FLOOR_PYPROJECT = PYPROJECT.format(name="floor", package="floor", task="an app that does nothing",
+                                   config='rounds = 3\nnodes = 2\nbytes = 10000\nout = ""')
 
 FLOOR_CLIENT = '''"""Sends back what it got: no torch, no adapterkit."""
 from flwr.app import Message, RecordDict

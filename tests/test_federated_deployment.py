@@ -45,6 +45,15 @@ def kill_after_first_reply(fleet: LocalDeployment, node: int) -> threading.Threa
     return thread
 
 
+def run_killing(fleet: LocalDeployment, app: Path, node: int, out: Path, *, timeout: float, node_wait: float) -> dict:
+    """`flwr run` of `app` with SuperNode `node` killed after its first reply; the outcome it wrote."""
+    watcher = kill_after_first_reply(fleet, node)
+    run = fleet.run(app, {"output-dir": str(out), "timeout": timeout, "node-wait": node_wait}, timeout=400)
+    watcher.join(1)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads((out / "outcome.json").read_text())
+
+
 def test_only_registered_nodes_join_over_tls_and_a_killed_node_leaves_the_run_to_the_others(tmp_path):
     keys = make_keys(tmp_path / "keys", nodes=4)
     with LocalDeployment(tmp_path / "fleet", keys=keys) as fleet:
@@ -55,13 +64,9 @@ def test_only_registered_nodes_join_over_tls_and_a_killed_node_leaves_the_run_to
             fleet.add_node(0, 3, key=3)
         assert fleet.nodes[3].poll() not in (None, 0)  # it gave up and exited; it did not hang
         app = new_app(fleet, tmp_path / "app", clients=3, rounds=2, min_available=2)
-        watcher = kill_after_first_reply(fleet, 2)
-        out = tmp_path / "out"
-        run = fleet.run(app, {"output-dir": str(out), "timeout": 25.0, "node-wait": 60.0}, timeout=400)
-        watcher.join(1)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        outcome = run_killing(fleet, app, 2, tmp_path / "out", timeout=25.0, node_wait=60.0)
         assert fleet.nodes[2].poll() is not None  # the killed node
-    outcome = json.loads((out / "outcome.json").read_text())
+    out = tmp_path / "out"
     assert outcome["stopped"] is None and outcome["settings"]["rounds"] == 2
     assert outcome["rounds"]["1"]["kept"] == 3 and outcome["rounds"]["2"]["kept"] == 2
     assert outcome["rounds"]["2"]["aggregated"]
@@ -76,12 +81,8 @@ def test_a_two_node_run_that_loses_one_ends_within_its_timeouts_names_the_node_a
         fleet.add_node(0, 2, node_config={"data-path": str(tmp_path / "site-0.npz")})
         fleet.add_node(1, 2)
         app = new_app(fleet, tmp_path / "app", clients=2, rounds=3, min_available=2)
-        watcher = kill_after_first_reply(fleet, 1)
-        out = tmp_path / "out"
-        run = fleet.run(app, {"output-dir": str(out), "timeout": 12.0, "node-wait": 10.0}, timeout=300)
-        watcher.join(1)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    outcome = json.loads((out / "outcome.json").read_text())
+        outcome = run_killing(fleet, app, 1, tmp_path / "out", timeout=12.0, node_wait=10.0)
+    out = tmp_path / "out"
     # the SuperLink lists a dead node until its heartbeat runs out: each later round waits its timeout for
     # the lost node's reply, keeps the one it got and does not aggregate; once the link has let the node
     # go, the run stops because fewer nodes than a round needs are connected
