@@ -175,3 +175,32 @@ def test_what_the_device_trainer_refuses(tmp_path):
     other.add("b", ak.IA3(targets=BLOCKS), num_labels=7)
     with pytest.raises(ExportError, match="not in this model"):
         trainer.load_into(other, "b")
+
+
+class PooledNet(nn.Module):
+    """An average pool between two convolutions: ExecuTorch's runtime has no avg_pool2d backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1))
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.blocks(x).mean((2, 3)))
+
+
+def test_a_program_the_runtime_cannot_run_or_that_is_over_budget_is_refused_before_any_step(tmp_path):
+    am = ak.adapt(PooledNet().eval())
+    am.add("a", ak.LoRA(r=2, targets=[r"re:blocks\.0$"]), num_labels=3)
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ExportError, match=r"no kernel for aten::avg_pool2d_backward\.grad_input, which training "
+                                          r"through blocks\.1 \(AvgPool2d\) needs"):
+        export_training(am, "a", tmp_path, example=x)
+    after = ak.adapt(PooledNet().eval())  # an adapter after the pool: nothing flows back through it
+    after.add("a", ak.LoRA(r=2, targets=[r"re:blocks\.2$"]), num_labels=3)
+    info = export_training(after, "a", tmp_path, example=x)
+    assert info.arena_bytes > 0
+    with pytest.raises(ExportError, match=r"of arena plus .* of trainable parameters, .* in all, over the budget "
+                                          r"of 1\.0 KiB"):
+        export_training(after, "a", tmp_path / "small", example=x, budget="1KiB")
+    assert not (tmp_path / "small" / "train-a.pte").exists()

@@ -37,6 +37,7 @@ from ..train.step import MAX_GRAD_NORM
 from .export import ExportError
 from .fit import Batch, split_batch
 from .lean import unlean
+from .memory import human, parse_budget
 
 
 @dataclass
@@ -70,9 +71,14 @@ class _WithLoss(nn.Module):
 
 
 def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: torch.Tensor,
-                    full: bool = False) -> TrainingProgramInfo:
+                    full: bool = False, budget: int | str | None = None) -> TrainingProgramInfo:
     """Write `train-<name>.pte` (or `train-full.pte` with `full`: every weight of the base and the
-    adapter's head trainable) for batches shaped like `example`; returns what was written."""
+    adapter's head trainable) for batches shaped like `example`; returns what was written.
+
+    Refused, with nothing written: a program that needs an operator ExecuTorch's runtime has no kernel
+    for (the operator and the module it trains through are named), and one whose planned arena plus its
+    trainable parameters exceed `budget` (both numbers)."""
+    limit = parse_budget(budget) if budget is not None else None
     adapter = am.adapter(name)  # an unknown name fails here, before anything is written
     if adapter.head is None:
         raise ExportError(f"adapter {name!r} has no head of its own: the training program's loss needs its logits")
@@ -91,14 +97,24 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
         if full:
             _all_used_weights_trainable(am, _WithLoss(am), example, labels)
         with conv1d_as_conv2d():
-            program = _program(_WithLoss(am), example, labels, am)
+            forward, program = _program(_WithLoss(am), example, labels, am)
+        missing = missing_kernels(program)
+        if missing:
+            raise ExportError("ExecuTorch's runtime has no kernel for " + "; ".join(
+                f"{op}, which training through {_module_of(forward, op) or 'the model'} needs" for op in missing)
+                + ": keep the adapter after that module, or replace the module")
+        params = {n: p for n, p in am.named_parameters() if p.requires_grad}
+        arena = planned_arena(program)
+        trainable_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        if limit is not None and arena + trainable_bytes > limit:
+            raise ExportError(f"the training program needs {human(arena)} of arena plus {human(trainable_bytes)} "
+                              f"of trainable parameters, {human(arena + trainable_bytes)} in all, over the budget of "
+                              f"{human(limit)}")
         path = out / ("train-full.pte" if full else f"train-{name}.pte")
         path.write_bytes(program.buffer)
-        params = {n: p for n, p in am.named_parameters() if p.requires_grad}
         info = TrainingProgramInfo(
             file=path.name, batch=int(example.shape[0]), input_shape=list(example.shape), classes=classes,
-            parameters={n: p.numel() for n, p in params.items()}, arena_bytes=planned_arena(program),
-            trainable_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+            parameters={n: p.numel() for n, p in params.items()}, arena_bytes=arena, trainable_bytes=trainable_bytes,
             flash_bytes=len(program.buffer), full=full)
         path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
         return info
@@ -162,14 +178,17 @@ def _logits(am: AdaptedModel, name: str, x: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor, am: AdaptedModel) -> Any:
+def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor, am: AdaptedModel) -> tuple[Any, Any]:
+    """(the exported forward, which knows each op's module; the ExecuTorch training program)."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export import export
     from torch.export.experimental import _export_forward_backward
 
     try:
-        joint = _export_forward_backward(export(module, (x, y), strict=True))
-        return to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+        forward = export(module, (x, y), strict=True)
+        joint = _export_forward_backward(forward)
+        # the joint graph keeps no module stacks: `forward` is what names a module
+        return forward, to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
     except Exception as err:  # noqa: BLE001 - named below: which module of the model it was in
         raise ExportError(f"ExecuTorch cannot write a training program for this model: {_first_line(err)}"
                           f"{_where(am, err)}") from err
@@ -186,6 +205,29 @@ def _where(am: AdaptedModel, err: Exception) -> str:
     found = sorted({f"{n} ({type(m).__name__})" for n, m in am.base.named_modules()
                     if isinstance(m, nn.RNNBase) and ("lstm" in text or "gru" in text or "rnn" in text)})
     return f" (in {', '.join(found)})" if found else ""
+
+
+def missing_kernels(program: Any) -> list[str]:
+    """The operators the training program calls that this ExecuTorch runtime has no kernel for."""
+    from executorch.extension.pybindings import portable_lib
+
+    have = set(portable_lib._get_operator_names())
+    need = {f"{op.name}.{op.overload}" if op.overload else op.name
+            for plan in program.executorch_program.execution_plan for op in plan.operators}
+    return sorted(need - have)
+
+
+def _module_of(forward: Any, op: str) -> str | None:
+    """The module whose forward the (backward) operator `op` differentiates, read from the exported
+    forward's module stacks."""
+    name = op.split("::")[-1].split(".")[0].removesuffix("_backward")
+    for node in forward.graph.nodes:
+        target, stack = str(node.target), node.meta.get("nn_module_stack")
+        if name in target.split(".") and stack:
+            path, kind = list(stack.values())[-1]
+            kind_name = kind.__name__ if isinstance(kind, type) else str(kind).rsplit(".", 1)[-1]
+            return f"{path.removeprefix('model.').removeprefix('base.')} ({kind_name})"
+    return None
 
 
 def planned_arena(program: Any) -> int:
