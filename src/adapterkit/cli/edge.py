@@ -18,11 +18,29 @@ RecipeOpt = Annotated[str, typer.Option(help="kws | vision | har | har_lstm | vi
 MethodOpt = Annotated[str, typer.Option(help="lite_residual | bottleneck | lora | ia3 | bitfit | *_last")]
 
 
-def _edge_setup(recipe: str, method: str, quick: bool) -> tuple[Recipe, AdaptedModel]:
+DataOpt = Annotated[str | None, typer.Option(help="Your own data: a folder with one folder per class (.wav, .npy, "
+                                                  ".csv, .png, .jpg), in place of --recipe")]
+BackboneOpt = Annotated[str | None, typer.Option(help="With --data: ds_cnn | tcn | cnn1d | lstm | mobilenet_v2")]
+WeightsOpt = Annotated[str | None, typer.Option(help="With --data: the backbone's pre-trained weights (.safetensors)")]
+TargetsOpt = Annotated[list[str] | None, typer.Option(help="With --data: where adapters sit (default: each block)")]
+SplitOpt = Annotated[float, typer.Option(help="With --data: the share of each class held out to score the adapter")]
+SizeOpt = Annotated[int, typer.Option(help="With --data: images are resized to this square")]
+
+
+def _edge_setup(recipe: str, method: str, quick: bool, data: str | None = None, backbone: str | None = None,
+                weights: str | None = None, targets: list[str] | None = None, test_split: float = 0.25,
+                image_size: int = 96) -> tuple[Recipe, AdaptedModel]:
     from ..edge import recipe as build_recipe
     from ..edge.compare import adapted, methods_for
+    from ..edge.user_data import user_recipe
 
-    built = build_recipe(recipe, quick=quick)
+    if data is not None:
+        if backbone is None:
+            raise typer.BadParameter("--data needs --backbone (and --weights: your pre-trained model)")
+        built = user_recipe(data, backbone=backbone, weights=weights, targets=targets or None, test_split=test_split,
+                            image_size=image_size)
+    else:
+        built = build_recipe(recipe, quick=quick)
     methods = methods_for(built)
     if method not in methods:
         raise typer.BadParameter(f"method {method!r} is not set up for recipe {recipe!r}; use one of {sorted(methods)}")
@@ -36,11 +54,13 @@ def edge_plan(
     budget: Annotated[str | None, typer.Option(help="Writable memory budget, e.g. 256KiB")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the recipe's)")] = None,
     quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
+    data: DataOpt = None, backbone: BackboneOpt = None, weights: WeightsOpt = None, targets: TargetsOpt = None,
+    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96,
 ) -> None:
     """Estimate the writable training memory of one setup from one forward; say what fits when it does not."""
     from ..edge import plan
 
-    built, am = _edge_setup(recipe, method, quick)
+    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size)
     rows = batch_size or built.batch_size
     result = plan(am, method, (built.train[0][:rows], built.train[1][:rows]), budget=budget)
     console.print(result.explain())
@@ -57,8 +77,11 @@ def edge_fit(
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the recipe's)")] = None,
     out: Annotated[str, typer.Option(help="Folder for the adapter, the base weights and report.json")] = "runs/edge",
     quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
+    data: DataOpt = None, backbone: BackboneOpt = None, weights: WeightsOpt = None, targets: TargetsOpt = None,
+    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96,
 ) -> None:
-    """Adapt the recipe's source model to its target within a budget; report the measured peak."""
+    """Adapt the recipe's source model (or your --backbone and --weights) to its target (or your --data)
+    within a budget; report the measured peak."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -66,7 +89,7 @@ def edge_fit(
     from ..edge import fit
     from ..edge.recipe import EpochLoader, accuracy
 
-    built, am = _edge_setup(recipe, method, quick)
+    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size)
     report = fit(am, method, EpochLoader(*built.train, batch_size or built.batch_size), budget=budget,
                  epochs=epochs or built.epochs, lr=built.lr)
     am.activate(method)
@@ -75,9 +98,11 @@ def edge_fit(
     folder.mkdir(parents=True, exist_ok=True)
     am.save(method, str(folder / "adapter"))
     save_file({k: v.contiguous() for k, v in am.base.state_dict().items()}, str(folder / "base.safetensors"))
-    (folder / "report.json").write_text(json.dumps({"recipe": recipe, "method": method, "accuracy": acc,
-                                                     "quick": quick, **report.as_dict()}, indent=2))
-    console.print(f"{recipe} / {method}: accuracy {acc:.3f} on the target's test set")
+    own = {"backbone": backbone, "labels": built.info["labels"], "preprocess": built.info["preprocess"],
+           "input_shape": list(built.input_shape)} if data is not None else None
+    (folder / "report.json").write_text(json.dumps({"recipe": built.name, "method": method, "accuracy": acc,
+                                                     "quick": quick, "user": own, **report.as_dict()}, indent=2))
+    console.print(f"{built.name if data is None else data} / {method}: accuracy {acc:.3f} on the held-out examples")
     console.print(f"planned: {report.plan.report.describe()}")
     console.print(f"measured peak: {report.peak.describe()}")
     console.print(f"written to {folder}")
@@ -112,9 +137,17 @@ def edge_export(
     reports = [json.loads((Path(r) / "report.json").read_text()) for r in runs]
     if len({r["recipe"] for r in reports}) != 1:
         raise RecipeError("export takes adapters of one recipe (one base model) at a time")
-    built = build_recipe(reports[0]["recipe"], quick=reports[0]["quick"])
-    base = built.make_source()
-    base.load_state_dict(load_file(str(Path(runs[0]) / "base.safetensors")))
+    own = reports[0].get("user")
+    if own is not None:  # the user's model: rebuilt from the run's weights, inputs shaped as the run's
+        from ..edge.user_data import load_backbone_from_state
+
+        base = load_backbone_from_state(own["backbone"], load_file(str(Path(runs[0]) / "base.safetensors")))
+        examples = torch.zeros(max(batch, 1), *own["input_shape"])
+    else:
+        built = build_recipe(reports[0]["recipe"], quick=reports[0]["quick"])
+        base = built.make_source()
+        base.load_state_dict(load_file(str(Path(runs[0]) / "base.safetensors")))
+        examples = built.test[0]
     am = adapt(base)
     names: list[str] = []
     for r in runs:
@@ -122,7 +155,7 @@ def edge_export(
         if not isinstance(loaded, str):
             raise RecipeError(f"{r}: holds an adapter fusion, not an adapter written by `adapterkit edge fit`")
         names.append(loaded)
-    example = built.test[0][:1]
+    example = examples[:1]
     manifest = export(am, names, out, example=example, format=format, merged=merged)
     program = EdgeProgram(out)
     for name in names:
@@ -136,7 +169,7 @@ def edge_export(
         from ..edge import export_training
         from ..edge.memory import human
 
-        x = built.test[0][:batch]
+        x = examples[:batch]
         if len(x) < batch:
             raise RecipeError(f"--batch {batch}: the recipe's test set has only {len(x)} examples")
         full = export_training(am, names[0], out, example=x, full=True)
@@ -148,3 +181,43 @@ def edge_export(
                           f"({full.arena_bytes / info.arena_bytes:.1f}x less than full fine-tuning), trainable "
                           f"{human(info.trainable_bytes)}, flash {human(info.flash_bytes)}")
     console.print(f"written to {out}")
+
+
+@edge_app.command("run")
+@clear_errors
+def edge_run(
+    run: Annotated[str, typer.Argument(help="A folder written by `adapterkit edge fit --data ...`")],
+    files: Annotated[list[str], typer.Argument(help="Files to label (.wav, .npy, .csv, .png, .jpg, as trained on)")],
+) -> None:
+    """Label files with a trained adapter on your model: one line per file, the label and its probability."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..edge.recipe import RecipeError
+    from ..edge.user_data import Preprocess, load_backbone_from_state
+    from ..model import adapt
+
+    report = json.loads((Path(run) / "report.json").read_text())
+    own = report.get("user")
+    if own is None:
+        raise RecipeError(f"{run} was trained on the recipe {report['recipe']!r}, not on your --data: "
+                          "`edge run` reads files the way a --data run did")
+    am = adapt(load_backbone_from_state(own["backbone"], load_file(str(Path(run) / "base.safetensors"))))
+    name = am.load(str(Path(run) / "adapter"), name="run")
+    am.activate(name)
+    am.eval()
+    paths = [Path(f) for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise RecipeError(f"{path}: no such file")
+    x = Preprocess(**own["preprocess"]).read(paths)
+    if list(x.shape[1:]) != own["input_shape"]:
+        raise RecipeError(f"the files give inputs of shape {list(x.shape[1:])}; the adapter was trained on "
+                          f"{own['input_shape']}")
+    with torch.no_grad():
+        probs = torch.softmax(am(x), dim=-1)
+    for path, row in zip(paths, probs, strict=True):
+        best = int(row.argmax())
+        typer.echo(f"{path}\t{own['labels'][best]}\t{float(row[best]):.3f}")  # tab-separated, for scripts
