@@ -81,6 +81,9 @@ def test_arrays_in_class_folders_make_a_recipe_split_per_class(tmp_path):
                 np.save(tmp_path / "data" / name / f"{i}.npy", window)
             else:
                 np.savetxt(tmp_path / "data" / name / f"{i}.csv", window, delimiter=",")
+    (tmp_path / "data" / "idle" / ".DS_Store").write_bytes(b"\0")  # what a file manager leaves: not data
+    (tmp_path / "data" / "__MACOSX").mkdir()
+    (tmp_path / "data" / "__MACOSX" / "x.npy").write_bytes(b"\0")
     recipe = user_recipe(tmp_path / "data", backbone="tcn", weights=weights, test_split=0.4)
     assert recipe.num_labels == 3 and recipe.input_shape == (6, 32)
     assert torch.bincount(recipe.test[1]).tolist() == [2, 2, 2] and torch.bincount(recipe.train[1]).tolist() == [3, 3, 3]
@@ -111,6 +114,8 @@ def test_bad_data_and_models_are_refused_before_any_step_with_what_is_wrong(reco
         user_recipe(recordings, backbone="tcn", weights=other)
     with pytest.raises(RecipeError, match="needs --weights"):
         user_recipe(recordings, backbone="ds_cnn")
+    with pytest.raises(RecipeError, match=r"--weights .*tcn\.safetensors are not a ds_cnn's: KeyError"):
+        user_recipe(recordings, backbone="ds_cnn", weights=other)
     result = CliRunner().invoke(app, ["edge", "fit", "--data", str(tmp_path / "one"), "--backbone", "ds_cnn",
                                       "--weights", str(weights)])
     assert result.exit_code != 0 and "training needs at least two" in " ".join(result.output.split())

@@ -36,6 +36,12 @@ def test_keys_make_a_ca_a_server_certificate_for_the_hosts_and_node_key_pairs(tm
     assert names.get_values_for_type(x509.DNSName) == ["link.example"]
     # what Python's TLS stack (and so the SuperLink's) makes of the pair: it loads, and the CA verifies it
     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(keys.server_cert, keys.server_key)
+    # strict RFC 5280 path validation (as Python 3.13's default context asks): key identifiers, usages
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(x509.IPAddress(__import__("ipaddress")
+                                                                                      .ip_address("127.0.0.1")))
+    verifier.verify(server, [])
     for node in range(2):
         private = load_ssh_private_key(keys.node_key(node).read_bytes(), None)
         public = load_ssh_public_key(keys.node_public_key(node).read_bytes())

@@ -88,6 +88,7 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
     previous_active, was_training = am.active, am.training
     trainable = {n: p.requires_grad for n, p in am.named_parameters()}
     example = example.contiguous()
+    am.eval()  # before any forward: a BatchNorm in train mode would take the example into its statistics
     with torch.no_grad():
         classes = int(_logits(am, name, example).shape[-1])
     try:
@@ -132,8 +133,9 @@ def conv1d_as_conv2d() -> Iterator[None]:
     It swaps torch.nn.functional.conv1d for the duration, in this process."""
     original = F.conv1d
 
-    def as_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
-                  padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    def as_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,  # noqa: A002
+                  stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+        x = input
         if isinstance(padding, str):
             raise ExportError(f"a 1-D convolution with padding={padding!r} cannot be trained on the device; "
                               "give its padding as a number")

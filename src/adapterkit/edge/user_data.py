@@ -89,7 +89,9 @@ def _audio(path: Path) -> torch.Tensor:
 
     rate, wave = wavfile.read(path)
     wave = wave[:, 0] if wave.ndim > 1 else wave
-    if np.issubdtype(wave.dtype, np.integer):
+    if wave.dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
+        wave = (wave.astype(np.float32) - 128) / 128
+    elif np.issubdtype(wave.dtype, np.integer):
         wave = wave / float(np.iinfo(wave.dtype).max)
     wave = wave.astype(np.float32)
     if rate != SAMPLE_RATE:
@@ -124,15 +126,19 @@ def class_folders(folder: str | Path) -> FolderData:
     root = Path(folder)
     if not root.is_dir():
         raise RecipeError(f"--data {root}: not a folder (give one folder per class inside it)")
-    labels = sorted(p.name for p in root.iterdir() if p.is_dir() and any(f.is_file() for f in p.iterdir()))
+    def visible(path: Path) -> bool:  # .DS_Store, __MACOSX and the like are not data
+        return not path.name.startswith((".", "__"))
+
+    found = {p.name: sorted(f for f in p.iterdir() if f.is_file() and visible(f))
+             for p in root.iterdir() if p.is_dir() and visible(p)}
+    labels = sorted(name for name, files in found.items() if files)
     if len(labels) < 2:
         raise RecipeError(f"--data {root}: {len(labels)} class folder(s) with files ({', '.join(labels) or 'none'}); "
                           "training needs at least two")
     files, y = [], []
     for index, label in enumerate(labels):
-        for path in sorted(f for f in (root / label).iterdir() if f.is_file() and not f.name.startswith(".")):
-            files.append(path)
-            y.append(index)
+        files += found[label]
+        y += [index] * len(found[label])
     kinds = {kind_of(f) for f in files}
     if len(kinds) > 1:
         raise RecipeError(f"--data {root}: files of several kinds ({', '.join(sorted(kinds))}); use one kind")
@@ -154,11 +160,7 @@ def load_backbone(name: str, weights: str | Path | None) -> nn.Module:
         state = load_file(str(weights))
     except Exception as err:  # noqa: BLE001 - named with the file
         raise RecipeError(f"cannot read --weights {weights}: {err}") from None
-    model = _SIZED[name](state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RecipeError(f"--weights {weights} is not a {name}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
+    return _sized(name, state, f"--weights {weights}")
 
 
 def _blocks(state: dict[str, torch.Tensor]) -> int:
@@ -221,8 +223,19 @@ def user_recipe(data: str | Path, *, backbone: str, weights: str | Path | None =
 
 def load_backbone_from_state(name: str, state: dict[str, torch.Tensor]) -> nn.Module:
     """Backbone `name` sized from and loaded with `state` (a run's base.safetensors)."""
-    model = _SIZED[name](state)
-    model.load_state_dict(state)
+    if name not in BACKBONES:
+        raise RecipeError(f"backbone {name!r}: use one of {', '.join(BACKBONES)}")
+    return _sized(name, state, f"the weights of the {name}")
+
+
+def _sized(name: str, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    try:
+        model = _SIZED[name](state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (KeyError, IndexError, ValueError, RuntimeError) as err:
+        raise RecipeError(f"{what} are not a {name}'s: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise RecipeError(f"{what} are not a {name}'s: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return model.eval()
 
 

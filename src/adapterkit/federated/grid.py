@@ -69,7 +69,7 @@ class BoundedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull until every one has its reply or `timeout` seconds have passed."""
-        waiting = set(self.inner.push_messages(messages))
+        waiting = {i for i in self.inner.push_messages(messages) if i}  # a message that was not pushed has no id
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         pause = FIRST_POLL

@@ -79,6 +79,7 @@ def make_keys(folder: str | Path, nodes: int, hosts: tuple[str, ...] = ("127.0.0
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "adapterkit federation CA")])
     ca_cert = (_builder(ca_name, ca_name, ca_key.public_key())
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                             content_commitment=False, key_encipherment=False,
                                             data_encipherment=False, key_agreement=False, encipher_only=False,
@@ -90,6 +91,14 @@ def make_keys(folder: str | Path, nodes: int, hosts: tuple[str, ...] = ("127.0.0
                    .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                   # identifiers that strict verification (Python 3.13's default, openssl -x509_strict) asks for
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                                content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False, encipher_only=False,
+                                                decipher_only=False), critical=True)
                    .sign(ca_key, hashes.SHA384()))
 
     pem = serialization.Encoding.PEM

@@ -91,6 +91,7 @@ class LocalDeployment:
         self.superlink = self._spawn(args, self.folder / "superlink.log")
         if wait_for_text(self.folder / "superlink.log", ("Uvicorn running",), self.start_seconds,
                          self.superlink) is None:
+            self.stop()
             raise FederatedError(f"the SuperLink did not start: {self._tail(self.folder / 'superlink.log')}")
         return self
 
@@ -123,24 +124,29 @@ class LocalDeployment:
         return proc
 
     def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        """Stop `proc` and every process it started (its session)."""
-        if proc.poll() is None:
-            try:
-                os.killpg(os.getpgid(proc.pid), sig)
-            except ProcessLookupError:
-                pass
+        """Stop `proc` and every process it started: its group, whose id is its PID (its own session),
+        also when `proc` itself has already exited and its children have not."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
-            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait(20)
 
     def stop(self) -> None:
         """Stop every process this deployment started, SuperNodes first."""
-        for proc, handle in reversed(self._processes):
-            self.kill(proc, signal.SIGTERM)
-            handle.close()
-        self._processes.clear()
+        while self._processes:
+            proc, handle = self._processes.pop()
+            try:
+                self.kill(proc, signal.SIGTERM)
+            finally:
+                handle.close()
 
     def __enter__(self) -> LocalDeployment:
         return self.start()

@@ -50,13 +50,15 @@ def answer(app: Any, conn: socket.socket) -> None:
         header["task_id"], header["run_id"], header["node_id"])
     try:
         reply = app(msg, context)
+        answer_bytes = message_to_proto(reply).SerializeToString()
+        context_bytes = context_to_proto(context).SerializeToString()
     except Exception as err:  # noqa: BLE001 - the relay turns it into the node's error reply
         send_frame(conn, FAILED)
         send_frame(conn, f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)}".encode())
         return
     send_frame(conn, OK)
-    send_frame(conn, message_to_proto(reply).SerializeToString())
-    send_frame(conn, context_to_proto(context).SerializeToString())
+    send_frame(conn, answer_bytes)
+    send_frame(conn, context_bytes)
 
 
 def serve(socket_path: Path, app: Any, *, watch_pid: int | None, idle_seconds: float) -> str:
@@ -64,32 +66,45 @@ def serve(socket_path: Path, app: Any, *, watch_pid: int | None, idle_seconds: f
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(socket_path))
     os.chmod(socket_path, 0o600)
-    server.listen(4)
+    own = os.stat(socket_path)
+    server.listen(16)
     last = time.monotonic()
     try:
         while True:
             ready, _, _ = select.select([server], [], [], 1.0)
             if ready:
-                conn, _ = server.accept()
-                with conn:
-                    try:
-                        answer(app, conn)
-                    except Exception:  # noqa: BLE001 - a relay that went away mid-message
-                        traceback.print_exc()
+                _answer_one(app, server)
                 last = time.monotonic()
                 continue
             why = (f"process {watch_pid} is gone" if watch_pid is not None and not _alive(watch_pid) else
                    f"no message for {idle_seconds:g} s" if time.monotonic() - last > idle_seconds else None)
             if why is not None:
-                socket_path.unlink(missing_ok=True)  # no relay finds this worker any more ...
+                _unlink_own(socket_path, own)  # no relay finds this worker any more ...
                 while select.select([server], [], [], 0.0)[0]:  # ... and one that just connected is answered
-                    conn, _ = server.accept()
-                    with conn:
-                        answer(app, conn)
+                    _answer_one(app, server)
                 return why
     finally:
         server.close()
-        socket_path.unlink(missing_ok=True)
+        _unlink_own(socket_path, own)
+
+
+def _answer_one(app: Any, server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        try:
+            answer(app, conn)
+        except Exception:  # noqa: BLE001 - a relay that went away mid-message: the next one is answered
+            traceback.print_exc()
+
+
+def _unlink_own(path: Path, own: os.stat_result) -> None:
+    """Remove the socket file if it is still this worker's (a new worker may have bound the path since)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (own.st_dev, own.st_ino):
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
