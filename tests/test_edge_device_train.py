@@ -167,6 +167,8 @@ def test_what_the_device_trainer_refuses(tmp_path):
         trainer.step(torch.randn(2, 1, 40, 10), torch.zeros(2))
     with pytest.raises(ExportError, match="needs labelled batches"):
         trainer.fit([x])
+    with pytest.raises(ExportError, match="not a one-pass iterator"):
+        trainer.fit(iter([(x, torch.zeros(2))]), epochs=2)
     with pytest.raises(ExportError, match="no training program"):
         DeviceTrainer(tmp_path / "missing.pte")
     with pytest.raises(KeyError):

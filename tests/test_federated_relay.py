@@ -38,6 +38,11 @@ def train(msg, context):
     return Message(RecordDict({"config": ConfigRecord({"pid": os.getpid(), "calls": len(calls),
                                                        "node": context.node_config["partition-id"]})}),
                    reply_to=msg)
+
+
+@app.query("version")
+def version(msg, context):
+    return Message(RecordDict({"config": ConfigRecord({"pid": os.getpid(), "action": "version"})}), reply_to=msg)
 '''
 
 
@@ -79,6 +84,11 @@ def test_messages_go_to_one_warm_worker_that_keeps_the_app_loaded(trainer_packag
         assert failed.has_error() and "this node's data is broken" in failed.error.reason
         after = send(grid, first)  # ... and the worker goes on
         assert after.content["config"]["pid"] == a["pid"] and after.content["config"]["calls"] == 3
+
+        named = grid.create_message(RecordDict({"config": ConfigRecord({})}), "query.version", first, "1")
+        (reply,) = grid.send_and_receive([named], timeout=120)  # a named action, dispatched by the worker's app
+        assert not reply.has_error(), reply.error
+        assert reply.content["config"]["action"] == "version" and reply.content["config"]["pid"] == a["pid"]
 
         os.kill(a["pid"], 9)  # a worker that died is replaced by the next message
         _wait_gone(a["pid"])

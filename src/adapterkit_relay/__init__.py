@@ -53,23 +53,28 @@ class WorkerGone(RelayError):
     """The worker closed the connection before it answered."""
 
 
+class RelayApp(ClientApp):
+    """A ClientApp that hands every message, whatever its type and action, to `target` in a warm
+    worker: the worker's ClientApp does the dispatch (and its mods), as Flower would have here."""
+
+    def __init__(self, target: str, start_seconds: float = 300.0) -> None:
+        module, _, attribute = target.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"relay target {target!r}: give it as 'package.module:attribute'")
+        super().__init__()
+        self.target, self.start_seconds = target, start_seconds
+        self._module, self._attribute = module, attribute
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        if os.environ.get("ADAPTERKIT_RELAY", "on").lower() in ("off", "0", "false"):
+            real = getattr(importlib.import_module(self._module), self._attribute)
+            return real(message, context)
+        return Relay(self.target, context, self.start_seconds).call(message, context)
+
+
 def relay_app(target: str, *, start_seconds: float = 300.0) -> ClientApp:
     """A ClientApp that runs `target` ("package.module:attribute", a ClientApp) in a warm worker."""
-    module, _, attribute = target.partition(":")
-    if not module or not attribute:
-        raise ValueError(f"relay target {target!r}: give it as 'package.module:attribute'")
-    app = ClientApp()
-
-    def forward(msg: Message, context: Context) -> Message:
-        if os.environ.get("ADAPTERKIT_RELAY", "on").lower() in ("off", "0", "false"):
-            real = getattr(importlib.import_module(module), attribute)
-            return real(msg, context)
-        return Relay(target, context, start_seconds).call(msg, context)
-
-    app.train()(forward)
-    app.evaluate()(forward)
-    app.query()(forward)
-    return app
+    return RelayApp(target, start_seconds)
 
 
 class Relay:
@@ -186,5 +191,5 @@ def _receive_exactly(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-__all__ = ["Relay", "RelayError", "receive_frame", "relay_app", "send_frame"]
+__all__ = ["Relay", "RelayApp", "RelayError", "WorkerGone", "receive_frame", "relay_app", "send_frame"]
 

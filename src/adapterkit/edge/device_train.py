@@ -285,6 +285,9 @@ class DeviceTrainer:
     def fit(self, loader: Iterable[Batch], epochs: int = 1) -> list[float]:
         """Whole epochs from `loader` ((x, y) batches; a batch of another size than the program's is
         skipped); returns the mean loss of each epoch."""
+        if iter(loader) is loader:  # a generator is spent after one epoch: refused before any step
+            raise ExportError("fit needs a loader it can iterate once per epoch (a list, an EpochLoader, a "
+                              "DataLoader), not a one-pass iterator")
         means = []
         for _ in range(epochs):
             losses = []
