@@ -34,8 +34,8 @@ from torch import nn
 
 from ..model import AdaptedModel
 from ..train.step import MAX_GRAD_NORM
-from .export import ExportError
-from .fit import Batch, split_batch
+from .export import ExportError, head_output
+from .fit import Batch, logits_of, split_batch
 from .lean import unlean
 from .memory import human, parse_budget
 
@@ -65,9 +65,7 @@ class _WithLoss(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits_of(self.model(x)), y)
 
 
 def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: torch.Tensor,
@@ -79,8 +77,8 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
     for (the operator and the module it trains through are named), and one whose planned arena plus its
     trainable parameters exceed `budget` (both numbers)."""
     limit = parse_budget(budget) if budget is not None else None
-    adapter = am.adapter(name)  # an unknown name fails here, before anything is written
-    if adapter.head is None:
+    output = head_output(am, name)  # an unknown name fails here, before anything is written
+    if output is None:
         raise ExportError(f"adapter {name!r} has no head of its own: the training program's loss needs its logits")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +86,6 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
     previous_active, was_training = am.active, am.training
     trainable = {n: p.requires_grad for n, p in am.named_parameters()}
     example = example.contiguous()
-    am.eval()  # before any forward: a BatchNorm in train mode would take the example into its statistics
-    with torch.no_grad():
-        classes = int(_logits(am, name, example).shape[-1])
     try:
         am.train_adapter(name)
         am.eval()  # frozen BatchNorm uses its running statistics; the adapters have no dropout here
@@ -98,7 +93,7 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
         if full:
             _all_used_weights_trainable(am, _WithLoss(am), example, labels)
         with conv1d_as_conv2d():
-            forward, program = _program(_WithLoss(am), example, labels, am)
+            forward, program = _program(_WithLoss(am), example, labels)
         missing = missing_kernels(program)
         if missing:
             raise ExportError("ExecuTorch's runtime has no kernel for " + "; ".join(
@@ -114,7 +109,7 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
         path = out / ("train-full.pte" if full else f"train-{name}.pte")
         path.write_bytes(program.buffer)
         info = TrainingProgramInfo(
-            file=path.name, batch=int(example.shape[0]), input_shape=list(example.shape), classes=classes,
+            file=path.name, batch=int(example.shape[0]), input_shape=list(example.shape), classes=output[1],
             parameters={n: p.numel() for n, p in params.items()}, arena_bytes=arena, trainable_bytes=trainable_bytes,
             flash_bytes=len(program.buffer), full=full)
         path.with_suffix(".json").write_text(json.dumps(asdict(info), indent=2))
@@ -170,17 +165,7 @@ def _all_used_weights_trainable(am: AdaptedModel, module: nn.Module, x: torch.Te
         param.grad = None
 
 
-def _logits(am: AdaptedModel, name: str, x: torch.Tensor) -> torch.Tensor:
-    previous = am.active
-    am.activate(name)
-    try:
-        out = am(x)
-    finally:
-        am.activate(previous)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor, am: AdaptedModel) -> tuple[Any, Any]:
+def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
     """(the exported forward, which knows each op's module; the ExecuTorch training program)."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export import export
@@ -191,22 +176,13 @@ def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor, am: AdaptedMod
         joint = _export_forward_backward(forward)
         # the joint graph keeps no module stacks: `forward` is what names a module
         return forward, to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
-    except Exception as err:  # noqa: BLE001 - named below: which module of the model it was in
-        raise ExportError(f"ExecuTorch cannot write a training program for this model: {_first_line(err)}"
-                          f"{_where(am, err)}") from err
+    except Exception as err:  # noqa: BLE001 - torch.export's and ExecuTorch's failures, as one error
+        raise ExportError(f"ExecuTorch cannot write a training program for this model: {_first_line(err)}") from err
 
 
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def _where(am: AdaptedModel, err: Exception) -> str:
-    """The kinds of module the model holds that ExecuTorch cannot train through, if the error names one."""
-    text = str(err).lower()
-    found = sorted({f"{n} ({type(m).__name__})" for n, m in am.base.named_modules()
-                    if isinstance(m, nn.RNNBase) and ("lstm" in text or "gru" in text or "rnn" in text)})
-    return f" (in {', '.join(found)})" if found else ""
 
 
 def missing_kernels(program: Any) -> list[str]:

@@ -68,17 +68,22 @@ class BoundedGrid(Grid):
         return self.inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push `messages`, then pull until every one has its reply or `timeout` seconds have passed."""
-        waiting = {i for i in self.inner.push_messages(messages) if i}  # a message that was not pushed has no id
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        pause = FIRST_POLL
-        while waiting:
-            got = list(self.inner.pull_messages(waiting))
-            replies += got
-            waiting -= {msg.metadata.reply_to_message_id for msg in got}
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
-            pause = min(LAST_POLL, pause * 1.5)
-        return replies
+        return exchange(self.inner, messages, timeout)[0]
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> tuple[list[Message], set[str]]:
+    """Push `messages` on `grid`, then pull until every one has its reply or `timeout` seconds have
+    passed; returns the replies and the ids of the messages still unanswered."""
+    waiting = {i for i in grid.push_messages(messages) if i}  # a message that was not pushed has no id
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    pause = FIRST_POLL
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {msg.metadata.reply_to_message_id for msg in got}
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
+        pause = min(LAST_POLL, pause * 1.5)
+    return replies, waiting

@@ -38,7 +38,7 @@ from .aggregate import AGGREGATIONS
 from .builtin import build_task, method_config
 from .client import LOSSES, _local, client_app, evaluate, make_participant
 from .faults import parse_faults
-from .grid import BoundedGrid, TooFewNodes
+from .grid import BoundedGrid, TooFewNodes, exchange
 from .head_init import HEAD_INITS, class_mean_head
 from .records import ADAPTER, Participant
 from .server import AdapterStrategy, Checkpoints, Guarded, dp_wrapped, parse_dp, server_options_problem
@@ -346,17 +346,8 @@ class LocalGrid(Grid):
         return [self.pending.pop(i).result() for i in done]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        ids = list(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while ids and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(ids))
-            replies += got
-            answered = {m.metadata.reply_to_message_id for m in got}
-            ids = [i for i in ids if i not in answered]
-            if ids:
-                time.sleep(0.01)
-        for i in ids:  # too late: its reply will be thrown away when it comes
+        replies, late = exchange(self, messages, timeout)
+        for i in late:  # too late: its reply will be thrown away when it comes
             self.pending.pop(i, None)
         return replies
 
