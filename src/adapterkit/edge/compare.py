@@ -29,6 +29,8 @@ from .quant import quantize_int8
 from .recipe import EpochLoader, Recipe, accuracy
 
 FULL_FT_LR_FACTORS = (1.0, 1 / 3, 1 / 10)
+COMPRESSED_BITS = (4, 2)
+FLOOR_SHARE = 0.7  # the memory target: this share of the working-set floor ratio, within a point
 
 
 def methods_for(recipe: Recipe) -> dict[str, MethodConfig]:
@@ -117,12 +119,13 @@ def run_plain(recipe: Recipe, kind: str, *, seed: int = 0, lr: float | None = No
 
 
 def run_adapter(recipe: Recipe, name: str, config: MethodConfig, *, int8: bool = False, seed: int = 0,
-                budget: int | str | None = None) -> dict[str, Any]:
+                budget: int | str | None = None, activation_bits: int | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
     am = adapted(recipe, name, config, int8=int8)
     base = am.base
     loader = EpochLoader(*recipe.train, recipe.batch_size, seed=seed)
-    report = fit(am, name, loader, budget=budget, epochs=recipe.epochs, lr=recipe.lr)
+    report = fit(am, name, loader, budget=budget, epochs=recipe.epochs, lr=recipe.lr,
+                 activation_bits=activation_bits)
     am.activate(name)
     am.eval()
     _, flash = split_parameters(base)
@@ -160,6 +163,8 @@ def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
     best = best_adapter(runs, list(methods))
     runs["int8"] = run_adapter(recipe, best, methods[best], int8=True)
     log(f"{recipe.name} int8 + {best}: {runs['int8']['accuracy']:.3f}")
+    floor = full["writable_bytes"] / full["peak"]["working"]
+    compressed = compressed_runs(recipe, runs, methods, log)
     return {
         "full_ft_accuracy": full["accuracy"], "last_layer_accuracy": runs["last_layer"]["accuracy"],
         "best_adapter_accuracy": runs[best]["accuracy"], "best_adapter_method": best,
@@ -168,10 +173,47 @@ def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
         "int8_base_flash_bytes": runs["int8"]["base_flash_bytes"],
         # the floor: any setup needs at least the frozen forward's working set, so no method can keep
         # less than this fraction of what full fine-tuning keeps
-        "working_set_floor_ratio": full["writable_bytes"] / full["peak"]["working"],
+        "working_set_floor_ratio": floor, **compressed_summary(runs, compressed, floor),
         "best_within_1_point": max(runs[n]["accuracy"] for n in methods) >= full["accuracy"] - 0.01,
         "fp32_base_flash_bytes": runs[best]["base_flash_bytes"], "runs": runs,
     }
+
+
+def compressed_runs(recipe: Recipe, runs: dict[str, dict[str, Any]], methods: dict[str, MethodConfig],
+                    log: Callable[[str], None]) -> list[str]:
+    """The adapters near full fine-tuning's accuracy (within 2 points, the smallest three) again, their
+    saved activations kept in each of COMPRESSED_BITS; the runs' names."""
+    full = runs["full_ft"]
+    near = [n for n in methods if runs[n]["accuracy"] >= full["accuracy"] - 0.02]
+    near.sort(key=lambda n: runs[n]["writable_bytes"])
+    names = []
+    for name in near[:3]:
+        for bits in COMPRESSED_BITS:
+            run = runs[f"{name}@{bits}bit"] = run_adapter(recipe, name, methods[name], activation_bits=bits)
+            run.update(method=name, activation_bits=bits,
+                       memory_ratio_vs_full_ft=full["writable_bytes"] / run["writable_bytes"],
+                       step_time_ratio_vs_full_ft=run["step_seconds"] / full["step_seconds"])
+            names.append(f"{name}@{bits}bit")
+            log(f"{recipe.name} {name}, saved activations in {bits} bits: {run['accuracy']:.3f}, "
+                f"{run['writable_bytes'] / 1024:.0f} KiB")
+    return names
+
+
+def compressed_summary(runs: dict[str, dict[str, Any]], names: list[str], floor: float) -> dict[str, Any]:
+    """The smallest compressed run within a point of full fine-tuning (else the most accurate), against
+    the target of FLOOR_SHARE × the working-set floor ratio."""
+    full = runs["full_ft"]["accuracy"]
+    if not names:
+        return {"compressed_method": None, "floor_target_ratio": FLOOR_SHARE * floor, "meets_floor_target": False}
+    within = [n for n in names if runs[n]["accuracy"] >= full - 0.01]
+    pick = max(within, key=lambda n: runs[n]["memory_ratio_vs_full_ft"]) if within else \
+        max(names, key=lambda n: runs[n]["accuracy"])
+    run = runs[pick]
+    return {"compressed_method": run["method"], "compressed_bits": run["activation_bits"],
+            "compressed_accuracy": run["accuracy"], "compressed_within_1_point": bool(within),
+            "compressed_memory_ratio_vs_full_ft": run["memory_ratio_vs_full_ft"],
+            "compressed_writable_bytes": run["writable_bytes"], "floor_target_ratio": FLOOR_SHARE * floor,
+            "meets_floor_target": bool(within) and run["memory_ratio_vs_full_ft"] >= FLOOR_SHARE * floor}
 
 
 def best_adapter(runs: dict[str, dict[str, Any]], names: list[str], memory_ratio: float = 8.0) -> str:

@@ -22,6 +22,7 @@ from ..config import BitFit, LiteResidual, MethodConfig
 from ..heads import head_width
 from ..model import AdaptedModel
 from ..train.step import TrainStep
+from .compress import ActivationCompressor, check_bits
 from .memory import (
     OPTIMIZER_STATE,
     BudgetError,
@@ -86,13 +87,14 @@ def logits_of(output: torch.Tensor | HasLogits) -> torch.Tensor:
 
 
 def measure_forward(model: nn.Module, batch: Batch, *, loss_fn: LossFn = F.cross_entropy,
-                    optimizer: str = "adam") -> MemoryReport:
-    """Writable memory of training `model` as its parameters' requires_grad say, from one forward."""
+                    optimizer: str = "adam", activation_bits: int | None = None) -> MemoryReport:
+    """Writable memory of training `model` as its parameters' requires_grad say, from one forward
+    (`activation_bits`: saved activations kept in that many bits, edge/compress.py)."""
     if optimizer not in OPTIMIZER_STATE:
         raise BudgetError(f"optimizer {optimizer!r}: known are {sorted(OPTIMIZER_STATE)}")
     x, y = split_batch(batch)
     trainable, flash = split_parameters(model)
-    meter = Meter(model)
+    meter = Meter(model, _compressor(model, activation_bits))
     with torch.enable_grad(), meter.watching():
         out = logits_of(model(x))
         if y is not None:
@@ -103,21 +105,29 @@ def measure_forward(model: nn.Module, batch: Batch, *, loss_fn: LossFn = F.cross
                         by_layer=meter.by_layer())
 
 
+def _compressor(model: nn.Module, activation_bits: int | None) -> ActivationCompressor | None:
+    return ActivationCompressor(bits, model) if (bits := check_bits(activation_bits)) is not None else None
+
+
 def _prepare(am: AdaptedModel, name: str) -> None:
     am.train_adapter(name)  # the frozen base in eval mode: BatchNorm statistics never move
 
 
 def plan(am: AdaptedModel, name: str, example_batch: Batch, *, budget: int | str | None = None,
-         loss_fn: LossFn = F.cross_entropy, optimizer: str = "adam") -> Plan:
-    """Estimate adapter `name`'s writable training memory from one forward on `example_batch`."""
+         loss_fn: LossFn = F.cross_entropy, optimizer: str = "adam", activation_bits: int | None = None) -> Plan:
+    """Estimate adapter `name`'s writable training memory from one forward on `example_batch`
+    (`activation_bits`: saved activations kept in that many bits, edge/compress.py)."""
     limit = parse_budget(budget) if budget is not None else None
+    check_bits(activation_bits)
     was_training = am.training
     _prepare(am, name)
     try:
-        report = measure_forward(am, example_batch, loss_fn=loss_fn, optimizer=optimizer)
+        report = measure_forward(am, example_batch, loss_fn=loss_fn, optimizer=optimizer,
+                                 activation_bits=activation_bits)
         result = Plan(name, report, limit)
         if limit is not None and not result.fits:  # a plan without a limit always fits
-            result.alternatives = _alternatives(am, name, example_batch, limit, loss_fn, optimizer)
+            result.alternatives = _alternatives(am, name, example_batch, limit, loss_fn, optimizer,
+                                                activation_bits)
             _prepare(am, name)
     finally:
         am.train(was_training)
@@ -125,7 +135,7 @@ def plan(am: AdaptedModel, name: str, example_batch: Batch, *, budget: int | str
 
 
 def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn: LossFn,
-                  optimizer: str) -> list[tuple[str, int]]:
+                  optimizer: str, bits: int | None) -> list[tuple[str, int]]:
     """The changes that fit `limit`, each planned on the same batch (never guessed by scaling), each at
     the largest batch size (halving) that fits."""
     found: list[tuple[str, int]] = []
@@ -137,7 +147,16 @@ def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn
             found.append((what if size == full_size else f"{what} at batch size {size}", writable))
 
     full_size = int(split_batch(batch)[0].shape[0])
-    add("the same adapter", lambda b: measure_forward(am, b, loss_fn=loss_fn, optimizer=optimizer).writable)
+    add("the same adapter", lambda b: measure_forward(am, b, loss_fn=loss_fn, optimizer=optimizer,
+                                                      activation_bits=bits).writable)
+    for fewer in (8, 4):  # fewer bits only where 8 would not fit the whole batch
+        if bits is None or fewer < bits:
+            before = len(found)
+            add(f"the same adapter with saved activations in {fewer} bits",
+                lambda b, fewer=fewer: measure_forward(am, b, loss_fn=loss_fn, optimizer=optimizer,
+                                                       activation_bits=fewer).writable)
+            if len(found) > before and "batch size" not in found[-1][0]:
+                break
     record = am.adapter(name)
     sites = list(am.site_names(name).items())
     order = {n: i for i, (n, _) in enumerate(am.base.named_modules())}
@@ -147,17 +166,17 @@ def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn
         before = len(found)
 
         def with_kept(b: Batch, kept: dict[str, str | None] = kept) -> int:
-            return _plan_temporary(am, record.config, record.head, b, loss_fn, optimizer, sites=kept)
+            return _plan_temporary(am, record.config, record.head, b, loss_fn, optimizer, bits, sites=kept)
 
         add(f"adapt only the last {keep} of {len(sites)} layers ({', '.join(kept)})", with_kept)
         if len(found) > before and "batch size" not in found[-1][0]:
             break
     if not isinstance(record.config, BitFit):
-        add("BitFit only", lambda b: _plan_temporary(am, BitFit(), record.head, b, loss_fn, optimizer))
+        add("BitFit only", lambda b: _plan_temporary(am, BitFit(), record.head, b, loss_fn, optimizer, bits))
     lite = LiteResidual()
     if not isinstance(record.config, LiteResidual):
         add(f"a lite residual branch ({lite})",
-            lambda b: _plan_temporary(am, lite, record.head, b, loss_fn, optimizer))
+            lambda b: _plan_temporary(am, lite, record.head, b, loss_fn, optimizer, bits))
     return found
 
 
@@ -174,7 +193,8 @@ def _largest_fitting_batch(batch: Batch, writable_at: Callable[[Batch], int], li
 
 
 def _plan_temporary(am: AdaptedModel, config: MethodConfig, head: nn.Module | None, batch: Batch,
-                    loss_fn: LossFn, optimizer: str, sites: dict[str, str | None] | None = None) -> int:
+                    loss_fn: LossFn, optimizer: str, bits: int | None,
+                    sites: dict[str, str | None] | None = None) -> int:
     temp = "_edge_plan_alternative"
     num_labels = head_width(head) if head is not None else None
     try:
@@ -183,7 +203,7 @@ def _plan_temporary(am: AdaptedModel, config: MethodConfig, head: nn.Module | No
         return 1 << 62
     try:
         _prepare(am, temp)
-        return measure_forward(am, batch, loss_fn=loss_fn, optimizer=optimizer).writable
+        return measure_forward(am, batch, loss_fn=loss_fn, optimizer=optimizer, activation_bits=bits).writable
     finally:
         am.delete(temp, collect=False)
 
@@ -211,11 +231,13 @@ def make_optimizer(params: list[nn.Parameter], optimizer: str, lr: float) -> tor
 
 def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[Batch], *, epochs: int,
                 lr: float, optimizer: str, loss_fn: LossFn, measure: bool = True,
-                prepare: Callable[[], object] = lambda: None,
-                limit: int | None = None) -> tuple[MemoryReport | None, list[float], int]:
+                prepare: Callable[[], object] = lambda: None, limit: int | None = None,
+                activation_bits: int | None = None) -> tuple[MemoryReport | None, list[float], int]:
     """The training loop every edge setup shares; the peak writable memory of any step when `measure`.
-    A step measured over `limit` stops training with a BudgetError (the steps before it are kept)."""
+    A step measured over `limit` stops training with a BudgetError (the steps before it are kept).
+    `activation_bits`: saved activations kept in that many bits (edge/compress.py)."""
     opt = make_optimizer(params, optimizer, lr)
+    compressor = _compressor(model, activation_bits)
     grads = 0
 
     def count_gradients() -> None:
@@ -234,10 +256,11 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
             x, y = split_batch(batch)
             if y is None:
                 raise BudgetError("training needs batches of (inputs, labels), not inputs alone")
-            meter = Meter(model)
+            meter = Meter(model, compressor)
 
             def forward(x: torch.Tensor = x, y: torch.Tensor = y, meter: Meter = meter) -> torch.Tensor:
-                with meter.watching() if measure else contextlib.nullcontext():
+                quiet = compressor.active() if compressor is not None else contextlib.nullcontext()
+                with meter.watching() if measure else quiet:
                     return loss_fn(logits_of(model(x)), y)
 
             loss = step_once(forward)
@@ -257,12 +280,14 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], loader: Iterable[B
 
 def fit(am: AdaptedModel, name: str, loader: Iterable[Batch], *, budget: int | str | None = None,
         epochs: int = 1, lr: float = 1e-3, optimizer: str = "adam", loss_fn: LossFn = F.cross_entropy,
-        measure: bool = True) -> FitReport:
-    """Train adapter `name` within `budget` of writable memory; refuse before any step if it cannot fit."""
+        measure: bool = True, activation_bits: int | None = None) -> FitReport:
+    """Train adapter `name` within `budget` of writable memory; refuse before any step if it cannot fit.
+    `activation_bits` (8, 4, 2 or 1): keep what backward reads in that many bits (edge/compress.py)."""
     first = next(iter(loader), None)
     if first is None:
         raise BudgetError(f"adapter {name!r}: the loader yields no batches")
-    checked = plan(am, name, first, budget=budget, loss_fn=loss_fn, optimizer=optimizer)
+    checked = plan(am, name, first, budget=budget, loss_fn=loss_fn, optimizer=optimizer,
+                   activation_bits=activation_bits)
     if not checked.fits:
         raise BudgetError(checked.explain())
     start = time.perf_counter()
@@ -270,7 +295,7 @@ def fit(am: AdaptedModel, name: str, loader: Iterable[Batch], *, budget: int | s
     try:
         peak, losses, steps = train_steps(am, params, loader, epochs=epochs, lr=lr, optimizer=optimizer,
                                           loss_fn=loss_fn, measure=measure, prepare=lambda: _prepare(am, name),
-                                          limit=checked.budget)
+                                          limit=checked.budget, activation_bits=activation_bits)
     finally:
         am.eval()
     return FitReport(checked, peak or checked.report, losses, steps, time.perf_counter() - start)

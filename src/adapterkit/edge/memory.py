@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .compress import ActivationCompressor, Packed
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 #: optimizer state per trainable element, in units of the parameter's size
@@ -104,23 +105,33 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
 
 
 class Meter:
-    """Counts saved tensors (by storage, attributed to the running module) and the working set."""
+    """Counts saved tensors (by storage, attributed to the running module) and the working set; with a
+    compressor, what it keeps of each activation (edge/compress.py) instead of the activation."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compressor: ActivationCompressor | None = None) -> None:
         self.model = model
+        self.compressor = compressor
         self.stored = {_storage_key(t)[0] for t in [*model.parameters(), *model.buffers()]}
-        self.saved: dict[int, tuple[int, str]] = {}
+        self.saved: dict[object, tuple[int, str]] = {}
         self.flash_saved = 0
         self.working = 0
         self._stack: list[str] = []
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> torch.Tensor | Packed:
         ptr, nbytes = _storage_key(t)
         if ptr in self.stored or ptr == 0:  # a parameter or buffer (counted on its own side) or an empty tensor
             return t
-        if ptr not in self.saved:
-            self.saved[ptr] = (nbytes, self._stack[-1] if self._stack else "(loss)")
+        layer = self._stack[-1] if self._stack else "(loss)"
+        if self.compressor is not None and self.compressor.compressible(t):
+            packed = self.compressor.pack(t)
+            self.saved.setdefault(id(packed), (packed.nbytes, layer))
+            return packed
+        self.saved.setdefault(ptr, (nbytes, layer))
         return t
+
+    @staticmethod
+    def _unpack(saved: torch.Tensor | Packed) -> torch.Tensor:
+        return ActivationCompressor.unpack(saved)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[Meter]:
@@ -130,7 +141,8 @@ class Meter:
             handles.append(module.register_forward_hook(self._leave(len(list(module.children())) == 0),
                                                         always_call=True))
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            with self.compressor.forward_scope() if self.compressor is not None else contextlib.nullcontext(), \
+                    torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
             for h in handles:
