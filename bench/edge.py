@@ -7,7 +7,11 @@ under a 256 KiB budget; ONNX and ExecuTorch export checked against PyTorch.
 
 Writes bench/results/edge.json: per recipe key (kws, vision, har, har_lstm, vibration)
 full_ft_accuracy, last_layer_accuracy, best_adapter_accuracy, best_adapter_method,
-memory_ratio_vs_full_ft, adapter_bytes, int8_accuracy (and every run under "runs"); top level
+memory_ratio_vs_full_ft, adapter_bytes, int8_accuracy, working_set_floor_ratio; the compressed-activation
+row: the adapters within 2 points of full fine-tuning trained again with saved activations in 4 and 2
+bits (runs "<method>@<bits>bit"), the smallest within a point as compressed_method, compressed_bits,
+compressed_accuracy, compressed_memory_ratio_vs_full_ft, against floor_target_ratio (0.7 x the floor
+ratio) as meets_floor_target (and every run under "runs"); top level
 kws_fits_256KiB, onnx_max_abs_diff, pte_max_abs_diff and the blob bytes per task; vision_tasks: a
 defect adapter and a digit adapter on one MobileNetV2, scored through one exported ONNX program.
 """
@@ -126,8 +130,11 @@ def main() -> None:
         if isinstance(row, dict) and isinstance(results.get(name), dict):
             results[name].update({k: v for k, v in row.items() if k.startswith(("device_", "full_ft_arena"))})
     RESULTS.write_text(json.dumps(results, indent=2))
-    shown = {k: {m: v[m] for m in ("full_ft_accuracy", "last_layer_accuracy", "best_adapter_accuracy",
-                                   "best_adapter_method", "memory_ratio_vs_full_ft", "int8_accuracy")}
+    shown = {k: {m: v.get(m) for m in ("full_ft_accuracy", "last_layer_accuracy", "best_adapter_accuracy",
+                                       "best_adapter_method", "memory_ratio_vs_full_ft", "int8_accuracy",
+                                       "compressed_method", "compressed_bits", "compressed_accuracy",
+                                       "compressed_memory_ratio_vs_full_ft", "floor_target_ratio",
+                                       "meets_floor_target")}
              for k, v in results.items() if isinstance(v, dict) and "full_ft_accuracy" in v}
     print(json.dumps(shown, indent=1))
 

@@ -206,3 +206,23 @@ def test_a_program_the_runtime_cannot_run_or_that_is_over_budget_is_refused_befo
                                           r"of 1\.0 KiB"):
         export_training(after, "a", tmp_path / "small", example=x, budget="1KiB")
     assert not (tmp_path / "small" / "train-a.pte").exists()
+
+
+@pytest.mark.slow
+def test_the_slimmed_joint_graph_keeps_masks_not_activations_and_plans_a_smaller_arena(tmp_path, monkeypatch):
+    import adapterkit.edge.device_train as device_train
+    from adapterkit.edge import slim_joint as slim
+
+    am = adapted(lambda: ds_cnn(12, channels=16, blocks=2), ak.LiteResidual(targets=BLOCKS))
+    x = torch.randn(1, 1, 49, 10)
+    counts: list[dict[str, int]] = []
+    monkeypatch.setattr(device_train, "slim_joint", lambda joint: counts.append(slim.slim_joint(joint)))
+    slimmed = export_training(am, "a", tmp_path / "slim", example=x)
+    monkeypatch.setattr(device_train, "slim_joint", lambda joint: None)
+    plain = export_training(am, "a", tmp_path / "plain", example=x)
+    rewrites = counts[0]
+    assert rewrites["aliases"] > 0 and rewrites["shape_only_inputs"] > 0 and rewrites["masks_moved_forward"] > 0
+    assert slimmed.arena_bytes < 0.75 * plain.arena_bytes
+    y = torch.randint(0, 7, (1,))
+    losses = [DeviceTrainer(tmp_path / d / "train-a.pte", lr=0.0).step(x, y) for d in ("slim", "plain")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -38,6 +38,7 @@ from .export import ExportError, head_output
 from .fit import Batch, logits_of, split_batch
 from .lean import unlean
 from .memory import human, parse_budget
+from .slim_joint import slim_joint
 
 
 @dataclass
@@ -174,6 +175,7 @@ def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, 
     try:
         forward = export(module, (x, y), strict=True)
         joint = _export_forward_backward(forward)
+        slim_joint(joint)
         # the joint graph keeps no module stacks: `forward` is what names a module
         return forward, to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
     except Exception as err:  # noqa: BLE001 - torch.export's and ExecuTorch's failures, as one error
