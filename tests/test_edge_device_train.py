@@ -226,3 +226,24 @@ def test_the_slimmed_joint_graph_keeps_masks_not_activations_and_plans_a_smaller
     y = torch.randint(0, 7, (1,))
     losses = [DeviceTrainer(tmp_path / d / "train-a.pte", lr=0.0).step(x, y) for d in ("slim", "plain")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_program_keeping_bytes_for_weight_gradients_plans_less_and_stays_close(tmp_path):
+    build, shape, lora_targets, _ = BACKBONES["ds_cnn"]
+    am = adapted(build, ak.LoRA(r=2, alpha=4, targets=lora_targets))
+    x, y = torch.randn(*shape), torch.randint(0, 7, (shape[0],))
+    exact = pytorch_gradients(am, x, y)
+    full = export_training(am, "a", tmp_path / "fp32", example=x)
+    small = export_training(am, "a", tmp_path / "int8", example=x, activation_bits=8)
+    assert small.arena_bytes < full.arena_bytes
+    trainer = DeviceTrainer(tmp_path / "int8" / small.file, lr=0.0, max_grad_norm=None)
+    trainer.step(x, y)
+    got = {k.removeprefix("model."): v for k, v in trainer.module.named_gradients().items()}
+    for name, grad in exact.items():
+        error = (got[name] - grad).norm() / grad.norm()
+        assert error < 0.02, (name, float(error))  # a byte per number: well within 2% of the gradient
+    lora_grads = [n for n in exact if "lora" in n.lower() or ".A" in n or ".B" in n]
+    assert any(not torch.equal(got[n], exact[n]) for n in lora_grads)  # the rounding is really there
+    with pytest.raises(ExportError, match="8 bits"):
+        export_training(am, "a", tmp_path / "int4", example=x, activation_bits=4)

@@ -70,13 +70,20 @@ class _WithLoss(nn.Module):
 
 
 def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: torch.Tensor,
-                    full: bool = False, budget: int | str | None = None) -> TrainingProgramInfo:
+                    full: bool = False, budget: int | str | None = None,
+                    activation_bits: int | None = None) -> TrainingProgramInfo:
     """Write `train-<name>.pte` (or `train-full.pte` with `full`: every weight of the base and the
     adapter's head trainable) for batches shaped like `example`; returns what was written.
 
     Refused, with nothing written: a program that needs an operator ExecuTorch's runtime has no kernel
     for (the operator and the module it trains through are named), and one whose planned arena plus its
-    trainable parameters exceed `budget` (both numbers)."""
+    trainable parameters exceed `budget` (both numbers).
+
+    `activation_bits=8`: what a trainable convolution keeps for its weight's gradient is kept as bytes
+    in the program (edge/slim_joint.py); gradients then differ from PyTorch's by that rounding."""
+    if activation_bits not in (None, 8):
+        raise ExportError(f"activation bits {activation_bits!r}: a device program keeps saved activations in 8 bits "
+                          "(or in full, None); fewer bits are for PyTorch training (edge.fit)")
     limit = parse_budget(budget) if budget is not None else None
     output = head_output(am, name)  # an unknown name fails here, before anything is written
     if output is None:
@@ -94,7 +101,7 @@ def export_training(am: AdaptedModel, name: str, out: str | Path, *, example: to
         if full:
             _all_used_weights_trainable(am, _WithLoss(am), example, labels)
         with conv1d_as_conv2d():
-            forward, program = _program(_WithLoss(am), example, labels)
+            forward, program = _program(_WithLoss(am), example, labels, activation_bits)
         missing = missing_kernels(program)
         if missing:
             raise ExportError("ExecuTorch's runtime has no kernel for " + "; ".join(
@@ -166,7 +173,8 @@ def _all_used_weights_trainable(am: AdaptedModel, module: nn.Module, x: torch.Te
         param.grad = None
 
 
-def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
+def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             activation_bits: int | None = None) -> tuple[Any, Any]:
     """(the exported forward, which knows each op's module; the ExecuTorch training program)."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export import export
@@ -175,7 +183,7 @@ def _program(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, 
     try:
         forward = export(module, (x, y), strict=True)
         joint = _export_forward_backward(forward)
-        slim_joint(joint)
+        slim_joint(joint, activation_bits)
         # the joint graph keeps no module stacks: `forward` is what names a module
         return forward, to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
     except Exception as err:  # noqa: BLE001 - torch.export's and ExecuTorch's failures, as one error
