@@ -22,7 +22,7 @@ from ..config import IA3, BitFit, Bottleneck, LiteResidual, LoRA, MethodConfig
 from ..heads import new_head
 from ..model import AdaptedModel, adapt
 from ..train.step import TrainStep
-from .fit import fit, train_steps
+from .fit import fit, plan, train_steps
 from .lean import lean
 from .memory import BudgetError, split_parameters, tensor_bytes
 from .quant import quantize_int8
@@ -181,11 +181,15 @@ def compare(recipe: Recipe, *, methods: dict[str, MethodConfig] | None = None,
 
 def compressed_runs(recipe: Recipe, runs: dict[str, dict[str, Any]], methods: dict[str, MethodConfig],
                     log: Callable[[str], None]) -> list[str]:
-    """The adapters near full fine-tuning's accuracy (within 2 points, the smallest three) again, their
-    saved activations kept in each of COMPRESSED_BITS; the runs' names."""
+    """The adapters near full fine-tuning's accuracy (within 2 points) trained again with their saved
+    activations kept in each of COMPRESSED_BITS: the three that plan smallest at the fewest bits (what
+    compression leaves, not what it starts from, decides); the runs' names."""
     full = runs["full_ft"]
     near = [n for n in methods if runs[n]["accuracy"] >= full["accuracy"] - 0.02]
-    near.sort(key=lambda n: runs[n]["writable_bytes"])
+    x, y = recipe.train
+    planned = {n: plan(adapted(recipe, n, methods[n]), n, (x[:recipe.batch_size], y[:recipe.batch_size]),
+                       activation_bits=min(COMPRESSED_BITS)).report.writable for n in near}
+    near.sort(key=lambda n: planned[n])
     names = []
     for name in near[:3]:
         for bits in COMPRESSED_BITS:

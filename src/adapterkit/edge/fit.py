@@ -152,9 +152,11 @@ def _alternatives(am: AdaptedModel, name: str, batch: Batch, limit: int, loss_fn
     for fewer in (8, 4):  # fewer bits only where 8 would not fit the whole batch
         if bits is None or fewer < bits:
             before = len(found)
-            add(f"the same adapter with saved activations in {fewer} bits",
-                lambda b, fewer=fewer: measure_forward(am, b, loss_fn=loss_fn, optimizer=optimizer,
-                                                       activation_bits=fewer).writable)
+
+            def compressed(b: Batch, fewer: int = fewer) -> int:
+                return measure_forward(am, b, loss_fn=loss_fn, optimizer=optimizer, activation_bits=fewer).writable
+
+            add(f"the same adapter with saved activations in {fewer} bits", compressed)
             if len(found) > before and "batch size" not in found[-1][0]:
                 break
     record = am.adapter(name)

@@ -66,18 +66,18 @@ def rebuild_leaves(model: nn.Module) -> int:
 
 
 def _tensor(module: nn.Module, arg: Any) -> torch.Tensor | None:
-    return getattr(module, arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+    return getattr(module, str(arg.target)) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 def _conv(dims: int) -> Callable[[nn.Module, fx.Node], nn.Module | None]:
     def build(module: nn.Module, call: fx.Node) -> nn.Module | None:
-        args = list(call.args) + [None] * (7 - len(call.args))
+        args: list[Any] = list(call.args) + [None] * (7 - len(call.args))
         weight, bias = _tensor(module, args[1]), _tensor(module, args[2])
         if weight is None or isinstance(args[4], str):
             return None
         stride, padding, dilation = (args[i] if args[i] is not None else d for i, d in ((3, 1), (4, 0), (5, 1)))
         groups = int(args[6]) if args[6] is not None else 1
-        kind = nn.Conv1d if dims == 1 else nn.Conv2d
+        kind: Any = nn.Conv1d if dims == 1 else nn.Conv2d
         conv = kind(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
                     padding=padding, dilation=dilation, groups=groups, bias=bias is not None)
         conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -100,26 +100,27 @@ def _linear(module: nn.Module, call: fx.Node) -> nn.Module | None:
 
 
 def _batch_norm(module: nn.Module, call: fx.Node) -> nn.Module | None:
-    weight, bias, mean, var = (_tensor(module, a) for a in call.args[1:5])
+    args: list[Any] = list(call.args)
+    weight, bias, mean, var = (_tensor(module, a) for a in args[1:5])
     if mean is None or var is None:
         return None
-    eps = float(call.args[7]) if len(call.args) > 7 else 1e-5
-    momentum = float(call.args[6]) if len(call.args) > 6 else 0.1
-    input_dims = call.args[0].meta["val"].dim() if isinstance(call.args[0], fx.Node) else 4
+    eps = float(args[7]) if len(args) > 7 else 1e-5
+    momentum = float(args[6]) if len(args) > 6 else 0.1
+    input_dims = args[0].meta["val"].dim() if isinstance(args[0], fx.Node) else 4
     norm = (nn.BatchNorm2d if input_dims == 4 else nn.BatchNorm1d)(mean.shape[0], eps=eps, momentum=momentum,
                                                                   affine=weight is not None)
     with torch.no_grad():
-        norm.running_mean.copy_(mean)
-        norm.running_var.copy_(var)
-        if weight is not None and bias is not None:
-            norm.weight.copy_(weight)
-            norm.bias.copy_(bias)
+        for own, given in ((norm.running_mean, mean), (norm.running_var, var), (norm.weight, weight),
+                           (norm.bias, bias)):
+            if own is not None and given is not None:
+                own.copy_(given)
     return norm
 
 
 def _hardtanh(module: nn.Module, call: fx.Node) -> nn.Module | None:
-    low = call.args[1] if len(call.args) > 1 else -1.0
-    high = call.args[2] if len(call.args) > 2 else 1.0
+    args: list[Any] = list(call.args)
+    low = args[1] if len(args) > 1 else -1.0
+    high = args[2] if len(args) > 2 else 1.0
     return nn.ReLU6() if (float(low), float(high)) == (0.0, 6.0) else nn.Hardtanh(float(low), float(high))
 
 

@@ -107,6 +107,8 @@ def _divide_before_expand(graph: fx.Graph) -> int:
         if not node.users or not all(u.target in _BROADCASTING for u in node.users):
             continue  # only where the expansion can then be left to broadcasting: a view needs it materialised
         small = expand.args[0]
+        if not isinstance(small, fx.Node):
+            continue
         with graph.inserting_before(expand):
             divided = graph.call_function(aten.div.Scalar, (small, node.args[1]))
         divided.meta = {"val": small.meta["val"] / node.args[1]}
