@@ -2,7 +2,7 @@
 version of edge/lean.py), by rewriting the joint graph before ExecuTorch plans its memory.
 
 ExecuTorch plans one buffer per value for as long as any instruction still reads it, so what the
-backward half reads decides the arena. Three things in the joint graph keep more than backward needs:
+backward half reads decides the arena. Four things in the joint graph keep more than backward needs:
 
 * `aten.alias` of a saved activation becomes a real copy on the device (alias_copy): the alias is
   replaced by the value itself.
@@ -16,7 +16,8 @@ backward half reads decides the arena. Three things in the joint graph keep more
   expansion is left to their broadcasting, so neither buffer is made.
 
 Each rewrite gives the same numbers; tests/test_edge_device_train.py checks the gradients still equal
-PyTorch's.
+PyTorch's. One more, asked for with `activation_bits=8`, does not: it keeps the activations that
+trainable convolutions read for their weights' gradients as bytes.
 """
 
 from __future__ import annotations
