@@ -216,9 +216,9 @@ def test_the_slimmed_joint_graph_keeps_masks_not_activations_and_plans_a_smaller
     am = adapted(lambda: ds_cnn(12, channels=16, blocks=2), ak.LiteResidual(targets=BLOCKS))
     x = torch.randn(1, 1, 49, 10)
     counts: list[dict[str, int]] = []
-    monkeypatch.setattr(device_train, "slim_joint", lambda joint: counts.append(slim.slim_joint(joint)))
+    monkeypatch.setattr(device_train, "slim_joint", lambda joint, bits: counts.append(slim.slim_joint(joint, bits)))
     slimmed = export_training(am, "a", tmp_path / "slim", example=x)
-    monkeypatch.setattr(device_train, "slim_joint", lambda joint: None)
+    monkeypatch.setattr(device_train, "slim_joint", lambda joint, bits: None)
     plain = export_training(am, "a", tmp_path / "plain", example=x)
     rewrites = counts[0]
     assert rewrites["aliases"] > 0 and rewrites["shape_only_inputs"] > 0 and rewrites["masks_moved_forward"] > 0

@@ -180,8 +180,10 @@ def test_the_cli_trains_plans_runs_and_exports_on_a_program_model(tmp_path):
     result = runner.invoke(app, ["edge", "run", str(out), *files])
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.output.strip().splitlines()] == files
-    result = runner.invoke(app, ["edge", "export", str(out), "--out", str(tmp_path / "export")])
+    result = runner.invoke(app, ["edge", "export", str(out), "--out", str(tmp_path / "export"), "--train", "--batch",
+                                 "2", "--activation-bits", "8"])
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "export" / "train-run.pte").exists() and "less than full fine-tuning" in result.output
 
 
 def test_a_program_model_that_does_not_fit_the_data_is_refused_naming_both_shapes(tmp_path):

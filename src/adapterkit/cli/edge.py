@@ -130,6 +130,8 @@ def edge_export(
     batch: Annotated[int, typer.Option(help="The training programs' batch size (fixed in the program)")] = 8,
     budget: Annotated[str | None, typer.Option(help="With --train: refuse an adapter's training program whose "
                                                     "arena and parameters exceed this, e.g. 256KiB")] = None,
+    activation_bits: Annotated[int | None, typer.Option(help="With --train: 8 keeps the activations the adapter's "
+                                                             "convolutions read for their gradients as bytes")] = None,
 ) -> None:
     """Export one base program and one blob per adapter; check each against PyTorch. With --train, also a
     training program per adapter, with the memory ExecuTorch plans for it."""
@@ -187,7 +189,7 @@ def edge_export(
         console.print(f"full fine-tuning: {full.file}, arena {human(full.arena_bytes)}, "
                       f"trainable {human(full.trainable_bytes)}, flash {human(full.flash_bytes)}")
         for name in names:
-            info = export_training(am, name, out, example=x, budget=budget)
+            info = export_training(am, name, out, example=x, budget=budget, activation_bits=activation_bits)
             console.print(f"{name}: {info.file}, arena {human(info.arena_bytes)} "
                           f"({full.arena_bytes / info.arena_bytes:.1f}x less than full fine-tuning), trainable "
                           f"{human(info.trainable_bytes)}, flash {human(info.flash_bytes)}")
