@@ -133,3 +133,38 @@ def test_plan_suggests_compressed_activations_and_bad_bits_are_refused():
     for bad in (3, 0, 16, True, "8"):
         with pytest.raises(AdapterError, match="activation bits"):
             plan(am, "a", (x, y), activation_bits=bad)
+
+
+def test_a_relu_backward_sees_its_exact_mask_and_views_of_one_tensor_are_compressed_once():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 256, generator=gen, requires_grad=True)
+    weights = torch.randn(256, 1, generator=gen)  # below the compressed size: only the ReLU's output is
+    exact = torch.autograd.grad((F.relu(x) @ weights).sum(), x)[0]
+    for bits in (1, 2):
+        with ActivationCompressor(bits, generator=gen).active():
+            loss = (F.relu(x) @ weights).sum()
+        got = torch.autograd.grad(loss, x)[0]
+        torch.testing.assert_close(got, exact)  # the ReLU's mask is kept exactly: nothing rounds to 0
+    shared = torch.randn(4, 32, 64)
+    layers = [nn.Linear(64, 64), nn.Linear(64, 64)]
+    compressor = ActivationCompressor(8, nn.ModuleList(layers))
+    saved = []
+    with compressor.forward_scope(), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(compressor.pack(t)) or saved[-1], compressor.unpack):
+        inputs = shared.requires_grad_()
+        sum(layer(inputs).sum() for layer in layers).backward()
+    packed = [p for p in saved if not isinstance(p, torch.Tensor)]
+    assert len(packed) == 2 and packed[0] is packed[1]  # two layers' reshaped views: one compressed copy
+
+
+def test_non_finite_and_foreign_tensors_are_kept_as_they_are():
+    compressor = ActivationCompressor(4)
+    bad = torch.randn(2048)
+    bad[7] = float("inf")
+    assert compressor.pack(bad) is bad
+    from adapterkit.edge.quant import quantize_int8
+
+    pytest.importorskip("torchao")
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    quantize_int8(model, linear="torchao")
+    ActivationCompressor(8, model)  # torchao's weights have no storage of their own: no error

@@ -106,8 +106,9 @@ def edge_fit(
     folder.mkdir(parents=True, exist_ok=True)
     am.save(method, str(folder / "adapter"))
     save_file({k: v.contiguous() for k, v in am.base.state_dict().items()}, str(folder / "base.safetensors"))
-    if model is not None:  # the program's structure, for `edge export` and `edge run`
-        shutil.copyfile(model, folder / "model.pt2")
+    kept = folder / "model.pt2"
+    if model is not None and not (kept.exists() and kept.samefile(model)):  # for `edge export` and `edge run`
+        shutil.copyfile(model, kept)
     own = {"backbone": built.info["backbone"], "labels": built.info["labels"], "preprocess": built.info["preprocess"],
            "input_shape": list(built.input_shape)} if data is not None else None
     (folder / "report.json").write_text(json.dumps({"recipe": built.name, "method": method, "accuracy": acc,
@@ -146,6 +147,8 @@ def edge_export(
     from ..edge.recipe import RecipeError
     from ..model import adapt
 
+    if activation_bits is not None and not train:
+        raise typer.BadParameter("--activation-bits is for the training programs: add --train")
     reports = [json.loads((Path(r) / "report.json").read_text()) for r in runs]
     if len({r["recipe"] for r in reports}) != 1:
         raise RecipeError("export takes adapters of one recipe (one base model) at a time")

@@ -8,8 +8,12 @@ and stored as b-bit codes with the group's minimum and step:
     q    = floor((x - min_g) / step + u),   u ~ U[0, 1)     (stochastic rounding: E[x̂] = x)
     x̂    = min_g + q · step
 
-so the gradient computed from x̂ is an unbiased estimate of the exact one. Codes of 1, 2 or 4 bits
-are packed several to a byte. What is compressed: floating-point tensors autograd saves that are not
+so an op whose backward is linear in what it saved (a convolution's or a linear layer's weight
+gradient) gets an unbiased estimate of the exact gradient. A ReLU's backward is not linear in its
+output: rounding a small positive number down to 0 would drop its gradient. So a tensor with no
+negative number (a ReLU's output) also keeps which of its numbers are not zero, one bit each, and
+those never come back as 0: a ReLU's backward sees its exact mask. Codes of 1, 2 or 4 bits are packed
+several to a byte. What is compressed: floating-point tensors autograd saves that are not
 the model's own parameters or buffers (those are flash) and hold at least `min_elements` numbers;
 everything else (the lean path's 1-bit masks, small tensors, frozen weights) is kept as it is.
 """
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .lean import pack_bits, unpack_bits
 
 BITS = (1, 2, 4, 8)
 GROUP = 256
@@ -40,10 +45,19 @@ class Packed:
     shape: torch.Size
     dtype: torch.dtype
     bits: int
+    nonzero: torch.Tensor | None = None  # packed bits: which numbers of a non-negative tensor are not 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.low, self.step))
+        kept = (self.codes, self.low, self.step) + ((self.nonzero,) if self.nonzero is not None else ())
+        return sum(t.numel() * t.element_size() for t in kept)
+
+
+def _address(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a wrapper subclass (torchao's int8 weights) has no storage
+        return id(t)
 
 
 def check_bits(bits: int | None) -> int | None:
@@ -75,7 +89,8 @@ def quantize(t: torch.Tensor, bits: int, generator: torch.Generator | None = Non
             codes = torch.cat([codes, codes.new_zeros(pad)])
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         codes = (codes.view(-1, per_byte) << shifts).sum(1, dtype=torch.uint8)
-    return Packed(codes, low, step, t.shape, t.dtype, bits)
+    nonzero = pack_bits(t.detach() != 0) if bool(low.min() >= 0) else None
+    return Packed(codes, low, step, t.shape, t.dtype, bits, nonzero)
 
 
 def dequantize(p: Packed) -> torch.Tensor:
@@ -86,7 +101,11 @@ def dequantize(p: Packed) -> torch.Tensor:
         codes = ((codes[:, None] >> shifts) & (2**p.bits - 1)).flatten()
     count = p.shape.numel()
     rows = codes[:p.low.shape[0] * GROUP].view(-1, GROUP).float()
-    return (p.low + rows * p.step).flatten()[:count].view(p.shape).to(p.dtype)
+    values = (p.low + rows * p.step).flatten()[:count].view(p.shape)
+    if p.nonzero is not None:  # a number that was not 0 stays above 0, however small it rounded
+        tiny = torch.finfo(values.dtype).tiny
+        values = torch.where(unpack_bits(p.nonzero, p.shape), values.clamp_min(tiny), torch.zeros_like(values))
+    return values.to(p.dtype)
 
 
 class ActivationCompressor:
@@ -101,25 +120,27 @@ class ActivationCompressor:
         self.bits = check_bits(bits) or 8
         self.min_elements = min_elements
         self.generator = generator
-        self.flash = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]} \
-            if model is not None else set()
+        self.flash = {_address(t) for t in [*model.parameters(), *model.buffers()]} if model is not None else set()
         self._memo: dict[tuple, tuple[weakref.ref, Packed]] = {}
 
     def compressible(self, t: torch.Tensor) -> bool:
+        # a non-finite number would make its whole group's step inf or nan: such a tensor is kept as it is
         return (type(t) is torch.Tensor and t.is_floating_point() and t.numel() >= self.min_elements
-                and t.dim() > 0 and t.untyped_storage().data_ptr() not in self.flash)
+                and t.dim() > 0 and _address(t) not in self.flash and bool(torch.isfinite(t).all()))
 
     def pack(self, t: torch.Tensor) -> torch.Tensor | Packed:
         if not self.compressible(t):
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
                t._version)
+        # the address alone could be a freed tensor's, reused: only while the tensor that owns the memory
+        # (a view's base, which every view keeps alive) still lives is it the same numbers
+        owner = t._base if t._base is not None else t
         seen = self._memo.get(key)
-        # the address alone could be a freed tensor's, reused: only a live original is the same tensor
-        if seen is not None and seen[0]() is t:
+        if seen is not None and seen[0]() is owner:
             return seen[1]
         packed = quantize(t, self.bits, self.generator)
-        self._memo[key] = (weakref.ref(t), packed)
+        self._memo[key] = (weakref.ref(owner), packed)
         return packed
 
     @staticmethod

@@ -107,14 +107,15 @@ def _batch_norm(module: nn.Module, call: fx.Node) -> nn.Module | None:
     eps = float(args[7]) if len(args) > 7 else 1e-5
     momentum = float(args[6]) if len(args) > 6 else 0.1
     input_dims = args[0].meta["val"].dim() if isinstance(args[0], fx.Node) else 4
-    norm = (nn.BatchNorm2d if input_dims == 4 else nn.BatchNorm1d)(mean.shape[0], eps=eps, momentum=momentum,
-                                                                  affine=weight is not None)
+    kind = {4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(input_dims, nn.BatchNorm1d)
+    # a program exported in train mode normalised by batch statistics; a frozen base uses the running ones
+    norm = kind(mean.shape[0], eps=eps, momentum=momentum, affine=weight is not None or bias is not None)
     with torch.no_grad():
         for own, given in ((norm.running_mean, mean), (norm.running_var, var), (norm.weight, weight),
                            (norm.bias, bias)):
             if own is not None and given is not None:
                 own.copy_(given)
-    return norm
+    return norm.to(mean.dtype)
 
 
 def _hardtanh(module: nn.Module, call: fx.Node) -> nn.Module | None:

@@ -231,17 +231,21 @@ def user_recipe(data: str | Path, *, backbone: str | None = None, weights: str |
 
     sites = targets or (r"re:features\.\d+$" if backbone == "mobilenet_v2" else r"re:blocks\.\d+$")
     norms = sorted({type(m).__name__ for m in source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
-    # LoRA on every ungrouped convolution inside the adapted blocks (a grouped one has no low-rank form here)
-    grouped = [rf"^{re.escape(n)}$" for n, m in source.named_modules()
-               if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+    # LoRA on every ungrouped convolution and every linear layer but the last (the head the adapter
+    # replaces); a grouped convolution has no low-rank form here
+    linears = [n for n, m in source.named_modules() if isinstance(m, nn.Linear)]
+    skipped = [rf"^{re.escape(n)}$" for n, m in source.named_modules()
+               if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1] + \
+        [rf"^{re.escape(n)}$" for n in linears[-1:]]
     return Recipe("user", make_source, (x[train_idx], found.y[train_idx]), (x[test_idx], found.y[test_idx]),
                   len(found.labels), adapter_targets=sites, batch_size=min(batch_size, len(train_idx)),
                   epochs=epochs, lr=lr,
                   info={"labels": found.labels, "backbone": backbone, "preprocess": pre.__dict__, "data": str(data),
                         "model": str(model) if model is not None else None,
-                        "lora_targets": ["Conv1d", "Conv2d"], "lora_exclude": grouped,
+                        "lora_targets": ["Conv1d", "Conv2d", "Linear"], "lora_exclude": skipped,
                         "convolutional": any(isinstance(m, nn.modules.conv._ConvNd) for m in source.modules()),
-                        "bitfit_targets": [_NORMS[backbone]] if backbone in _NORMS else norms})
+                        # BitFit's bias after every BatchNorm; a model without one gets it after each site
+                        "bitfit_targets": [_NORMS[backbone]] if backbone in _NORMS else norms or sites})
 
 
 def load_backbone_from_state(name: str, state: dict[str, torch.Tensor],
