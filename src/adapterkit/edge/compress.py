@@ -10,9 +10,10 @@ and stored as b-bit codes with the group's minimum and step:
 
 so an op whose backward is linear in what it saved (a convolution's or a linear layer's weight
 gradient) gets an unbiased estimate of the exact gradient. A ReLU's backward is not linear in its
-output: rounding a small positive number down to 0 would drop its gradient. So a tensor with no
-negative number (a ReLU's output) also keeps which of its numbers are not zero, one bit each, and
-those never come back as 0: a ReLU's backward sees its exact mask. Codes of 1, 2 or 4 bits are packed
+output: rounding a small positive number down to 0 would drop its gradient. So a ReLU's output (one
+whose autograd node is a ReLU's; the lean path's ReLUs keep their own mask instead) also keeps which
+of its numbers are not zero, one bit each, and those never come back as 0: the ReLU's backward sees
+its exact mask. Codes of 1, 2 or 4 bits are packed
 several to a byte. What is compressed: floating-point tensors autograd saves that are not
 the model's own parameters or buffers (those are flash) and hold at least `min_elements` numbers;
 everything else (the lean path's 1-bit masks, small tensors, frozen weights) is kept as it is.
@@ -74,7 +75,8 @@ def _groups(t: torch.Tensor) -> torch.Tensor:
     return flat.view(-1, GROUP)
 
 
-def quantize(t: torch.Tensor, bits: int, generator: torch.Generator | None = None) -> Packed:
+def quantize(t: torch.Tensor, bits: int, generator: torch.Generator | None = None, *,
+             keep_nonzero: bool = False) -> Packed:
     rows = _groups(t.detach().float())
     low = rows.amin(1, keepdim=True)
     levels = 2**bits - 1
@@ -89,7 +91,7 @@ def quantize(t: torch.Tensor, bits: int, generator: torch.Generator | None = Non
             codes = torch.cat([codes, codes.new_zeros(pad)])
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         codes = (codes.view(-1, per_byte) << shifts).sum(1, dtype=torch.uint8)
-    nonzero = pack_bits(t.detach() != 0) if bool(low.min() >= 0) else None
+    nonzero = pack_bits(t.detach() != 0) if keep_nonzero else None
     return Packed(codes, low, step, t.shape, t.dtype, bits, nonzero)
 
 
@@ -139,7 +141,8 @@ class ActivationCompressor:
         seen = self._memo.get(key)
         if seen is not None and seen[0]() is owner:
             return seen[1]
-        packed = quantize(t, self.bits, self.generator)
+        relu_output = t.grad_fn is not None and type(t.grad_fn).__name__.startswith("ReluBackward")
+        packed = quantize(t, self.bits, self.generator, keep_nonzero=relu_output)
         self._memo[key] = (weakref.ref(owner), packed)
         return packed
 
