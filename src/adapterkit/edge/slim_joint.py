@@ -49,21 +49,23 @@ def slim_joint(program: Any, activation_bits: int | None = None) -> dict[str, in
     return done
 
 
+def _calls(graph: fx.Graph, *targets: Any) -> list[fx.Node]:
+    """The graph's calls of these operators, listed before any rewrite changes the graph."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
+
+
 def _drop_aliases(graph: fx.Graph) -> int:
     count = 0
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target == aten.alias.default:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            count += 1
+    for node in _calls(graph, aten.alias.default):
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+        count += 1
     return count
 
 
 def _shape_only_inputs(graph: fx.Graph) -> int:
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.convolution_backward.default:
-            continue
+    for node in _calls(graph, aten.convolution_backward.default):
         source, mask = node.args[1], node.args[-1]
         if mask[1] or not isinstance(source, fx.Node) or source.op == "placeholder":
             continue  # the weight's gradient reads the input's values; a graph input is alive anyway
@@ -80,9 +82,7 @@ def _shape_only_inputs(graph: fx.Graph) -> int:
 def _masks_forward(graph: fx.Graph) -> int:
     order = {n: i for i, n in enumerate(graph.nodes)}
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _MASKS:
-            continue
+    for node in _calls(graph, *_MASKS):
         source = node.args[0]
         if not isinstance(source, fx.Node) or source.op == "placeholder":
             continue
@@ -99,10 +99,10 @@ def _masks_forward(graph: fx.Graph) -> int:
 
 def _divide_before_expand(graph: fx.Graph) -> int:
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.div.Scalar or node.kwargs:
-            continue
+    for node in _calls(graph, aten.div.Scalar):
         expand = node.args[0]
+        if node.kwargs:
+            continue
         if not (isinstance(expand, fx.Node) and expand.target == aten.expand.default and len(expand.users) == 1):
             continue
         if not node.users or not all(u.target in _BROADCASTING for u in node.users):
@@ -122,8 +122,8 @@ def _divide_before_expand(graph: fx.Graph) -> int:
 
 def _broadcast_expands(graph: fx.Graph) -> int:
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.expand.default or not node.users:
+    for node in _calls(graph, aten.expand.default):
+        if not node.users:
             continue
         small = node.args[0]
         if not isinstance(small, fx.Node) or not all(_broadcasts_to_same(u, node, small) for u in node.users):
@@ -158,8 +158,8 @@ def _bytes_for_weight_gradients(graph: fx.Graph, min_elements: int = 1024) -> in
     order = {n: i for i, n in enumerate(graph.nodes)}
     done: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != aten.convolution_backward.default or not node.args[-1][1]:
+    for node in _calls(graph, aten.convolution_backward.default):
+        if not node.args[-1][1]:
             continue
         source = node.args[1]
         if not isinstance(source, fx.Node) or source.op == "placeholder":
