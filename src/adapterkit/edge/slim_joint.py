@@ -22,6 +22,7 @@ trainable convolutions read for their weights' gradients as bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -54,10 +55,19 @@ def _calls(graph: fx.Graph, *targets: Any) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
 
 
+def _output_mask(backward: fx.Node) -> Sequence[bool]:
+    """Which gradients a convolution's backward makes: input, weight, bias."""
+    mask = backward.args[-1]
+    assert isinstance(mask, (list, tuple))
+    return [bool(m) for m in mask]
+
+
 def _drop_aliases(graph: fx.Graph) -> int:
     count = 0
     for node in _calls(graph, aten.alias.default):
-        node.replace_all_uses_with(node.args[0])
+        source = node.args[0]
+        assert isinstance(source, fx.Node)
+        node.replace_all_uses_with(source)
         graph.erase_node(node)
         count += 1
     return count
@@ -66,8 +76,8 @@ def _drop_aliases(graph: fx.Graph) -> int:
 def _shape_only_inputs(graph: fx.Graph) -> int:
     count = 0
     for node in _calls(graph, aten.convolution_backward.default):
-        source, mask = node.args[1], node.args[-1]
-        if mask[1] or not isinstance(source, fx.Node) or source.op == "placeholder":
+        source = node.args[1]
+        if _output_mask(node)[1] or not isinstance(source, fx.Node) or source.op == "placeholder":
             continue  # the weight's gradient reads the input's values; a graph input is alive anyway
         value = source.meta["val"]
         with graph.inserting_before(node):
@@ -159,7 +169,7 @@ def _bytes_for_weight_gradients(graph: fx.Graph, min_elements: int = 1024) -> in
     done: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
     count = 0
     for node in _calls(graph, aten.convolution_backward.default):
-        if not node.args[-1][1]:
+        if not _output_mask(node)[1]:
             continue
         source = node.args[1]
         if not isinstance(source, fx.Node) or source.op == "placeholder":
