@@ -99,6 +99,23 @@ def test_routing_rows_match_single_adapter_runs(family, method):
     check_rows(am, make_x(), ["b", "b", "a", "a"])
 
 
+@pytest.mark.parametrize("family", list(MODELS))
+def test_every_row_on_one_lora_runs_its_own_weights_and_matches_single_runs(family):
+    """One adapter for the whole batch takes the path without per-row copies of A and B."""
+    make_model, make_x = MODELS[family]
+    am = _adapted(make_model(), "lora")
+    check_rows(am, make_x(), ["b"] * 4)
+    check_rows(am, make_x()[:1], ["a"])
+    with torch.inference_mode():  # in place into the site's own output, as serving runs it
+        x = make_x()
+        with am.route(["a"] * 4):
+            routed = _call(am.base, x)
+        am.activate("a")
+        active = _call(am.base, x)
+        am.activate(None)
+    torch.testing.assert_close(routed, active, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_routing_on_minilm(make_minilm, minilm_inputs, method):
     am = _adapted(make_minilm(), method)

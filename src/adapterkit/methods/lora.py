@@ -238,7 +238,14 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
             slots = rows.tolist()
             zero = stacked.A.shape[0] - 1
             mine = [i for i, s in enumerate(slots) if s != zero]
-            by_adapter = rank >= 64 and len(set(slots)) < len(slots)
+            distinct = len(set(slots))
+            if distinct == 1 and mine:
+                # Every row has the same adapter (one stream, or one tenant's batch): its own A and B,
+                # no per-row copies of them, as a plain down- and up-projection.
+                a, b = stacked.A[slots[0]], stacked.B[slots[0]]
+                low = kernels.down_project(z.reshape(-1, z.shape[-1]), a).view(*z.shape[:-1], rank)
+                return restore(kernels.add_product(h_rows, low, b, 1.0, inplace=inplace))
+            by_adapter = rank >= 64 and distinct < len(slots)
         if len(mine) == n_rows and not by_adapter:
             # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
             # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
