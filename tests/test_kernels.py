@@ -170,3 +170,40 @@ def test_fast_forms_in_half_precision_stay_within_its_rounding(method, kind, row
         for i, slot in enumerate(picks.tolist()):
             want = h[i : i + 1].double() if slot == len(group) else exact[slot][i : i + 1]
             close(got[i : i + 1], want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 17), tokens=st.integers(1, 3), d_in=st.integers(1, 40), d_out=st.integers(1, 40),
+       bias=st.booleans(), seed=st.integers(0, 99))
+def test_fast_linear_equals_f_linear(rows, tokens, d_in, d_out, bias, seed):
+    from adapterkit.methods.kernels import linear
+
+    gen = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(rows, tokens, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen)
+    b = torch.randn(d_out, generator=gen) if bias else None
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, weight, b), torch.nn.functional.linear(x, weight, b), **TOLERANCE[torch.float32])
+
+
+def test_fast_linears_swap_plain_linear_forwards_only_and_keep_training_and_copies_intact():
+    import copy
+
+    from adapterkit.methods.kernels import fast_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Bilinear(4, 4, 2))
+    plain = copy.deepcopy(model)
+    assert fast_linears(model) == 2 and fast_linears(model) == 0  # once per layer
+    assert type(model[0]) is nn.Linear and list(model.state_dict()) == list(plain.state_dict())
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model[:3](x), plain[:3](x), **TOLERANCE[torch.float32])
+    model[:3](x).sum().backward()  # outside inference: F.linear's own autograd
+    plain[:3](x).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad)
+    twin = copy.deepcopy(model)  # the copy's forward reads the copy's own weights
+    with torch.no_grad():
+        twin[0].weight.zero_()
+        twin[0].bias.zero_()
+        assert torch.equal(twin[0](x), torch.zeros(5, 16))
+        assert not torch.equal(model[0](x), torch.zeros(5, 16))

@@ -7,8 +7,12 @@ reference across shapes, dtypes, in place or not, and routed or not.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
@@ -16,28 +20,66 @@ except (AttributeError, RuntimeError):  # a build without the op
     _ONEDNN_LINEAR = None
 
 
-def down_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ for a 2-D x and a weight with few rows (LoRA's A).
-
-    The default CPU GEMM runs such a skinny product at a quarter of its usual speed; oneDNN's runs
-    it about 2x faster (bench/overhead.py). oneDNN's op has no autograd, so it is used for eager
-    inference only, on CPU float32 tensors; everything else (training, other devices and dtypes,
-    torch.compile) takes F.linear.
-    """
-    if (
-        _ONEDNN_LINEAR is not None
-        and not torch.compiler.is_compiling()  # Inductor cannot lower the op; it picks its own GEMM
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """oneDNN's linear where it applies, else None. It has no autograd: eager inference only, on CPU
+    float32 tensors; training, other devices and dtypes and torch.compile take F.linear."""
+    applies = (
+        not torch.compiler.is_compiling()  # Inductor cannot lower the op; it picks its own GEMM
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.is_contiguous()
         and torch._C._get_mkldnn_enabled()  # off inside `torch.backends.mkldnn.flags(enabled=False)`
-    ):
+    )
+    return _ONEDNN_LINEAR if applies else None
+
+
+def down_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ for a 2-D x and a weight with few rows (LoRA's A).
+
+    The default CPU GEMM runs such a skinny product at a quarter of its usual speed; oneDNN's runs
+    it about 2x faster (bench/overhead.py).
+    """
+    onednn = _onednn(x, weight)
+    if onednn is not None:
         try:
-            return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
+            return onednn(x, weight, None, "none", [], "")
         except RuntimeError:
             pass
     return F.linear(x, weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a frozen layer in eager CPU inference, through oneDNN's kernel.
+
+    With few rows (a decode step: one token per stream) the default CPU GEMM reads a weight at about
+    half the memory bandwidth; oneDNN's reads it at nearly all of it: one row through the 156M model's
+    layers 30 -> 18 ms, 16 rows 66 -> 38 ms (bench/decode_floor.py).
+    """
+    onednn = _onednn(x, weight)
+    if onednn is not None and (bias is None or bias.dtype == weight.dtype) and x.dim() >= 2:
+        try:
+            out = onednn(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+            return out.view(*x.shape[:-1], weight.shape[0])
+        except RuntimeError:
+            pass
+    return F.linear(x, weight, bias)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def fast_linears(model: nn.Module) -> int:
+    """Give every plain nn.Linear of `model` `linear`'s forward (where it does not apply, F.linear's
+    own); returns how many. Its parameters, hooks and type stay as they were; a quantized layer (a
+    subclass or another module) keeps its own forward."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and "forward" not in vars(module):
+            module.forward = types.MethodType(_linear_forward, module)  # type: ignore[method-assign]
+            count += 1
+    return count
 
 
 def add_product(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scale: float,
