@@ -8,7 +8,9 @@ context of 96 tokens, median of many steps, 2 threads:
 - `linears_ms`: F.linear of one row through every weight matrix, one after another (the matrix
   products alone, no attention, no Python model code);
 - `hf_step_ms`: transformers' own forward of one token with its key/value cache (no adapterkit);
-- `adapted_step_ms`: the same through an AdaptedModel with no adapter active;
+- `linears_onednn_ms`, `hf_step_onednn_ms`: the same two with the Linear layers through oneDNN
+  (methods/kernels.fast_linears, as the serving Engine runs them on the CPU); the rest below too;
+- `adapted_step_ms`: that step through an AdaptedModel with no adapter active;
 - `routed_lora_step_ms` / `routed_lora_rows16_step_ms`: one LoRA (r=8, every projection) routed to the
   row, and 16 rows each with its own LoRA.
 Ratios against `linears_ms` say how much of a step is the model's code around the products.
@@ -36,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.hf_names import cache_keyword, last_logits_only  # noqa: E402
+from adapterkit.methods.kernels import fast_linears, linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_generate import TARGETS  # noqa: E402
@@ -71,12 +74,12 @@ def decode_step(model: torch.nn.Module, rows: int) -> Callable[[], object]:
     from transformers import DynamicCache
 
     base = model.base if isinstance(model, ak.AdaptedModel) else model
-    keyword, last = cache_keyword(base), last_logits_only(base)
+    keyword, last, vocab = cache_keyword(base), last_logits_only(base), base.config.vocab_size
     with torch.inference_mode():
         cache = DynamicCache()
-        ids = torch.randint(3, 32000, (rows, CONTEXT))
+        ids = torch.randint(3, vocab, (rows, CONTEXT))
         model(input_ids=ids, use_cache=True, **{keyword: cache})
-    token = torch.randint(3, 32000, (rows, 1))
+    token = torch.randint(3, vocab, (rows, 1))
     position = torch.full((rows, 1), CONTEXT)
 
     @torch.inference_mode()
@@ -102,6 +105,10 @@ def main() -> None:
         out = {"read_weights_ms": median_ms(lambda: [w.sum() for w in weights], args.repeats),
                "linears_ms": median_ms(lambda: [F.linear(row[w.shape[1]], w) for w in weights], args.repeats)}
     out["hf_step_ms"] = median_ms(decode_step(model, 1), args.repeats)
+    fast_linears(model)  # what the serving Engine does on the CPU: every step below runs them
+    with torch.inference_mode():
+        out["linears_onednn_ms"] = median_ms(lambda: [linear(row[w.shape[1]], w) for w in weights], args.repeats)
+    out["hf_step_onednn_ms"] = median_ms(decode_step(model, 1), args.repeats)
     am = ak.adapt(model)
     out["adapted_step_ms"] = median_ms(decode_step(am, 1), args.repeats)
     names = [f"a{i:02d}" for i in range(16)]
@@ -121,7 +128,8 @@ def main() -> None:
         "weight_bytes": total_bytes,
         "read_weights_gb_s": round(total_bytes / out["read_weights_ms"] / 1e6, 1),
         "hf_step_vs_linears": round(out["hf_step_ms"] / out["linears_ms"], 3),
-        "adapted_vs_hf_step": round(out["adapted_step_ms"] / out["hf_step_ms"], 3),
+        "onednn_vs_default_hf_step": round(out["hf_step_onednn_ms"] / out["hf_step_ms"], 3),
+        "adapted_vs_hf_step": round(out["adapted_step_ms"] / out["hf_step_onednn_ms"], 3),
         "routed_lora_vs_adapted_step": round(out["routed_lora_step_ms"] / out["adapted_step_ms"], 3),
         "lora_share_rows16": round(1 - out["base_rows16_step_ms"] / out["routed_lora_rows16_step_ms"], 3),
         "setup": {"model": "random Llama-like, hidden 1024, 8 layers, 16/4 heads, MLP 2816, vocab 32000, fp32",

@@ -42,12 +42,6 @@ class LoRAStack(RouteStack):
     A_all: torch.Tensor | None = None
     conv: ConvArgs | None = None
     padding_idx: int | None = None
-    B_columns: torch.Tensor | None = None  # B as [out, (N+1)·r] for `dense_rows`; dropped when a slot changes
-
-    def columns(self) -> torch.Tensor:
-        if self.B_columns is None:
-            self.B_columns = self.B.permute(1, 0, 2).reshape(self.B.shape[1], -1)
-        return self.B_columns
 
     def concatenated(self) -> torch.Tensor:
         """`A_all`, which `stack` sets for the conv and embedding sites that read it."""
@@ -213,7 +207,6 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
             return False
         stacked.A[slot].copy_(pad_to(adapter.lora_A, stacked.rank, 0))
         stacked.B[slot].copy_(pad_to(adapter.lora_B * adapter.routed_scale(), stacked.rank, 1).flatten(1))
-        stacked.B_columns = None
         return True
 
     @classmethod
@@ -240,7 +233,7 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
         slots: list[int]
         mine: Sequence[int]
         if torch.compiler.is_compiling():  # a compiled graph cannot branch on the rows' values
-            slots, mine, by_adapter, distinct = [], range(n_rows), False, 0
+            slots, mine, by_adapter = [], range(n_rows), False
         else:
             slots = rows.tolist()
             zero = stacked.A.shape[0] - 1
@@ -253,8 +246,6 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
                 low = kernels.down_project(z.reshape(-1, z.shape[-1]), a).view(*z.shape[:-1], rank)
                 return restore(kernels.add_product(h_rows, low, b, 1.0, inplace=inplace))
             by_adapter = rank >= 64 and distinct < len(slots)
-        if len(mine) == n_rows and not by_adapter and 2 * distinct >= stacked.A.shape[0]:
-            return restore(dense_rows(stacked, rows, z, h_rows, inplace))
         if len(mine) == n_rows and not by_adapter:
             # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
             # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
@@ -286,21 +277,6 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
         low = torch.bmm(stacked.A.index_select(0, mine_rows), z.index_select(0, sel).transpose(1, 2)).transpose(1, 2)
         out.index_add_(0, sel, torch.bmm(low, b_sel_of(stacked, mine_rows).transpose(1, 2)))
         return restore(out)
-
-
-def dense_rows(stacked: LoRAStack, rows: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
-               inplace: bool) -> torch.Tensor:
-    """h + each row's own s·B A z, for a batch that uses at least half of the stack's slots: every
-    slot's A z at once (A as one [(N+1)·r, in] matrix, a view), each row keeping its own slot's
-    columns, then one product with B as [out, (N+1)·r]. Two plain GEMMs that read each adapter once,
-    instead of gathering a copy of A and B for every row (about as many bytes again, written and read)."""
-    n_rows, slots = rows.shape[0], stacked.A.shape[0]
-    a_all = stacked.A.view(-1, stacked.A.shape[-1])
-    low = kernels.down_project(z.reshape(-1, z.shape[-1]), a_all).view(n_rows, -1, slots, stacked.rank)
-    own = torch.zeros((n_rows, 1, slots, 1), dtype=low.dtype, device=low.device)
-    own[torch.arange(n_rows, device=rows.device), 0, rows, 0] = 1
-    low = (low * own).view(n_rows, -1, slots * stacked.rank)
-    return kernels.add_product(h, low, stacked.columns(), 1.0, inplace=inplace)
 
 
 def b_sel_of(stacked: LoRAStack, rows: torch.Tensor) -> torch.Tensor:
