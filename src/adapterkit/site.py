@@ -121,9 +121,14 @@ class Site(nn.Module):
 
     # --- the hooks ---------------------------------------------------------------------------
 
+    def _idle(self) -> bool:
+        """Nothing to apply: no setup and no route, or a route whose rows all run the base (a route
+        replaces the setup), which is what every plain base-model forward and base-only batch hits."""
+        route = self.state.route
+        return not route.used if route is not None else self.state.setup is None
+
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        # The state check comes first: it is what every plain base-model forward hits.
-        if self.state.setup is None and self.state.route is None:
+        if self._idle():
             return None
         inputs = self._layout().inputs
         if not inputs:
@@ -151,7 +156,7 @@ class Site(nn.Module):
         return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.state.setup is None and self.state.route is None:
+        if self._idle():
             return None
         if not self._layout().output:  # only input-side adapters here: nothing to do after the module
             return None

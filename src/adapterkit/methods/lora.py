@@ -42,6 +42,8 @@ class LoRAStack(RouteStack):
     A_all: torch.Tensor | None = None
     conv: ConvArgs | None = None
     padding_idx: int | None = None
+    #: the slots of the last batch's rows and each row's A and B (`per_row`); a slot write drops it
+    gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     def concatenated(self) -> torch.Tensor:
         """`A_all`, which `stack` sets for the conv and embedding sites that read it."""
@@ -207,6 +209,7 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
             return False
         stacked.A[slot].copy_(pad_to(adapter.lora_A, stacked.rank, 0))
         stacked.B[slot].copy_(pad_to(adapter.lora_B * adapter.routed_scale(), stacked.rank, 1).flatten(1))
+        stacked.gathered = None
         return True
 
     @classmethod
@@ -247,12 +250,13 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
                 return restore(kernels.add_product(h_rows, low, b, 1.0, inplace=inplace))
             by_adapter = rank >= 64 and distinct < len(slots)
         if len(mine) == n_rows and not by_adapter:
+            a_sel, b_sel = per_row(stacked, rows, slots)
             # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
             # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
-            low = torch.bmm(stacked.A.index_select(0, rows), z.transpose(1, 2)).transpose(1, 2)
+            low = torch.bmm(a_sel, z.transpose(1, 2)).transpose(1, 2)
             if inplace:
-                return restore(h_rows.baddbmm_(low, b_sel_of(stacked, rows).transpose(1, 2)))
-            return restore(torch.baddbmm(h_rows, low, b_sel_of(stacked, rows).transpose(1, 2)))
+                return restore(h_rows.baddbmm_(low, b_sel.transpose(1, 2)))
+            return restore(torch.baddbmm(h_rows, low, b_sel.transpose(1, 2)))
         # Rows of other groups (or of the base) are left out rather than run through the zero slot,
         # so a tenant's rank-384 adapter costs nothing to the rows beside it in the batch. A large
         # rank shared by several rows runs once per adapter: gathering its A and B per row would copy
@@ -277,6 +281,26 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
         low = torch.bmm(stacked.A.index_select(0, mine_rows), z.index_select(0, sel).transpose(1, 2)).transpose(1, 2)
         out.index_add_(0, sel, torch.bmm(low, b_sel_of(stacked, mine_rows).transpose(1, 2)))
         return restore(out)
+
+
+#: most rows x rank whose gathered A and B a stack keeps for the next forward (16 rows at rank 8 on
+#: the 156M model of bench/decode_floor.py: 8 MB a layer)
+KEPT_ROWS_X_RANK = 512
+
+
+def per_row(stacked: LoRAStack, rows: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A [rows, r, in] and B [rows, out, r]. A decode step names the same rows as the one
+    before until a row joins or leaves, so a small batch's gathered copies are kept on the stack and
+    the next forward with the same slots reads them instead of gathering again: the copy is most of
+    a mixed batch's LoRA cost (writing as many bytes as the product then reads)."""
+    key = tuple(slots)
+    kept = stacked.gathered
+    if kept is not None and kept[0] == key and key:
+        return kept[1], kept[2]
+    a_sel, b_sel = stacked.A.index_select(0, rows), b_sel_of(stacked, rows)
+    if key and not torch.is_grad_enabled() and len(key) * stacked.rank <= KEPT_ROWS_X_RANK:
+        stacked.gathered = (key, a_sel, b_sel)
+    return a_sel, b_sel
 
 
 def b_sel_of(stacked: LoRAStack, rows: torch.Tensor) -> torch.Tensor:
