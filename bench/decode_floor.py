@@ -41,7 +41,7 @@ from adapterkit.hf_names import cache_keyword, last_logits_only  # noqa: E402
 from adapterkit.methods.kernels import fast_linears, linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.serve_generate import TARGETS  # noqa: E402
+from bench.serve_generate import TARGETS, llama_156m_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_floor.json"
 CONTEXT = 96
@@ -58,14 +58,11 @@ def median_ms(step: Callable[[], object], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def model_156m(vocab: int = 32000) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_156m() -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512,
-                         tie_word_embeddings=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_156m_config()).eval()
 
 
 def decode_step(model: torch.nn.Module, rows: int) -> Callable[[], object]:

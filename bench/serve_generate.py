@@ -61,7 +61,7 @@ from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E40
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
 from bench.llamacpp import Contender, OtherLoad, convert_lora, convert_model, llama_vocabulary  # noqa: E402
-from tests.serving import WORDS, gpt2_builder, make_adapter, tiny_llama  # noqa: E402
+from tests.serving import WORDS, gpt2_builder, make_adapter, save_model, tiny_llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_generate.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -137,20 +137,21 @@ def alone(reference, requests: list[dict], tokenizer, pad_id: int) -> list[list[
 PROMPT_TOKENS, NEW_TOKENS, STREAMS, MAX_OTHER_CORES, MAX_RERUNS = 32, 128, 16, 0.2, 4
 
 
-def llama_156m(folder: Path, tokenizer, seed: int = 0) -> Path:  # noqa: ANN001 - a transformers tokenizer
-    """A random Llama-like model of 156M parameters (623 MB in fp32) on llama.cpp's Llama vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_156m_config(vocab: int = 32000, bos: int | None = None, eos: int | None = None):  # noqa: ANN201
+    """A Llama-like model of 156M parameters (623 MB in fp32) with a 32,000-token vocabulary."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512, bos_token_id=bos,
+                       eos_token_id=eos, tie_word_embeddings=False)
+
+
+def llama_156m(folder: Path, tokenizer, seed: int = 0) -> Path:  # noqa: ANN001 - a transformers tokenizer
+    """The 156M model, random, saved with llama.cpp's Llama vocabulary."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_156m_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return save_model(LlamaForCausalLM, config, tokenizer, folder, seed)
 
 
 def ours(engine: Engine, prompts: list[list[int]], adapters: list[str | None]) -> dict:

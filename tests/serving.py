@@ -123,7 +123,7 @@ def tiny_gpt2(folder: str | Path, seed: int = 0, positions: int = 64) -> Path:
     tokenizer, vocab = _word_tokenizer()
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=positions,
                         bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"], pad_token_id=vocab["[PAD]"])
-    return _save(GPT2LMHeadModel, config, tokenizer, Path(folder), seed)
+    return save_model(GPT2LMHeadModel, config, tokenizer, Path(folder), seed)
 
 
 def tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, positions: int = 128) -> Path:
@@ -135,10 +135,11 @@ def tiny_llama(folder: str | Path, seed: int = 0, hidden: int = 32, layers: int 
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab),
                          max_position_embeddings=positions, bos_token_id=vocab["[EOS]"], eos_token_id=vocab["[EOS]"],
                          pad_token_id=vocab["[PAD]"], tie_word_embeddings=False)
-    return _save(LlamaForCausalLM, config, tokenizer, Path(folder), seed)
+    return save_model(LlamaForCausalLM, config, tokenizer, Path(folder), seed)
 
 
-def _save(cls: type, config: Any, tokenizer: Any, folder: Path, seed: int) -> Path:
+def save_model(cls: type, config: Any, tokenizer: Any, folder: Path, seed: int) -> Path:
+    """A random `cls(config)` (seeded) and `tokenizer`, saved in `folder`."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = cls(config).eval()
