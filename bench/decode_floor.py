@@ -41,7 +41,8 @@ from adapterkit.hf_names import cache_keyword, last_logits_only  # noqa: E402
 from adapterkit.methods.kernels import fast_linears, linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.serve_generate import TARGETS, llama_156m_config  # noqa: E402
+from bench.serve_generate import TARGETS  # noqa: E402
+from bench.vs_llamacpp import llama_156m_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode_floor.json"
 CONTEXT = 96

@@ -69,9 +69,9 @@ def _convert(source: Path, script: str, *args: str) -> None:
         raise RuntimeError(f"{script} failed:\n{done.stderr[-4000:]}")
 
 
-def convert_model(source: Path, model: Path, out: Path) -> Path:
+def convert_model(source: Path, model: Path, out: Path, outtype: str = "f32") -> Path:
     _convert(source, "convert_hf_to_gguf.py", str(converter_folder(model, out.with_suffix(".hf"))),
-             "--outfile", str(out), "--outtype", "f32")
+             "--outfile", str(out), "--outtype", outtype)
     return out
 
 

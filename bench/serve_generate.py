@@ -21,18 +21,7 @@
    (generate_batch of one row on a separate copy of the model): `token_mismatches` counts requests
    that differ.
 
-With --vs-llamacpp, instead: llama.cpp as the contender, on the tiny Llama above and on a 156M
-Llama-like model (hidden 1024, 8 layers, 16 heads / 4 kv heads, MLP 2816, llama.cpp's 32,000-token
-SentencePiece vocabulary), 16 LoRAs (r=8, every projection) each, 32-token prompts, 128 greedy new
-tokens, 2 threads on both sides. Cases, alternating which side goes first in every round:
-- single: one stream on the base model;
-- single_lora: one stream with one LoRA, ours routed (merging off) and served merged (after a warm-up
-  request has merged it), llama.cpp with the adapter set on its context;
-- mixed16: 16 streams at once, each with its own LoRA; llama.cpp serves them one after another.
-Ratios are ours / llama.cpp's tokens per second (medians over rounds), `token_agreement` the share of
-greedy tokens equal to llama.cpp's, position by position. A case during which other processes kept
-more than 0.2 cores busy is discarded and run again (`reruns` counts them).
-Writes the `vs_llamacpp` part of bench/results/serve_generate.json, keeping the rest.
+With --vs-llamacpp, instead: llama.cpp as the contender (bench/vs_llamacpp.py says how).
 """
 
 from __future__ import annotations
@@ -55,13 +44,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
-from adapterkit.io import export_peft_lora  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
 from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py: helpers, not installed
-from bench.llamacpp import Contender, OtherLoad, convert_lora, convert_model, llama_vocabulary  # noqa: E402
-from tests.serving import WORDS, gpt2_builder, make_adapter, save_model, tiny_llama  # noqa: E402
+from tests.serving import WORDS, gpt2_builder, make_adapter, tiny_llama  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_generate.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,179 +121,6 @@ def alone(reference, requests: list[dict], tokenizer, pad_id: int) -> list[list[
     return out
 
 
-PROMPT_TOKENS, NEW_TOKENS, STREAMS, MAX_OTHER_CORES, MAX_RERUNS = 32, 128, 16, 0.2, 4
-
-
-def llama_156m_config(vocab: int = 32000, bos: int | None = None, eos: int | None = None):  # noqa: ANN201
-    """A Llama-like model of 156M parameters (623 MB in fp32) with a 32,000-token vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                       num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=512, bos_token_id=bos,
-                       eos_token_id=eos, tie_word_embeddings=False)
-
-
-def llama_156m(folder: Path, tokenizer, seed: int = 0) -> Path:  # noqa: ANN001 - a transformers tokenizer
-    """The 156M model, random, saved with llama.cpp's Llama vocabulary."""
-    from transformers import LlamaForCausalLM
-
-    config = llama_156m_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    return save_model(LlamaForCausalLM, config, tokenizer, folder, seed)
-
-
-def ours(engine: Engine, prompts: list[list[int]], adapters: list[str | None]) -> dict:
-    """Every request submitted at once; tokens per second from the first submission to the last token."""
-    n = len(prompts)
-    first, ended, done = [0.0] * n, [0.0] * n, threading.Semaphore(0)
-    start = time.perf_counter()
-    futures = []
-    for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
-        def on_token(_: int, i: int = i) -> None:
-            first[i] = first[i] or time.perf_counter()
-
-        def finished(_: object, i: int = i) -> None:
-            ended[i] = time.perf_counter()
-            done.release()
-
-        futures.append(engine.submit_generate("", adapter=adapter, max_new_tokens=NEW_TOKENS, prompt_ids=prompt,
-                                              ignore_eos=True, on_token=on_token))
-        futures[-1].add_done_callback(finished)
-    for _ in range(n):
-        if not done.acquire(timeout=900):
-            raise RuntimeError("a request did not finish within 15 minutes")
-    tokens = [f.result()["token_ids"] for f in futures]
-    return _timed(tokens, start, first, max(ended))
-
-
-def theirs(contender: Contender, prompts: list[list[int]], adapters: list[str | None]) -> dict:
-    """The same requests through llama.cpp, one after another (its batches cannot mix adapters)."""
-    start = time.perf_counter()
-    answers = [contender.generate(p, NEW_TOKENS, a) for p, a in zip(prompts, adapters, strict=True)]
-    return _timed([t for t, _ in answers], start, [f for _, f in answers], time.perf_counter())
-
-
-def _timed(tokens: list[list[int]], start: float, first: list[float], end: float) -> dict:
-    if any(len(t) != NEW_TOKENS for t in tokens):
-        raise RuntimeError(f"a stream stopped early: {[len(t) for t in tokens]} tokens")
-    ttft = sorted(1000 * (f - start) for f in first)
-    return {"tokens_s": sum(map(len, tokens)) / (end - start), "ttft_ms_p50": ttft[len(ttft) // 2],
-            "ttft_ms_max": ttft[-1], "token_ids": tokens}
-
-
-def quiet(run, reruns: list[int], contender: Contender) -> dict:  # noqa: ANN001 - a no-argument callable
-    """`run()` again while other processes (not ours, not the contender's) kept more than
-    MAX_OTHER_CORES busy during it."""
-    for attempt in range(MAX_RERUNS + 1):
-        with OtherLoad((contender.pid,)) as load:
-            result = run()
-        if load.cores <= MAX_OTHER_CORES:
-            return {**result, "other_cores": round(load.cores, 3)}
-        reruns[0] += 1
-        print(f"  discarded: other processes used {load.cores:.2f} cores (attempt {attempt + 1})")
-    return {**result, "other_cores": round(load.cores, 3), "noisy": True}
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
-    return sum(x == y for x, y in pairs) / len(pairs)
-
-
-def versus_llamacpp(size: str, source: Path, root: Path, rounds: int, threads: int) -> dict:
-    if size == "tiny":
-        base, scale, lowest = tiny_llama(root / "model", hidden=256, layers=4, positions=512), 0.3, 3
-    else:  # ids below 259 are llama's special and byte tokens
-        base, scale, lowest = llama_156m(root / "model", llama_vocabulary(source)), 0.02, 259
-    builder = gpt2_builder(base)
-    vocab = builder.base.config.vocab_size
-    names = [f"a{i:02d}" for i in range(STREAMS)]
-    contender = Contender(convert_model(source, base, root / "model.gguf"), threads)
-    folders = {}
-    for i, name in enumerate(names):
-        folders[name] = make_adapter(builder, name, root / name, labels=None, seed=i, scale=scale,
-                                     config=ak.LoRA(r=8, targets=TARGETS))
-        builder.load(folders[name], name=name)
-        peft = export_peft_lora(builder, name, root / f"{name}-peft")
-        builder.delete(name)
-        contender.add_lora(name, convert_lora(source, peft, base, root / f"{name}.gguf"))
-    del builder
-    routed = Engine(base, root / "store-routed", max_batch=STREAMS, max_wait_ms=5, max_new_tokens=NEW_TOKENS,
-                    merge_after=0)
-    merged = Engine(base, root / "store-merged", max_batch=STREAMS, max_wait_ms=5, max_new_tokens=NEW_TOKENS)
-    for engine, wanted in ((routed, names), (merged, names[:1])):
-        for name in wanted:
-            engine.store.add("default", name, folders[name])
-            engine.preload("default", name).result()
-    rng = random.Random(0)
-    prompts = [[rng.randrange(lowest, vocab) for _ in range(PROMPT_TOKENS)] for _ in range(STREAMS)]
-    one, lora, mixed = [None], names[:1], list(names)
-    cases = {  # name: (our engine, adapters, whether llama.cpp runs it)
-        "single": (routed, one, True), "single_lora": (routed, lora, True), "single_lora_merged": (merged, lora, False),
-        "mixed16": (routed, mixed, True), "base16": (routed, [None] * STREAMS, False)}
-    for engine, adapters, _ in cases.values():  # warm-up: stacks built, the merge made, caches allocated
-        ours(engine, prompts[:len(adapters)], adapters)
-    theirs(contender, prompts[:1], lora)
-    reruns, results = [0], []
-    for k in range(rounds):
-        result: dict[str, dict] = {}
-        for case, (engine, adapters, contended) in cases.items():
-            sides = [("ours", lambda e=engine, a=adapters: ours(e, prompts[:len(a)], a))]
-            if contended:
-                sides.append(("llamacpp", lambda a=adapters: theirs(contender, prompts[:len(a)], a)))
-            for side, run in (sides if k % 2 == 0 else sides[::-1]):
-                result[f"{case}/{side}"] = quiet(run, reruns, contender)
-            line = ", ".join(f"{s.split('/')[1]} {r['tokens_s']:7.1f}" for s, r in result.items() if s.startswith(case))
-            print(f"{size} round {k} {case:>18}: tok/s {line}")
-        results.append(result)
-    routed.close()
-    merged.close()
-    contender.close()
-    return summarise(size, results, reruns[0], rounds)
-
-
-def summarise(size: str, results: list[dict], reruns: int, rounds: int) -> dict:
-    def med(key: str, field: str = "tokens_s") -> float:
-        return statistics.median(r[key][field] for r in results)
-
-    def ratio(case: str, contender_case: str | None = None) -> float:
-        return round(statistics.median(r[f"{case}/ours"]["tokens_s"] / r[f"{contender_case or case}/llamacpp"]["tokens_s"]
-                                       for r in results), 3)
-
-    first = results[0]
-    return {
-        "vs_llamacpp_single": ratio("single"), "vs_llamacpp_single_lora": ratio("single_lora"),
-        "vs_llamacpp_single_lora_merged": ratio("single_lora_merged", "single_lora"),
-        "vs_llamacpp_mixed16": ratio("mixed16"),
-        "lora_share_of_mixed_step": round(1 - med("mixed16/ours") / med("base16/ours"), 3),
-        "tokens_s": {k: round(med(k), 1) for k in first},
-        "ttft_ms_p50_mixed16": {s: round(med(f"mixed16/{s}", "ttft_ms_p50"), 1) for s in ("ours", "llamacpp")},
-        "token_agreement": {case: round(agreement(first[f"{case}/ours"]["token_ids"],
-                                                  first[f"{case}/llamacpp"]["token_ids"]), 3)
-                            for case in ("single", "single_lora", "mixed16")},
-        "reruns": reruns, "rounds": rounds,
-        "noisy_runs": sum(bool(v.get("noisy")) for r in results for v in r.values()),
-    }
-
-
-def run_versus_llamacpp(args: argparse.Namespace) -> None:
-    import llama_cpp
-
-    source = Path(args.vs_llamacpp).resolve()
-    out = {}
-    for size in args.sizes.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            out[size] = versus_llamacpp(size, source, Path(tmp), args.rounds, args.threads)
-        print(json.dumps({size: out[size]}, indent=2))
-    summary = {**out, "setup": {
-        "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "streams": STREAMS, "threads": args.threads,
-        "lora": "r=8 on q,k,v,o,gate,up,down", "weights": "f32 both sides, llama.cpp key/value cache f32",
-        "llama_cpp_python": llama_cpp.__version__, "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}}
-    if not args.quick:
-        kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        RESULTS.write_text(json.dumps({**kept, "vs_llamacpp": summary}, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=240, help="requests per round")
@@ -321,6 +135,8 @@ def main() -> None:
         args.requests, args.rounds = 24, 1
     torch.set_num_threads(args.threads)
     if args.vs_llamacpp:
+        from bench.vs_llamacpp import run_versus_llamacpp
+
         return run_versus_llamacpp(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
