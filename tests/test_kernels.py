@@ -201,9 +201,11 @@ def test_fast_linears_swap_plain_linear_forwards_only_and_keep_training_and_copi
     model[:3](x).sum().backward()  # outside inference: F.linear's own autograd
     plain[:3](x).sum().backward()
     torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad)
-    twin = copy.deepcopy(model)  # the copy's forward reads the copy's own weights
-    with torch.no_grad():
-        twin[0].weight.zero_()
-        twin[0].bias.zero_()
-        assert torch.equal(twin[0](x), torch.zeros(5, 16))
-        assert not torch.equal(model[0](x), torch.zeros(5, 16))
+    import pickle
+
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # a copy reads its own weights
+        with torch.no_grad():
+            twin[0].weight.zero_()
+            twin[0].bias.zero_()
+            assert torch.equal(twin[0](x), torch.zeros(5, 16))
+            assert not torch.equal(model[0](x), torch.zeros(5, 16))

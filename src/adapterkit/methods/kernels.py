@@ -7,7 +7,7 @@ reference across shapes, dtypes, in place or not, and routed or not.
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
 
 import torch
@@ -84,7 +84,8 @@ def fast_linears(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear and "forward" not in vars(module):
-            module.forward = types.MethodType(_linear_forward, module)  # type: ignore[method-assign]
+            # a partial, not a bound method: both deepcopy and pickle rebuild it around the copy
+            module.forward = functools.partial(_linear_forward, module)  # type: ignore[method-assign]
             count += 1
     return count
 
