@@ -116,6 +116,16 @@ def test_every_row_on_one_lora_runs_its_own_weights_and_matches_single_runs(fami
     torch.testing.assert_close(routed, active, rtol=1e-4, atol=2e-5)
 
 
+def test_a_route_of_base_rows_only_is_still_checked_against_the_batch():
+    am = _adapted(make_llama(), "lora")
+    x = MODELS["llama"][1]()
+    with torch.no_grad():
+        with am.route([None] * 4):
+            torch.testing.assert_close(_call(am.base, x), _call(am.base.eval(), x))
+        with pytest.raises(ak.CompositionError, match="routing list has 3 entries"), am.route([None] * 3):
+            _call(am.base, x)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_routing_on_minilm(make_minilm, minilm_inputs, method):
     am = _adapted(make_minilm(), method)

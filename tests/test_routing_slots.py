@@ -116,3 +116,34 @@ def test_a_full_cache_refills_the_evicted_record(tmp_path):
     finally:
         one.close()
         tight.close()
+
+
+def test_a_decode_steps_rows_reuse_their_gathered_lora_weights_until_the_rows_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    am = ak.adapt(model, head=None)
+    for i, name in enumerate(("a", "b", "c")):
+        am.add(name, ak.LoRA(r=4, targets=["0"]))
+        _randomize(am, name, i)
+    stack = None
+
+    def routed(route):
+        nonlocal stack
+        with torch.inference_mode(), am.route(route):
+            out = am(torch.ones(len(route), 16))
+        stack = next(iter(am.sites["0"]._stacks.values())).stacked
+        return out
+
+    first = routed(["a", "b"])
+    kept = stack.gathered
+    assert kept is not None and len(kept[0]) == 2  # each row's slot, with its A and B
+    torch.testing.assert_close(routed(["a", "b"]), first)
+    assert stack.gathered is kept  # the same rows: nothing gathered again
+    routed(["b", "c"])
+    assert stack.gathered is not kept and stack.gathered[0] != kept[0]  # other rows: gathered anew
+    with torch.no_grad():
+        am.adapter("b").methods_by_path["0"].lora_B.mul_(2)  # a changed adapter is rewritten in its slot
+    again = routed(["b", "c"])
+    am.activate("b")
+    with torch.inference_mode():
+        torch.testing.assert_close(again[0], am(torch.ones(1, 16))[0], rtol=1e-4, atol=1e-5)

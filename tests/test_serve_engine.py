@@ -350,3 +350,10 @@ def test_uploads_run_niced_and_one_per_tenant_at_a_time(engine, folders, monkeyp
         t.join(60)
     assert most[0] == 1
     assert {r["name"] for r in engine.adapters("t1")} == {"p0", "p1", "p2"}
+
+
+def test_a_cpu_engine_runs_its_frozen_linear_layers_through_the_fast_kernel(engine):
+    from torch import nn
+
+    linears = [m for m in engine.am.base.modules() if type(m) is nn.Linear]
+    assert linears and all("forward" in vars(m) for m in linears)  # methods/kernels.fast_linears

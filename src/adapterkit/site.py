@@ -127,6 +127,13 @@ class Site(nn.Module):
         route = self.state.route
         return not route.used if route is not None else self.state.setup is None
 
+    def _check_batch(self, route: Route, target: torch.Tensor) -> None:
+        batch = target.shape[self.shape.batch_dim % target.dim()]
+        if batch != len(route.names):
+            raise CompositionError(
+                f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
+            )
+
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self._idle():
             return None
@@ -157,6 +164,9 @@ class Site(nn.Module):
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._idle():
+            route = self.state.route
+            if route is not None and self._layout().output:  # base rows only: a wrong-length list is still refused
+                self._check_batch(route, output[0] if isinstance(output, tuple) else output)
             return None
         if not self._layout().output:  # only input-side adapters here: nothing to do after the module
             return None
@@ -329,11 +339,7 @@ class Site(nn.Module):
         target = x if side == "input" else h
         if target is None:
             raise CompositionError(f"{self.module_name}: per-row routing after the module found no output")
-        batch = target.shape[self.shape.batch_dim % target.dim()]
-        if batch != len(route.names):
-            raise CompositionError(
-                f"routing list has {len(route.names)} entries but the batch at {self.module_name!r} has {batch} rows"
-            )
+        self._check_batch(route, target)
         if route.mixed:
             return self._mixed(route, groups, side, x, target)
         out = target
