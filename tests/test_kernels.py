@@ -209,3 +209,84 @@ def test_fast_linears_swap_plain_linear_forwards_only_and_keep_training_and_copi
             twin[0].bias.zero_()
             assert torch.equal(twin[0](x), torch.zeros(5, 16))
             assert not torch.equal(model[0](x), torch.zeros(5, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_product_equals_f_linear_for_every_shape_with_a_kernel_for_each(dtype):
+    from adapterkit.methods import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    # square and not, a row of a 3-D input, with and without bias; each weight large enough to apply
+    shapes = [(512, 512, False), (768, 512, True), (512, 1024, False), (1536, 512, True)]
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for d_out, d_in, has_bias in shapes:
+        weight = torch.randn(d_out, d_in, generator=gen).div(d_in**0.5).to(dtype)
+        bias = torch.randn(d_out, generator=gen).to(dtype) if has_bias else None
+        x = torch.randn(1, 1, d_in, generator=gen).to(dtype)
+        with torch.inference_mode():
+            assert kernels.row_product.applies(x, weight)
+            got = kernels.linear(x, weight, bias)
+        assert got.shape == (1, 1, d_out) and got.dtype == dtype
+        want = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+        torch.testing.assert_close(got.double(), want, **tolerance)
+    assert kernels.row_product.failed is None
+    assert {(dtype, o, i) for o, i, _ in shapes} <= set(kernels.row_product._kernels)
+
+
+def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_gemms():
+    from adapterkit.methods import kernels
+
+    weight = torch.randn(512, 512)
+    one, rows, small = torch.randn(1, 512), torch.randn(3, 512), torch.randn(1, 64)
+    with torch.inference_mode():
+        assert kernels.row_product.applies(one, weight)
+        assert not kernels.row_product.applies(rows, weight)
+        assert not kernels.row_product.applies(small, torch.randn(64, 64))
+        assert not kernels.row_product.applies(one, weight.T)  # not contiguous
+    with torch.no_grad():  # plain no-grad code (an evaluation loop) keeps the GEMM
+        assert not kernels.row_product.applies(one, weight)
+    x = one.clone().requires_grad_()
+    kernels.linear(x, weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0, keepdim=True), rtol=1e-4, atol=1e-4)
+
+
+def test_one_row_product_that_cannot_compile_falls_back_once_with_a_warning(monkeypatch, caplog):
+    from adapterkit.methods import kernels
+
+    def no_compiler(graph, inputs, **options):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    fresh = kernels.RowProduct()
+    monkeypatch.setattr(kernels, "row_product", fresh)
+    monkeypatch.setattr(torch._inductor, "standalone_compile", no_compiler)
+    weight, x = torch.randn(512, 512), torch.randn(1, 512)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger=kernels.__name__):
+        for _ in range(3):
+            torch.testing.assert_close(kernels.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-4)
+    assert fresh.failed is not None and "C++ compiler" in fresh.failed
+    assert sum("one-row product is off" in r.message for r in caplog.records) == 1
+    assert not fresh.applies(x, weight)
+
+
+def test_warm_row_products_compiles_each_variant_of_a_model_before_its_first_step():
+    from adapterkit.methods import kernels
+
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1024), nn.Linear(8, 8)).to(torch.bfloat16)
+    assert kernels.warm_row_products(model) == 2  # a kernel a shape; the small layer is never one-row's
+    assert kernels.row_product.failed is None
+    assert {(torch.bfloat16, 512, 512), (torch.bfloat16, 1024, 512)} <= set(kernels.row_product._kernels)
+    assert kernels.warm_row_products(nn.Sequential(nn.Linear(8, 8))) == 0
+
+
+def test_one_row_product_keeps_a_bounded_number_of_kernels(monkeypatch):
+    from adapterkit.methods import kernels
+
+    fresh = kernels.RowProduct()
+    fresh.MAX_KERNELS = 1
+    monkeypatch.setattr(kernels, "row_product", fresh)
+    first, second, x = torch.randn(512, 512), torch.randn(1024, 512), torch.randn(1, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, first), x @ first.T, rtol=1e-4, atol=1e-4)
+        assert fresh.applies(x, first) and not fresh.applies(x, second)  # a further shape: the GEMMs
+        torch.testing.assert_close(kernels.linear(x, second), x @ second.T, rtol=1e-4, atol=1e-4)
+    assert len(fresh._kernels) == 1

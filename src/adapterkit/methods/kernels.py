@@ -8,7 +8,10 @@ reference across shapes, dtypes, in place or not, and routed or not.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,84 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor
     return _ONEDNN_LINEAR if applies else None
 
 
+def row_product_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ for one row x [1, in] as a multiply-and-sum over each weight row, accumulated in float32."""
+    return (x.float() * weight.float()).sum(-1).to(x.dtype)
+
+
+class RowProduct:
+    """One row through a frozen weight (a decode step of one stream) at the memory's speed.
+
+    Such a product reads every weight element once for two flops, so the weight's read is all its
+    cost. PyTorch's CPU GEMMs read it at 55-85% of the bandwidth (a bf16 weight at about half of
+    float32's speed, though it is half the bytes); Inductor's fused multiply-and-sum of
+    `row_product_reference` streams it at nearly the memory's speed: the 156M model's one-row
+    products, float32 19 -> 17 ms, bf16 17 -> 9 ms (bench/decode_floor.py).
+
+    One kernel per dtype and weight shape (a model has a handful), traced and compiled standalone:
+    no dynamo frame around it (8 µs a call, not 25 µs), and fixed sizes, which Inductor splits over
+    the threads better than symbolic ones (bf16 8.2 ms, not 11.8). It has no guards of its own:
+    `applies` keeps to what it was compiled for (one contiguous row, a contiguous weight, one
+    dtype). It needs a C++ compiler at run time; where compiling fails, it is switched off with one
+    warning and products go back to oneDNN / F.linear. Inference mode only (the serving engine's):
+    training and plain no-grad code keep the GEMMs.
+    """
+
+    #: kernels kept; a product of a further shape takes the GEMMs
+    MAX_KERNELS = 64
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple[torch.dtype, int, int], Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+        self.failed: str | None = None
+        self.enabled = True  # False: one-row products take oneDNN / F.linear (an A/B, a debugging aid)
+
+    def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            self.enabled and self.failed is None
+            and x.dim() >= 2 and x.numel() == x.shape[-1]  # one row
+            and weight.dim() == 2 and min(weight.shape) >= 2 and weight.numel() >= ONEDNN_MIN_ELEMENTS
+            and x.dtype == weight.dtype and x.dtype in _ROW_DTYPES
+            and x.device.type == weight.device.type == "cpu"
+            and x.is_contiguous() and weight.is_contiguous()
+            and torch.is_inference_mode_enabled()
+            and not torch.compiler.is_compiling()
+            and (len(self._kernels) < self.MAX_KERNELS or (x.dtype, *weight.shape) in self._kernels)
+        )
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x Wᵀ shaped [..., out], or None if the kernel failed to compile (then never again)."""
+        try:
+            kernel = self._kernels.get((x.dtype, *weight.shape)) or self._compile(x.dtype, *weight.shape)
+            out = kernel(x.reshape(1, x.shape[-1]), weight)
+        except Exception as err:  # noqa: BLE001 - no compiler, an Inductor bug: the product falls back
+            self.failed = f"{type(err).__name__}: {str(err)[:300]}"
+            _log.warning("adapterkit: the compiled one-row product is off (%s); one-row products use "
+                         "oneDNN/F.linear", self.failed)
+            return None
+        out = out[0] if isinstance(out, list | tuple) else out
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    def _compile(self, dtype: torch.dtype, rows: int, columns: int) -> Callable[..., Any]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        key = (dtype, rows, columns)
+        with self._lock:
+            if key not in self._kernels:
+                x, weight = torch.zeros(1, columns, dtype=dtype), torch.zeros(rows, columns, dtype=dtype)
+                with torch.inference_mode(False), torch.no_grad():
+                    graph = make_fx(row_product_reference)(x, weight)
+                    self._kernels[key] = torch._inductor.standalone_compile(
+                        graph, [x, weight], dynamic_shapes="from_example_inputs")
+            return self._kernels[key]
+
+
+_ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_log = logging.getLogger(__name__)
+#: the process's kernels, one per dtype and weight shape, shared by every layer
+row_product = RowProduct()
+
+
 def down_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ for a 2-D x and a weight with few rows (LoRA's A).
 
@@ -57,6 +138,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     half the memory bandwidth; oneDNN's reads it at nearly all of it: one row through the 156M model's
     layers 30 -> 18 ms, 16 rows 66 -> 38 ms (bench/decode_floor.py).
     """
+    if row_product.applies(x, weight) and (bias is None or bias.dtype == x.dtype):
+        out = row_product(x, weight)
+        if out is not None:
+            return out if bias is None else out.add_(bias)
     onednn = _onednn(x, weight)
     if onednn is not None and (bias is None or bias.dtype == weight.dtype) and x.dim() >= 2:
         try:
@@ -82,6 +167,21 @@ def fast_linears(model: nn.Module) -> int:
             module.forward = functools.partial(_linear_forward, module)  # type: ignore[method-assign]
             count += 1
     return count
+
+
+def warm_row_products(model: nn.Module) -> int:
+    """Compile the one-row product now for each dtype and shape of `model`'s plain Linear layers
+    (a second or two each the first time, from Inductor's disk cache after), so that no request
+    waits for it; returns how many kernels it asked for."""
+    seen: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.numel() >= ONEDNN_MIN_ELEMENTS:
+            w = module.weight
+            seen.setdefault((w.dtype, w.device, *w.shape), (w.new_zeros(1, w.shape[1]), w))
+    with torch.inference_mode():
+        for x, w in seen.values():
+            linear(x, w)
+    return len(seen)
 
 
 def add_product(h: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scale: float,

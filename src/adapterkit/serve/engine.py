@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import AdapterFileError
 from ..hf_names import last_logits_only
 from ..io.files import read_adapter
-from ..methods.kernels import fast_linears
+from ..methods.kernels import fast_linears, warm_row_products
 from ..model import AdaptedModel
 from ..precision import parse_dtype, quantized_modules
 from ..quantize import Precision
@@ -105,6 +105,7 @@ class Engine:
         self.device = self.precision.torch_device
         if self.device.type == "cpu":
             fast_linears(model)  # the frozen layers' products at nearly the memory's speed in a decode step
+            warm_row_products(model)  # compiled before the first request, not during it
         self._to_device = model.register_forward_pre_hook(_inputs_to(self.device), with_kwargs=True, prepend=True)
         self.am = AdaptedModel(model)
         self.am.eval()
