@@ -9,11 +9,19 @@ context of 96 tokens, median of many steps, 2 threads:
   products alone, no attention, no Python model code);
 - `hf_step_ms`: transformers' own forward of one token with its key/value cache (no adapterkit);
 - `linears_onednn_ms`, `hf_step_onednn_ms`: the same two with the Linear layers through oneDNN
-  (methods/kernels.fast_linears, as the serving Engine runs them on the CPU); the rest below too;
+  (methods/kernels.fast_linears with its one-row kernel off);
+- `linears_row_kernel_ms`, `hf_step_row_kernel_ms`: through kernels.linear as the serving Engine runs
+  them on the CPU (one row: the compiled multiply-and-sum of kernels.RowProduct); the rest below too;
+- the `*_bf16_*` keys: the same with the weights in bf16 (PyTorch's own bf16 GEMM, then the kernel);
 - `adapted_step_ms`: that step through an AdaptedModel with no adapter active;
 - `routed_lora_step_ms` / `routed_lora_rows16_step_ms`: one LoRA (r=8, every projection) routed to the
   row, and 16 rows each with its own LoRA.
-Ratios against `linears_ms` say how much of a step is the model's code around the products.
+- `tiny_step_eager_ms` / `tiny_step_compiled_ms`: the tiny Llama of serve_generate.py (hidden 256,
+  4 layers), one token, eager with transformers' growing cache against its forward compiled with a
+  static cache (torch.compile, fixed shapes): what a captured decode step would save of the per-step
+  Python and dispatch overhead (no adapters; the Engine does not run this).
+Ratios against `linears_ms` say how much of a step is the model's code around the products. Pairs
+that are compared are measured interleaved, round by round (this machine's speed drifts).
 
 Writes bench/results/decode_floor.json.
 """
@@ -38,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.hf_names import cache_keyword, last_logits_only  # noqa: E402
-from adapterkit.methods.kernels import fast_linears, linear  # noqa: E402
+from adapterkit.methods.kernels import fast_linears, linear, row_product  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_generate import TARGETS  # noqa: E402
@@ -89,7 +97,56 @@ def decode_step(model: torch.nn.Module, rows: int) -> Callable[[], object]:
     return step
 
 
+def interleaved(cases: dict[str, tuple[Callable[[], object], bool]], repeats: int, rounds: int = 4) -> dict[str, float]:
+    """Median ms of each case (a step, and whether the one-row kernel is on), round by round."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (step, row_kernel) in cases.items():
+            row_product.enabled = row_kernel
+            times[name].append(median_ms(step, max(3, repeats // rounds)))
+    row_product.enabled = True
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def products(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> Callable[[], object]:
+    rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    @torch.inference_mode()
+    def step() -> object:
+        return [product(rows[w.shape[1]], w) for w in weights]
+
+    return step
+
+
+def tiny_steps(repeats: int) -> dict[str, float]:
+    """The tiny Llama's decode step, eager with a growing cache against compiled with a static one."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    eager = decode_step(model, 1)
+    cache = StaticCache(config=config, max_cache_len=2 * CONTEXT)
+    ids, token = torch.randint(3, 64, (1, CONTEXT)), torch.randint(3, 64, (1, 1))
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(CONTEXT))
+    forward = torch.compile(model.forward, dynamic=False, fullgraph=True)
+    position, cache_position = torch.full((1, 1), CONTEXT), torch.tensor([CONTEXT])
+
+    @torch.inference_mode()
+    def compiled() -> object:
+        for layer in cache.layers:  # back to CONTEXT tokens: every step sees the same context
+            layer.cumulative_length.fill_(CONTEXT)
+        return forward(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True,
+                       cache_position=cache_position, logits_to_keep=1).logits
+
+    return interleaved({"tiny_step_eager_ms": (eager, True), "tiny_step_compiled_ms": (compiled, True)}, repeats)
+
+
 def main() -> None:
+    import copy
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,16 +154,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = model_156m()
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    row = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     total_bytes = sum(w.numel() * 4 for w in weights)
     with torch.inference_mode():
         out = {"read_weights_ms": median_ms(lambda: [w.sum() for w in weights], args.repeats),
-               "linears_ms": median_ms(lambda: [F.linear(row[w.shape[1]], w) for w in weights], args.repeats)}
+               "linears_ms": median_ms(products(weights, F.linear), args.repeats)}
     out["hf_step_ms"] = median_ms(decode_step(model, 1), args.repeats)
-    fast_linears(model)  # what the serving Engine does on the CPU: every step below runs them
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_weights = [m.weight for m in half.modules() if isinstance(m, torch.nn.Linear)]
     with torch.inference_mode():
-        out["linears_onednn_ms"] = median_ms(lambda: [linear(row[w.shape[1]], w) for w in weights], args.repeats)
-    out["hf_step_onednn_ms"] = median_ms(decode_step(model, 1), args.repeats)
+        out["read_weights_bf16_ms"] = median_ms(lambda: [w.sum() for w in half_weights], args.repeats)
+    fast_linears(model)  # what the serving Engine does on the CPU: every step below runs them
+    fast_linears(half)
+    out.update(interleaved({
+        "linears_onednn_ms": (products(weights, linear), False),
+        "linears_row_kernel_ms": (products(weights, linear), True),
+        "hf_step_onednn_ms": (decode_step(model, 1), False),
+        "hf_step_row_kernel_ms": (decode_step(model, 1), True),
+        "linears_bf16_ms": (products(half_weights, linear), False),
+        "linears_bf16_row_kernel_ms": (products(half_weights, linear), True),
+        "hf_step_bf16_ms": (decode_step(half, 1), False),
+        "hf_step_bf16_row_kernel_ms": (decode_step(half, 1), True),
+    }, args.repeats))
     am = ak.adapt(model)
     out["adapted_step_ms"] = median_ms(decode_step(am, 1), args.repeats)
     names = [f"a{i:02d}" for i in range(16)]
@@ -121,13 +189,18 @@ def main() -> None:
         out["routed_lora_rows16_step_ms"] = median_ms(decode_step(am, 16), args.repeats // 2)
     with am.route([None] * 16):
         out["base_rows16_step_ms"] = median_ms(decode_step(am, 16), args.repeats // 2)
-    summary = {k: round(v, 2) for k, v in out.items()}
+    out.update(tiny_steps(args.repeats * 4))
+    summary = {k: round(v, 3 if k.startswith("tiny") else 2) for k, v in out.items()}
     summary.update({
         "weight_bytes": total_bytes,
         "read_weights_gb_s": round(total_bytes / out["read_weights_ms"] / 1e6, 1),
         "hf_step_vs_linears": round(out["hf_step_ms"] / out["linears_ms"], 3),
         "onednn_vs_default_hf_step": round(out["hf_step_onednn_ms"] / out["hf_step_ms"], 3),
-        "adapted_vs_hf_step": round(out["adapted_step_ms"] / out["hf_step_onednn_ms"], 3),
+        "row_kernel_vs_onednn_hf_step": round(out["hf_step_row_kernel_ms"] / out["hf_step_onednn_ms"], 3),
+        "row_kernel_vs_default_bf16_hf_step": round(out["hf_step_bf16_row_kernel_ms"] / out["hf_step_bf16_ms"], 3),
+        "read_weights_bf16_gb_s": round(total_bytes / 2 / out["read_weights_bf16_ms"] / 1e6, 1),
+        "adapted_vs_hf_step": round(out["adapted_step_ms"] / out["hf_step_row_kernel_ms"], 3),
+        "tiny_compiled_vs_eager_step": round(out["tiny_step_compiled_ms"] / out["tiny_step_eager_ms"], 3),
         "routed_lora_vs_adapted_step": round(out["routed_lora_step_ms"] / out["adapted_step_ms"], 3),
         "lora_share_rows16": round(1 - out["base_rows16_step_ms"] / out["routed_lora_rows16_step_ms"], 3),
         "setup": {"model": "random Llama-like, hidden 1024, 8 layers, 16/4 heads, MLP 2816, vocab 32000, fp32",
