@@ -230,7 +230,12 @@ def test_one_row_product_equals_f_linear_for_every_shape_with_a_kernel_for_each(
         want = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
         torch.testing.assert_close(got.double(), want, **tolerance)
     assert kernels.row_product.failed is None
-    assert {(dtype, o, i) for o, i, _ in shapes} <= set(kernels.row_product._kernels)
+    threads = torch.get_num_threads()
+    assert {(dtype, o, i, threads) for o, i, _ in shapes} <= set(kernels.row_product._kernels)
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass, as a quantized weight is."""
 
 
 def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_gemms():
@@ -243,6 +248,7 @@ def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_g
         assert not kernels.row_product.applies(rows, weight)
         assert not kernels.row_product.applies(small, torch.randn(64, 64))
         assert not kernels.row_product.applies(one, weight.T)  # not contiguous
+        assert not kernels.row_product.applies(one, torch.Tensor._make_subclass(_Wrapped, weight))  # e.g. torchao's
     with torch.no_grad():  # plain no-grad code (an evaluation loop) keeps the GEMM
         assert not kernels.row_product.applies(one, weight)
     x = one.clone().requires_grad_()
@@ -271,10 +277,13 @@ def test_one_row_product_that_cannot_compile_falls_back_once_with_a_warning(monk
 def test_warm_row_products_compiles_each_variant_of_a_model_before_its_first_step():
     from adapterkit.methods import kernels
 
-    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1024), nn.Linear(8, 8)).to(torch.bfloat16)
-    assert kernels.warm_row_products(model) == 2  # a kernel a shape; the small layer is never one-row's
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1024), nn.Linear(8, 8), nn.Linear(512, 1536))
+    model = model.to(torch.bfloat16)
+    model[3].weight = nn.Parameter(torch.Tensor._make_subclass(_Wrapped, model[3].weight.detach()), requires_grad=False)
+    assert kernels.warm_row_products(model) == 2  # a kernel a shape; not the small layer nor the subclass
     assert kernels.row_product.failed is None
-    assert {(torch.bfloat16, 512, 512), (torch.bfloat16, 1024, 512)} <= set(kernels.row_product._kernels)
+    threads = torch.get_num_threads()
+    assert {(torch.bfloat16, 512, 512, threads), (torch.bfloat16, 1024, 512, threads)} <= set(kernels.row_product._kernels)
     assert kernels.warm_row_products(nn.Sequential(nn.Linear(8, 8))) == 0
 
 
@@ -290,3 +299,18 @@ def test_one_row_product_keeps_a_bounded_number_of_kernels(monkeypatch):
         assert fresh.applies(x, first) and not fresh.applies(x, second)  # a further shape: the GEMMs
         torch.testing.assert_close(kernels.linear(x, second), x @ second.T, rtol=1e-4, atol=1e-4)
     assert len(fresh._kernels) == 1
+
+
+def test_one_row_product_compiles_for_the_thread_count_in_force():
+    from adapterkit.methods import kernels
+
+    weight, x = torch.randn(512, 512), torch.randn(1, 512)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                torch.testing.assert_close(kernels.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-4)
+            assert (torch.float32, 512, 512, threads) in kernels.row_product._kernels
+    finally:
+        torch.set_num_threads(before)

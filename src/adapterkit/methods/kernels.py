@@ -55,9 +55,10 @@ class RowProduct:
     cost. PyTorch's CPU GEMMs read it at 55-85% of the bandwidth (a bf16 weight at about half of
     float32's speed, though it is half the bytes); Inductor's fused multiply-and-sum of
     `row_product_reference` streams it at nearly the memory's speed: the 156M model's one-row
-    products, float32 19 -> 17 ms, bf16 17 -> 9 ms (bench/decode_floor.py).
+    products, float32 19.4 -> 18.1 ms (oneDNN's), bf16 15.3 -> 8.5 ms (bench/decode_floor.py).
 
-    One kernel per dtype and weight shape (a model has a handful), traced and compiled standalone:
+    One kernel per dtype, weight shape and thread count (Inductor writes the count into the
+    kernel; a model has a handful of shapes), traced and compiled standalone:
     no dynamo frame around it (8 µs a call, not 25 µs), and fixed sizes, which Inductor splits over
     the threads better than symbolic ones (bf16 8.2 ms, not 11.8). It has no guards of its own:
     `applies` keeps to what it was compiled for (one contiguous row, a contiguous weight, one
@@ -70,7 +71,7 @@ class RowProduct:
     MAX_KERNELS = 64
 
     def __init__(self) -> None:
-        self._kernels: dict[tuple[torch.dtype, int, int], Callable[..., Any]] = {}
+        self._kernels: dict[tuple[torch.dtype, int, int, int], Callable[..., Any]] = {}
         self._lock = threading.Lock()
         self.failed: str | None = None
         self.enabled = True  # False: one-row products take oneDNN / F.linear (an A/B, a debugging aid)
@@ -78,6 +79,7 @@ class RowProduct:
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
             self.enabled and self.failed is None
+            and type(weight) in _PLAIN and type(x) in _PLAIN  # not a quantized tensor subclass
             and x.dim() >= 2 and x.numel() == x.shape[-1]  # one row
             and weight.dim() == 2 and min(weight.shape) >= 2 and weight.numel() >= ONEDNN_MIN_ELEMENTS
             and x.dtype == weight.dtype and x.dtype in _ROW_DTYPES
@@ -85,13 +87,14 @@ class RowProduct:
             and x.is_contiguous() and weight.is_contiguous()
             and torch.is_inference_mode_enabled()
             and not torch.compiler.is_compiling()
-            and (len(self._kernels) < self.MAX_KERNELS or (x.dtype, *weight.shape) in self._kernels)
+            and (len(self._kernels) < self.MAX_KERNELS or _key(x, weight) in self._kernels)
         )
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """x Wᵀ shaped [..., out], or None if the kernel failed to compile (then never again)."""
         try:
-            kernel = self._kernels.get((x.dtype, *weight.shape)) or self._compile(x.dtype, *weight.shape)
+            key = _key(x, weight)
+            kernel = self._kernels.get(key) or self._compile(key)
             out = kernel(x.reshape(1, x.shape[-1]), weight)
         except Exception as err:  # noqa: BLE001 - no compiler, an Inductor bug: the product falls back
             self.failed = f"{type(err).__name__}: {str(err)[:300]}"
@@ -101,10 +104,10 @@ class RowProduct:
         out = out[0] if isinstance(out, list | tuple) else out
         return out.view(*x.shape[:-1], weight.shape[0])
 
-    def _compile(self, dtype: torch.dtype, rows: int, columns: int) -> Callable[..., Any]:
+    def _compile(self, key: tuple[torch.dtype, int, int, int]) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        key = (dtype, rows, columns)
+        dtype, rows, columns, _ = key
         with self._lock:
             if key not in self._kernels:
                 x, weight = torch.zeros(1, columns, dtype=dtype), torch.zeros(rows, columns, dtype=dtype)
@@ -115,7 +118,12 @@ class RowProduct:
             return self._kernels[key]
 
 
+def _key(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, int, int, int]:
+    return x.dtype, weight.shape[0], weight.shape[1], torch.get_num_threads()
+
+
 _ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN = (torch.Tensor, nn.Parameter)
 _log = logging.getLogger(__name__)
 #: the process's kernels, one per dtype and weight shape, shared by every layer
 row_product = RowProduct()
@@ -175,8 +183,10 @@ def warm_row_products(model: nn.Module) -> int:
     waits for it; returns how many kernels it asked for."""
     seen: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.numel() >= ONEDNN_MIN_ELEMENTS:
-            w = module.weight
+        if type(module) is not nn.Linear:
+            continue
+        w = module.weight
+        if type(w) in _PLAIN and w.numel() >= ONEDNN_MIN_ELEMENTS:
             seen.setdefault((w.dtype, w.device, *w.shape), (w.new_zeros(1, w.shape[1]), w))
     with torch.inference_mode():
         for x, w in seen.values():
