@@ -78,10 +78,11 @@ class RowProduct:
 
     def applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
-            self.enabled and self.failed is None
+            weight.numel() >= ONEDNN_MIN_ELEMENTS  # first: most calls it refuses are small (LoRA's A)
+            and self.enabled and self.failed is None
             and type(weight) in _PLAIN and type(x) in _PLAIN  # not a quantized tensor subclass
             and x.dim() >= 2 and x.numel() == x.shape[-1]  # one row
-            and weight.dim() == 2 and min(weight.shape) >= 2 and weight.numel() >= ONEDNN_MIN_ELEMENTS
+            and weight.dim() == 2 and min(weight.shape) >= 2
             and x.dtype == weight.dtype and x.dtype in _ROW_DTYPES
             and x.device.type == weight.device.type == "cpu"
             and x.is_contiguous() and weight.is_contiguous()
