@@ -13,15 +13,17 @@ context of 96 tokens, median of many steps, 2 threads:
 - `linears_row_kernel_ms`, `hf_step_row_kernel_ms`: through kernels.linear as the serving Engine runs
   them on the CPU (one row: the compiled multiply-and-sum of kernels.RowProduct); the rest below too;
 - the `*_bf16_*` keys: the same with the weights in bf16 (PyTorch's own bf16 GEMM, then the kernel);
-- `adapted_step_ms`: that step through an AdaptedModel with no adapter active;
+- `adapted_step_ms`: that step through an AdaptedModel with 16 LoRAs loaded, none routed;
 - `routed_lora_step_ms` / `routed_lora_rows16_step_ms`: one LoRA (r=8, every projection) routed to the
-  row, and 16 rows each with its own LoRA.
+  row, and 16 rows each with its own LoRA (`base_rows16_step_ms`: the same 16 rows on the base).
 - `tiny_step_eager_ms` / `tiny_step_compiled_ms`: the tiny Llama of serve_generate.py (hidden 256,
   4 layers), one token, eager with transformers' growing cache against its forward compiled with a
   static cache (torch.compile, fixed shapes): what a captured decode step would save of the per-step
   Python and dispatch overhead (no adapters; the Engine does not run this).
-Ratios against `linears_ms` say how much of a step is the model's code around the products. Pairs
-that are compared are measured interleaved, round by round (this machine's speed drifts).
+Ratios against `linears_ms` say how much of a step is the model's code around the products. The pairs
+behind the ratios of the kernels, of one LoRA and of 16 are measured interleaved, round by round (this
+machine's speed drifts); the default-GEMM rows come first, on their own. Summing bf16 weights runs
+slower per byte than fp32 (`read_weights_bf16_gb_s`): it is not a floor for the bf16 products.
 
 Writes bench/results/decode_floor.json.
 """
@@ -100,12 +102,23 @@ def decode_step(model: torch.nn.Module, rows: int) -> Callable[[], object]:
 def interleaved(cases: dict[str, tuple[Callable[[], object], bool]], repeats: int, rounds: int = 4) -> dict[str, float]:
     """Median ms of each case (a step, and whether the one-row kernel is on), round by round."""
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, (step, row_kernel) in cases.items():
-            row_product.enabled = row_kernel
-            times[name].append(median_ms(step, max(3, repeats // rounds)))
-    row_product.enabled = True
+    try:
+        for _ in range(rounds):
+            for name, (step, row_kernel) in cases.items():
+                row_product.enabled = row_kernel
+                times[name].append(median_ms(step, max(3, repeats // rounds)))
+    finally:
+        row_product.enabled = True
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def routed(am: ak.AdaptedModel, names: list[str | None], step: Callable[[], object]) -> Callable[[], object]:
+    """`step` with `names` routed to its rows."""
+    def run() -> object:
+        with am.route(names):
+            return step()
+
+    return run
 
 
 def products(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) -> Callable[[], object]:
@@ -176,19 +189,21 @@ def main() -> None:
         "hf_step_bf16_row_kernel_ms": (decode_step(half, 1), True),
     }, args.repeats))
     am = ak.adapt(model)
-    out["adapted_step_ms"] = median_ms(decode_step(am, 1), args.repeats)
     names = [f"a{i:02d}" for i in range(16)]
     for name in names:
         am.add(name, ak.LoRA(r=8, targets=TARGETS))
         with torch.no_grad():
             for p in am.adapter_parameters(name):
                 p.add_(0.02 * torch.randn(p.shape))
-    with am.route(names[:1]):
-        out["routed_lora_step_ms"] = median_ms(decode_step(am, 1), args.repeats)
-    with am.route(names):
-        out["routed_lora_rows16_step_ms"] = median_ms(decode_step(am, 16), args.repeats // 2)
-    with am.route([None] * 16):
-        out["base_rows16_step_ms"] = median_ms(decode_step(am, 16), args.repeats // 2)
+    one, rows16 = decode_step(am, 1), decode_step(am, 16)  # (built with no route: the base fills the cache)
+    out.update(interleaved({
+        "adapted_step_ms": (routed(am, [None], one), True),
+        "routed_lora_step_ms": (routed(am, names[:1], one), True),
+    }, args.repeats))
+    out.update(interleaved({
+        "base_rows16_step_ms": (routed(am, [None] * 16, rows16), True),
+        "routed_lora_rows16_step_ms": (routed(am, names, rows16), True),
+    }, args.repeats // 2))
     out.update(tiny_steps(args.repeats * 4))
     summary = {k: round(v, 3 if k.startswith("tiny") else 2) for k, v in out.items()}
     summary.update({

@@ -211,8 +211,18 @@ def test_fast_linears_swap_plain_linear_forwards_only_and_keep_training_and_copi
             assert not torch.equal(model[0](x), torch.zeros(5, 16))
 
 
+@pytest.fixture
+def fresh_rows(monkeypatch):
+    """A RowProduct of the test's own: no kernel compiled, none switched off by another test."""
+    from adapterkit.methods import kernels
+
+    fresh = kernels.RowProduct()
+    monkeypatch.setattr(kernels, "row_product", fresh)
+    return fresh
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_product_equals_f_linear_for_every_shape_with_a_kernel_for_each(dtype):
+def test_one_row_product_equals_f_linear_for_every_shape_with_a_kernel_for_each(dtype, fresh_rows):
     from adapterkit.methods import kernels
 
     gen = torch.Generator().manual_seed(0)
@@ -238,7 +248,7 @@ class _Wrapped(torch.Tensor):
     """A tensor subclass, as a quantized weight is."""
 
 
-def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_gemms():
+def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_gemms(fresh_rows):
     from adapterkit.methods import kernels
 
     weight = torch.randn(512, 512)
@@ -249,6 +259,15 @@ def test_one_row_product_leaves_training_several_rows_and_small_weights_to_the_g
         assert not kernels.row_product.applies(small, torch.randn(64, 64))
         assert not kernels.row_product.applies(one, weight.T)  # not contiguous
         assert not kernels.row_product.applies(one, torch.Tensor._make_subclass(_Wrapped, weight))  # e.g. torchao's
+        assert not kernels.row_product.applies(torch.randn(1, 256), weight)  # F.linear gives the shape error
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            kernels.linear(torch.randn(1, 256), weight)
+        bias = torch.randn(1, 512)  # not 1-D: what F.linear does with it, not the kernel's in-place add
+        torch.testing.assert_close(kernels.linear(one, weight, bias), torch.nn.functional.linear(one, weight, bias),
+                                   rtol=1e-4, atol=1e-4)
+        a, wide = torch.randn(64, 4096), torch.randn(1, 4096)  # a LoRA's A of 2^18 elements
+        torch.testing.assert_close(kernels.down_project(wide, a), wide @ a.T, rtol=1e-4, atol=1e-4)
+    assert kernels.row_product._kernels == {} and kernels.row_product.failed is None
     with torch.no_grad():  # plain no-grad code (an evaluation loop) keeps the GEMM
         assert not kernels.row_product.applies(one, weight)
     x = one.clone().requires_grad_()
@@ -274,7 +293,7 @@ def test_one_row_product_that_cannot_compile_falls_back_once_with_a_warning(monk
     assert not fresh.applies(x, weight)
 
 
-def test_warm_row_products_compiles_each_variant_of_a_model_before_its_first_step():
+def test_warm_row_products_compiles_each_variant_of_a_model_before_its_first_step(fresh_rows):
     from adapterkit.methods import kernels
 
     model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 1024), nn.Linear(8, 8), nn.Linear(512, 1536))
@@ -301,7 +320,7 @@ def test_one_row_product_keeps_a_bounded_number_of_kernels(monkeypatch):
     assert len(fresh._kernels) == 1
 
 
-def test_one_row_product_compiles_for_the_thread_count_in_force():
+def test_one_row_product_compiles_for_the_thread_count_in_force(fresh_rows):
     from adapterkit.methods import kernels
 
     weight, x = torch.randn(512, 512), torch.randn(1, 512)
@@ -314,3 +333,22 @@ def test_one_row_product_compiles_for_the_thread_count_in_force():
             assert (torch.float32, 512, 512, threads) in kernels.row_product._kernels
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_row_kernel_failing_on_one_call_answers_it_with_the_gemms_and_stays_on(fresh_rows):
+    from adapterkit.methods import kernels
+
+    weight, x = torch.randn(512, 512), torch.randn(1, 512)
+    with torch.inference_mode():
+        kernels.linear(x, weight)
+        key = next(iter(fresh_rows._kernels))
+        good = fresh_rows._kernels[key]
+
+        def broken(*args):
+            raise AssertionError("expected size 512==512, stride 1==2 at dim=0")
+
+        fresh_rows._kernels[key] = broken
+        torch.testing.assert_close(kernels.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-4)
+        assert fresh_rows.failed is None and fresh_rows.applies(x, weight)
+        fresh_rows._kernels[key] = good
+        torch.testing.assert_close(kernels.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-4)

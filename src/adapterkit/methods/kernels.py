@@ -82,7 +82,7 @@ class RowProduct:
             and self.enabled and self.failed is None
             and type(weight) in _PLAIN and type(x) in _PLAIN  # not a quantized tensor subclass
             and x.dim() >= 2 and x.numel() == x.shape[-1]  # one row
-            and weight.dim() == 2 and min(weight.shape) >= 2
+            and weight.dim() == 2 and min(weight.shape) >= 2 and x.shape[-1] == weight.shape[1]
             and x.dtype == weight.dtype and x.dtype in _ROW_DTYPES
             and x.device.type == weight.device.type == "cpu"
             and x.is_contiguous() and weight.is_contiguous()
@@ -92,15 +92,22 @@ class RowProduct:
         )
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """x Wᵀ shaped [..., out], or None if the kernel failed to compile (then never again)."""
+        """x Wᵀ shaped [..., out]; None where the caller should take the GEMMs: the kernel could not
+        be compiled (then never again) or this call failed in it (that call only)."""
+        key = _key(x, weight)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            try:
+                kernel = self._compile(key)
+            except Exception as err:  # noqa: BLE001 - no compiler, an Inductor bug: the products fall back
+                self.failed = f"{type(err).__name__}: {str(err)[:300]}"
+                _log.warning("adapterkit: the compiled one-row product is off (%s); one-row products use "
+                             "oneDNN/F.linear", self.failed)
+                return None
         try:
-            key = _key(x, weight)
-            kernel = self._kernels.get(key) or self._compile(key)
             out = kernel(x.reshape(1, x.shape[-1]), weight)
-        except Exception as err:  # noqa: BLE001 - no compiler, an Inductor bug: the product falls back
-            self.failed = f"{type(err).__name__}: {str(err)[:300]}"
-            _log.warning("adapterkit: the compiled one-row product is off (%s); one-row products use "
-                         "oneDNN/F.linear", self.failed)
+        except Exception as err:  # noqa: BLE001 - the GEMMs answer this call, or raise its real error
+            _log.debug("adapterkit: the one-row kernel %s failed: %s", key, err)
             return None
         out = out[0] if isinstance(out, list | tuple) else out
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -136,18 +143,23 @@ def down_project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     With many rows the default CPU GEMM runs such a skinny product slowly; oneDNN's runs 4096 rows of
     384 features at rank 8 in 0.27 ms, not 0.77 ms. With a few rows (a decode step) its fixed cost is
     more than the product: 14.5 µs against 2 µs for one row, so those take F.linear (`linear`'s rule).
+    Never the one-row kernel: an adapter's shapes are not known when the Engine warms up, so a
+    first request would wait for a compile, and such a weight is too small to gain from it.
     """
-    return linear(x, weight)
+    return linear(x, weight, row_kernel=False)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           row_kernel: bool = True) -> torch.Tensor:
     """F.linear(x, weight, bias) for a frozen layer in eager CPU inference, through oneDNN's kernel.
 
     With few rows (a decode step: one token per stream) the default CPU GEMM reads a weight at about
     half the memory bandwidth; oneDNN's reads it at nearly all of it: one row through the 156M model's
-    layers 30 -> 18 ms, 16 rows 66 -> 38 ms (bench/decode_floor.py).
+    layers 30 -> 18 ms, 16 rows 66 -> 38 ms (bench/decode_floor.py). One row through a large weight
+    takes `row_product` (unless `row_kernel` is False).
     """
-    if row_product.applies(x, weight) and (bias is None or bias.dtype == x.dtype):
+    if (row_kernel and row_product.applies(x, weight)
+            and (bias is None or (bias.dtype == x.dtype and bias.dim() <= 1))):
         out = row_product(x, weight)
         if out is not None:
             return out if bias is None else out.add_(bias)
