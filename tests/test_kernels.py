@@ -235,6 +235,7 @@ def test_one_row_product_equals_f_linear_for_every_shape_with_a_kernel_for_each(
         x = torch.randn(1, 1, d_in, generator=gen).to(dtype)
         with torch.inference_mode():
             assert kernels.row_product.applies(x, weight)
+            assert kernels.row_product(x, weight) is not None  # the kernel's answer, not the GEMMs' fallback
             got = kernels.linear(x, weight, bias)
         assert got.shape == (1, 1, d_out) and got.dtype == dtype
         want = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())

@@ -357,3 +357,31 @@ def test_a_cpu_engine_runs_its_frozen_linear_layers_through_the_fast_kernel(engi
 
     linears = [m for m in engine.am.base.modules() if type(m) is nn.Linear]
     assert linears and all("forward" in vars(m) for m in linears)  # methods/kernels.fast_linears
+
+
+def test_a_cpu_engine_compiles_its_one_row_kernels_at_start_and_decodes_the_same_tokens_with_them(
+        tmp_path, monkeypatch):
+    import torch
+
+    from adapterkit.methods import kernels
+
+    from .serving import tiny_llama
+
+    fresh = kernels.RowProduct()
+    monkeypatch.setattr(kernels, "row_product", fresh)
+    base = tiny_llama(tmp_path / "llama", hidden=512, layers=1)  # q/o 512x512 and the MLP: >= 2^18 elements
+    with Engine(base, tmp_path / "store", max_new_tokens=12, merge_after=0) as engine:
+        threads = torch.get_num_threads()
+        assert {(torch.float32, 512, 512, threads), (torch.float32, 1024, 512, threads),
+                (torch.float32, 512, 1024, threads)} <= set(fresh._kernels)  # before any request
+        calls = [0]
+        for key, kernel in list(fresh._kernels.items()):
+            def counted(*args, kernel=kernel):
+                calls[0] += 1
+                return kernel(*args)
+            fresh._kernels[key] = counted
+        with_kernel = engine.generate("the cat", max_new_tokens=12, ignore_eos=True)["token_ids"]
+        fresh.enabled = False
+        without = engine.generate("the cat", max_new_tokens=12, ignore_eos=True)["token_ids"]
+    assert fresh.failed is None and calls[0] >= 11 * 4  # every decode step: q, o and the MLP's three
+    assert len(with_kernel) == 12 and with_kernel == without

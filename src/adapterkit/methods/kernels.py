@@ -105,12 +105,10 @@ class RowProduct:
                              "oneDNN/F.linear", self.failed)
                 return None
         try:
-            out = kernel(x.reshape(1, x.shape[-1]), weight)
+            return kernel(x.reshape(1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
         except Exception as err:  # noqa: BLE001 - the GEMMs answer this call, or raise its real error
             _log.debug("adapterkit: the one-row kernel %s failed: %s", key, err)
             return None
-        out = out[0] if isinstance(out, list | tuple) else out
-        return out.view(*x.shape[:-1], weight.shape[0])
 
     def _compile(self, key: tuple[torch.dtype, int, int, int]) -> Callable[..., Any]:
         from torch.fx.experimental.proxy_tensor import make_fx
