@@ -296,6 +296,12 @@ class SiteMethod(nn.Module, Generic[StackT]):
         """The site's output with this adapter applied (input-side methods: `forward(x)` -> x')."""
         raise NotImplementedError
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This adapter as h' = h + x Aᵀ Bᵀ at a features-last site (A [r, in], B [out, r], every
+        scale folded into B), which a captured decode step adds from fixed buffers
+        (serve/captured.py); None: it has no such form, and a step that uses it runs eagerly."""
+        return None
+
     def routed_bytes(self) -> int:
         """Bytes this adapter's slot takes in the routing stacks (padding included)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())

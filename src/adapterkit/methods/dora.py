@@ -103,6 +103,9 @@ class DoRAAdapter(LoRAAdapter):
         out.mul_(g)
         return out if bias is None else out.add_(bias * (1 - g))
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None  # its magnitude rescales W + ΔW: not an added low-rank product
+
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - DoRA merges through merge_into
         raise TargetError("DoRA's merged weight is not W plus a delta; merge it with am.merge")
 

@@ -124,6 +124,14 @@ class RowProduct:
             return self._kernels[key]
 
 
+def _one_row_in_graph(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What `RowProduct.applies` asks of a product, for one traced into a graph (whose sizes are fixed)."""
+    return (weight.numel() >= ONEDNN_MIN_ELEMENTS and x.dim() >= 2 and x.numel() == x.shape[-1]
+            and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.dtype == weight.dtype
+            and x.dtype in _ROW_DTYPES and x.device.type == weight.device.type == "cpu"
+            and not torch.is_grad_enabled())
+
+
 def _key(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, int, int, int]:
     return x.dtype, weight.shape[0], weight.shape[1], torch.get_num_threads()
 
@@ -154,8 +162,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     With few rows (a decode step: one token per stream) the default CPU GEMM reads a weight at about
     half the memory bandwidth; oneDNN's reads it at nearly all of it: one row through the 156M model's
     layers 30 -> 18 ms, 16 rows 66 -> 38 ms (bench/decode_floor.py). One row through a large weight
-    takes `row_product` (unless `row_kernel` is False).
+    takes `row_product` (unless `row_kernel` is False); inside a compiled graph (a captured decode
+    step) it is written as `row_product_reference`, which Inductor compiles to the same kernel and
+    fuses with its neighbours.
     """
+    if torch.compiler.is_compiling():
+        if row_kernel and _one_row_in_graph(x, weight):
+            out = row_product_reference(x, weight)
+            return out if bias is None else out + bias
+        return F.linear(x, weight, bias)
     if (row_kernel and row_product.applies(x, weight)
             and (bias is None or (bias.dtype == x.dtype and bias.dim() <= 1))):
         out = row_product(x, weight)

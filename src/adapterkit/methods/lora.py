@@ -133,6 +133,11 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
         return kernels.add_product(h, kernels.down_project(x_2d, self.lora_A), self.lora_B, self.scale,
                                    inplace=inplace)
 
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.shape.kind not in ("linear", "hf_conv1d") or (self.dropout.p > 0 and self.training):
+            return None
+        return self.lora_A, self.lora_B * self.scale
+
     def delta_weight(self) -> torch.Tensor:
         """s·BA in the layout of the frozen module's weight."""
         delta = (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scale

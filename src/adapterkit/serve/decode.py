@@ -10,7 +10,9 @@ steps the model thread may
   settings and seeded generator; finished rows leave the batch in the same step.
 
 The cache stays transformers' own cache object; rows are inserted and evicted on its per-layer key
-and value tensors ([batch, heads, seq, head_dim]). Every row is padded on the left: a row shorter
+and value tensors ([batch, heads, seq, head_dim]). While one row runs and a captured step can take
+it (serve/captured.py), its keys and values move into that step's fixed cache and its tokens come
+from the compiled step; they move back when a row joins or the captured step cannot go on. Every row is padded on the left: a row shorter
 than the batch has masked columns before its first token, and columns no remaining row uses are cut
 off. Positions count each row's real tokens, so a row's tokens do not depend on its neighbours.
 """
@@ -29,6 +31,7 @@ from ..hf_names import cache_keyword, last_logits_only, output_cache
 from ..model import AdaptedModel
 from ..routes import RouteEntry
 from .base import pad
+from .captured import CapturedStep
 from .errors import RowFailure, non_finite
 from .generate import Generated, GenerationRow, _generator, _sample
 
@@ -51,8 +54,11 @@ class ContinuousDecoder:
 
     def __init__(self, am: AdaptedModel, pad_id: int, eos_id: int | None,
                  describe: Callable[[Any], tuple[GenerationRow, RouteEntry]],
-                 routing: Callable[[list[RouteEntry]], ContextManager] | None = None) -> None:
+                 routing: Callable[[list[RouteEntry]], ContextManager] | None = None,
+                 captured: CapturedStep | None = None) -> None:
         self.am, self.pad_id, self.eos_id, self.describe = am, pad_id, eos_id, describe
+        self.captured = captured
+        self._fixed = False  # the lone row's keys and values are in the captured step's cache
         self.routing = routing or am.route
         self._keyword = cache_keyword(am.base)
         self._extra = last_logits_only(am.base)
@@ -101,13 +107,19 @@ class ContinuousDecoder:
             return []
         n = len(self._rows)
         mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype)], dim=1)
-        input_ids = torch.tensor([r.next_token for r in self._rows], dtype=torch.long).unsqueeze(1)
-        positions = torch.tensor([r.position for r in self._rows], dtype=torch.long).unsqueeze(1)
-        with self.routing([r.name for r in self._rows]):
-            out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{self._cache_keyword(): self._cache}, **self._extra)
-        self._cache, self._mask = output_cache(out), mask
-        logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU, with its generators
+        captured = self._captured_logits() if n == 1 else None
+        if captured is not None:
+            self._mask = mask
+            logits = captured.float().cpu()
+        else:
+            self._unfix()
+            input_ids = torch.tensor([r.next_token for r in self._rows], dtype=torch.long).unsqueeze(1)
+            positions = torch.tensor([r.position for r in self._rows], dtype=torch.long).unsqueeze(1)
+            with self.routing([r.name for r in self._rows]):
+                out = self.am(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **{self._cache_keyword(): self._cache}, **self._extra)
+            self._cache, self._mask = output_cache(out), mask
+            logits = out.logits[:, -1, :].float().cpu()  # sampled on the CPU, with its generators
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         finished: list[tuple[Any, Generated | RowFailure]] = []
         for i, r in enumerate(self._rows):
@@ -129,7 +141,7 @@ class ContinuousDecoder:
     def abort(self) -> list[Any]:
         """Forget every running row (after a failed step); returns their handles."""
         handles = self.handles()
-        self._rows, self._cache, self._mask = [], None, _NO_ROWS
+        self._rows, self._cache, self._mask, self._fixed = [], None, _NO_ROWS, False
         return handles
 
     # --- inside ---------------------------------------------------------------------------------
@@ -163,10 +175,40 @@ class ContinuousDecoder:
         r.next_token = token
         return None
 
+    def _captured_logits(self) -> torch.Tensor | None:
+        """The lone row's next logits from the captured step, if it can take the row; None: the
+        eager step runs (the captured step may have just turned itself off)."""
+        step, row = self.captured, self._rows[0]
+        if step is None or not step.applies(row.name, row.position):
+            return None
+        if not self._fixed:
+            if self._mask.shape[1] != row.position or not bool(self._mask.all()):
+                return None  # columns of padding: the fixed cache holds a row's real tokens only
+            step.load([(layer.keys, layer.values) for layer in _layers(self._cache)])
+            self._cache, self._fixed = None, True
+        try:
+            return step.step(row.next_token, row.position, row.name)
+        except Exception as err:  # noqa: BLE001 - a guard that would recompile, a failing kernel: eager from here
+            step.turn_off(f"{type(err).__name__}: {str(err)[:3000]}")
+            self._unfix()
+            return None
+
+    def _unfix(self) -> None:
+        """The lone row's keys and values back from the captured step's cache into a growing one."""
+        if not self._fixed or self.captured is None:
+            return
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(self.captured.unload()):
+            cache.update(keys, values, i)
+        self._cache, self._fixed = cache, False
+
     def _merge(self, cache: Any, layers: list, mask: torch.Tensor, rows: list[_Running]) -> None:
         if not self._rows:
             self._cache, self._mask, self._rows = cache, mask, rows
             return
+        self._unfix()
         width = max(self._mask.shape[1], mask.shape[1])
         running = _layers(self._cache)
         for old, new in zip(running, layers, strict=True):
@@ -178,6 +220,8 @@ class ContinuousDecoder:
     def _keep(self, indices: list[int]) -> None:
         if not indices:
             self.abort()
+            return
+        if self._fixed:  # the lone row stays, in the captured step's cache
             return
         index = torch.tensor(indices, dtype=torch.long)
         layers = _layers(self._cache)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ from ..task import Task
 from .base import load_base, max_positions, raw_encoder, task_of
 from .batcher import Batcher, Request, RequestKind
 from .cache import AdapterCache, AdapterKey
+from .captured import CapturedStep
 from .decode import ContinuousDecoder
 from .errors import (
     BadRequest,
@@ -59,8 +61,11 @@ CAN_ANSWER: dict[Task, frozenset[RequestKind]] = {
 #: what a request runs with: an adapter's name, a {name: weight} mixture, or None (the base model)
 Target = str | Mapping[str, float] | None
 
+#: the most tokens a captured step's fixed cache holds: it attends over all of them at every step
+MAX_CAPTURED_TOKENS = 2048
 #: the fixed input an upload's and a merge's check runs on
 PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
+_log = logging.getLogger(__name__)
 
 
 class Engine(AdapterLifecycle):
@@ -71,6 +76,7 @@ class Engine(AdapterLifecycle):
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
         merge_after: int = 8, quantize: str | None = None, merge_copy_bytes: int = 1 << 30,
         dtype: str = "fp32", device: str = "cpu", max_mixture: int = 4, max_mixed_rows: int = 8,
+        capture: bool = True, capture_rank: int = 16,
     ) -> None:
         """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
         (0: never merge). `merge_copy_bytes`: a merge keeps a copy of the weights it changes (so that the
@@ -78,7 +84,10 @@ class Engine(AdapterLifecycle):
         int4 Linear layers in the base (quantize.py); `dtype`: the base's; `device`: cpu | cuda | auto,
         where the base, the adapters and their routing stacks live (requests arrive on the CPU and
         are moved there once per forward). `max_mixture`: adapters in one request's mixture;
-        `max_mixed_rows`: rows with a mixture in one batch (the rest wait for the next)."""
+        `max_mixed_rows`: rows with a mixture in one batch (the rest wait for the next). `capture`:
+        compile a one-stream decode step at start (a causal LM on the CPU, continuous scheduling,
+        no quantized layers; serve/captured.py), which one stream with the base, its merged adapter
+        or a LoRA of rank up to `capture_rank` decodes through."""
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
@@ -130,11 +139,13 @@ class Engine(AdapterLifecycle):
         self.versions = VersionStats(self.metrics.registry)
         self.cache = AdapterCache(self.am, cache_bytes)
         self.scheduling = scheduling
+        self.captured = self._capture(capture, capture_rank, scheduling)
         self.runner = BatchRunner(self.am, self.cache, self.task, self.pad_id, self.eos_id, self.padding_cost,
                                   self.base_labels, self._routing)
         decoder = None
         if self.task == Task.CAUSAL_LM and scheduling == "continuous":
-            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self.runner.describe, self._routing)
+            decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self.runner.describe, self._routing,
+                                        self.captured)
         self.batcher = Batcher(self.cache, self._read, self.runner.execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder,
                                max_mixed_rows=max_mixed_rows)
@@ -295,11 +306,13 @@ class Engine(AdapterLifecycle):
         merging = self.merging
         merges = {"merges": merging.merges, "unmerges": merging.unmerges, "merges_refused": len(merging.refused)
                   } if merging is not None else {"merges": 0, "unmerges": 0, "merges_refused": 0}
-        return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows, **merges}
+        captured = self.captured.steps if self.captured is not None else 0
+        return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows, **merges, "captured_steps": captured}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.base_name, "task": self.task, "fingerprint": self.fingerprint,
                 "precision": {**Precision.of(self.am.base), "device": str(self.device)},
+                "captured_step": "off" if self.captured is None else self.captured.off or "on",
                 **self.stats()}
 
     def close(self) -> None:
@@ -355,6 +368,19 @@ class Engine(AdapterLifecycle):
         if field is not None:
             out[field] = results
         return out
+
+    def _capture(self, wanted: bool, rank: int, scheduling: str) -> CapturedStep | None:
+        """The compiled one-stream decode step, built and checked now (None: not for this engine)."""
+        if (not wanted or self.task != Task.CAUSAL_LM or scheduling != "continuous" or self.device.type != "cpu"
+                or self.quantized or self._probe_ids.shape[1] < 2):
+            return None
+        try:
+            step = CapturedStep(self.am, min(self.max_tokens, MAX_CAPTURED_TOKENS), rank)
+        except Exception as err:  # noqa: BLE001 - a model without a fixed-size cache: eager steps
+            _log.warning("adapterkit: no captured decode step for this model (%s: %s)", type(err).__name__, err)
+            return None
+        step.build(self._probe_ids[0].tolist())
+        return step
 
     def _warm_up(self) -> None:
         ids = self.tokenize(["warm up"])

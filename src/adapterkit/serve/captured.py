@@ -1,0 +1,279 @@
+"""A captured decode step: one stream's next token through a compiled forward over a fixed cache.
+
+With one row running, what a decode step costs beyond reading the weights is Python and small ops:
+transformers' modules and hooks, rotary positions, norms, the cache growing by a concatenation
+(bench/decode_floor.py: the tiny Llama's step 1.76 ms eager, 0.86 ms compiled). The Engine compiles
+one step at start, for one row over a transformers StaticCache, with every one-row product written
+as the multiply-and-sum of methods/kernels.py (Inductor fuses it with its neighbours). The
+ContinuousDecoder takes it whenever exactly one row runs and that row's adapter can ride along:
+
+- the base model, or the adapter merged into the weights (serve/merged.py) by itself;
+- an adapter whose every part has a low-rank form (`SiteMethod.low_rank`: LoRA on a linear layer)
+  of rank up to the slots' rank, at layers that have a slot.
+
+Each linear layer of the base gets a slot, as vLLM's LoRA layers do (`set_lora` / `reset_lora`):
+fixed buffers that the compiled step adds at that layer,
+
+    h = W x + B_slot (A_slot x)        A_slot [R, in], B_slot [out, R] (s·B), zero past the rank
+
+so a stream's adapter is written into the buffers, never compiled. Anything else (several rows, a
+mixture, a bottleneck, a longer context than the cache holds) runs the eager step; the decoder moves
+the row's keys and values between the two caches when it switches.
+
+A step that would need a new graph (the model changed in a way its guards see) raises instead of
+compiling in the request's path; the decoder then turns the captured step off for good, with a
+warning, and runs that step eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hf_names import last_logits_only
+from ..methods.base import SiteMethod, hf_conv1d
+from ..model import AdaptedModel
+from ..routes import RouteEntry
+
+#: a compiled step's logits may differ from the eager step's by float rounding (relative to their scale)
+CHECK_TOLERANCE = 1e-3
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """One linear layer's buffers: A [R, in], B [out, R]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class CapturedStep:
+    """`capacity`: tokens the fixed cache holds (a longer row runs eagerly); `rank`: the slots' rank
+    R (an adapter of a larger rank runs eagerly)."""
+
+    def __init__(self, am: AdaptedModel, capacity: int, rank: int = 16) -> None:
+        from transformers import StaticCache
+
+        self.am, self.capacity, self.rank = am, int(capacity), int(rank)
+        base = am.base
+        self.cache = StaticCache(config=base.config, max_cache_len=self.capacity)
+        self._extra = last_logits_only(base)
+        output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        dtype = am.adapter_dtype
+        self.slots: dict[str, _Slot] = {}
+        self._gate = _Gate()  # open only during a compiled step: eager forwards skip the slots
+        for name, module in base.named_modules():
+            width = _widths(module)
+            if width is None or module is output:
+                continue
+            slot = _Slot(torch.zeros(self.rank, width[0], dtype=dtype), torch.zeros(width[1], self.rank, dtype=dtype))
+            self.slots[name] = slot
+            # inside the layer's forward, not a hook: dynamo guards the hooks a layer has when it is
+            # compiled, and the adapter sites hook layers later (hooks added to a layer that had none
+            # are not seen by the compiled graph, which the step does not need: its sites idle)
+            module.forward = functools.partial(_with_slot, module.forward, slot, self._gate)
+        self._building = False
+        self._forward: Any = None
+        self._threads = torch.get_num_threads()
+        self.length = 0  # tokens in the fixed cache
+        self._holds: tuple = ()  # what the slots hold: (adapter, its record, its parameters' versions)
+        self._fit: tuple[str, nn.Module, _Parts | None] | None = None  # the last adapter `_parts` looked at
+        self.off: str | None = "not compiled yet"
+        self.steps = 0
+
+    # --- what the decoder asks ---------------------------------------------------------------
+
+    def applies(self, entry: RouteEntry, position: int) -> bool:
+        """Whether a lone row naming `entry`, about to feed position `position`, can take this step."""
+        if self.off is not None or position + 1 > self.capacity or torch.get_num_threads() != self._threads:
+            return False
+        merged = self.am.state.merged
+        if merged:
+            return isinstance(entry, str) and merged == {entry}  # its delta is in the weights already
+        if entry is None:
+            return True
+        if not isinstance(entry, str) or entry not in self.am.loaded:
+            return False
+        return self._parts(entry) is not None
+
+    def step(self, token: int, position: int, entry: RouteEntry) -> torch.Tensor:
+        """The next token's logits [1, vocab] for the row in the fixed cache, which grows by one."""
+        self._write(entry if not self.am.state.merged else None)
+        ids = torch.tensor([[token]], dtype=torch.long)
+        where = torch.tensor([position], dtype=torch.long)
+        # after the build, a call that would compile again raises instead (seconds in a request's path)
+        stance = "default" if self._building else "fail_on_recompile"
+        with self._captured(), torch.compiler.set_stance(stance):
+            out = self._forward(input_ids=ids, position_ids=where.unsqueeze(0), past_key_values=self.cache,
+                                use_cache=True, cache_position=where, **self._extra)
+        self.length = position + 1
+        self.steps += 1
+        return out.logits[:, -1, :]
+
+    def load(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put one row's keys and values ([1, heads, tokens, dim] per layer) into the fixed cache."""
+        self.cache.reset()
+        for i, (keys, values) in enumerate(layers):
+            self.cache.update(keys, values, i)
+        self.length = layers[0][0].shape[2] if layers else 0
+
+    def unload(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The row's keys and values out of the fixed cache, as `load` takes them."""
+        return [(layer.keys[:, :, :self.length].clone(), layer.values[:, :, :self.length].clone())
+                for layer in self.cache.layers]
+
+    def turn_off(self, why: str) -> None:
+        if self.off is None:
+            _log.warning("adapterkit: the captured decode step is off (%s); one stream decodes eagerly", why)
+        self.off = why
+
+    # --- building ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def build(self, probe: list[int]) -> None:
+        """Compile the step and check it against the eager step on `probe` (a few token ids); on any
+        failure the step stays off (`off` says why) and every step runs eagerly."""
+        self._building = True
+        try:
+            self._forward = torch.compile(self.am.base.forward, dynamic=False, fullgraph=True)
+            why = self._check(probe)
+        except Exception as err:  # noqa: BLE001 - no compiler, a model Inductor cannot trace: eager steps
+            why = f"{type(err).__name__}: {str(err)[:3000]}"
+        finally:
+            self._building = False
+        self.off = None
+        if why is not None:
+            self.turn_off(why)
+        self.steps = 0
+
+    def _check(self, probe: list[int]) -> str | None:
+        """Why the compiled step must not serve (None: it may): its logits against the eager step's
+        on the probe, each from the probe's prefilled keys and values."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([probe[:-1]], dtype=torch.long)
+        eager_cache = DynamicCache()
+        with self._plain():
+            self.am.base(input_ids=ids, past_key_values=eager_cache, use_cache=True)
+            layers = [(layer.keys.clone(), layer.values.clone()) for layer in eager_cache.layers]
+            expected = self.am.base(input_ids=torch.tensor([probe[-1:]]), past_key_values=eager_cache, use_cache=True,
+                                    position_ids=torch.tensor([[len(probe) - 1]]), **self._extra).logits[:, -1]
+        self.off = None
+        for _ in range(2):  # the second call runs what the first compiled
+            self.load(layers)
+            got = self.step(probe[-1], len(probe) - 1, None)
+        scale = float(expected.abs().max()) + 1e-6
+        if not bool(torch.isfinite(got).all()) or float((got.float() - expected.float()).abs().max()) > CHECK_TOLERANCE * scale:
+            return "its logits differ from the eager step's on the probe"
+        return None
+
+    # --- inside --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _plain(self) -> Iterator[None]:
+        """No setup and no route (the hooks idle): the compiled graph was traced so, and a merged
+        adapter is in the weights already."""
+        state = self.am.state
+        setup, route = state.setup, state.route
+        state.setup = state.route = None
+        try:
+            yield
+        finally:
+            state.setup, state.route = setup, route
+
+    @contextlib.contextmanager
+    def _captured(self) -> Iterator[None]:
+        with self._plain():
+            self._gate.open = True
+            try:
+                yield
+            finally:
+                self._gate.open = False
+
+    def _parts(self, entry: str) -> _Parts | None:
+        """Adapter `entry`'s layers and parameters, if every part has a low-rank form that fits a
+        slot (worked out once per loaded record); None if not."""
+        record = self.am.loaded[entry]
+        if self._fit is not None and self._fit[0] == entry and self._fit[1] is record:
+            return self._fit[2]
+        parts: _Parts | None = _Parts(record, [], [p for p in record.parameters()])
+        if record.model_method is not None or record.head is not None or len(record.copies):
+            parts = None
+        for path, method in record.methods_by_path.items():
+            slot, form = self.slots.get(path), method.low_rank()
+            if parts is None or slot is None or form is None or not _fits(form, slot, self.rank):
+                parts = None
+                break
+            parts.methods.append((path, method))
+        self._fit = (entry, record, parts)
+        return parts
+
+    def _write(self, entry: RouteEntry) -> None:
+        """The slots hold `entry`'s low-rank parts (None: all zero); written again only when the
+        adapter, or a parameter of it in place, changed since the last write."""
+        parts = self._parts(entry) if isinstance(entry, str) else None
+        if isinstance(entry, str) and parts is None:  # `applies` said yes: the adapter changed in between
+            raise RuntimeError(f"adapter {entry!r} no longer fits the captured step's slots")
+        holds = (entry, id(parts.record), tuple(p._version for p in parts.parameters)) if parts is not None else ()
+        if holds == self._holds:
+            return
+        for slot in self.slots.values():
+            slot.a.zero_()
+            slot.b.zero_()
+        for path, method in parts.methods if parts is not None else ():
+            form = method.low_rank()
+            if form is None:
+                raise RuntimeError(f"adapter {entry!r} lost its low-rank form at {path}")
+            slot = self.slots[path]
+            slot.a[:form[0].shape[0]].copy_(form[0])
+            slot.b[:, :form[1].shape[1]].copy_(form[1])
+        self._holds = holds
+
+
+@dataclass
+class _Parts:
+    """An adapter that fits the slots: its record, its (layer, method) pairs and its parameters."""
+
+    record: nn.Module
+    methods: list[tuple[str, SiteMethod]]
+    parameters: list[torch.Tensor]
+
+
+def _fits(form: tuple[torch.Tensor, torch.Tensor], slot: _Slot, rank: int) -> bool:
+    a, b = form
+    return (a.dim() == 2 and b.dim() == 2 and a.shape[0] <= rank and a.shape[0] == b.shape[1]
+            and a.shape[1] == slot.a.shape[1] and b.shape[0] == slot.b.shape[0]
+            and a.dtype == b.dtype == slot.a.dtype and a.device == slot.a.device)
+
+
+@dataclass
+class _Gate:
+    open: bool = False
+
+
+def _with_slot(forward: Callable[..., torch.Tensor], slot: _Slot, gate: _Gate, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's output plus its slot's x Aᵀ Bᵀ, computed in the slot's dtype, while the gate
+    is open (a captured step); its plain output otherwise."""
+    h = forward(x)
+    if not gate.open:
+        return h
+    return (h.to(slot.a.dtype) + (x.to(slot.a.dtype) @ slot.a.T) @ slot.b.T).to(h.dtype)
+
+
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a plain linear layer (an nn.Linear or GPT-2's Conv1D); None for anything else."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if isinstance(module, hf_conv1d()):
+        weight = module.weight
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
