@@ -353,3 +353,28 @@ def test_one_row_kernel_failing_on_one_call_answers_it_with_the_gemms_and_stays_
         assert fresh_rows.failed is None and fresh_rows.applies(x, weight)
         fresh_rows._kernels[key] = good
         torch.testing.assert_close(kernels.linear(x, weight), x @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_one_row_product_traced_into_a_graph_is_the_multiply_and_sum():
+    """Inside torch.compile (a captured decode step) `linear` writes one row through a large weight as
+    `row_product_reference`, which Inductor fuses, and leaves a GEMM to several rows or a small weight."""
+    import torch.nn.functional as F
+
+    from adapterkit.methods import kernels
+
+    graphs = []
+
+    def keep(gm, example_inputs):  # noqa: ANN001 - dynamo's backend signature
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method")})
+        return gm.forward
+
+    w, small = torch.randn(512, 512), torch.randn(8, 512)
+    for x, weight in ((torch.randn(1, 1, 512), w), (torch.randn(1, 3, 512), w), (torch.randn(1, 1, 512), small)):
+        torch._dynamo.reset()
+        product = torch.compile(lambda x, weight: kernels.linear(x, weight), backend=keep, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            got = product(x, weight)
+        torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-4)
+    one_row, rows, narrow = graphs
+    assert any("sum" in t for t in one_row) and not any("linear" in t for t in one_row)
+    assert any("linear" in t for t in rows) and any("linear" in t for t in narrow)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.serve.captured import CapturedStep
 from adapterkit.serve.decode import ContinuousDecoder
 from adapterkit.serve.generate import GenerationRow, generate_batch
 
@@ -59,14 +60,48 @@ def _alone(am, row: GenerationRow, name: str | None, eos: int | None) -> list[in
                           pad_id=1, eos_id=eos)[0].tokens
 
 
+@pytest.fixture(scope="module")
+def captured(model):
+    """A captured one-stream step on the model (its adapters attached before it was compiled)."""
+    step = CapturedStep(model, capacity=64, rank=8)
+    step.build([5, 6, 7, 8, 9])
+    assert step.off is None
+    return step
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_arrivals_equal_each_request_alone(model, seed):
     """Requests arrive in a random order at random steps; each one's tokens (greedy, or sampled with
     its own seed) are those of the request run alone."""
+    _random_arrivals(model, seed, None)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_random_arrivals_through_the_captured_step_equal_each_request_alone(model, captured, seed):
+    """The same with a captured step, which takes every step where one row runs: rows move into its
+    fixed cache and back as others join and leave, and no row's tokens change."""
+    before = captured.steps
+    _random_arrivals(model, seed, captured)
+    assert captured.steps > before  # lone rows did go through it
+
+
+def test_a_row_outgrowing_the_captured_cache_goes_on_eagerly(model, captured, monkeypatch):
+    monkeypatch.setattr(captured, "capacity", 9)  # the rule only: positions 9 on run eagerly
+    row = GenerationRow([5, 6, 7, 8], 12)
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a1"), captured=captured)
+    decoder.admit([0])
+    before, results = captured.steps, {}
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+    assert captured.steps - before == 5  # positions 4 to 8; then the keys and values moved back
+    assert results[0] == _alone(model, row, "a1", None)
+
+
+def _random_arrivals(model, seed: int, captured: CapturedStep | None) -> None:
     requests = _requests(seed)
     rng = random.Random(100 + seed)
     order = rng.sample(range(len(requests)), len(requests))
-    decoder = ContinuousDecoder(model, pad_id=1, eos_id=EOS, describe=lambda i: requests[i])
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=EOS, describe=lambda i: requests[i], captured=captured)
     results: dict[int, list[int]] = {}
     widths, steps = [], 0
     while order or decoder.running:

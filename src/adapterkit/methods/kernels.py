@@ -168,8 +168,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if torch.compiler.is_compiling():
         if row_kernel and _one_row_in_graph(x, weight):
-            out = row_product_reference(x, weight)
-            return out if bias is None else out + bias
+            product = row_product_reference(x.reshape(1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+            return product if bias is None else product + bias
         return F.linear(x, weight, bias)
     if (row_kernel and row_product.applies(x, weight)
             and (bias is None or (bias.dtype == x.dtype and bias.dim() <= 1))):

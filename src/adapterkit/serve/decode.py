@@ -189,7 +189,7 @@ class ContinuousDecoder:
         try:
             return step.step(row.next_token, row.position, row.name)
         except Exception as err:  # noqa: BLE001 - a guard that would recompile, a failing kernel: eager from here
-            step.turn_off(f"{type(err).__name__}: {str(err)[:3000]}")
+            step.turn_off(f"{type(err).__name__}: {str(err)[:300]}")
             self._unfix()
             return None
 

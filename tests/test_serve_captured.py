@@ -1,0 +1,151 @@
+"""The Engine's captured one-stream decode step: the same tokens as the eager steps, for the base, a
+LoRA through the slots and a merged adapter; everything else decodes eagerly; a failing step turns
+itself off and the stream goes on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import adapterkit as ak
+from adapterkit.serve.captured import CapturedStep
+
+from .serving import gpt2_builder, make_adapter, tiny_llama
+
+pytest.importorskip("fastapi")
+
+from adapterkit.serve import Engine  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "the cat sat on the mat and the dog"
+NEW = 14
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captured")
+    base = tiny_llama(root / "llama", hidden=64, layers=2)
+    builder = gpt2_builder(base)
+    configs = {"lora": ak.LoRA(r=8, targets=ALL_LINEAR), "lora_qv": ak.LoRA(r=4, targets=["q_proj", "v_proj"]),
+               "wide": ak.LoRA(r=32, targets=["q_proj"]), "other": ak.LoRA(r=8, targets=ALL_LINEAR),
+               "bottleneck": ak.Bottleneck(reduction=4)}
+    folders = {name: make_adapter(builder, name, root / name, config=config, labels=None, seed=i, scale=0.5)
+               for i, (name, config) in enumerate(configs.items())}
+    made = {"on": Engine(base, root / "on", max_new_tokens=NEW, merge_after=0, max_wait_ms=5),
+            "off": Engine(base, root / "off", max_new_tokens=NEW, merge_after=0, max_wait_ms=5, capture=False),
+            "merging": Engine(base, root / "merging", max_new_tokens=NEW, merge_after=1, max_wait_ms=5)}
+    for engine in made.values():
+        for name, folder in folders.items():
+            engine.store.add("default", name, folder)
+    yield made
+    for engine in made.values():
+        engine.close()
+
+
+def _tokens(engine: Engine, adapter) -> list[int]:  # noqa: ANN001 - a name, a mixture or None
+    return engine.generate(PROMPT, adapter=adapter, max_new_tokens=NEW, ignore_eos=True)["token_ids"]
+
+
+def _steps(engine: Engine) -> int:
+    return engine.stats()["captured_steps"]
+
+
+@pytest.mark.parametrize("adapter", [None, "lora", "lora_qv"])
+def test_one_stream_decodes_through_the_captured_step_with_the_eager_tokens(engines, adapter):
+    on, off = engines["on"], engines["off"]
+    assert on.health()["captured_step"] == "on" and off.health()["captured_step"] == "off"
+    before = _steps(on)
+    got = _tokens(on, adapter)
+    assert _steps(on) - before == NEW - 1  # every step after the prefill's token
+    assert got == _tokens(off, adapter) and len(got) == NEW
+    if adapter is not None:
+        assert got != _tokens(off, None)  # the adapter did act
+
+
+def test_a_merged_adapter_rides_the_captured_step(engines):
+    merging, off = engines["merging"], engines["off"]
+    _tokens(merging, "other")  # another adapter first: a merge of "lora" then follows a switch
+    before = _steps(merging)
+    got = _tokens(merging, "lora")
+    assert merging.merging is not None and merging.merging.merged is not None  # merged at its prefill
+    assert _steps(merging) - before == NEW - 1
+    assert got == _tokens(off, "lora")
+
+
+@pytest.mark.parametrize("adapter", ["wide", "bottleneck", {"lora": 0.5, "other": 0.5}])
+def test_what_the_slots_cannot_hold_decodes_eagerly(engines, adapter):
+    """A rank over the slots' (32 > 16), a bottleneck (no low-rank form) and a mixture run the
+    eager step, with the same tokens as an engine without a captured step."""
+    on, off = engines["on"], engines["off"]
+    before = _steps(on)
+    got = _tokens(on, adapter)
+    assert _steps(on) == before
+    assert got == _tokens(off, adapter)
+
+
+def test_a_failing_captured_step_turns_itself_off_and_the_stream_goes_on(engines, caplog):
+    on, off = engines["on"], engines["off"]
+    step = on.captured
+    assert step is not None
+
+    def broken(**kwargs):  # noqa: ANN003 - the compiled forward's keywords
+        raise RuntimeError("the compiled graph failed")
+
+    forward = step._forward
+    step._forward = broken
+    try:
+        with caplog.at_level(logging.WARNING, logger="adapterkit.serve.captured"):
+            got = _tokens(on, "lora")
+        assert got == _tokens(off, "lora")  # the failing step and the rest ran eagerly
+        assert "RuntimeError: the compiled graph failed" in on.health()["captured_step"]
+        assert sum("captured decode step is off" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        step._forward, step.off = forward, None
+
+
+def test_the_captured_step_keeps_to_what_it_was_built_for(engines, monkeypatch):
+    step = engines["on"].captured
+    assert step is not None
+    assert step.applies(None, 10)
+    assert not step.applies(None, step.capacity)  # no room for the next token in the fixed cache
+    assert not step.applies({"lora": 1.0}, 10) and not step.applies("not-loaded", 10)
+    monkeypatch.setattr(step, "_threads", torch.get_num_threads() + 1)
+    assert not step.applies(None, 10)  # its kernels were compiled for another thread count
+
+
+def test_an_engine_without_a_causal_lm_or_with_capture_off_has_no_captured_step(tmp_path):
+    from .serving import minilm_path
+
+    with Engine(minilm_path(), tmp_path / "store") as engine:
+        assert engine.captured is None and engine.health()["captured_step"] == "off"
+
+
+def test_low_rank_forms_equal_the_adapters_outputs():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    am = ak.adapt(model)
+    am.add("lora", ak.LoRA(r=4, alpha=8, targets=["0"]))
+    am.add("dora", ak.DoRA(r=4, targets=["0"]))
+    method = am.adapter("lora").site_methods[next(iter(am.adapter("lora").site_methods))]
+    with torch.no_grad():
+        method.lora_B.normal_()
+    x, h = torch.randn(3, 12), torch.randn(3, 10)
+    form = method.low_rank()
+    assert form is not None
+    a, b = form
+    torch.testing.assert_close(h + x @ a.T @ b.T, method.reference(x, h))
+    dora = next(iter(am.adapter("dora").site_methods.values()))
+    assert dora.low_rank() is None  # its magnitude rescales the whole weight: no added product
+
+
+def test_capture_needs_a_fixed_cache_the_model_has(tmp_path):
+    """A model transformers cannot give a StaticCache (no config) is refused at construction."""
+    from torch import nn
+
+    am = ak.adapt(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever transformers raises for it
+        CapturedStep(am, capacity=8)
