@@ -16,10 +16,12 @@ context of 96 tokens, median of many steps, 2 threads:
 - `adapted_step_ms`: that step through an AdaptedModel with 16 LoRAs loaded, none routed;
 - `routed_lora_step_ms` / `routed_lora_rows16_step_ms`: one LoRA (r=8, every projection) routed to the
   row, and 16 rows each with its own LoRA (`base_rows16_step_ms`: the same 16 rows on the base).
+- `captured_step_ms` / `captured_lora_step_ms`: the Engine's captured one-stream step
+  (serve/captured.py: the forward compiled over a fixed cache of 512 tokens, LoRA through its slots),
+  base and one LoRA, interleaved with the two eager steps above;
 - `tiny_step_eager_ms` / `tiny_step_compiled_ms`: the tiny Llama of serve_generate.py (hidden 256,
-  4 layers), one token, eager with transformers' growing cache against its forward compiled with a
-  static cache (torch.compile, fixed shapes): what a captured decode step would save of the per-step
-  Python and dispatch overhead (no adapters; the Engine does not run this).
+  4 layers), one token, the eager step with transformers' growing cache against the captured step:
+  the per-step Python and dispatch overhead it saves.
 Ratios against `linears_ms` say how much of a step is the model's code around the products. The pairs
 behind the ratios of the kernels, of one LoRA and of 16 are measured interleaved, round by round (this
 machine's speed drifts); the default-GEMM rows come first, on their own. Summing bf16 weights runs
@@ -49,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 import adapterkit as ak  # noqa: E402
 from adapterkit.hf_names import cache_keyword, last_logits_only  # noqa: E402
 from adapterkit.methods.kernels import fast_linears, linear, row_product  # noqa: E402
+from adapterkit.serve.captured import CapturedStep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_generate import TARGETS  # noqa: E402
@@ -131,30 +134,43 @@ def products(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) 
     return step
 
 
+def captured(step: CapturedStep, am: ak.AdaptedModel, name: str | None) -> Callable[[], object]:
+    """A closure running the captured step (serve/captured.py) for one row with adapter `name` on
+    CONTEXT tokens of keys and values, rewound after each step as `decode_step` crops its cache."""
+    from transformers import DynamicCache
+
+    vocab = am.base.config.vocab_size
+    with torch.inference_mode():
+        cache = DynamicCache()
+        am.base(input_ids=torch.randint(3, vocab, (1, CONTEXT)), past_key_values=cache, use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def run() -> object:
+        if step.length != CONTEXT + 1:
+            step.load(layers)
+        for layer in step.cache.layers:  # back to CONTEXT tokens (transformers' StaticLayer counter)
+            layer.cumulative_length.fill_(CONTEXT)
+        return step.step(5, CONTEXT, name)
+
+    return run
+
+
 def tiny_steps(repeats: int) -> dict[str, float]:
-    """The tiny Llama's decode step, eager with a growing cache against compiled with a static one."""
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    """The tiny Llama's decode step, eager with a growing cache against the Engine's captured step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    eager = decode_step(model, 1)
-    cache = StaticCache(config=config, max_cache_len=2 * CONTEXT)
-    ids, token = torch.randint(3, 64, (1, CONTEXT)), torch.randint(3, 64, (1, 1))
-    with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(CONTEXT))
-    forward = torch.compile(model.forward, dynamic=False, fullgraph=True)
-    position, cache_position = torch.full((1, 1), CONTEXT), torch.tensor([CONTEXT])
-
-    @torch.inference_mode()
-    def compiled() -> object:
-        for layer in cache.layers:  # back to CONTEXT tokens: every step sees the same context
-            layer.cumulative_length.fill_(CONTEXT)
-        return forward(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True,
-                       cache_position=cache_position, logits_to_keep=1).logits
-
-    return interleaved({"tiny_step_eager_ms": (eager, True), "tiny_step_compiled_ms": (compiled, True)}, repeats)
+    fast_linears(model)
+    am = ak.AdaptedModel(model)
+    eager = decode_step(am, 1)
+    step = CapturedStep(am, 512, rank=16)
+    step.build(list(range(3, 19)))
+    return interleaved({"tiny_step_eager_ms": (eager, True),
+                        "tiny_step_compiled_ms": (captured(step, am, None), True)}, repeats)
 
 
 def main() -> None:
@@ -196,9 +212,13 @@ def main() -> None:
             for p in am.adapter_parameters(name):
                 p.add_(0.02 * torch.randn(p.shape))
     one, rows16 = decode_step(am, 1), decode_step(am, 16)  # (built with no route: the base fills the cache)
+    step = CapturedStep(am, 512, rank=16)  # as the Engine builds it for this model (512 positions)
+    step.build(list(range(300, 316)))
     out.update(interleaved({
         "adapted_step_ms": (routed(am, [None], one), True),
         "routed_lora_step_ms": (routed(am, names[:1], one), True),
+        "captured_step_ms": (captured(step, am, None), True),
+        "captured_lora_step_ms": (captured(step, am, names[0]), True),
     }, args.repeats))
     out.update(interleaved({
         "base_rows16_step_ms": (routed(am, [None] * 16, rows16), True),
@@ -217,6 +237,8 @@ def main() -> None:
         "adapted_vs_hf_step": round(out["adapted_step_ms"] / out["hf_step_row_kernel_ms"], 3),
         "tiny_compiled_vs_eager_step": round(out["tiny_step_compiled_ms"] / out["tiny_step_eager_ms"], 3),
         "routed_lora_vs_adapted_step": round(out["routed_lora_step_ms"] / out["adapted_step_ms"], 3),
+        "captured_vs_adapted_step": round(out["captured_step_ms"] / out["adapted_step_ms"], 3),
+        "captured_lora_vs_routed_lora_step": round(out["captured_lora_step_ms"] / out["routed_lora_step_ms"], 3),
         "lora_share_rows16": round(1 - out["base_rows16_step_ms"] / out["routed_lora_rows16_step_ms"], 3),
         "setup": {"model": "random Llama-like, hidden 1024, 8 layers, 16/4 heads, MLP 2816, vocab 32000, fp32",
                   "context": CONTEXT, "threads": args.threads, "torch": torch.__version__,
