@@ -41,9 +41,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import adapterkit as ak  # noqa: E402, I001 - first: it sets OpenMP's wait policy before torch loads
 import torch  # noqa: E402
-
-import adapterkit as ak  # noqa: E402
 from adapterkit.serve import Engine  # noqa: E402
 from adapterkit.serve.generate import GenerationRow, generate_batch  # noqa: E402
 

@@ -1,5 +1,8 @@
 """adapterkit: adapter layers on any PyTorch model, many named adapters on one frozen base."""
 
+from . import openmp  # noqa: F401 - first: sets OpenMP's wait policy before torch loads (openmp.py)
+
+# isort: split
 from .config import (
     IA3,
     BitFit,

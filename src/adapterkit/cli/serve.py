@@ -28,6 +28,8 @@ def serve(
         help="nf4 (bitsandbytes) | int8 | int4 (torchao): the base's frozen Linear layers quantized")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | bf16 | fp16: the base's dtype (adapters keep fp32)")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto: where the base and the adapters live")] = "cpu",
+    capture: Annotated[bool, typer.Option(
+        help="Compile a one-stream decode step at start (a causal LM on the CPU; --no-capture: eager steps only)")] = True,
 ) -> None:
     """Serve many adapters on one base model over HTTP (FastAPI), with an OpenAI-compatible API."""
     from ..quantize import Precision
@@ -38,4 +40,4 @@ def serve(
     serve_command(base=base or default_base(), store=store, port=port, host=host, max_batch=max_batch,
                   max_wait_ms=max_wait_ms, cache_bytes=cache_bytes, keys=keys, scheduling=scheduling,
                   served_name=served_model_name, max_new_tokens=max_new_tokens, merge_after=merge_after,
-                  quantize=quantize, dtype=dtype, device=device)
+                  quantize=quantize, dtype=dtype, device=device, capture=capture)

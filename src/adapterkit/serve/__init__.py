@@ -42,6 +42,7 @@ def serve_command(
     max_wait_ms: float = 5.0, cache_bytes: int = 512 << 20, keys: str | None = None,
     scheduling: str = "continuous", served_name: str | None = None, max_new_tokens: int = 256,
     merge_after: int = 8, quantize: str | None = None, dtype: str = "fp32", device: str = "cpu",
+    capture: bool = True,
 ) -> None:
     """Run the HTTP server until interrupted (what `adapterkit serve` calls).
 
@@ -60,7 +61,7 @@ def serve_command(
     tenants = KeyFile(keys) if keys is not None else None  # a bad keys file fails before the model loads
     engine = Engine(base, store, max_batch=max_batch, max_wait_ms=max_wait_ms, cache_bytes=cache_bytes,
                     scheduling=scheduling, max_new_tokens=max_new_tokens, merge_after=merge_after, quantize=quantize,
-                    dtype=dtype, device=device)
+                    dtype=dtype, device=device, capture=capture)
     app = create_app(engine, tenants, close_engine=True, served_name=served_name)
     # The base model, torch and transformers are ~400k objects that live as long as the process: an
     # automatic full collection walks them all (~0.2 s with every thread stopped, a victim's p99 in

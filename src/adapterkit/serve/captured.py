@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hf_names import last_logits_only
+from ..errors import TargetError
+from ..hf_names import cache_keyword, last_logits_only
 from ..methods.base import SiteMethod, hf_conv1d
 from ..methods.kernels import row_product_reference
 from ..model import AdaptedModel
@@ -68,6 +69,10 @@ class CapturedStep:
         base: Any = am.base  # a transformers model: its config, its output embeddings
         self.cache: Any = StaticCache(config=base.config, max_cache_len=self.capacity)
         self._extra = last_logits_only(base)
+        keyword = cache_keyword(base)
+        if keyword is None:
+            raise TargetError(f"{type(base).__name__}.forward takes no key/value cache")
+        self._keyword = keyword
         output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         dtype = am.adapter_dtype
         self.slots: dict[str, _Slot] = {}
@@ -116,8 +121,8 @@ class CapturedStep:
         # one graph, called with fixed shapes, by one thread, with `applies` keeping to what it was
         # built for: its guards (about 0.9 ms a call on the 156M model) are not evaluated
         with self._captured(), torch.compiler.set_stance(stance, skip_guard_eval_unsafe=not self._building):
-            out = self._forward(input_ids=ids, position_ids=where.unsqueeze(0), past_key_values=self.cache,
-                                use_cache=True, cache_position=where, **self._extra)
+            out = self._forward(input_ids=ids, position_ids=where.unsqueeze(0), use_cache=True, cache_position=where,
+                                **{self._keyword: self.cache}, **self._extra)
         self.length = position + 1
         self.steps += 1
         return out.logits[:, -1, :]
@@ -166,10 +171,11 @@ class CapturedStep:
         ids = torch.tensor([probe[:-1]], dtype=torch.long)
         eager_cache: Any = DynamicCache()
         with self._plain():
-            self.am.base(input_ids=ids, past_key_values=eager_cache, use_cache=True)
+            self.am.base(input_ids=ids, use_cache=True, **{self._keyword: eager_cache})
             layers = [(layer.keys.clone(), layer.values.clone()) for layer in eager_cache.layers]
-            expected = self.am.base(input_ids=torch.tensor([probe[-1:]]), past_key_values=eager_cache, use_cache=True,
-                                    position_ids=torch.tensor([[len(probe) - 1]]), **self._extra).logits[:, -1]
+            expected = self.am.base(input_ids=torch.tensor([probe[-1:]]), use_cache=True,
+                                    position_ids=torch.tensor([[len(probe) - 1]]), **{self._keyword: eager_cache},
+                                    **self._extra).logits[:, -1]
         self.off = None
         for _ in range(2):  # the second call runs what the first compiled
             self.load(layers)
