@@ -144,9 +144,13 @@ class Contender:
     def __init__(self, gguf: Path, threads: int) -> None:
         import multiprocessing
 
+        from adapterkit import openmp
+
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
-        self._process = context.Process(target=_contend, args=(theirs, str(gguf), threads), daemon=True)
+        # llama.cpp runs with the OpenMP settings its user has: not those `import adapterkit` set here
+        unset = list(openmp.SETTINGS) if openmp.applied else []
+        self._process = context.Process(target=_contend, args=(theirs, str(gguf), threads, unset), daemon=True)
         self._process.start()
         self._ask("ready")
 
@@ -177,7 +181,9 @@ class Contender:
             self._process.kill()
 
 
-def _contend(conn: Any, gguf: str, threads: int) -> None:
+def _contend(conn: Any, gguf: str, threads: int, unset: list[str]) -> None:
+    for name in unset:  # before llama_cpp loads its OpenMP runtime, which reads them then
+        os.environ.pop(name, None)
     contender = LlamaCpp(Path(gguf), threads)
     while True:
         kind, *args = conn.recv()

@@ -32,4 +32,5 @@ def prefer_spinning() -> bool:
     return True
 
 
-prefer_spinning()
+#: whether this process's environment holds SETTINGS because of adapterkit (not the user)
+applied = prefer_spinning()
