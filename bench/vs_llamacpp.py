@@ -239,5 +239,7 @@ def run_versus_llamacpp(args: argparse.Namespace) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}}
     if not args.quick:
         kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        # a run of some sizes replaces those sizes' results only
+        summary = {**kept.get("vs_llamacpp", {}), **summary}
         RESULTS.write_text(json.dumps({**kept, "vs_llamacpp": summary}, indent=2) + "\n")
         print(f"wrote {RESULTS}")

@@ -149,3 +149,12 @@ def test_capture_needs_a_fixed_cache_the_model_has(tmp_path):
     am = ak.adapt(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(Exception):  # noqa: B017, PT011 - whatever transformers raises for it
         CapturedStep(am, capacity=8)
+
+
+def test_a_bf16_base_passes_the_check_and_decodes_through_the_captured_step(tmp_path):
+    """Half precision rounds differently in the compiled graph (fused products, fp32 accumulation):
+    within the half-precision tolerance, not the fp32 one, and the stream goes through it."""
+    base = tiny_llama(tmp_path / "llama", hidden=64, layers=2)
+    with Engine(base, tmp_path / "store", max_new_tokens=NEW, merge_after=0, dtype="bf16") as engine:
+        assert engine.health()["captured_step"] == "on"
+        assert len(_tokens(engine, None)) == NEW and _steps(engine) == NEW - 1

@@ -10,11 +10,13 @@ steps the model thread may
   settings and seeded generator; finished rows leave the batch in the same step.
 
 The cache stays transformers' own cache object; rows are inserted and evicted on its per-layer key
-and value tensors ([batch, heads, seq, head_dim]). While one row runs and a captured step can take
-it (serve/captured.py), its keys and values move into that step's fixed cache and its tokens come
-from the compiled step; they move back when a row joins or the captured step cannot go on. Every row is padded on the left: a row shorter
+and value tensors ([batch, heads, seq, head_dim]). Every row is padded on the left: a row shorter
 than the batch has masked columns before its first token, and columns no remaining row uses are cut
 off. Positions count each row's real tokens, so a row's tokens do not depend on its neighbours.
+
+While one row runs and a captured step can take it (serve/captured.py), its keys and values move
+into that step's fixed cache and its tokens come from the compiled step; they move back when a row
+joins or the captured step cannot go on.
 """
 
 from __future__ import annotations
