@@ -142,7 +142,7 @@ def captured(step: CapturedStep, am: ak.AdaptedModel, name: str | None) -> Calla
     vocab = am.base.config.vocab_size
     with torch.inference_mode():
         cache = DynamicCache()
-        am.base(input_ids=torch.randint(3, vocab, (1, CONTEXT)), past_key_values=cache, use_cache=True)
+        am.base(input_ids=torch.randint(3, vocab, (1, CONTEXT)), use_cache=True, **{cache_keyword(am.base): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.inference_mode()
