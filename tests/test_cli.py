@@ -356,3 +356,15 @@ def test_the_server_and_predict_give_the_scores_training_saw(trained, tmp_path):
         assert answer["label"] == label
         for name, value in expected.items():
             assert abs(answer["scores"][name] - value) < 1e-4 and abs(scores[name] - value) < 1e-4
+
+
+def test_serve_passes_no_capture_to_the_engine(tmp_path, monkeypatch):
+    import adapterkit.serve as serve
+
+    seen: list[dict] = []
+    monkeypatch.setattr(serve, "serve_command", lambda **kwargs: seen.append(kwargs))
+    for flag, expected in ((None, True), ("--no-capture", False)):
+        args = ["serve", "--store", str(tmp_path / "store")] + ([flag] if flag else [])
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert seen[-1]["capture"] is expected

@@ -158,3 +158,8 @@ def test_a_bf16_base_passes_the_check_and_decodes_through_the_captured_step(tmp_
     with Engine(base, tmp_path / "store", max_new_tokens=NEW, merge_after=0, dtype="bf16") as engine:
         assert engine.health()["captured_step"] == "on"
         assert len(_tokens(engine, None)) == NEW and _steps(engine) == NEW - 1
+
+
+def test_a_slot_rank_under_one_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="capture_rank"):
+        Engine(tmp_path / "no-such-model", tmp_path / "store", capture_rank=0)

@@ -227,15 +227,11 @@ class CapturedStep:
         record = self.am.loaded[entry]
         if self._fit is not None and self._fit[0] == entry and self._fit[1] is record:
             return self._fit[2]
-        parts: _Parts | None = _Parts(record, [], [p for p in record.parameters()])
-        if record.model_method is not None or record.head is not None or len(record.copies):
-            parts = None
-        for path, method in record.methods_by_path.items():
-            slot, form = self.slots.get(path), method.low_rank()
-            if parts is None or slot is None or form is None or not _fits(form, slot, self.rank):
-                parts = None
-                break
-            parts.methods.append((path, method))
+        methods = list(record.methods_by_path.items())
+        whole_model = record.model_method is not None or record.head is not None or len(record.copies) > 0
+        fits = not whole_model and all(_fits(method.low_rank(), self.slots.get(path), self.rank)
+                                       for path, method in methods)
+        parts = _Parts(record, methods, list(record.parameters())) if fits else None
         self._fit = (entry, record, parts)
         return parts
 
@@ -270,7 +266,10 @@ class _Parts:
     parameters: list[torch.Tensor]
 
 
-def _fits(form: tuple[torch.Tensor, torch.Tensor], slot: _Slot, rank: int) -> bool:
+def _fits(form: tuple[torch.Tensor, torch.Tensor] | None, slot: _Slot | None, rank: int) -> bool:
+    """Whether a low-rank form (None: the part has none) fits a layer's slot (None: the layer has none)."""
+    if form is None or slot is None:
+        return False
     a, b = form
     return (a.dim() == 2 and b.dim() == 2 and a.shape[0] <= rank and a.shape[0] == b.shape[1]
             and a.shape[1] == slot.a.shape[1] and b.shape[0] == slot.b.shape[0]
@@ -284,14 +283,12 @@ class _Gate:
 
 def _with_slot(forward: Callable[..., torch.Tensor], slot: _Slot, gate: _Gate, x: torch.Tensor) -> torch.Tensor:
     """A linear layer's output plus its slot's x Aᵀ Bᵀ, computed in the slot's dtype, while the gate
-    is open (a captured step); its plain output otherwise."""
+    is open (a captured step, whose x is one row); its plain output otherwise."""
     h = forward(x)
     if not gate.open:
         return h
     dtype = slot.a.dtype
-    if x.numel() != x.shape[-1]:
-        return (h.to(dtype) + (x.to(dtype) @ slot.a.T) @ slot.b.T).to(h.dtype)
-    # one row, as the step's products: multiply-and-sums that Inductor fuses (its mm calls cost more)
+    # as the step's products: multiply-and-sums that Inductor fuses (its mm calls cost more)
     low = row_product_reference(x.reshape(1, -1).to(dtype), slot.a)
     return (h.to(dtype) + row_product_reference(low.view(1, -1), slot.b).view(h.shape)).to(h.dtype)
 

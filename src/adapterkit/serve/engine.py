@@ -88,6 +88,8 @@ class Engine(AdapterLifecycle):
         compile a one-stream decode step at start (a causal LM on the CPU, continuous scheduling,
         no quantized layers; serve/captured.py), which one stream with the base, its merged adapter
         or a LoRA of rank up to `capture_rank` decodes through."""
+        if capture_rank < 1:
+            raise ValueError(f"capture_rank: the captured step's LoRA slot rank, at least 1, not {capture_rank}")
         if scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling: 'continuous' (rows join and leave at every step) or 'static', not {scheduling!r}")
         if threads:
