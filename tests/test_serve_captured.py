@@ -93,8 +93,8 @@ def test_a_failing_captured_step_turns_itself_off_and_the_stream_goes_on(engines
     def broken(**kwargs):  # noqa: ANN003 - the compiled forward's keywords
         raise RuntimeError("the compiled graph failed")
 
-    forward = step._forward
-    step._forward = broken
+    forwards = step._forwards
+    step._forwards = [broken] * len(forwards)
     try:
         with caplog.at_level(logging.WARNING, logger="adapterkit.serve.captured"):
             got = _tokens(on, "lora")
@@ -102,7 +102,7 @@ def test_a_failing_captured_step_turns_itself_off_and_the_stream_goes_on(engines
         assert "RuntimeError: the compiled graph failed" in on.health()["captured_step"]
         assert sum("captured decode step is off" in r.getMessage() for r in caplog.records) == 1
     finally:
-        step._forward, step.off = forward, None
+        step._forwards, step.off = forwards, None
 
 
 def test_the_captured_step_keeps_to_what_it_was_built_for(engines, monkeypatch):
@@ -163,3 +163,12 @@ def test_a_bf16_base_passes_the_check_and_decodes_through_the_captured_step(tmp_
 def test_a_slot_rank_under_one_is_refused_before_the_model_loads(tmp_path):
     with pytest.raises(ValueError, match="capture_rank"):
         Engine(tmp_path / "no-such-model", tmp_path / "store", capture_rank=0)
+
+
+def test_fixed_cache_lengths_grow_from_the_first_to_the_capacity():
+    from adapterkit.serve.captured import cache_lengths
+
+    assert cache_lengths(2048) == (256, 1024, 2048)
+    assert cache_lengths(512) == (256, 512)
+    assert cache_lengths(256) == (256,)
+    assert cache_lengths(100) == (100,)

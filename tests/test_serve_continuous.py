@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.serve import captured as captured_module
 from adapterkit.serve.captured import CapturedStep
 from adapterkit.serve.decode import ContinuousDecoder
 from adapterkit.serve.generate import GenerationRow, generate_batch
@@ -95,6 +96,27 @@ def test_a_row_outgrowing_the_captured_cache_goes_on_eagerly(model, captured, mo
         results.update({i: out.tokens for i, out in decoder.step()})
     assert captured.steps - before == 5  # positions 4 to 8; then the keys and values moved back
     assert results[0] == _alone(model, row, "a1", None)
+
+
+def test_rows_move_through_longer_fixed_caches_as_they_grow(model, monkeypatch):
+    """With fixed caches of 8, 16, 32 and 40 tokens, a lone row starts in the shortest one that holds
+    it and moves on as it grows (each length its own graph), and every row's tokens stay those of the
+    request alone."""
+    monkeypatch.setattr(captured_module, "FIRST_LENGTH", 8)
+    monkeypatch.setattr(captured_module, "GROWTH", 2)
+    step = CapturedStep(model, capacity=40, rank=8)
+    step.build([5, 6, 7, 8, 9])
+    assert step.off is None and step.lengths == (8, 16, 32, 40)
+    row = GenerationRow([5, 6, 7, 8, 9, 10], 30)
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a2"), captured=step)
+    decoder.admit([0])
+    seen, results = set(), {}
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+        seen.add(step.lengths[step._at])
+    assert seen == {8, 16, 32, 40} and step.steps == 29
+    assert results[0] == _alone(model, row, "a2", None)
+    _random_arrivals(model, 4, step)
 
 
 def _random_arrivals(model, seed: int, captured: CapturedStep | None) -> None:
