@@ -58,7 +58,7 @@ FIRST_LENGTH, GROWTH = 256, 4
 #: Inductor inlines a pointwise value into every reader unless it takes more ops than this (default
 #: 30): the query's rotary embedding (a cosine and a sine per element) was recomputed for every cached
 #: key; 156M model over 2048 cached tokens, 22.7 -> 18.8 ms a step in fp32, 14.7 -> 11.1 ms in bf16
-INDUCTOR_OPTIONS = {"realize_opcount_threshold": 4}
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_opcount_threshold": 4}
 
 _log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class CapturedStep:
         # each its own graph, compiled by its first call, with fixed shapes, called by one thread, with
         # `applies` keeping to what it was built for: no guards (on the 156M model they cost 0.9 ms a
         # call; 0.35 ms skipping all but those that tell two graphs of one function apart)
-        options = {"guard_filter_fn": _no_guards, **INDUCTOR_OPTIONS}
+        options: dict[str, str | int | bool | Callable[..., Any]] = {"guard_filter_fn": _no_guards, **INDUCTOR_OPTIONS}
         try:
             self._forwards = [torch.compile(_own_code(self.am.base.forward), dynamic=False, fullgraph=True,
                                             options=options) for _ in self.lengths]
