@@ -42,7 +42,7 @@ class LoRAStack(RouteStack):
     A_all: torch.Tensor | None = None
     conv: ConvArgs | None = None
     padding_idx: int | None = None
-    #: the slots of the last batch's rows and each row's A and B (`per_row`); a slot write drops it
+    #: the slots of the last batch's rows, each row's A and (s·B)ᵀ (`per_row`); a slot write drops it
     gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     def concatenated(self) -> torch.Tensor:
@@ -255,13 +255,14 @@ class LoRAAdapter(SiteMethod[LoRAStack]):
                 return restore(kernels.add_product(h_rows, low, b, 1.0, inplace=inplace))
             by_adapter = rank >= 64 and distinct < len(slots)
         if len(mine) == n_rows and not by_adapter:
-            a_sel, b_sel = per_row(stacked, rows, slots)
-            # (A x^T)^T rather than x A^T: the same numbers, and bmm runs the rank-r product about
-            # 1.5x faster this way round on CPU (bench/overhead.py, routed case)
-            low = torch.bmm(a_sel, z.transpose(1, 2)).transpose(1, 2)
+            a_sel, b_rows = per_row(stacked, rows, slots)
+            if z.shape[1] == 1:  # one token a row (a decode step): x Aᵀ is the faster order here
+                low = torch.bmm(z, a_sel.transpose(1, 2))
+            else:  # (A xᵀ)ᵀ: the same numbers, about 1.5x faster for a prompt's tokens (bench/overhead.py)
+                low = torch.bmm(a_sel, z.transpose(1, 2)).transpose(1, 2)
             if inplace:
-                return restore(h_rows.baddbmm_(low, b_sel.transpose(1, 2)))
-            return restore(torch.baddbmm(h_rows, low, b_sel.transpose(1, 2)))
+                return restore(h_rows.baddbmm_(low, b_rows))
+            return restore(torch.baddbmm(h_rows, low, b_rows))
         # Rows of other groups (or of the base) are left out rather than run through the zero slot,
         # so a tenant's rank-384 adapter costs nothing to the rows beside it in the batch. A large
         # rank shared by several rows runs once per adapter: gathering its A and B per row would copy
@@ -294,7 +295,8 @@ KEPT_ROWS_X_RANK = 512
 
 
 def per_row(stacked: LoRAStack, rows: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's A [rows, r, in] and B [rows, out, r]. A decode step names the same rows as the one
+    """Each row's A [rows, r, in] and (s·B)ᵀ [rows, r, out], contiguous (as a transposed view, B
+    makes the batched up-projection about 3x slower). A decode step names the same rows as the one
     before until a row joins or leaves, so a small batch's gathered copies are kept on the stack and
     the next forward with the same slots reads them instead of gathering again: the copy is most of
     a mixed batch's LoRA cost (writing as many bytes as the product then reads)."""
@@ -302,10 +304,10 @@ def per_row(stacked: LoRAStack, rows: torch.Tensor, slots: list[int]) -> tuple[t
     kept = stacked.gathered
     if kept is not None and kept[0] == key and key:
         return kept[1], kept[2]
-    a_sel, b_sel = stacked.A.index_select(0, rows), b_sel_of(stacked, rows)
+    a_sel, b_rows = stacked.A.index_select(0, rows), b_sel_of(stacked, rows).transpose(1, 2).contiguous()
     if key and not torch.is_grad_enabled() and len(key) * stacked.rank <= KEPT_ROWS_X_RANK:
-        stacked.gathered = (key, a_sel, b_sel)
-    return a_sel, b_sel
+        stacked.gathered = (key, a_sel, b_rows)
+    return a_sel, b_rows
 
 
 def b_sel_of(stacked: LoRAStack, rows: torch.Tensor) -> torch.Tensor:
