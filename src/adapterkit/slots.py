@@ -123,13 +123,13 @@ def _kind(module: nn.Module) -> tuple:
 
 def signature(module: nn.Module) -> tuple:
     # data_ptr: `.to(dtype/device)` swaps a parameter's storage without bumping its version.
-    return tuple((p._version, p.data_ptr()) for p in parameters_of(module))
+    return tuple([(p._version, p.data_ptr()) for p in parameters_of(module)])
 
 
 def parameters_of(module: nn.Module) -> list[torch.Tensor]:
     """module.parameters() without its generator machinery (3x faster)."""
     params: list[torch.Tensor] = [p for p in module._parameters.values() if p is not None]
     for child in module._modules.values():
-        if child is not None:
+        if child is not None and (child._parameters or child._modules):  # a dropout: nothing to walk
             params += parameters_of(child)
     return params
