@@ -17,7 +17,8 @@ context of 96 tokens, median of many steps, 2 threads:
 - `routed_lora_step_ms` / `routed_lora_rows16_step_ms`: one LoRA (r=8, every projection) routed to the
   row, and 16 rows each with its own LoRA (`base_rows16_step_ms`: the same 16 rows on the base).
 - `captured_step_ms` / `captured_lora_step_ms`: the Engine's captured one-stream step
-  (serve/captured.py: the forward compiled over a fixed cache of 512 tokens, LoRA through its slots),
+  (serve/captured.py: the forward compiled over fixed caches of 256 and 512 tokens, the row in the
+  first; LoRA through its slots),
   base and one LoRA, interleaved with the two eager steps above;
 - `tiny_step_eager_ms` / `tiny_step_compiled_ms`: the tiny Llama of serve_generate.py (hidden 256,
   4 layers), one token, the eager step with transformers' growing cache against the captured step:
