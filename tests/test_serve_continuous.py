@@ -119,6 +119,32 @@ def test_rows_move_through_longer_fixed_caches_as_they_grow(model, monkeypatch):
     _random_arrivals(model, 4, step)
 
 
+def test_a_fixed_cache_whose_graph_gives_other_logits_keeps_the_step_off(model, monkeypatch):
+    """Every fixed cache's graph is checked against the eager step at build: one wrong graph (here
+    the second cache's, its logits shifted) turns the whole captured step off, saying which."""
+    monkeypatch.setattr(captured_module, "FIRST_LENGTH", 8)
+    monkeypatch.setattr(captured_module, "GROWTH", 2)
+    own_code, made = captured_module._own_code, []
+
+    def second_is_wrong(forward):
+        decode = own_code(forward)
+        made.append(decode)
+        if len(made) != 2:
+            return decode
+
+        def shifted(**kwargs):
+            out = decode(**kwargs)
+            out.logits = out.logits + 1.0
+            return out
+
+        return shifted
+
+    monkeypatch.setattr(captured_module, "_own_code", second_is_wrong)
+    step = CapturedStep(model, capacity=16, rank=8)
+    step.build([5, 6, 7, 8, 9])
+    assert step.lengths == (8, 16) and step.off is not None and "over 16 cached tokens differ" in step.off
+
+
 def _random_arrivals(model, seed: int, captured: CapturedStep | None) -> None:
     requests = _requests(seed)
     rng = random.Random(100 + seed)

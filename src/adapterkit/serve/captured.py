@@ -182,7 +182,7 @@ class CapturedStep:
         try:
             self._forwards = [torch.compile(_own_code(self.am.base.forward), dynamic=False, fullgraph=True,
                                             options=options) for _ in self.lengths]
-            why = next((why for at in range(len(self.lengths)) if (why := self._check(probe, at)) is not None), None)
+            why = self._check(probe[:self.lengths[0]])
         except Exception as err:  # noqa: BLE001 - no compiler, a model Inductor cannot trace: eager steps
             why = f"{type(err).__name__}: {str(err)[:300]}"
         self.off = None
@@ -190,14 +190,13 @@ class CapturedStep:
             self.turn_off(why)
         self.steps = 0
 
-    def _check(self, probe: list[int], at: int) -> str | None:
-        """Why the compiled step over fixed cache `at` must not serve (None: it may): its logits
-        against the eager step's on the probe, each from the probe's prefilled keys and values."""
+    def _check(self, probe: list[int]) -> str | None:
+        """Why the compiled steps must not serve (None: they may): each fixed cache's logits against
+        the eager step's on the probe, all from the probe's prefilled keys and values."""
         from transformers import DynamicCache
 
-        probe = probe[:self.lengths[at]]
         if len(probe) < 2:
-            return f"the probe needs 2 tokens, the cache holds {self.lengths[at]}"
+            return f"the probe needs 2 tokens, the shortest fixed cache holds {self.lengths[0]}"
         ids = torch.tensor([probe[:-1]], dtype=torch.long)
         eager_cache: Any = DynamicCache()
         with self._plain():
@@ -206,14 +205,15 @@ class CapturedStep:
             expected = self.am.base(input_ids=torch.tensor([probe[-1:]]), use_cache=True,
                                     position_ids=torch.tensor([[len(probe) - 1]]), **{self._keyword: eager_cache},
                                     **self._extra).logits[:, -1]
-        self.off = None
-        for _ in range(2):  # the second call runs what the first compiled
-            self._load(at, layers)
-            got = self.step(probe[-1], len(probe) - 1, None)
         scale = float(expected.abs().max()) + 1e-6
         tolerance = CHECK_TOLERANCE.get(expected.dtype, HALF_CHECK_TOLERANCE)
-        if not bool(torch.isfinite(got).all()) or float((got.float() - expected.float()).abs().max()) > tolerance * scale:
-            return "its logits differ from the eager step's on the probe"
+        self.off = None
+        for at, length in enumerate(self.lengths):
+            for _ in range(2):  # the second call runs what the first compiled
+                self._load(at, layers)
+                got = self.step(probe[-1], len(probe) - 1, None)
+            if not bool(torch.isfinite(got).all()) or float((got.float() - expected.float()).abs().max()) > tolerance * scale:
+                return f"its logits over {length} cached tokens differ from the eager step's on the probe"
         return None
 
     # --- inside --------------------------------------------------------------------------------
