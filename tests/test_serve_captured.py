@@ -74,6 +74,27 @@ def test_a_merged_adapter_rides_the_captured_step(engines):
     assert got == _tokens(off, "lora")
 
 
+def _rows_steps(engine: Engine) -> int:
+    return sum(step.steps for step in engine.captured_steps if step.rows > 1)
+
+
+def test_streams_with_their_own_adapters_share_a_captured_step_of_several_rows(engines):
+    """Four streams at once, three LoRAs of two ranks and the base, each in its own row of the slots:
+    the tokens of an engine without captured steps; with a stream whose adapter cannot ride (rank
+    32), the rows decode eagerly while it runs, with the same tokens again."""
+    on, off = engines["on"], engines["off"]
+    assert on.health()["captured_rows"] == {"4": "on", "16": "on"}
+    prompts = [PROMPT, "the cat sat", "the dog", "we like green tea a lot"]
+    for adapters, rides in ((["lora", "lora_qv", None, "other"], True), (["lora", "wide", None, "other"], False)):
+        before = _rows_steps(on)
+        futures = [on.submit_generate(p, adapter=a, max_new_tokens=NEW, ignore_eos=True)
+                   for p, a in zip(prompts, adapters, strict=True)]
+        got = [f.result(timeout=120)["token_ids"] for f in futures]
+        assert _rows_steps(on) > before or not rides
+        assert got == [off.generate(p, adapter=a, max_new_tokens=NEW, ignore_eos=True)["token_ids"]
+                       for p, a in zip(prompts, adapters, strict=True)]
+
+
 @pytest.mark.parametrize("adapter", ["wide", "bottleneck", {"lora": 0.5, "other": 0.5}])
 def test_what_the_slots_cannot_hold_decodes_eagerly(engines, adapter):
     """A rank over the slots' (32 > 16), a bottleneck (no low-rank form) and a mixture run the
@@ -107,12 +128,17 @@ def test_a_failing_captured_step_turns_itself_off_and_the_stream_goes_on(engines
 
 def test_the_captured_step_keeps_to_what_it_was_built_for(engines, monkeypatch):
     step = engines["on"].captured
-    assert step is not None
-    assert step.applies(None, 10)
-    assert not step.applies(None, step.capacity)  # no room for the next token in the fixed cache
-    assert not step.applies({"lora": 1.0}, 10) and not step.applies("not-loaded", 10)
+    assert step is not None and step.rows == 1
+    assert step.applies([None])
+    assert not step.applies([None, None])  # one row's step
+    monkeypatch.setattr(step, "column", step.capacity - 1)
+    assert step.has_room([0])
+    monkeypatch.setattr(step, "column", step.capacity)
+    assert not step.has_room([0])  # no room for the next token in the fixed cache
+    assert not step.applies([{"lora": 1.0}]) and not step.applies(["not-loaded"])
+    assert not step.applies(["wide"]) and not step.applies(["bottleneck"])
     monkeypatch.setattr(step, "_threads", torch.get_num_threads() + 1)
-    assert not step.applies(None, 10)  # its kernels were compiled for another thread count
+    assert not step.applies([None])  # its kernels were compiled for another thread count
 
 
 def test_an_engine_without_a_causal_lm_or_with_capture_off_has_no_captured_step(tmp_path):

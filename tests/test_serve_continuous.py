@@ -74,7 +74,7 @@ def captured(model):
 def test_random_arrivals_equal_each_request_alone(model, seed):
     """Requests arrive in a random order at random steps; each one's tokens (greedy, or sampled with
     its own seed) are those of the request run alone."""
-    _random_arrivals(model, seed, None)
+    _random_arrivals(model, seed, [])
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -82,14 +82,14 @@ def test_random_arrivals_through_the_captured_step_equal_each_request_alone(mode
     """The same with a captured step, which takes every step where one row runs: rows move into its
     fixed cache and back as others join and leave, and no row's tokens change."""
     before = captured.steps
-    _random_arrivals(model, seed, captured)
-    assert captured.steps > before  # lone rows did go through it
+    _random_arrivals(model, seed, [captured])
+    assert captured.steps > before, captured.off  # lone rows did go through it
 
 
 def test_a_row_outgrowing_the_captured_cache_goes_on_eagerly(model, captured, monkeypatch):
     monkeypatch.setattr(captured, "capacity", 9)  # the rule only: positions 9 on run eagerly
     row = GenerationRow([5, 6, 7, 8], 12)
-    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a1"), captured=captured)
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a1"), captured=[captured])
     decoder.admit([0])
     before, results = captured.steps, {}
     while decoder.running:
@@ -108,7 +108,7 @@ def test_rows_move_through_longer_fixed_caches_as_they_grow(model, monkeypatch):
     step.build([5, 6, 7, 8, 9])
     assert step.off is None and step.lengths == (8, 16, 32, 40)
     row = GenerationRow([5, 6, 7, 8, 9, 10], 30)
-    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a2"), captured=step)
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: (row, "a2"), captured=[step])
     decoder.admit([0])
     seen, results = set(), {}
     while decoder.running:
@@ -116,7 +116,52 @@ def test_rows_move_through_longer_fixed_caches_as_they_grow(model, monkeypatch):
         seen.add(step.lengths[step._at])
     assert seen == {8, 16, 32, 40} and step.steps == 29
     assert results[0] == _alone(model, row, "a2", None)
-    _random_arrivals(model, 4, step)
+    _random_arrivals(model, 4, [step])
+
+
+@pytest.fixture(scope="module")
+def captured_rows(model, captured):
+    """Captured steps of 2 and 4 rows beside the one-row step, over fixed caches of 8 to 24 tokens."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(captured_module, "FIRST_LENGTH", 8)
+        patch.setattr(captured_module, "GROWTH", 2)
+        steps = [CapturedStep(model, capacity=24, rank=8, rows=n) for n in (2, 4)]
+    for step in steps:
+        step.build([5, 6, 7, 8, 9])
+        assert step.off is None and step.lengths == (8, 16, 24)
+    return [captured, *steps]
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_random_arrivals_through_captured_steps_of_several_rows_equal_each_request_alone(model, captured_rows, seed):
+    """Steps of up to 4 rows, each row routed to its own adapter through its slots: rows move into
+    the smallest step that holds them, finish in their slots, move on to longer caches (cutting the
+    columns no row reads at the longest) and back to the eager step when more rows run; no row's
+    tokens change."""
+    before = [step.steps for step in captured_rows]
+    _random_arrivals(model, seed, captured_rows)
+    assert sum(step.steps - b for step, b in zip(captured_rows[1:], before[1:], strict=True)) > 0
+
+
+def test_rows_of_other_adapters_share_a_captured_step_in_their_own_slots(model, captured_rows):
+    """Four rows, three adapters and the base, prompts of different lengths, all in the 4-row step
+    from the first step to the last (rows of 20 tokens and more: the step moves them through the
+    caches of 8, 16 and 24 tokens, cutting the columns of the finished rows on the way)."""
+    step = captured_rows[2]
+    requests = [(GenerationRow([5, 6, 7, 8, 9, 10, 11], 17), "a0"), (GenerationRow([8], 8), "a1"),
+                (GenerationRow([9, 10, 5], 20), None), (GenerationRow([12, 13], 14), "a2")]
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: requests[i],
+                                captured=captured_rows)
+    decoder.admit([0, 1, 2, 3])
+    before, results, seen = step.steps, {}, set()
+    while decoder.running:
+        rows = decoder.running
+        results.update({i: out.tokens for i, out in decoder.step()})
+        seen.add((rows > 2, step.lengths[step._at]))
+    assert (True, 8) in seen and (True, 16) in seen
+    for i, request in enumerate(requests):
+        assert results[i] == _alone(model, *request, None), i
+    assert step.steps - before >= 7
 
 
 def test_a_fixed_cache_whose_graph_gives_other_logits_keeps_the_step_off(model, monkeypatch):
@@ -145,7 +190,7 @@ def test_a_fixed_cache_whose_graph_gives_other_logits_keeps_the_step_off(model, 
     assert step.lengths == (8, 16) and step.off is not None and "over 16 cached tokens differ" in step.off
 
 
-def _random_arrivals(model, seed: int, captured: CapturedStep | None) -> None:
+def _random_arrivals(model, seed: int, captured: list[CapturedStep]) -> None:
     requests = _requests(seed)
     rng = random.Random(100 + seed)
     order = rng.sample(range(len(requests)), len(requests))

@@ -1,50 +1,41 @@
-"""A captured decode step: one stream's next token through a compiled forward over a fixed cache.
+"""A captured decode step: the running rows' next tokens through a compiled forward over a fixed cache.
 
-With one row running, what a decode step costs beyond reading the weights is Python and small ops:
-transformers' modules and hooks, rotary positions, norms, the cache growing by a concatenation
-(bench/decode_floor.py: the tiny Llama's step 1.76 ms eager, 0.86 ms compiled). The Engine compiles
-one step at start, for one row over a transformers StaticCache, with every one-row product written
-as the multiply-and-sum of methods/kernels.py (Inductor fuses it with its neighbours). The
-ContinuousDecoder takes it whenever exactly one row runs and that row's adapter can ride along:
+With few rows running, what a decode step costs beyond reading the weights is Python and small ops:
+transformers' modules and hooks, rotary positions, norms, the cache growing by a concatenation,
+and with per-row adapters the routing hooks at every adapted layer (bench/decode_floor.py: the tiny
+Llama's step 1.76 ms eager, 0.86 ms compiled). The Engine compiles steps at start over transformers
+StaticCaches: one for a lone row, with every one-row product written as the multiply-and-sum of
+methods/kernels.py (Inductor fuses it with its neighbours), and steps for a few rows at once, whose
+products call oneDNN's linear as eager inference does. The ContinuousDecoder takes the smallest step
+that holds the running rows when every row's adapter can ride along:
 
-- the base model, or the adapter merged into the weights (serve/merged.py) by itself;
-- an adapter whose every part has a low-rank form (`SiteMethod.low_rank`: LoRA on a linear layer)
-  of rank up to the slots' rank, at layers that have a slot.
+- the base model, or the adapter merged into the weights (serve/merged.py), for every row;
+- adapters whose every part has a low-rank form, in the step's LoRA slots (serve/capture_slots.py).
 
-Each linear layer of the base gets a slot, as vLLM's LoRA layers do (`set_lora` / `reset_lora`):
-fixed buffers that the compiled step adds at that layer,
-
-    h = W x + B_slot (A_slot x)        A_slot [R, in], B_slot [out, R] (s·B), zero past the rank
-
-so a stream's adapter is written into the buffers, never compiled. Anything else (several rows, a
-mixture, a bottleneck, a longer context than the cache holds) runs the eager step; the decoder moves
-the row's keys and values between the two caches when it switches.
+Anything else (more rows, a mixture, a bottleneck, a longer context than the caches hold) runs the
+eager step; the decoder moves the rows' keys and values between the caches when it switches.
 
 Each fixed cache's graph is compiled at start and keeps no guards: it is called only with the shapes
-it was built for (`applies` and the cache lengths keep to them), so nothing compiles in a request's
-path. A step that fails raises; the decoder then turns the captured step off for good, with a
-warning, and runs that step eagerly.
+it was built for (`applies`, `has_room` and the cache lengths keep to them), so nothing compiles in
+a request's path. A step that fails raises; the decoder then turns that captured step off for good,
+with a warning, and runs the step eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import types
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import TargetError
 from ..hf_names import cache_keyword, last_logits_only
-from ..methods.base import SiteMethod, hf_conv1d
-from ..methods.kernels import row_product_reference
 from ..model import AdaptedModel
 from ..routes import RouteEntry
+from .capture_slots import LoraSlots
 
 #: a compiled step's logits may differ from the eager step's by float rounding (relative to their scale);
 #: a bf16 or fp16 base rounds every product and activation (measured: 0.6% on the tiny Llama, 0.9% on
@@ -63,109 +54,113 @@ INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_o
 _log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Slot:
-    """One linear layer's buffers: A [R, in], B [out, R]."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-
-
 class CapturedStep:
     """`capacity`: tokens the longest fixed cache holds (a longer row runs eagerly); `rank`: the
-    slots' rank R (an adapter of a larger rank runs eagerly). One graph is compiled for each of the
-    fixed caches' `lengths`."""
+    slots' rank R (an adapter of a larger rank runs eagerly); `rows`: the rows a step feeds (fewer
+    rows leave slots free). One graph is compiled for each of the fixed caches' `lengths`.
 
-    def __init__(self, am: AdaptedModel, capacity: int, rank: int = 16) -> None:
+    Several rows share the cache's columns: every row writes its next token at the same column, so
+    a shorter row has masked columns before its first token (as in the eager decoder's cache). A
+    free slot is fed a padding token that attends only to itself; its logits are never read."""
+
+    def __init__(self, am: AdaptedModel, capacity: int, rank: int = 16, rows: int = 1) -> None:
         from transformers import StaticCache
 
-        self.am, self.capacity, self.rank = am, int(capacity), int(rank)
-        base: Any = am.base  # a transformers model: its config, its output embeddings
+        if rows < 1:
+            raise ValueError(f"rows: a captured step feeds at least one row, not {rows}")
+        self.am, self.capacity, self.rank, self.rows = am, int(capacity), int(rank), int(rows)
+        base: Any = am.base  # a transformers model: its config
         self.lengths = cache_lengths(self.capacity)
         self.caches: list[Any] = [StaticCache(config=base.config, max_cache_len=n) for n in self.lengths]
-        self._at = 0  # the fixed cache the row is in
+        # which of each fixed cache's columns each row reads (one row reads all it holds: no mask)
+        self.masks = [torch.zeros(self.rows, n, dtype=torch.long) for n in self.lengths] if self.rows > 1 else []
+        self._at = 0  # the fixed cache the rows are in
+        self.column = 0  # the column the next token is written at: the columns filled so far
         self._extra = last_logits_only(base)
         keyword = cache_keyword(base)
         if keyword is None:
             raise TargetError(f"{type(base).__name__}.forward takes no key/value cache")
         self._keyword = keyword
-        output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        dtype = am.adapter_dtype
-        self.slots: dict[str, _Slot] = {}
-        self._gate = _Gate()  # open only during a compiled step: eager forwards skip the slots
-        for name, module in base.named_modules():
-            width = _widths(module)
-            if width is None or module is output:
-                continue
-            slot = _Slot(torch.zeros(self.rank, width[0], dtype=dtype), torch.zeros(width[1], self.rank, dtype=dtype))
-            self.slots[name] = slot
-            # inside the layer's forward, not a hook: dynamo guards the hooks a layer has when it is
-            # compiled, and the adapter sites hook layers later (hooks added to a layer that had none
-            # are not seen by the compiled graph, which the step does not need: its sites idle)
-            module.forward = functools.partial(_with_slot, module.forward, slot, self._gate)
+        self.slots = LoraSlots(am, self.rows, self.rank)
         self._forwards: list[Any] = []  # a compiled step for each fixed cache
         self._threads = torch.get_num_threads()
-        self.length = 0  # tokens in the row's fixed cache
-        self._holds: tuple = ()  # what the slots hold: (adapter, its record, its parameters' versions)
-        self._fit: tuple[str, nn.Module, _Parts | None] | None = None  # the last adapter `_parts` looked at
         self.off: str | None = "not compiled yet"
         self.steps = 0
 
     @property
     def cache(self) -> Any:
-        """The fixed cache the row is in (a transformers StaticCache)."""
+        """The fixed cache the rows are in (a transformers StaticCache)."""
         return self.caches[self._at]
 
     # --- what the decoder asks ---------------------------------------------------------------
 
-    def applies(self, entry: RouteEntry, position: int) -> bool:
-        """Whether a lone row naming `entry`, about to feed position `position`, can take this step."""
-        if self.off is not None or position + 1 > self.capacity or torch.get_num_threads() != self._threads:
+    def applies(self, entries: Sequence[RouteEntry]) -> bool:
+        """Whether rows naming `entries` can take this step together."""
+        if self.off is not None or len(entries) > self.rows or torch.get_num_threads() != self._threads:
             return False
         merged = self.am.state.merged
-        if merged:
-            return isinstance(entry, str) and merged == {entry}  # its delta is in the weights already
-        if entry is None:
-            return True
-        if not isinstance(entry, str) or entry not in self.am.loaded:
-            return False
-        return self._parts(entry) is not None
+        if merged:  # its delta is in the weights already
+            return all(isinstance(entry, str) and merged == {entry} for entry in entries)
+        return all(self.slots.fits(entry) for entry in entries)
 
-    def step(self, token: int, position: int, entry: RouteEntry) -> torch.Tensor:
-        """The next token's logits [1, vocab] for the row in the fixed cache, which grows by one."""
-        self._write(entry if not self.am.state.merged else None)
-        if position + 1 > self.lengths[self._at]:
-            self.load(self.unload())  # into the next longer cache
-        ids = torch.tensor([[token]], dtype=torch.long)
-        where = torch.tensor([position], dtype=torch.long)
+    def has_room(self, slots: Sequence[int]) -> bool:
+        """Whether the rows in `slots` can write one more token (a longer cache, or columns that
+        none of them reads, to cut)."""
+        return self.column + 1 <= self.capacity or self._first_read(slots) > 0
+
+    def step(self, tokens: Sequence[int], positions: Sequence[int], entries: Sequence[RouteEntry],
+             slots: Sequence[int]) -> torch.Tensor:
+        """The next token's logits [len(slots), vocab] for the rows in `slots`, fed `tokens` at
+        `positions` with `entries`' adapters; the cache grows by one column."""
+        self.slots.write([None] * len(entries) if self.am.state.merged else entries, slots)
+        if self.column + 1 > self.lengths[self._at]:
+            self._move(slots)
+        ids = torch.zeros((self.rows, 1), dtype=torch.long)
+        where = torch.zeros((self.rows, 1), dtype=torch.long)
+        index = torch.tensor(slots, dtype=torch.long)
+        ids[index, 0] = torch.tensor(tokens, dtype=torch.long)
+        where[index, 0] = torch.tensor(positions, dtype=torch.long)
+        column = torch.tensor([self.column], dtype=torch.long)
+        masked = {}
+        if self.rows > 1:
+            mask = self.masks[self._at]
+            mask[:, self.column] = 1  # a free slot reads its own token only
+            masked = {"attention_mask": mask}
         with self._captured():
-            out = self._forwards[self._at](input_ids=ids, position_ids=where.unsqueeze(0), use_cache=True,
-                                           cache_position=where, **{self._keyword: self.cache}, **self._extra)
-        self.length = position + 1
+            out = self._forwards[self._at](input_ids=ids, position_ids=where, use_cache=True, cache_position=column,
+                                           **masked, **{self._keyword: self.cache}, **self._extra)
+        self.column += 1
         self.steps += 1
-        return out.logits[:, -1, :]
+        return out.logits[index, -1, :]
 
-    def load(self, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put one row's keys and values ([1, heads, tokens, dim] per layer) into the shortest fixed
-        cache with room for them and the next token."""
-        length = layers[0][0].shape[2] if layers else 0
-        self._load(next((i for i, n in enumerate(self.lengths) if n > length), len(self.lengths) - 1), layers)
+    def load(self, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None = None) -> None:
+        """Put rows' keys and values ([n, heads, columns, dim] per layer, n <= rows; `mask` [n, columns]
+        says which columns are a row's own, None: all) into slots 0..n-1 of the shortest fixed cache
+        with room for them and the next token."""
+        columns = layers[0][0].shape[2] if layers else 0
+        at = next((i for i, n in enumerate(self.lengths) if n > columns), len(self.lengths) - 1)
+        self._place(at, layers, mask)
 
-    def _load(self, at: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._at = at
-        self.cache.reset()
-        for i, (keys, values) in enumerate(layers):
-            self.cache.update(keys, values, i)
-        self.length = layers[0][0].shape[2] if layers else 0
+    def unload(self, slots: Sequence[int]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The keys and values of the rows in `slots` out of the fixed cache, as `load` takes them, from
+        the first column any of them reads; and their mask."""
+        first = self._first_read(slots)
+        index = torch.tensor(slots, dtype=torch.long)
+        layers = [(layer.keys[index, :, first:self.column].clone(), layer.values[index, :, first:self.column].clone())
+                  for layer in self.cache.layers]
+        mask = (self.masks[self._at][index, first:self.column].clone() if self.rows > 1
+                else torch.ones((len(slots), self.column - first), dtype=torch.long))
+        return layers, mask
 
-    def unload(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The row's keys and values out of the fixed cache, as `load` takes them."""
-        return [(layer.keys[:, :, :self.length].clone(), layer.values[:, :, :self.length].clone())
-                for layer in self.cache.layers]
+    def release(self, slot: int) -> None:
+        """Slot `slot`'s row left: its columns are no row's."""
+        if self.rows > 1:
+            self.masks[self._at][slot].zero_()
 
     def turn_off(self, why: str) -> None:
         if self.off is None:
-            _log.warning("adapterkit: the captured decode step is off (%s); one stream decodes eagerly", why)
+            _log.warning("adapterkit: the captured decode step is off for %d row(s) (%s); they decode eagerly",
+                         self.rows, why)
         self.off = why
 
     # --- building ------------------------------------------------------------------------------
@@ -192,31 +187,83 @@ class CapturedStep:
 
     def _check(self, probe: list[int]) -> str | None:
         """Why the compiled steps must not serve (None: they may): each fixed cache's logits against
-        the eager step's on the probe, all from the probe's prefilled keys and values."""
+        the eager step's on the probe, from the probe's prefilled keys and values; with several rows,
+        every other row one token shorter (masked columns, other positions)."""
         from transformers import DynamicCache
 
-        if len(probe) < 2:
-            return f"the probe needs 2 tokens, the shortest fixed cache holds {self.lengths[0]}"
-        ids = torch.tensor([probe[:-1]], dtype=torch.long)
-        eager_cache: Any = DynamicCache()
+        if len(probe) < 3:
+            return f"the probe needs 3 tokens, the shortest fixed cache holds {self.lengths[0]}"
+        prompts = [probe[i % 2:] for i in range(self.rows)]
+        width = len(probe) - 1
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        mask = torch.zeros((self.rows, width), dtype=torch.long)
+        expected = []
         with self._plain():
-            self.am.base(input_ids=ids, use_cache=True, **{self._keyword: eager_cache})
-            layers = [(layer.keys.clone(), layer.values.clone()) for layer in eager_cache.layers]
-            expected = self.am.base(input_ids=torch.tensor([probe[-1:]]), use_cache=True,
-                                    position_ids=torch.tensor([[len(probe) - 1]]), **{self._keyword: eager_cache},
-                                    **self._extra).logits[:, -1]
-        scale = float(expected.abs().max()) + 1e-6
-        tolerance = CHECK_TOLERANCE.get(expected.dtype, HALF_CHECK_TOLERANCE)
+            for i, prompt in enumerate(prompts):
+                eager_cache: Any = DynamicCache()
+                self.am.base(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, **{self._keyword: eager_cache})
+                own = len(prompt) - 1
+                mask[i, width - own:] = 1
+                for k, layer in enumerate(eager_cache.layers):
+                    if i == 0:
+                        layers.append((layer.keys.new_zeros((self.rows, *layer.keys.shape[1:2], width, layer.keys.shape[3])),
+                                       layer.values.new_zeros((self.rows, *layer.values.shape[1:2], width, layer.values.shape[3]))))
+                    layers[k][0][i, :, width - own:] = layer.keys[0]
+                    layers[k][1][i, :, width - own:] = layer.values[0]
+                expected.append(self.am.base(input_ids=torch.tensor([prompt[-1:]]), use_cache=True,
+                                             position_ids=torch.tensor([[own]]), **{self._keyword: eager_cache},
+                                             **self._extra).logits[0, -1])
+        want = torch.stack(expected)
+        scale = float(want.abs().max()) + 1e-6
+        tolerance = CHECK_TOLERANCE.get(want.dtype, HALF_CHECK_TOLERANCE)
+        slots = list(range(self.rows))
         self.off = None
         for at, length in enumerate(self.lengths):
             for _ in range(2):  # the second call runs what the first compiled
-                self._load(at, layers)
-                got = self.step(probe[-1], len(probe) - 1, None)
-            if not bool(torch.isfinite(got).all()) or float((got.float() - expected.float()).abs().max()) > tolerance * scale:
+                self._place(at, layers, mask if self.rows > 1 else None)
+                got = self.step([p[-1] for p in prompts], [len(p) - 1 for p in prompts], [None] * self.rows, slots)
+            if not bool(torch.isfinite(got).all()) or float((got.float() - want.float()).abs().max()) > tolerance * scale:
                 return f"its logits over {length} cached tokens differ from the eager step's on the probe"
         return None
 
     # --- inside --------------------------------------------------------------------------------
+
+    def _place(self, at: int, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor | None) -> None:
+        """Rows' keys and values into slots 0..n-1 of fixed cache `at`, at its first columns."""
+        self._at = at
+        cache = self.cache
+        cache.reset()
+        columns = layers[0][0].shape[2] if layers else 0
+        for i, (keys, values) in enumerate(layers):
+            if keys.shape[0] < self.rows:  # every slot written, so the cache is made for all of them
+                keys, values = _pad_rows(keys, self.rows), _pad_rows(values, self.rows)
+            cache.update(keys, values, i)
+        if self.rows > 1:
+            own = self.masks[at]
+            own.zero_()
+            if mask is not None:
+                own[:mask.shape[0], :columns] = mask
+            else:
+                own[:len(layers[0][0]) if layers else 0, :columns] = 1
+        self.column = columns
+
+    def _move(self, slots: Sequence[int]) -> None:
+        """Every slot into the next longer cache; at the longest, the columns no row in `slots`
+        reads cut from the front."""
+        first = 0 if self._at + 1 < len(self.lengths) else self._first_read(slots)
+        all_slots = list(range(self.rows))
+        index = torch.tensor(all_slots, dtype=torch.long)
+        layers = [(layer.keys[:, :, first:self.column].clone(), layer.values[:, :, first:self.column].clone())
+                  for layer in self.cache.layers]
+        mask = self.masks[self._at][index, first:self.column].clone() if self.rows > 1 else None
+        self.load(layers, mask)
+
+    def _first_read(self, slots: Sequence[int]) -> int:
+        """The first column any row in `slots` reads (0 for one row: it reads them all)."""
+        if self.rows == 1 or not slots:
+            return 0
+        read = self.masks[self._at][torch.tensor(slots, dtype=torch.long), :self.column].amax(0)
+        return int(read.argmax()) if bool(read.any()) else self.column
 
     @contextlib.contextmanager
     def _plain(self) -> Iterator[None]:
@@ -238,50 +285,19 @@ class CapturedStep:
         config: Any = getattr(self.am.base, "config", None)
         attention = getattr(config, "_attn_implementation", None)
         with self._plain():
-            self._gate.open = True
+            self.slots.gate.open = True
             if attention is not None:
                 config._attn_implementation = "eager"
             try:
                 yield
             finally:
-                self._gate.open = False
+                self.slots.gate.open = False
                 if attention is not None:
                     config._attn_implementation = attention
 
-    def _parts(self, entry: str) -> _Parts | None:
-        """Adapter `entry`'s layers and parameters, if every part has a low-rank form that fits a
-        slot (worked out once per loaded record); None if not."""
-        record = self.am.loaded[entry]
-        if self._fit is not None and self._fit[0] == entry and self._fit[1] is record:
-            return self._fit[2]
-        methods = list(record.methods_by_path.items())
-        whole_model = record.model_method is not None or record.head is not None or len(record.copies) > 0
-        fits = not whole_model and all(_fits(method.low_rank(), self.slots.get(path), self.rank)
-                                       for path, method in methods)
-        parts = _Parts(record, methods, list(record.parameters())) if fits else None
-        self._fit = (entry, record, parts)
-        return parts
 
-    def _write(self, entry: RouteEntry) -> None:
-        """The slots hold `entry`'s low-rank parts (None: all zero); written again only when the
-        adapter, or a parameter of it in place, changed since the last write."""
-        parts = self._parts(entry) if isinstance(entry, str) else None
-        if isinstance(entry, str) and parts is None:  # `applies` said yes: the adapter changed in between
-            raise RuntimeError(f"adapter {entry!r} no longer fits the captured step's slots")
-        holds = (entry, id(parts.record), tuple(p._version for p in parts.parameters)) if parts is not None else ()
-        if holds == self._holds:
-            return
-        for slot in self.slots.values():
-            slot.a.zero_()
-            slot.b.zero_()
-        for path, method in parts.methods if parts is not None else ():
-            form = method.low_rank()
-            if form is None:
-                raise RuntimeError(f"adapter {entry!r} lost its low-rank form at {path}")
-            slot = self.slots[path]
-            slot.a[:form[0].shape[0]].copy_(form[0])
-            slot.b[:, :form[1].shape[1]].copy_(form[1])
-        self._holds = holds
+def _pad_rows(states: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([states, states.new_zeros((rows - states.shape[0], *states.shape[1:]))])
 
 
 def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -308,47 +324,3 @@ def cache_lengths(capacity: int) -> tuple[int, ...]:
     return (*lengths, capacity)
 
 
-@dataclass
-class _Parts:
-    """An adapter that fits the slots: its record, its (layer, method) pairs and its parameters."""
-
-    record: nn.Module
-    methods: list[tuple[str, SiteMethod]]
-    parameters: list[torch.Tensor]
-
-
-def _fits(form: tuple[torch.Tensor, torch.Tensor] | None, slot: _Slot | None, rank: int) -> bool:
-    """Whether a low-rank form (None: the part has none) fits a layer's slot (None: the layer has none)."""
-    if form is None or slot is None:
-        return False
-    a, b = form
-    return (a.dim() == 2 and b.dim() == 2 and a.shape[0] <= rank and a.shape[0] == b.shape[1]
-            and a.shape[1] == slot.a.shape[1] and b.shape[0] == slot.b.shape[0]
-            and a.dtype == b.dtype == slot.a.dtype and a.device == slot.a.device)
-
-
-@dataclass
-class _Gate:
-    open: bool = False
-
-
-def _with_slot(forward: Callable[..., torch.Tensor], slot: _Slot, gate: _Gate, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer's output plus its slot's x Aᵀ Bᵀ, computed in the slot's dtype, while the gate
-    is open (a captured step, whose x is one row); its plain output otherwise."""
-    h = forward(x)
-    if not gate.open:
-        return h
-    dtype = slot.a.dtype
-    # as the step's products: multiply-and-sums that Inductor fuses (its mm calls cost more)
-    low = row_product_reference(x.reshape(1, -1).to(dtype), slot.a)
-    return (h.to(dtype) + row_product_reference(low.view(1, -1), slot.b).view(h.shape)).to(h.dtype)
-
-
-def _widths(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a plain linear layer (an nn.Linear or GPT-2's Conv1D); None for anything else."""
-    if type(module) is nn.Linear:
-        return module.in_features, module.out_features
-    if isinstance(module, hf_conv1d()):
-        weight: Any = module.weight
-        return int(weight.shape[0]), int(weight.shape[1])
-    return None

@@ -14,9 +14,10 @@ and value tensors ([batch, heads, seq, head_dim]). Every row is padded on the le
 than the batch has masked columns before its first token, and columns no remaining row uses are cut
 off. Positions count each row's real tokens, so a row's tokens do not depend on its neighbours.
 
-While one row runs and a captured step can take it (serve/captured.py), its keys and values move
-into that step's fixed cache and its tokens come from the compiled step; they move back when a row
-joins or the captured step cannot go on.
+While a captured step can take the running rows (serve/captured.py: the smallest one with room for
+them, if their adapters ride along), their keys and values move into that step's fixed cache, each
+row into a slot, and their tokens come from the compiled step; rows that finish free their slots;
+the keys and values move back when a row joins or the captured step cannot go on.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ class ContinuousDecoder:
     def __init__(self, am: AdaptedModel, pad_id: int, eos_id: int | None,
                  describe: Callable[[Any], tuple[GenerationRow, RouteEntry]],
                  routing: Callable[[list[RouteEntry]], ContextManager] | None = None,
-                 captured: CapturedStep | None = None) -> None:
+                 captured: Sequence[CapturedStep] = ()) -> None:
         self.am, self.pad_id, self.eos_id, self.describe = am, pad_id, eos_id, describe
-        self.captured = captured
-        self._fixed = False  # the lone row's keys and values are in the captured step's cache
+        self.captured = sorted(captured, key=lambda step: step.rows)
+        self._fixed: CapturedStep | None = None  # the captured step whose fixed cache holds the rows
+        self._slots: list[int] = []  # there, each running row's slot
         self.routing = routing or am.route
         self._keyword = cache_keyword(am.base)
         self._extra = last_logits_only(am.base)
@@ -107,14 +109,13 @@ class ContinuousDecoder:
         logits were not finite)."""
         if not self._rows:
             return []
-        n = len(self._rows)
-        mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype)], dim=1)
-        captured = self._captured_logits() if n == 1 else None
+        captured = self._captured_logits()
         if captured is not None:
-            self._mask = mask
             logits = captured.float().cpu()
         else:
             self._unfix()
+            n = len(self._rows)
+            mask = torch.cat([self._mask, torch.ones((n, 1), dtype=self._mask.dtype)], dim=1)
             input_ids = torch.tensor([r.next_token for r in self._rows], dtype=torch.long).unsqueeze(1)
             positions = torch.tensor([r.position for r in self._rows], dtype=torch.long).unsqueeze(1)
             with self.routing([r.name for r in self._rows]):
@@ -143,7 +144,7 @@ class ContinuousDecoder:
     def abort(self) -> list[Any]:
         """Forget every running row (after a failed step); returns their handles."""
         handles = self.handles()
-        self._rows, self._cache, self._mask, self._fixed = [], None, _NO_ROWS, False
+        self._rows, self._cache, self._mask, self._fixed, self._slots = [], None, _NO_ROWS, None, []
         return handles
 
     # --- inside ---------------------------------------------------------------------------------
@@ -178,33 +179,44 @@ class ContinuousDecoder:
         return None
 
     def _captured_logits(self) -> torch.Tensor | None:
-        """The lone row's next logits from the captured step, if it can take the row; None: the
-        eager step runs (the captured step may have just turned itself off)."""
-        step, row = self.captured, self._rows[0]
-        if step is None or not step.applies(row.name, row.position):
+        """The running rows' next logits from the smallest captured step that holds them, if it can
+        take them; None: the eager step runs (the captured step may have just turned itself off)."""
+        rows = self._rows
+        step = next((s for s in self.captured if s.rows >= len(rows)), None)
+        entries = [r.name for r in rows]
+        if step is None or not step.applies(entries):
             return None
-        if not self._fixed:
-            if self._mask.shape[1] != row.position or not bool(self._mask.all()):
-                return None  # columns of padding: the fixed cache holds a row's real tokens only
-            step.load([(layer.keys, layer.values) for layer in _layers(self._cache)])
-            self._cache, self._fixed = None, True
+        if self._fixed is not step:
+            self._unfix()
+            width = self._mask.shape[1]
+            if step.rows == 1 and (width != rows[0].position or not bool(self._mask.all())):
+                return None  # columns of padding: a lone row's fixed cache holds its real tokens only
+            if width + 1 > step.capacity:
+                return None
+            step.load([(layer.keys, layer.values) for layer in _layers(self._cache)],
+                      self._mask if step.rows > 1 else None)
+            self._cache, self._fixed, self._slots = None, step, list(range(len(rows)))
+        if not step.has_room(self._slots):
+            self._unfix()
+            return None
         try:
-            return step.step(row.next_token, row.position, row.name)
+            return step.step([r.next_token for r in rows], [r.position for r in rows], entries, self._slots)
         except Exception as err:  # noqa: BLE001 - a guard that would recompile, a failing kernel: eager from here
             step.turn_off(f"{type(err).__name__}: {str(err)[:300]}")
             self._unfix()
             return None
 
     def _unfix(self) -> None:
-        """The lone row's keys and values back from the captured step's cache into a growing one."""
-        if not self._fixed or self.captured is None:
+        """The rows' keys and values back from a captured step's fixed cache into a growing one."""
+        if self._fixed is None:
             return
         from transformers import DynamicCache
 
+        layers, mask = self._fixed.unload(self._slots)
         cache = DynamicCache()
-        for i, (keys, values) in enumerate(self.captured.unload()):
+        for i, (keys, values) in enumerate(layers):
             cache.update(keys, values, i)
-        self._cache, self._fixed = cache, False
+        self._cache, self._mask, self._fixed, self._slots = cache, mask, None, []
 
     def _merge(self, cache: Any, layers: list, mask: torch.Tensor, rows: list[_Running]) -> None:
         if not self._rows:
@@ -223,7 +235,13 @@ class ContinuousDecoder:
         if not indices:
             self.abort()
             return
-        if self._fixed:  # the lone row stays, in the captured step's cache
+        if self._fixed is not None:  # the rows stay in their slots; the others' slots are free
+            kept = set(indices)
+            for i, slot in enumerate(self._slots):
+                if i not in kept:
+                    self._fixed.release(slot)
+            self._slots = [self._slots[i] for i in indices]
+            self._rows = [self._rows[i] for i in indices]
             return
         index = torch.tensor(indices, dtype=torch.long)
         layers = _layers(self._cache)

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any
 
@@ -61,8 +61,9 @@ CAN_ANSWER: dict[Task, frozenset[RequestKind]] = {
 #: what a request runs with: an adapter's name, a {name: weight} mixture, or None (the base model)
 Target = str | Mapping[str, float] | None
 
-#: the most tokens a captured step's fixed cache holds: it attends over all of them at every step
-MAX_CAPTURED_TOKENS = 2048
+#: the most tokens a captured step's fixed cache holds: it attends over all of them at every step (and
+#: one of several rows holds them for each row)
+MAX_CAPTURED_TOKENS, MAX_CAPTURED_ROW_TOKENS = 2048, 1024
 #: the fixed input an upload's and a merge's check runs on
 PROBE_TEXT = "adapterkit probe: the quick brown fox jumps over the lazy dog."
 _log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Engine(AdapterLifecycle):
         threads: int | None = None, adopt: bool = True, padding_cost: int = 32, scheduling: str = "continuous",
         merge_after: int = 8, quantize: str | None = None, merge_copy_bytes: int = 1 << 30,
         dtype: str = "fp32", device: str = "cpu", max_mixture: int = 4, max_mixed_rows: int = 8,
-        capture: bool = True, capture_rank: int = 16,
+        capture: bool = True, capture_rank: int = 16, capture_rows: Sequence[int] = (4, 16),
     ) -> None:
         """`merge_after`: forwards in a row for one mergeable adapter before it is served merged
         (0: never merge). `merge_copy_bytes`: a merge keeps a copy of the weights it changes (so that the
@@ -87,7 +88,9 @@ class Engine(AdapterLifecycle):
         `max_mixed_rows`: rows with a mixture in one batch (the rest wait for the next). `capture`:
         compile a one-stream decode step at start (a causal LM on the CPU, continuous scheduling,
         no quantized layers; serve/captured.py), which one stream with the base, its merged adapter
-        or a LoRA of rank up to `capture_rank` decodes through."""
+        or a LoRA of rank up to `capture_rank` decodes through; and steps for `capture_rows` rows at once
+        (each at most `max_batch`; fewer running rows take the smallest that holds them), which rows
+        whose adapters all ride the slots decode through."""
         if capture_rank < 1:
             raise ValueError(f"capture_rank: the captured step's LoRA slot rank, at least 1, not {capture_rank}")
         if scheduling not in ("continuous", "static"):
@@ -141,13 +144,14 @@ class Engine(AdapterLifecycle):
         self.versions = VersionStats(self.metrics.registry)
         self.cache = AdapterCache(self.am, cache_bytes)
         self.scheduling = scheduling
-        self.captured = self._capture(capture, capture_rank, scheduling)
+        self.captured_steps = self._capture(capture, capture_rank, capture_rows, max_batch, scheduling)
+        self.captured = next((step for step in self.captured_steps if step.rows == 1), None)
         self.runner = BatchRunner(self.am, self.cache, self.task, self.pad_id, self.eos_id, self.padding_cost,
                                   self.base_labels, self._routing)
         decoder = None
         if self.task == Task.CAUSAL_LM and scheduling == "continuous":
             decoder = ContinuousDecoder(self.am, self.pad_id, self.eos_id, self.runner.describe, self._routing,
-                                        self.captured)
+                                        self.captured_steps)
         self.batcher = Batcher(self.cache, self._read, self.runner.execute, self.metrics, max_batch=max_batch,
                                max_wait_ms=max_wait_ms, max_queue_rows=max_queue_rows, decoder=decoder,
                                max_mixed_rows=max_mixed_rows)
@@ -308,13 +312,14 @@ class Engine(AdapterLifecycle):
         merging = self.merging
         merges = {"merges": merging.merges, "unmerges": merging.unmerges, "merges_refused": len(merging.refused)
                   } if merging is not None else {"merges": 0, "unmerges": 0, "merges_refused": 0}
-        captured = self.captured.steps if self.captured is not None else 0
+        captured = sum(step.steps for step in self.captured_steps)
         return {**self.cache.stats(), "queued_rows": self.batcher.queued_rows, **merges, "captured_steps": captured}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.base_name, "task": self.task, "fingerprint": self.fingerprint,
                 "precision": {**Precision.of(self.am.base), "device": str(self.device)},
                 "captured_step": "off" if self.captured is None else self.captured.off or "on",
+                "captured_rows": {str(step.rows): step.off or "on" for step in self.captured_steps if step.rows > 1},
                 **self.stats()}
 
     def close(self) -> None:
@@ -371,18 +376,24 @@ class Engine(AdapterLifecycle):
             out[field] = results
         return out
 
-    def _capture(self, wanted: bool, rank: int, scheduling: str) -> CapturedStep | None:
-        """The compiled one-stream decode step, built and checked now (None: not for this engine)."""
+    def _capture(self, wanted: bool, rank: int, rows: Sequence[int], max_batch: int,
+                 scheduling: str) -> list[CapturedStep]:
+        """The compiled decode steps, one row's and `rows`' (each at most `max_batch`), built and checked
+        now (none: not for this engine)."""
         if (not wanted or self.task != Task.CAUSAL_LM or scheduling != "continuous" or self.device.type != "cpu"
-                or self.quantized or self._probe_ids.shape[1] < 2):
-            return None
-        try:
-            step = CapturedStep(self.am, min(self.max_tokens, MAX_CAPTURED_TOKENS), rank)
-        except Exception as err:  # noqa: BLE001 - a model without a fixed-size cache: eager steps
-            _log.warning("adapterkit: no captured decode step for this model (%s: %s)", type(err).__name__, err)
-            return None
-        step.build(self._probe_ids[0].tolist())
-        return step
+                or self.quantized or self._probe_ids.shape[1] < 3):
+            return []
+        steps = []
+        for n in sorted({1, *(min(int(r), max_batch) for r in rows if int(r) > 1)}):
+            try:
+                step = CapturedStep(self.am, min(self.max_tokens, MAX_CAPTURED_TOKENS if n == 1 else MAX_CAPTURED_ROW_TOKENS),
+                                    rank, rows=n)
+            except Exception as err:  # noqa: BLE001 - a model without a fixed-size cache: eager steps
+                _log.warning("adapterkit: no captured decode step for this model (%s: %s)", type(err).__name__, err)
+                return []
+            step.build(self._probe_ids[0].tolist())
+            steps.append(step)
+        return steps
 
     def _warm_up(self) -> None:
         ids = self.tokenize(["warm up"])
