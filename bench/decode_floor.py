@@ -20,6 +20,9 @@ context of 96 tokens, median of many steps, 2 threads:
   (serve/captured.py: the forward compiled over fixed caches of 256 and 512 tokens, the row in the
   first; LoRA through its slots),
   base and one LoRA, interleaved with the two eager steps above;
+- `captured_rows16_step_ms` / `captured_lora_rows16_step_ms`: the Engine's captured step of 16 rows,
+  base and 16 LoRAs in its slots, interleaved with the eager 16-row steps; `lora_share_captured_rows16`
+  compares it with the eager base step (the base's own rows take the captured step too when served);
 - `tiny_step_eager_ms` / `tiny_step_compiled_ms`: the tiny Llama of serve_generate.py (hidden 256,
   4 layers), one token, the eager step with transformers' growing cache against the captured step:
   the per-step Python and dispatch overhead it saves.
@@ -135,24 +138,28 @@ def products(weights: list[torch.Tensor], product: Callable[..., torch.Tensor]) 
     return step
 
 
-def captured(step: CapturedStep, am: ak.AdaptedModel, name: str | None) -> Callable[[], object]:
-    """A closure running the captured step (serve/captured.py) for one row with adapter `name` on
-    CONTEXT tokens of keys and values, rewound after each step as `decode_step` crops its cache."""
+def captured(step: CapturedStep, am: ak.AdaptedModel, names: list[str | None]) -> Callable[[], object]:
+    """A closure running the captured step (serve/captured.py) for rows with adapters `names` (one per
+    row, None: the base) on CONTEXT tokens of keys and values, rewound after each step as
+    `decode_step` crops its cache."""
     from transformers import DynamicCache
 
-    vocab = am.base.config.vocab_size
+    vocab, rows = am.base.config.vocab_size, len(names)
     with torch.inference_mode():
         cache = DynamicCache()
-        am.base(input_ids=torch.randint(3, vocab, (1, CONTEXT)), use_cache=True, **{cache_keyword(am.base): cache})
+        am.base(input_ids=torch.randint(3, vocab, (rows, CONTEXT)), use_cache=True, **{cache_keyword(am.base): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
+    mask = torch.ones((rows, CONTEXT), dtype=torch.long)
+    slots = list(range(rows))
 
     @torch.inference_mode()
     def run() -> object:
-        if step.length != CONTEXT + 1:
-            step.load(layers)
+        if step.column != CONTEXT + 1:
+            step.load(layers, mask)
         for layer in step.cache.layers:  # back to CONTEXT tokens (transformers' StaticLayer counter)
             layer.cumulative_length.fill_(CONTEXT)
-        return step.step(5, CONTEXT, name)
+        step.column = CONTEXT
+        return step.step([5] * rows, [CONTEXT] * rows, names, slots)
 
     return run
 
@@ -171,7 +178,7 @@ def tiny_steps(repeats: int) -> dict[str, float]:
     step = CapturedStep(am, 512, rank=16)
     step.build(list(range(3, 19)))
     return interleaved({"tiny_step_eager_ms": (eager, True),
-                        "tiny_step_compiled_ms": (captured(step, am, None), True)}, repeats)
+                        "tiny_step_compiled_ms": (captured(step, am, [None]), True)}, repeats)
 
 
 def main() -> None:
@@ -218,12 +225,16 @@ def main() -> None:
     out.update(interleaved({
         "adapted_step_ms": (routed(am, [None], one), True),
         "routed_lora_step_ms": (routed(am, names[:1], one), True),
-        "captured_step_ms": (captured(step, am, None), True),
-        "captured_lora_step_ms": (captured(step, am, names[0]), True),
+        "captured_step_ms": (captured(step, am, [None]), True),
+        "captured_lora_step_ms": (captured(step, am, names[:1]), True),
     }, args.repeats))
+    step16 = CapturedStep(am, 512, rank=16, rows=16)  # the Engine's step of 16 rows
+    step16.build(list(range(300, 316)))
     out.update(interleaved({
         "base_rows16_step_ms": (routed(am, [None] * 16, rows16), True),
         "routed_lora_rows16_step_ms": (routed(am, names, rows16), True),
+        "captured_rows16_step_ms": (captured(step16, am, [None] * 16), True),
+        "captured_lora_rows16_step_ms": (captured(step16, am, names), True),
     }, args.repeats // 2))
     out.update(tiny_steps(args.repeats * 4))
     summary = {k: round(v, 3 if k.startswith("tiny") else 2) for k, v in out.items()}
@@ -241,6 +252,8 @@ def main() -> None:
         "captured_vs_adapted_step": round(out["captured_step_ms"] / out["adapted_step_ms"], 3),
         "captured_lora_vs_routed_lora_step": round(out["captured_lora_step_ms"] / out["routed_lora_step_ms"], 3),
         "lora_share_rows16": round(1 - out["base_rows16_step_ms"] / out["routed_lora_rows16_step_ms"], 3),
+        "captured_vs_routed_lora_rows16_step": round(out["captured_lora_rows16_step_ms"] / out["routed_lora_rows16_step_ms"], 3),
+        "lora_share_captured_rows16": round(1 - out["base_rows16_step_ms"] / out["captured_lora_rows16_step_ms"], 3),
         "setup": {"model": "random Llama-like, hidden 1024, 8 layers, 16/4 heads, MLP 2816, vocab 32000, fp32",
                   "context": CONTEXT, "threads": args.threads, "torch": torch.__version__,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}})

@@ -164,6 +164,23 @@ def test_rows_of_other_adapters_share_a_captured_step_in_their_own_slots(model, 
     assert step.steps - before >= 7
 
 
+def test_at_the_longest_cache_the_columns_no_row_reads_are_cut(model, captured_rows):
+    """With only the 2-row step: a short row leaves after 3 tokens, a long one started 5 columns after
+    it goes on alone past the longest cache's 24 columns, through the same step (its first 5 columns,
+    the finished row's only, are cut), with the tokens of the request alone."""
+    step = captured_rows[1]
+    requests = [(GenerationRow([5, 6, 7, 8, 9, 10], 3), "a0"), (GenerationRow([11], 22), "a1")]
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: requests[i], captured=[step])
+    decoder.admit([0, 1])
+    before, results, columns = step.steps, {}, []
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+        columns.append(step.column)
+    assert step.steps - before == 21 and max(columns) == 24 and columns[-1] == 22  # 6 + 21 columns, 5 cut
+    for i, request in enumerate(requests):
+        assert results[i] == _alone(model, *request, None), i
+
+
 def test_a_fixed_cache_whose_graph_gives_other_logits_keeps_the_step_off(model, monkeypatch):
     """Every fixed cache's graph is checked against the eager step at build: one wrong graph (here
     the second cache's, its logits shifted) turns the whole captured step off, saying which."""
