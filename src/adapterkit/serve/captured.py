@@ -48,7 +48,10 @@ HALF_CHECK_TOLERANCE = 2e-2
 FIRST_LENGTH, GROWTH = 256, 4
 #: Inductor inlines a pointwise value into every reader unless it takes more ops than this (default
 #: 30): the query's rotary embedding (a cosine and a sine per element) was recomputed for every cached
-#: key; 156M model over 2048 cached tokens, 22.7 -> 18.8 ms a step in fp32, 14.7 -> 11.1 ms in bf16
+#: key. Given to fp32 steps over caches longer than FIRST_LENGTH only, as measured on the 156M model
+#: (one AVX2 machine): over 1500 tokens 36.5 -> 31.5 ms a step; over 96 tokens in a cache of 256,
+#: 18 -> 21.5 ms; bf16, 30 -> 80 ms and 17 -> 77 ms (an earlier machine gained in bf16 too: 14.7 ->
+#: 11.1 ms over 2048 tokens)
 INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"realize_opcount_threshold": 4}
 
 _log = logging.getLogger(__name__)
@@ -173,10 +176,10 @@ class CapturedStep:
         # each its own graph, compiled by its first call, with fixed shapes, called by one thread, with
         # `applies` keeping to what it was built for: no guards (on the 156M model they cost 0.9 ms a
         # call; 0.35 ms skipping all but those that tell two graphs of one function apart)
-        options: dict[str, str | int | bool | Callable[..., Any]] = {"guard_filter_fn": _no_guards, **INDUCTOR_OPTIONS}
+        fp32 = getattr(self.am.base, "dtype", torch.float32) == torch.float32
         try:
             self._forwards = [torch.compile(_own_code(self.am.base.forward), dynamic=False, fullgraph=True,
-                                            options=options) for _ in self.lengths]
+                                            options=_options(fp32 and n > FIRST_LENGTH)) for n in self.lengths]
             why = self._check(probe[:self.lengths[0]])
         except Exception as err:  # noqa: BLE001 - no compiler, a model Inductor cannot trace: eager steps
             why = f"{type(err).__name__}: {str(err)[:300]}"
@@ -309,6 +312,11 @@ def _own_code(forward: Callable[..., Any]) -> Callable[..., Any]:
         return forward(**kwargs)
 
     return types.FunctionType(decode.__code__.replace(), decode.__globals__, "decode", None, decode.__closure__)
+
+
+def _options(realize: bool) -> dict[str, str | int | bool | Callable[..., Any]]:
+    """Inductor's options for one graph: no guards; INDUCTOR_OPTIONS if `realize`."""
+    return {"guard_filter_fn": _no_guards, **(INDUCTOR_OPTIONS if realize else {})}
 
 
 def _no_guards(entries: list[Any]) -> list[bool]:
