@@ -181,6 +181,21 @@ def test_at_the_longest_cache_the_columns_no_row_reads_are_cut(model, captured_r
         assert results[i] == _alone(model, *request, None), i
 
 
+def test_a_step_that_is_off_gives_way_to_the_next_larger(model, captured_rows, monkeypatch):
+    """Two rows with the 2-row step off decode through the 4-row step, with the tokens alone."""
+    two, four = captured_rows[1], captured_rows[2]
+    monkeypatch.setattr(two, "off", "turned off by the test")
+    requests = [(GenerationRow([5, 6, 7], 6), "a0"), (GenerationRow([8], 6), None)]
+    decoder = ContinuousDecoder(model, pad_id=1, eos_id=None, describe=lambda i: requests[i], captured=captured_rows)
+    decoder.admit([0, 1])
+    before, results = four.steps, {}
+    while decoder.running:
+        results.update({i: out.tokens for i, out in decoder.step()})
+    assert four.steps - before == 5
+    for i, request in enumerate(requests):
+        assert results[i] == _alone(model, *request, None), i
+
+
 def test_a_fixed_cache_whose_graph_gives_other_logits_keeps_the_step_off(model, monkeypatch):
     """Every fixed cache's graph is checked against the eager step at build: one wrong graph (here
     the second cache's, its logits shifted) turns the whole captured step off, saying which."""

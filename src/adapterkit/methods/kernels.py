@@ -30,17 +30,19 @@ ONEDNN_MIN_ELEMENTS = 1 << 18
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor] | None:
     """oneDNN's linear where it applies and pays, else None. It has no autograd: eager inference only,
-    on CPU float32 tensors; training, other devices and dtypes and torch.compile take F.linear."""
-    applies = (
-        max(x.numel(), weight.numel()) >= ONEDNN_MIN_ELEMENTS
-        and not torch.compiler.is_compiling()  # Inductor cannot lower the op; it picks its own GEMM
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.is_contiguous()
-        and torch._C._get_mkldnn_enabled()  # off inside `torch.backends.mkldnn.flags(enabled=False)`
-    )
+    on CPU float32 tensors; training, other devices and dtypes take F.linear (a traced product takes
+    `_ONEDNN_IN_GRAPH`: Inductor cannot lower the op)."""
+    applies = (not torch.compiler.is_compiling() and x.is_contiguous() and _onednn_pays(x, weight)
+               and torch._C._get_mkldnn_enabled())  # off inside `torch.backends.mkldnn.flags(enabled=False)`
     return _ONEDNN_LINEAR if applies else None
+
+
+def _onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """What oneDNN's linear asks of a product, eager or traced, and where it pays."""
+    return (max(x.numel(), weight.numel()) >= ONEDNN_MIN_ELEMENTS
+            and not torch.is_grad_enabled()
+            and x.device.type == weight.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32)
 
 
 def row_product_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -135,10 +137,9 @@ def _one_row_in_graph(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _onednn_in_graph(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """What `_onednn` asks of a product, for one traced into a graph (a captured step of several rows)."""
-    return (max(x.numel(), weight.numel()) >= ONEDNN_MIN_ELEMENTS and not torch.is_grad_enabled()
-            and x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
+    """`_onednn_pays`, for a product traced into a graph (a captured step of several rows), with the
+    shapes the operator takes (others get F.linear's own error)."""
+    return (_onednn_pays(x, weight) and x.dim() >= 2 and weight.dim() == 2 and x.shape[-1] == weight.shape[1]
             and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1)))
 
 

@@ -179,12 +179,11 @@ class ContinuousDecoder:
         return None
 
     def _captured_logits(self) -> torch.Tensor | None:
-        """The running rows' next logits from the smallest captured step that holds them, if it can
-        take them; None: the eager step runs (the captured step may have just turned itself off)."""
-        rows = self._rows
-        step = next((s for s in self.captured if s.rows >= len(rows)), None)
-        entries = [r.name for r in rows]
-        if step is None or not step.applies(entries):
+        """The running rows' next logits from the smallest captured step that holds them and can take
+        them (one that is off gives way to the next); None: the eager step runs."""
+        rows, entries = self._rows, [r.name for r in self._rows]
+        step = next((s for s in self.captured if s.rows >= len(rows) and s.applies(entries)), None)
+        if step is None:
             return None
         if self._fixed is not step:
             self._unfix()
